@@ -1,0 +1,1 @@
+"""AFLKD distillation: losses, freezing, trainers, datasets, incremental updates (issue 3)."""

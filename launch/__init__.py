@@ -1,0 +1,1 @@
+"""Command line, hostfiles, topology and mpirun helpers."""

@@ -1,0 +1,1 @@
+"""Cost models and core-allocation planners for edge KD (paper 002)."""
