@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .plan import LayerPlan, SplitPlan
+from .plan import SplitPlan
 
 __all__ = [
     "rows_as_buffer",
-    "exchange_halos",
+    "sendrecv_halos",
+    "start_halos",
+    "wait_halos",
     "scatter_rows",
     "gather_rows",
     "abort_on_uncaught_exception",
@@ -42,50 +44,34 @@ def rows_as_buffer(t: torch.Tensor) -> tuple[np.ndarray, bool]:
     return view.contiguous().numpy(), False
 
 
-def exchange_halos(
-    comm: MPI.Comm,
-    layer: LayerPlan,
-    source: torch.Tensor,
-    source_first_row: int,
-    target: torch.Tensor,
-    target_first_row: int,
-) -> int:
-    """Move this rank's share of ``layer.transfers``; return bytes sent.
+def sendrecv_halos(comm: MPI.Comm, sends: dict, recvs: dict, tag: int) -> None:
+    """Blocking exchange: ``sends[dst]`` / ``recvs[src]`` are numpy buffers.
 
-    ``source`` holds input rows, its index 0 being image row ``source_first_row``;
-    received rows land in ``target``, whose index 0 is image row
-    ``target_first_row`` (negative when the target starts with padding rows).  Transfers are done
-    as shifts: for each distance ``d`` used by the layer, every rank sends to
+    Done as shifts: for each rank distance ``d`` in use, every rank sends to
     ``rank + d`` and receives from ``rank - d`` in one ``Sendrecv`` -- the
-    deadlock-free pattern of mpi4py's halo demo, with ``PROC_NULL`` standing
-    in wherever there is nothing to move.
+    deadlock-free pattern of mpi4py's halo demo, with ``PROC_NULL`` wherever
+    there is nothing to move.  Both ends derive the same shifts from the plan.
     """
     rank = comm.Get_rank()
-    sent = 0
-    for shift in sorted({t.dst - t.src for t in layer.transfers}):
-        out = next((t for t in layer.transfers if t.src == rank and t.dst == rank + shift), None)
-        inc = next((t for t in layer.transfers if t.dst == rank and t.src == rank - shift), None)
-        if out is None and inc is None:
-            continue
-        send_buf, dest = None, MPI.PROC_NULL
-        if out is not None:
-            a = out.rows.start - source_first_row
-            send_buf, _ = rows_as_buffer(source[:, :, a : a + len(out.rows), :])
-            dest = out.dst
-            sent += send_buf.nbytes
-        recv_buf, src, recv_view, in_place = None, MPI.PROC_NULL, None, True
-        if inc is not None:
-            a = inc.rows.start - target_first_row
-            recv_view = target[:, :, a : a + len(inc.rows), :]
-            recv_buf, in_place = rows_as_buffer(recv_view)
-            src = inc.src
+    shifts = sorted({d - rank for d in sends} | {rank - s for s in recvs})
+    for shift in shifts:
+        out, inc = sends.get(rank + shift), recvs.get(rank - shift)
         comm.Sendrecv(
-            None if send_buf is None else [send_buf, MPI.FLOAT], dest, 0,
-            None if recv_buf is None else [recv_buf, MPI.FLOAT], src, 0,
+            None if out is None else [out, MPI.FLOAT], rank + shift if out is not None else MPI.PROC_NULL, tag,
+            None if inc is None else [inc, MPI.FLOAT], rank - shift if inc is not None else MPI.PROC_NULL, tag,
         )
-        if recv_view is not None and not in_place:
-            _hwc(recv_view).copy_(torch.from_numpy(recv_buf))
-    return sent
+
+
+def start_halos(comm: MPI.Comm, sends: dict, recvs: dict, tag: int) -> list:
+    """Non-blocking exchange: post every receive, then every send; wait with ``MPI.Request.Waitall``."""
+    requests = [comm.Irecv([buf, MPI.FLOAT], source=src, tag=tag) for src, buf in recvs.items()]
+    requests += [comm.Isend([buf, MPI.FLOAT], dest=dst, tag=tag) for dst, buf in sends.items()]
+    return requests
+
+
+def wait_halos(requests: list) -> None:
+    if requests:
+        MPI.Request.Waitall(requests)
 
 
 def _counts(plan_rows, per_row: int) -> tuple[list[int], list[int]]:

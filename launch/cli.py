@@ -1,0 +1,196 @@
+"""``aflkd``: the command line of aflkd-runtime.
+
+Run MPI commands under ``mpiexec -n P aflkd ...``; every rank parses the same
+arguments, rank 0 prints.  Bad input prints one ``aflkd: error: ...`` line and
+every rank exits with status 2; an unexpected exception on any rank aborts the
+whole job (no rank waits forever for a dead peer).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from runtime.errors import UsageError
+
+__all__ = ["main"]
+
+EXAMPLES = """\
+examples:
+  .venv/bin/mpiexec -n 2 .venv/bin/aflkd bench layers --net edge3 --size 224 --repeat 20
+  .venv/bin/mpiexec -n 3 .venv/bin/aflkd bench layers --net edge3 --weights 2,1,1 --json out/bench.json --plot out/fig10.png
+  .venv/bin/aflkd test                    # serial tests, then MPI tests at 2, 3 and 4 ranks
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as UsageError (printed once, on rank 0)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def print_help(self, file=None):
+        if _rank() == 0:
+            super().print_help(file)
+
+
+def _weights(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--weights must be comma-separated numbers like 2,1,1, got '{text}'") from None
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="aflkd",
+        description="aflkd-runtime: split inference over MPI and AFLKD edge distillation.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    bench = sub.add_parser("bench", help="benchmarks (run under mpiexec)", description="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
+    layers = bench_sub.add_parser(
+        "layers",
+        help="per-layer timing of split vs unsplit inference (the paper's Fig. 10)",
+        description=(
+            "Per-layer timing of height-split inference.  Run under 'mpiexec -n P'.  Prints, "
+            "measured in the same run: the conv stack unsplit on one rank, split over P ranks, "
+            "and the bound (P ranks each running only their own rows at once, no exchange); "
+            "efficiency = bound / split.  Times are medians after warm-up."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    layers.add_argument("--net", default="edge3", help="edge1, edge2, edge3 or cloud")
+    layers.add_argument("--size", type=int, default=224, help="input height and width")
+    layers.add_argument("--batch", type=int, default=1, help="images per pass")
+    layers.add_argument("--in-channels", type=int, default=3, help="1 for Fashion-MNIST, 3 for CIFAR")
+    layers.add_argument("--classes", type=int, default=10, help="output classes of the head")
+    layers.add_argument("--repeat", type=int, default=20, help="timed repetitions (median taken)")
+    layers.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
+    layers.add_argument("--weights", default=None,
+                        help="per-rank share of the rows, e.g. 2,1,1 for a Jetson beside two Pis (default even)")
+    layers.add_argument("--threads", type=int, default=None,
+                        help="torch threads per rank (default: this host's cores / ranks on this host)")
+    layers.add_argument("--checkpoint", default=None, help="weights to load on rank 0 (default: seeded random)")
+    layers.add_argument("--seed", type=int, default=0, help="seed of random weights and input")
+    layers.add_argument("--csv", default=None, metavar="FILE", help="write the per-layer table as CSV")
+    layers.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
+    layers.add_argument("--plot", default=None, metavar="PNG", help="draw per-layer bars, split vs unsplit")
+    layers.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    test = sub.add_parser(
+        "test",
+        help="run the whole test suite (serial, then MPI at several sizes)",
+        description="Serial tests with pytest, then MPI tests under mpiexec at each size; "
+        "prints how many tests ran at each size and exits non-zero if any rank failed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    test.add_argument("--sizes", default="2,3,4", help="MPI sizes to run the MPI tests at")
+    test.add_argument("--timeout", type=int, default=1200, help="seconds before one pytest run is killed")
+    test.add_argument("--logs", default="out/test-logs", help="folder for per-rank logs and JUnit XML")
+    test.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    return parser
+
+
+def _bench_layers(args) -> int:
+    import torch
+    from mpi4py import MPI
+
+    from models import build_net, load_weights, randomize_batchnorm
+    from runtime.benchmark import bench_layers
+    from runtime.comm import abort_on_uncaught_exception
+
+    from .ranks import default_threads, on_root_then_bcast, set_threads
+
+    comm = MPI.COMM_WORLD
+    abort_on_uncaught_exception(comm)
+    if args.repeat < 1 or args.warmup < 0 or args.batch < 1:
+        raise UsageError("--repeat and --batch must be >= 1 and --warmup >= 0")
+    threads = args.threads or default_threads(comm)
+    set_threads(threads)
+    with torch.device("meta"):  # cheap, identical on every rank: validates net and size
+        model = build_net(args.net, args.in_channels, args.size, args.classes)
+    flatten = [name for name, _ in model.named_children()].index("flatten")
+
+    def load_on_root():
+        torch.manual_seed(args.seed)
+        full = build_net(args.net, args.in_channels, args.size, args.classes)
+        randomize_batchnorm(full, torch.Generator().manual_seed(args.seed))
+        if args.checkpoint:
+            load_weights(full, args.checkpoint)
+        return full
+
+    loaded = []  # rank 0's real model; the others build only the layers they run
+    on_root_then_bcast(comm, lambda: loaded.append(load_on_root()))
+    if comm.Get_rank() == 0:
+        model = loaded[0]
+        comm.bcast(model[:flatten].state_dict(), root=0)  # once, at set-up: pickling is fine here
+    else:
+        state = comm.bcast(None, root=0)
+        features = model[:flatten].to_empty(device="cpu")
+        features.load_state_dict(state)
+        model = torch.nn.Sequential(*features, *model[flatten:])
+    model.eval().to(memory_format=torch.channels_last)
+
+    image = None
+    if comm.Get_rank() == 0:
+        image = torch.randn(args.batch, args.in_channels, args.size, args.size,
+                            generator=torch.Generator().manual_seed(args.seed + 1))
+    report = bench_layers(
+        comm, model, image, net=args.net, batch=args.batch, repeat=args.repeat, warmup=args.warmup,
+        weights=_weights(args.weights), threads=threads, progress=not args.no_progress,
+    )
+    if report is not None:
+        print(report.table(), flush=True)
+        for path, write in ((args.csv, report.to_csv), (args.json, report.to_json), (args.plot, report.plot)):
+            if path:
+                write(path)
+                print(f"wrote {path}")
+    return 0
+
+
+def _test(args) -> int:
+    from .testsuite import run_suite
+
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+    except ValueError:
+        raise UsageError(f"--sizes must be comma-separated integers like 2,3,4, got '{args.sizes}'") from None
+    return run_suite(sizes, args.pytest_args, args.logs, args.timeout)
+
+
+def _rank() -> int:
+    """This process's MPI rank without initialising MPI (so 'aflkd test' can spawn mpiexec)."""
+    import os
+
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "bench" and args.what == "layers":
+            return _bench_layers(args)
+        if args.command == "test":
+            return _test(args)
+        if _rank() == 0:
+            (parser._subparsers._group_actions[0].choices["bench"] if args.command == "bench" else parser).print_help()
+        return 2
+    except UsageError as err:
+        if _rank() == 0:
+            print(f"aflkd: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

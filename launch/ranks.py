@@ -1,0 +1,57 @@
+"""Per-rank set-up shared by every MPI command: threads, abort on error, root-only work."""
+from __future__ import annotations
+
+import os
+from typing import Callable, TypeVar
+
+import torch
+
+from runtime.errors import UsageError
+
+__all__ = ["default_threads", "set_threads", "on_root_then_bcast"]
+
+T = TypeVar("T")
+
+
+def default_threads(comm) -> int:
+    """Cores this process may use divided among the ranks on this host (at least 1).
+
+    On a rack of boards each rank has its board to itself; on one host running
+    several ranks, oversubscribing the cores would only measure contention.
+    """
+    local = comm.Split_type(_shared_type()).Get_size()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // local)
+
+
+def _shared_type():
+    from mpi4py import MPI
+
+    return MPI.COMM_TYPE_SHARED
+
+
+def set_threads(threads: int) -> None:
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def on_root_then_bcast(comm, work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only (e.g. read a checkpoint that only it has) and share the result.
+
+    A :class:`UsageError` on rank 0 is re-raised on every rank, so all ranks
+    exit cleanly together instead of the others waiting for a dead root.
+    """
+    result, error = None, None
+    if comm.Get_rank() == 0:
+        try:
+            result = work()
+        except UsageError as err:
+            error = str(err)
+    result, error = comm.bcast((result, error), root=0)
+    if error is not None:
+        raise UsageError(error)
+    return result

@@ -1,0 +1,130 @@
+"""``aflkd test``: the whole suite -- serial pytest, then MPI tests at several sizes.
+
+Each MPI size runs ``mpiexec -n P python -m mpi4py -m launch.rank_pytest``:
+every rank writes its own log and JUnit XML (so the terminal shows one report,
+not P interleaved ones), ``python -m mpi4py`` aborts the job if a rank dies
+outside pytest, and a timeout kills a hung run instead of waiting forever.
+The counts come from every rank's XML: a test counts as run only if it was not
+skipped, and a size where nothing ran is a failure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["run_suite", "Counts", "read_junit"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Counts:
+    tests: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+
+    @property
+    def ran(self) -> int:
+        return self.tests - self.skipped
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.errors == 0
+
+
+def read_junit(path: Path) -> Counts:
+    """Counts of one pytest JUnit XML file (missing file: nothing ran)."""
+    if not path.exists():
+        return Counts()
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    c = Counts()
+    for s in suites:
+        c.tests += int(s.get("tests", 0))
+        c.failed += int(s.get("failures", 0))
+        c.errors += int(s.get("errors", 0))
+        c.skipped += int(s.get("skipped", 0))
+    return c
+
+
+def _mpiexec() -> str:
+    """The mpiexec beside this Python (the venv's MPICH), else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if not found:
+        raise FileNotFoundError("no mpiexec found; install the project with its [mpich] extra or a system MPI")
+    return found
+
+
+def _run(cmd: list[str], timeout: int, log: Path | None = None) -> int:
+    """Run ``cmd`` in its own process group; kill the whole group on timeout."""
+    out = open(log, "w") if log else None
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT if out else None,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        print(f"TIMEOUT after {timeout}s: {' '.join(cmd)} (killed)", flush=True)
+        return 124
+    finally:
+        if out:
+            out.close()
+
+
+def run_suite(sizes: Sequence[int], pytest_args: Sequence[str], logs: str, timeout: int) -> int:
+    logdir = (REPO / logs).resolve()
+    if logdir.exists():
+        shutil.rmtree(logdir)
+    logdir.mkdir(parents=True)
+    py = sys.executable
+    summary: list[tuple[str, Counts, int]] = []
+
+    print("== serial tests (pytest -m 'not mpi') ==", flush=True)
+    serial_xml = logdir / "serial.xml"
+    code = _run([py, "-m", "pytest", "-m", "not mpi", "--color=no", f"--junitxml={serial_xml}",
+                 *pytest_args, "tests"], timeout)
+    summary.append(("serial", read_junit(serial_xml), code))
+
+    for n in sizes:
+        print(f"== MPI tests under mpiexec -n {n} (pytest --with-mpi -m mpi) ==", flush=True)
+        rundir = logdir / f"mpi-n{n}"
+        rundir.mkdir()
+        code = _run([_mpiexec(), "-n", str(n), py, "-m", "mpi4py", "-m", "launch.rank_pytest", str(rundir),
+                     "--with-mpi", "-m", "mpi", "--color=no", "-q", *pytest_args, "tests"], timeout,
+                    log=rundir / "mpiexec.log")
+        per_rank = [read_junit(rundir / f"rank{r}.xml") for r in range(n)]
+        failed_ranks = [r for r, c in enumerate(per_rank) if not c.ok]
+        rank0_log = rundir / "rank0.log"
+        if rank0_log.exists():
+            lines = rank0_log.read_text().splitlines()
+            print("\n".join(lines[-3:]) if code == 0 and not failed_ranks else rank0_log.read_text(), flush=True)
+        for r in failed_ranks[:2]:
+            if r != 0:
+                print(f"--- rank {r} log ---\n{(rundir / f'rank{r}.log').read_text()}", flush=True)
+        if code != 0 and not failed_ranks:
+            print((rundir / "mpiexec.log").read_text()[-4000:], flush=True)
+        worst = per_rank[failed_ranks[0]] if failed_ranks else per_rank[0]
+        summary.append((f"mpi n={n}", worst, code))
+
+    print("\n== summary ==")
+    status = 0
+    for label, c, code in summary:
+        ok = code == 0 and c.ok and c.ran > 0
+        status |= 0 if ok else 1
+        why = "" if ok else ("  <- nothing ran" if c.ran == 0 and c.ok and code in (0, 5) else "  <- FAILED")
+        print(f"{label:<10} {c.ran:4d} ran, {c.skipped:3d} skipped, {c.failed + c.errors:3d} failed (exit {code}){why}")
+    total = sum(c.ran for _, c, _ in summary)
+    failed = sum(c.failed + c.errors for _, c, _ in summary)
+    skipped = sum(c.skipped for _, c, _ in summary)
+    print(f"{total - failed} passed, {failed} failed, {skipped} skipped")
+    return status
