@@ -1,4 +1,4 @@
-"""Row geometry of height-split execution: pure integer functions, no MPI, no torch.
+r"""Row geometry of height-split execution: pure integer functions, no MPI, no torch.
 
 Every rank owns a contiguous, half-open range of rows ``[start, stop)`` of each
 feature map.  A spatial layer (convolution or pooling) maps input rows to output
@@ -26,6 +26,7 @@ __all__ = [
     "split_rows",
     "output_height",
     "input_rows_for",
+    "padding_rows",
 ]
 
 
@@ -121,3 +122,16 @@ def input_rows_for(out_rows: RowRange, window: Window) -> RowRange:
     first = out_rows.start * window.stride - window.padding
     last = (out_rows.stop - 1) * window.stride - window.padding + window.span
     return RowRange(first, last)
+
+
+def padding_rows(wanted: RowRange, height: int) -> tuple[int, int]:
+    """Rows of ``wanted`` above row 0 and below row ``height - 1``: the padding it reads.
+
+    A window may lie wholly in the padding (padding larger than the kernel's
+    reach), so this counts rows, it does not subtract clipped ends.
+    """
+    if len(wanted) == 0:
+        return 0, 0
+    top = max(0, min(wanted.stop, 0) - wanted.start)
+    bottom = max(0, wanted.stop - max(wanted.start, height))
+    return top, bottom

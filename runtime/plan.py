@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import UsageError
-from .geometry import RowRange, input_rows_for, output_height, split_rows
+from .geometry import RowRange, input_rows_for, output_height, padding_rows, split_rows
 from .layers import LayerSpec
 
 __all__ = ["Transfer", "LayerPlan", "SplitPlan", "build_plan"]
@@ -108,8 +108,8 @@ def _plan_spatial(index, spec, in_shape, owned_in, weights) -> LayerPlan:
     owned_out = split_rows(out_h, weights)
     wanted = [input_rows_for(rows, spec.height) for rows in owned_out]
     needed = tuple(w.clip(height) if len(w) else RowRange(0, 0) for w in wanted)
-    pad_top = tuple(max(0, -w.start) if len(w) else 0 for w in wanted)
-    pad_bottom = tuple(max(0, w.stop - height) if len(w) else 0 for w in wanted)
+    pad_top = tuple(padding_rows(w, height)[0] for w in wanted)
+    pad_bottom = tuple(padding_rows(w, height)[1] for w in wanted)
     transfers = []
     for dst, need in enumerate(needed):
         for src, own in enumerate(owned_in):

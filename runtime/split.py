@@ -35,7 +35,7 @@ from mpi4py import MPI
 
 from .comm import gather_rows, rows_as_buffer, scatter_rows, sendrecv_halos, start_halos, wait_halos
 from .errors import UsageError
-from .geometry import RowRange, input_rows_for
+from .geometry import RowRange, input_rows_for, padding_rows
 from .layers import describe_layer, split_features
 from .plan import LayerPlan, SplitPlan, build_plan
 from .timing import LayerClock
@@ -67,6 +67,11 @@ def _window_op(layer: LayerPlan, module: nn.Module):
     kernel, stride, dilation = (h.kernel, w.kernel), (h.stride, w.stride), (h.dilation, w.dilation)
     padding = (0, w.padding)
     if layer.spec.kind == "conv":
+        if layer.in_shape[2] == 1:
+            # torch 2.14's channels-last conv can crash on 1-pixel-wide maps with width
+            # padding (seen with a 1x1 kernel, stride 2, dilation 2, batch 3): go NCHW there.
+            return lambda buf: F.conv2d(buf.clone(memory_format=torch.contiguous_format), module.weight, module.bias, stride, padding, dilation,
+                                        module.groups)
         return lambda buf: F.conv2d(buf, module.weight, module.bias, stride, padding, dilation, module.groups)
     if layer.spec.kind == "maxpool":
         return lambda buf: F.max_pool2d(buf, kernel, stride, padding, dilation)
@@ -75,17 +80,17 @@ def _window_op(layer: LayerPlan, module: nn.Module):
 
 @dataclass(frozen=True)
 class Edge:
-    """Output rows computed from an assembled buffer: input rows ``rows`` (clipped) plus padding."""
+    """Output rows ``out`` computed from an assembled buffer.
+
+    The buffer holds image rows ``first .. first + height``: ``pad_top`` padding
+    rows, the real rows ``rows``, then ``pad_bottom`` padding rows.
+    """
 
     out: RowRange
     rows: RowRange
     pad_top: int
     pad_bottom: int
-
-    @property
-    def first(self) -> int:
-        """Image row at buffer index 0 (negative when the buffer starts with padding)."""
-        return self.rows.start - self.pad_top
+    first: int
 
     @property
     def height(self) -> int:
@@ -122,8 +127,8 @@ def _local_step(layer: LayerPlan, rank: int, pieces: tuple[RowRange, ...]) -> Lo
     edges = []
     for span in spans:
         wanted = input_rows_for(span, window)
-        clipped = wanted.clip(height)
-        edges.append(Edge(span, clipped, clipped.start - wanted.start, wanted.stop - clipped.stop))
+        top, bottom = padding_rows(wanted, height)
+        edges.append(Edge(span, wanted.clip(height), top, bottom, wanted.start))
     pieces_out = sorted([e.out for e in edges] + ([interior] if len(interior) else []), key=lambda r: r.start)
     return LocalStep(pieces, interior, big, tuple(edges), tuple(pieces_out))
 
@@ -199,13 +204,21 @@ class SplitExecutor:
             if t.src == r:
                 sends[t.dst] = rows_as_buffer(self._rows(step.pieces_in, tensors, t.rows))[0]
             elif t.dst == r:
-                edge = next(j for j, e in enumerate(step.edges) if len(e.rows.intersect(t.rows)) == len(t.rows))
-                e = step.edges[edge]
-                view = bufs[edge][:, :, t.rows.start - e.first : t.rows.stop - e.first]
+                # Normally one edge buffer holds the whole transfer and receives it in place.
+                # When the stride exceeds the window span the halo range can straddle
+                # two edges or gap rows no window reads: receive into staging, copy the parts.
+                home = [j for j, e in enumerate(step.edges) if len(e.rows.intersect(t.rows)) == len(t.rows)]
+                if home:
+                    e = step.edges[home[0]]
+                    view = bufs[home[0]][:, :, t.rows.start - e.first : t.rows.stop - e.first]
+                else:
+                    channels, _, width = layer.in_shape
+                    view = torch.empty((self._batch, channels, len(t.rows), width),
+                                       memory_format=CL)
                 arr, in_place = rows_as_buffer(view)
                 recvs[t.src] = arr
-                if not in_place:
-                    copy_back.append((view, arr))
+                if not in_place or not home:
+                    copy_back.append((t.rows, view, arr, None if home else step.edges))
         requests = []
         posted = perf_counter()
         if sends or recvs:
@@ -230,8 +243,14 @@ class SplitExecutor:
             outputs[step.interior_out.start] = op(t[:, :, rows.start - piece.start : rows.stop - piece.start])
         waited = perf_counter()
         wait_halos(requests)
-        for view, arr in copy_back:
+        for rows, view, arr, spread in copy_back:
             view.permute(0, 2, 3, 1).copy_(torch.from_numpy(arr))
+            for e, buf in zip(spread or (), bufs):
+                part = e.rows.intersect(rows)
+                if len(part):
+                    buf[:, :, part.start - e.first : part.stop - e.first].copy_(
+                        view[:, :, part.start - rows.start : part.stop - rows.start]
+                    )
         halo += perf_counter() - waited
         for e, buf in zip(step.edges, bufs):
             outputs[e.out.start] = op(buf)
