@@ -107,7 +107,8 @@ def run_suite(sizes: Sequence[int], pytest_args: Sequence[str], logs: str, timeo
         rank0_log = rundir / "rank0.log"
         if rank0_log.exists():
             lines = rank0_log.read_text().splitlines()
-            print("\n".join(lines[-3:]) if code == 0 and not failed_ranks else rank0_log.read_text(), flush=True)
+            ok_run = code == 0 and not failed_ranks
+            print(f"rank 0: {lines[-1] if lines else '(empty log)'}" if ok_run else rank0_log.read_text(), flush=True)
         for r in failed_ranks[:2]:
             if r != 0:
                 print(f"--- rank {r} log ---\n{(rundir / f'rank{r}.log').read_text()}", flush=True)

@@ -1,0 +1,111 @@
+"""The ``aflkd`` command under mpiexec: bad input gives one clear line, non-zero exit, no hang."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.cli import main
+from models import build_net
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
+
+
+def aflkd(ranks: int, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``mpiexec -n ranks python -m launch.cli ...``; a hang fails the test by timeout."""
+    cmd = [str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "launch.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
+
+
+@needs_mpiexec
+@pytest.mark.parametrize(
+    "ranks, args, message",
+    [
+        (2, ["--net", "edge9"], "unknown net 'edge9'; choose one of edge1, edge2, edge3, cloud"),
+        (2, ["--net", "edge3", "--size", "4"], "input size 4 is too small for 3 pooling blocks"),
+        (3, ["--net", "edge1", "--size", "2"], r"3 ranks with weights .* leave rank\(s\) \[0\] without rows of the 2-row input"),
+        (2, ["--weights", "1,2,3"], "got 3 rank weights for 2 ranks"),
+        (2, ["--weights", "1,x"], "--weights must be comma-separated numbers"),
+        (2, ["--checkpoint", "/nonexistent/model.pt"], "checkpoint '/nonexistent/model.pt' does not exist"),
+        (2, ["--repeat", "0"], "--repeat and --batch must be >= 1"),
+        (2, ["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero_on_every_rank(ranks, args, message):
+    proc = aflkd(ranks, "bench", "layers", "--size", "32", "--repeat", "1", "--no-progress", *args)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@needs_mpiexec
+def test_checkpoint_of_another_net_is_rejected(tmp_path):
+    path = tmp_path / "edge1.pt"
+    torch.save(build_net("edge1", 3, 32, 10).state_dict(), path)
+    proc = aflkd(2, "bench", "layers", "--net", "edge2", "--size", "32", "--checkpoint", str(path), "--no-progress")
+    assert proc.returncode != 0
+    (line,) = error_lines(proc)
+    assert f"checkpoint '{path}' does not match the net" in line and "check --net, --size" in line
+
+
+@needs_mpiexec
+def test_exception_on_one_rank_ends_the_job(tmp_path):
+    """Regression: a rank that dies must not leave its peers waiting in the next exchange."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "from mpi4py import MPI\n"
+        "from runtime.comm import abort_on_uncaught_exception\n"
+        "abort_on_uncaught_exception()\n"
+        "if MPI.COMM_WORLD.rank == 1:\n"
+        "    raise RuntimeError('boom on rank 1')\n"
+        "MPI.COMM_WORLD.Barrier()\n"
+    )
+    proc = subprocess.run([str(MPIEXEC), "-n", "3", sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).parent.parent)
+    assert proc.returncode != 0
+    assert "boom on rank 1" in proc.stderr and "[rank 1]" in proc.stderr
+
+
+@needs_mpiexec
+def test_bench_writes_table_csv_json_and_plot(tmp_path):
+    out = tmp_path
+    proc = aflkd(2, "bench", "layers", "--net", "edge2", "--size", "32", "--repeat", "2", "--warmup", "1",
+                 "--weights", "2,1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
+                 "--plot", str(out / "r.png"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "efficiency (bound / split)" in proc.stdout and "conv1_1" in proc.stdout
+    report = json.loads((out / "r.json").read_text())
+    for key in ("net", "size", "ranks", "unsplit_ms", "split_ms", "bound_ms", "efficiency", "max_abs_error", "layers"):
+        assert key in report
+    assert report["ranks"] == 2 and report["weights"] == [2.0, 1.0]
+    assert report["max_abs_error"] <= 1e-5
+    for layer in report["layers"]:
+        assert set(layer) >= {"name", "unsplit_ms", "split_ms", "halo_ms", "bytes", "bytes_min"}
+        assert layer["bytes"] == layer["bytes_min"]
+    assert sum(layer["bytes"] for layer in report["layers"]) > 0
+    assert (out / "r.csv").read_text().startswith("layer,unsplit_ms,split_ms,halo_ms,bytes,bytes_min")
+    assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_explains_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "layers", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "efficiency = bound / split" in text and "--weights" in text
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().out
