@@ -82,9 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--csv", default=None, metavar="FILE", help="write the per-layer table as CSV")
     layers.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     layers.add_argument("--plot", default=None, metavar="PNG", help="draw per-layer bars, split vs unsplit")
-    layers.add_argument("--no-overlap", action="store_true",
-                        help="blocking Sendrecv halo exchange before each layer instead of Isend/Irecv "
-                        "overlapped with the interior rows")
     layers.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     test = sub.add_parser(
@@ -147,8 +144,7 @@ def _bench_layers(args) -> int:
                             generator=torch.Generator().manual_seed(args.seed + 1))
     report = bench_layers(
         comm, model, image, net=args.net, batch=args.batch, repeat=args.repeat, warmup=args.warmup,
-        weights=_weights(args.weights), threads=threads, overlap=not args.no_overlap,
-        progress=not args.no_progress,
+        weights=_weights(args.weights), threads=threads, progress=not args.no_progress,
     )
     if report is not None:
         print(report.table(), flush=True)

@@ -69,7 +69,6 @@ def bench_layers(
     warmup: int,
     weights,
     threads: int,
-    overlap: bool = True,
     progress: bool = True,
 ) -> Report | None:
     """Run the benchmark on every rank; return the :class:`Report` on rank 0, None elsewhere.
@@ -80,8 +79,7 @@ def bench_layers(
     rank, size = comm.Get_rank(), comm.Get_size()
     channels = model[0].in_channels
     height = int(comm.bcast(image.shape[2] if rank == 0 else None, root=0))
-    executor = SplitExecutor(model, (channels, height, height), comm, weights, overlap=overlap)
-    other = SplitExecutor(model, (channels, height, height), comm, weights, overlap=not overlap)
+    executor = SplitExecutor(model, (channels, height, height), comm, weights)
     plan = executor.plan
     layers = len(plan.layers)
     own_rows = plan.input_rows[rank]
@@ -93,7 +91,7 @@ def bench_layers(
 
     unsplit_clock = [LayerClock(layers) for _ in range(repeat)]
     split_clock = [LayerClock(layers) for _ in range(repeat)]
-    split_s, other_s, bound_s, unsplit_s, e2e_s = [], [], [], [], []
+    split_s, bound_s, unsplit_s, e2e_s = [], [], [], []
     steps = range(warmup + repeat)
     bar = tqdm(steps, desc=f"bench {net} x{size} ranks", disable=not progress or rank != 0, leave=False)
     for step in bar:
@@ -105,18 +103,14 @@ def bench_layers(
                              unsplit_clock[k] if k >= 0 else None)
             if k >= 0:
                 unsplit_s.append(t)
-        # split, the other exchange mode, and bound, in rotating order so none always runs first
-        phases = ("split", "other", "bound")
-        for phase in phases[step % 3:] + phases[: step % 3]:
+        # split and bound, in alternating order so that neither always runs first
+        for phase in ("split", "bound") if step % 2 == 0 else ("bound", "split"):
             x = local.clone(memory_format=torch.channels_last)
             comm.Barrier()
             start = perf_counter()
             if phase == "split":
                 executor.forward_local(x, split_clock[k] if k >= 0 else None)
                 elapsed = perf_counter() - start
-            elif phase == "other":
-                other.forward_local(x)
-                other_elapsed = perf_counter() - start
             else:  # own rows as a standalone image, no exchange
                 bound = _timed_stack(executor.modules, x) if alone else float("nan")
         # end to end, as a user calls it
@@ -126,14 +120,13 @@ def bench_layers(
         e2e = perf_counter() - start
         if k >= 0:
             split_s.append(elapsed)
-            other_s.append(other_elapsed)
             bound_s.append(bound)
             e2e_s.append(e2e)
 
     # Small control data after the timed loop: the lower-case (pickling) API is fine here.
     per_rank = comm.gather(
         {
-            "split": split_s, "other": other_s, "bound": bound_s, "e2e": e2e_s,
+            "split": split_s, "bound": bound_s, "e2e": e2e_s,
             "compute": np.stack([c.compute for c in split_clock]),
             "halo": np.stack([c.halo for c in split_clock]),
             "bytes": split_clock[0].bytes if repeat else np.zeros(layers, np.int64),
@@ -152,13 +145,6 @@ def bench_layers(
     bound_runs = np.max([r["bound"] for r in per_rank], axis=0)
     split_ms, bound_ms = 1e3 * median(split_runs), 1e3 * median(bound_runs)
     efficiency = float(median(bound_runs / split_runs))
-    other_runs = np.max([r["other"] for r in per_rank], axis=0)
-    alternative = {
-        "overlap": not overlap,
-        "split_ms": 1e3 * median(other_runs),
-        "efficiency": float(median(bound_runs / other_runs)),
-        "split_over_alternative": float(median(split_runs / other_runs)),
-    }
     e2e_ms = 1e3 * median(per_rank[0]["e2e"])
     unsplit_ms = 1e3 * median(unsplit_s)
     compute = np.stack([r["compute"] for r in per_rank])  # (ranks, repeat, layers)
@@ -181,8 +167,8 @@ def bench_layers(
         )
     return Report(
         net=net, size=height, batch=batch, ranks=size, weights=list(plan.weights),
-        threads_per_rank=threads, repeat=repeat, overlap=overlap,
+        threads_per_rank=threads, repeat=repeat,
         unsplit_ms=unsplit_ms, split_ms=split_ms, bound_ms=bound_ms,
         efficiency=efficiency, speedup=unsplit_ms / split_ms,
-        end_to_end_ms=e2e_ms, max_abs_error=max_abs_error, alternative=alternative, layers=rows,
+        end_to_end_ms=e2e_ms, max_abs_error=max_abs_error, layers=rows,
     )

@@ -20,8 +20,6 @@ from .plan import SplitPlan
 __all__ = [
     "rows_as_buffer",
     "sendrecv_halos",
-    "start_halos",
-    "wait_halos",
     "scatter_rows",
     "gather_rows",
     "abort_on_uncaught_exception",
@@ -60,18 +58,6 @@ def sendrecv_halos(comm: MPI.Comm, sends: dict, recvs: dict, tag: int) -> None:
             None if out is None else [out, MPI.FLOAT], rank + shift if out is not None else MPI.PROC_NULL, tag,
             None if inc is None else [inc, MPI.FLOAT], rank - shift if inc is not None else MPI.PROC_NULL, tag,
         )
-
-
-def start_halos(comm: MPI.Comm, sends: dict, recvs: dict, tag: int) -> list:
-    """Non-blocking exchange: post every receive, then every send; wait with ``MPI.Request.Waitall``."""
-    requests = [comm.Irecv([buf, MPI.FLOAT], source=src, tag=tag) for src, buf in recvs.items()]
-    requests += [comm.Isend([buf, MPI.FLOAT], dest=dst, tag=tag) for dst, buf in sends.items()]
-    return requests
-
-
-def wait_halos(requests: list) -> None:
-    if requests:
-        MPI.Request.Waitall(requests)
 
 
 def _counts(plan_rows, per_row: int) -> tuple[list[int], list[int]]:

@@ -48,7 +48,6 @@ class Report:
     weights: list
     threads_per_rank: int
     repeat: int
-    overlap: bool
     unsplit_ms: float
     split_ms: float
     bound_ms: float
@@ -56,7 +55,6 @@ class Report:
     speedup: float
     end_to_end_ms: float
     max_abs_error: float
-    alternative: dict = field(default_factory=dict)  # the other halo-exchange mode, same run
     layers: list = field(default_factory=list)
 
     def table(self) -> str:
@@ -78,27 +76,16 @@ class Report:
         lines += [
             "",
             f"net {self.net}, input {self.batch}x{self.size}x{self.size}, {self.ranks} ranks "
-            f"(weights {self.weights}), {self.threads_per_rank} thread(s) per rank, median of {self.repeat}, "
-            f"halo exchange {'overlapped (Isend/Irecv)' if self.overlap else 'blocking (Sendrecv)'}",
-            "",
+            f"(weights {self.weights}), {self.threads_per_rank} thread(s) per rank, median of {self.repeat}",
             f"conv stack, unsplit on 1 rank      : {self.unsplit_ms:9.3f} ms",
             f"conv stack, split over {self.ranks} ranks   : {self.split_ms:9.3f} ms"
             f"   speedup {self.speedup:.2f}x",
             f"bound: own rows only, no exchange : {self.bound_ms:9.3f} ms"
             f"   efficiency (bound / split, paired median) {self.efficiency:.3f}",
-            f"same split, {self._mode(self.alternative.get('overlap'))} exchange: "
-            f"{self.alternative.get('split_ms', float('nan')):9.3f} ms   efficiency "
-            f"{self.alternative.get('efficiency', float('nan')):.3f}   "
-            f"(time ratio {self._mode(self.overlap)}/{self._mode(self.alternative.get('overlap'))}: "
-            f"{self.alternative.get('split_over_alternative', float('nan')):.3f}, paired median)",
             f"end to end (scatter+split+gather+head): {self.end_to_end_ms:.3f} ms",
             f"max |split - unsplit| of the net's output: {self.max_abs_error:.3g}",
         ]
         return "\n".join(lines)
-
-    @staticmethod
-    def _mode(overlap) -> str:
-        return "overlapped" if overlap else "blocking"
 
     def to_json(self, path: str) -> None:
         data = asdict(self)

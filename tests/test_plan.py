@@ -6,7 +6,6 @@ from runtime.errors import UsageError
 from runtime.geometry import RowRange, input_rows_for
 from runtime.layers import describe_layer, split_features
 from runtime.plan import build_plan
-from runtime.split import _local_step
 from runtime.timing import analytic_min_bytes
 from tests.randomnets import random_config
 
@@ -41,28 +40,6 @@ def test_transfers_deliver_exactly_the_missing_rows(seed):
         # bytes moved = rows missing x row bytes, computed from sets
         moved = sum(len(t.rows) for t in layer.transfers) * layer.row_bytes(batch)
         assert moved == analytic_min_bytes(layer, batch)
-
-
-@pytest.mark.parametrize("seed", range(300))
-def test_local_steps_cover_own_output_rows(seed):
-    ranks = 1 + seed % 4
-    model, shape, _, weights = random_config(seed, ranks)
-    plan = _plan(model, shape, weights)
-    for r in range(ranks):
-        pieces = (plan.input_rows[r],)
-        for layer in plan.layers:
-            if not layer.spec.spatial:
-                continue
-            step = _local_step(layer, r, pieces)
-            covered = [step.interior_out] + [e.out for e in step.edges]
-            rows = sorted(x for c in covered for x in _rows(c))
-            assert rows == sorted(_rows(layer.owned_out[r]))  # disjoint cover
-            if len(step.interior_out):
-                src = input_rows_for(step.interior_out, layer.spec.height)
-                assert _rows(src) <= _rows(pieces[step.interior_piece])
-            for e in step.edges:
-                assert _rows(e.rows) <= _rows(layer.needed[r])
-            pieces = step.pieces_out
 
 
 def test_even_3x3_halo_is_one_row_per_boundary():
