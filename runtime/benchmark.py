@@ -1,14 +1,17 @@
 """Per-layer benchmark of split inference against unsplit and against this machine's bound.
 
-Three things are timed in every repetition, interleaved so that machine noise
-hits them alike, after warm-up passes:
+Timed in every repetition, interleaved so that machine noise hits them alike,
+after warm-up passes:
 
-* **unsplit** -- rank 0 runs the whole conv stack alone (the other ranks wait);
+* **unsplit** -- rank 0 runs the whole conv stack alone (the other ranks wait),
+  through the executor on one process; the plain ``nn.Sequential`` call is timed
+  too (``unsplit_torch_ms``), for reference;
 * **split** -- every rank runs :meth:`SplitExecutor.forward_local` with halo exchange;
 * **bound** -- every rank, at the same time, runs the conv stack on only its own
-  input rows as if they were a whole image, with no exchange at all.  This is
+  input rows as if they were a whole image, with no exchange at all, through
+  the same executor code on ``COMM_SELF`` (same buffers, same kernels).  This is
   what P processes sharing this machine's cores, caches and memory bandwidth can
-  do at best; the split cannot beat it.
+  do at best.
 
 ``efficiency`` is the median over repetitions of ``bound / split`` taken within
 the same repetition (paired, so slow drifts of this shared machine cancel);
@@ -36,13 +39,11 @@ from .timing import LayerClock, LayerRow, Report, analytic_min_bytes
 __all__ = ["bench_layers"]
 
 
-def _timed_stack(modules, x: torch.Tensor, clock: LayerClock | None = None) -> float:
+def _timed_stack(modules, x: torch.Tensor) -> float:
+    """The plain torch module chain, for reference."""
     start = perf_counter()
-    for i, module in enumerate(modules):
-        t = perf_counter()
+    for module in modules:
         x = module(x)
-        if clock is not None:
-            clock.compute[i] += perf_counter() - t
     return perf_counter() - start
 
 
@@ -78,31 +79,39 @@ def bench_layers(
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     channels = model[0].in_channels
-    height = int(comm.bcast(image.shape[2] if rank == 0 else None, root=0))
-    executor = SplitExecutor(model, (channels, height, height), comm, weights)
+    height, width = comm.bcast(tuple(image.shape[2:]) if rank == 0 else None, root=0)
+    executor = SplitExecutor(model, (channels, height, width), comm, weights)
     plan = executor.plan
     layers = len(plan.layers)
     own_rows = plan.input_rows[rank]
     alone = comm.allreduce(_runs_alone(plan, len(own_rows)), op=MPI.LAND)
+    # The same executor on one process (COMM_SELF): for the unsplit run (rank 0, whole
+    # image) and for the bound (every rank, its own rows as a whole image, no exchange).
+    # Same code path and memory handling as the split, so only the split's cost differs.
+    bounded = SplitExecutor(model, (channels, len(own_rows), width), MPI.COMM_SELF) if alone else None
+    single = SplitExecutor(model, (channels, height, width), MPI.COMM_SELF) if rank == 0 else None
 
-    # Rank 0 also keeps the whole image for the unsplit runs.
     full = image.contiguous(memory_format=torch.channels_last) if rank == 0 else None
     local = scatter_rows(comm, plan, image, batch).clone(memory_format=torch.channels_last)
 
     unsplit_clock = [LayerClock(layers) for _ in range(repeat)]
     split_clock = [LayerClock(layers) for _ in range(repeat)]
-    split_s, bound_s, unsplit_s, e2e_s = [], [], [], []
+    split_s, bound_s, unsplit_s, torch_s, e2e_s = [], [], [], [], []
     steps = range(warmup + repeat)
     bar = tqdm(steps, desc=f"bench {net} x{size} ranks", disable=not progress or rank != 0, leave=False)
     for step in bar:
         k = step - warmup  # < 0 during warm-up
-        # unsplit, rank 0 alone
+        # unsplit, rank 0 alone: through the executor, and as the plain torch module chain
         comm.Barrier()
         if rank == 0:
-            t = _timed_stack(executor.modules, full.clone(memory_format=torch.channels_last),
-                             unsplit_clock[k] if k >= 0 else None)
+            x = full.clone(memory_format=torch.channels_last)
+            start = perf_counter()
+            single.forward_local(x, unsplit_clock[k] if k >= 0 else None)
+            unsplit = perf_counter() - start
+            plain = _timed_stack(executor.modules, full.clone(memory_format=torch.channels_last))
             if k >= 0:
-                unsplit_s.append(t)
+                unsplit_s.append(unsplit)
+                torch_s.append(plain)
         # split and bound, in alternating order so that neither always runs first
         for phase in ("split", "bound") if step % 2 == 0 else ("bound", "split"):
             x = local.clone(memory_format=torch.channels_last)
@@ -111,8 +120,11 @@ def bench_layers(
             if phase == "split":
                 executor.forward_local(x, split_clock[k] if k >= 0 else None)
                 elapsed = perf_counter() - start
-            else:  # own rows as a standalone image, no exchange
-                bound = _timed_stack(executor.modules, x) if alone else float("nan")
+            elif bounded is not None:
+                bounded.forward_local(x)
+                bound = perf_counter() - start
+            else:
+                bound = float("nan")
         # end to end, as a user calls it
         comm.Barrier()
         start = perf_counter()
@@ -147,6 +159,7 @@ def bench_layers(
     efficiency = float(median(bound_runs / split_runs))
     e2e_ms = 1e3 * median(per_rank[0]["e2e"])
     unsplit_ms = 1e3 * median(unsplit_s)
+    unsplit_torch_ms = 1e3 * median(torch_s)
     compute = np.stack([r["compute"] for r in per_rank])  # (ranks, repeat, layers)
     halo = np.stack([r["halo"] for r in per_rank])
     total = compute + halo
@@ -168,7 +181,7 @@ def bench_layers(
     return Report(
         net=net, size=height, batch=batch, ranks=size, weights=list(plan.weights),
         threads_per_rank=threads, repeat=repeat,
-        unsplit_ms=unsplit_ms, split_ms=split_ms, bound_ms=bound_ms,
+        unsplit_ms=unsplit_ms, unsplit_torch_ms=unsplit_torch_ms, split_ms=split_ms, bound_ms=bound_ms,
         efficiency=efficiency, speedup=unsplit_ms / split_ms,
         end_to_end_ms=e2e_ms, max_abs_error=max_abs_error, layers=rows,
     )

@@ -19,7 +19,8 @@ from .plan import SplitPlan
 
 __all__ = [
     "rows_as_buffer",
-    "sendrecv_halos",
+    "sendrecv_rows",
+    "float_message",
     "scatter_rows",
     "gather_rows",
     "abort_on_uncaught_exception",
@@ -42,22 +43,13 @@ def rows_as_buffer(t: torch.Tensor) -> tuple[np.ndarray, bool]:
     return view.contiguous().numpy(), False
 
 
-def sendrecv_halos(comm: MPI.Comm, sends: dict, recvs: dict, tag: int) -> None:
-    """Blocking exchange: ``sends[dst]`` / ``recvs[src]`` are numpy buffers.
+def sendrecv_rows(comm: MPI.Comm, send, dest: int, recv, source: int, tag: int) -> None:
+    """One step of a halo exchange: ``send``/``recv`` are ``[array, MPI.FLOAT]`` or None; -1 = no peer."""
+    comm.Sendrecv(send, MPI.PROC_NULL if dest < 0 else dest, tag, recv, MPI.PROC_NULL if source < 0 else source, tag)
 
-    Done as shifts: for each rank distance ``d`` in use, every rank sends to
-    ``rank + d`` and receives from ``rank - d`` in one ``Sendrecv`` -- the
-    deadlock-free pattern of mpi4py's halo demo, with ``PROC_NULL`` wherever
-    there is nothing to move.  Both ends derive the same shifts from the plan.
-    """
-    rank = comm.Get_rank()
-    shifts = sorted({d - rank for d in sends} | {rank - s for s in recvs})
-    for shift in shifts:
-        out, inc = sends.get(rank + shift), recvs.get(rank - shift)
-        comm.Sendrecv(
-            None if out is None else [out, MPI.FLOAT], rank + shift if out is not None else MPI.PROC_NULL, tag,
-            None if inc is None else [inc, MPI.FLOAT], rank - shift if inc is not None else MPI.PROC_NULL, tag,
-        )
+
+def float_message(array: np.ndarray) -> list:
+    return [array, MPI.FLOAT]
 
 
 def _counts(plan_rows, per_row: int) -> tuple[list[int], list[int]]:

@@ -96,6 +96,9 @@ def describe_layer(name: str, module: nn.Module) -> LayerSpec:
                 name, module, "count_include_pad=False with height padding; use count_include_pad=True"
             )
         return LayerSpec(name, kind, Window(kh, sh, ph, dh), Window(kw, sw, pw, dw))
+    if isinstance(module, nn.BatchNorm2d) and module.running_mean is None:
+        raise _unsupported(name, module, "no running statistics (track_running_stats=False): it would "
+                           "normalise each slice by its own batch statistics")
     if isinstance(module, ELEMENTWISE_TYPES):
         return LayerSpec(name, "elementwise")
     raise _unsupported(

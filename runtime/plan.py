@@ -56,6 +56,23 @@ class LayerPlan:
     def recvs(self, rank: int) -> list[Transfer]:
         return [t for t in self.transfers if t.dst == rank]
 
+    def halo_schedule(self, rank: int) -> list[tuple[int, "RowRange | None", int, "RowRange | None"]]:
+        """This rank's exchange as ``Sendrecv`` steps ``(dest, send_rows, source, recv_rows)``.
+
+        One step per rank distance ``d`` in use, in increasing ``d``: send to
+        ``rank + d``, receive from ``rank - d`` (the deadlock-free shift pattern of
+        mpi4py's halo demo); ``-1`` stands for ``MPI.PROC_NULL`` where there is
+        nothing to move.  Every rank derives the same distances from the same plan.
+        """
+        steps = []
+        for d in sorted({t.dst - t.src for t in self.transfers}):
+            out = next((t for t in self.transfers if t.src == rank and t.dst == rank + d), None)
+            inc = next((t for t in self.transfers if t.dst == rank and t.src == rank - d), None)
+            if out is not None or inc is not None:
+                steps.append((rank + d if out else -1, out.rows if out else None,
+                              rank - d if inc else -1, inc.rows if inc else None))
+        return steps
+
     def row_bytes(self, batch: int, itemsize: int = 4) -> int:
         """Bytes of one input row across the batch: width x channels x batch x itemsize."""
         channels, _, width = self.in_shape

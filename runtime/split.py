@@ -19,8 +19,8 @@ Why one buffer and one call per layer: CPU convolutions re-pack their weights
 on every call, so computing a slice as an interior plus two thin edge calls
 (to overlap the exchange with the interior) cost more than it hid -- measured
 in the README ("Overlap").  The copy into the buffer is avoided where it is
-large: a ReLU right before a spatial layer writes its output straight into the
-buffer.
+large: the element-wise layers (BatchNorm, ReLU) right before a spatial layer
+write their output straight into its buffer.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from .comm import gather_rows, rows_as_buffer, scatter_rows, sendrecv_halos
+from .comm import float_message, gather_rows, rows_as_buffer, scatter_rows, sendrecv_rows
 from .errors import UsageError
 from .geometry import input_rows_for
 from .layers import describe_layer, split_features
@@ -58,6 +58,28 @@ def check_image(image: torch.Tensor, channels: int, height: Optional[int] = None
         raise UsageError(f"input height {shape[2]} does not match the plan's height {height}")
     if image.dtype != torch.float32:
         raise UsageError(f"input dtype must be float32, got {image.dtype}; use x.float()")
+
+
+def _write_into(module: nn.Module):
+    """``f(x, out)`` writing ``module(x)`` into ``out`` (which may be ``x`` itself): no new tensor.
+
+    BatchNorm in eval mode is the affine map ``x * a + b`` per channel, written
+    with ``addcmul``; ReLU with ``clamp_min``; anything else is computed, then copied.
+    """
+    if isinstance(module, nn.BatchNorm2d):
+        def batchnorm(x, out):
+            a = torch.rsqrt(module.running_var + module.eps)
+            if module.weight is not None:
+                a = a * module.weight
+            b = -module.running_mean * a
+            if module.bias is not None:
+                b = b + module.bias
+            shape = (1, -1, 1, 1)
+            return torch.addcmul(b.view(shape), x, a.view(shape), out=out)
+        return batchnorm
+    if isinstance(module, nn.ReLU):
+        return lambda x, out: torch.clamp_min(x, 0, out=out)
+    return lambda x, out: out.copy_(module(x))
 
 
 def _window_op(layer: LayerPlan, module: nn.Module):
@@ -110,22 +132,34 @@ class SplitExecutor:
             input_rows_for(l.owned_out[r], l.spec.height).start if l.spec.spatial and len(l.owned_out[r]) else 0
             for l in layers
         ]
-        self._fused = [self._writes_into_next(i) for i in range(len(layers))]
+        if any(m.training for m in self.modules):
+            raise UsageError("the model is in training mode; call model.eval() before split inference "
+                             "(BatchNorm must use its running statistics, the same on every slice)")
+        self._into = [self._buffer_target(i) for i in range(len(layers))]
+        self._writers = [_write_into(m) if t is not None else None for m, t in zip(self.modules, self._into)]
         self._batch: Optional[int] = None
         self._buffers: list[Optional[torch.Tensor]] = []
 
-    def _writes_into_next(self, i: int) -> bool:
-        """Whether layer ``i`` is a ReLU that can write straight into the next layer's buffer.
+    def _buffer_target(self, i: int) -> Optional[int]:
+        """The spatial layer whose buffer element-wise layer ``i`` writes into, if any.
 
-        Only when that layer needs every row this rank owns (the usual case), since
-        the buffer is then also the source of this rank's sends.
+        Element-wise layers right before a spatial layer write their output into
+        that layer's buffer (the first one) and then work in place there, so the
+        own rows never need a separate copy.  Only when that layer needs every
+        row this rank owns (the usual case): the buffer is then also the source
+        of this rank's sends.
         """
         layers, r = self.plan.layers, self.rank
-        if not isinstance(self.modules[i], nn.ReLU) or i + 1 >= len(layers) or not layers[i + 1].spec.spatial:
-            return False
-        nxt = layers[i + 1]
+        j = i
+        while j < len(layers) and not layers[j].spec.spatial:
+            j += 1
+        if i == j or j == len(layers):
+            return None
+        nxt = layers[j]
         own, need = nxt.owned_in[r], nxt.needed[r]
-        return len(nxt.owned_out[r]) > 0 and need.start <= own.start and own.stop <= need.stop
+        if len(nxt.owned_out[r]) == 0 or not (need.start <= own.start and own.stop <= need.stop):
+            return None
+        return j
 
     def _allocate(self, batch: int) -> None:
         r = self.rank
@@ -143,26 +177,42 @@ class SplitExecutor:
             buf[:, :, rows - bottom :].fill_(fill)
             self._buffers.append(buf)
         self._batch = batch
+        self._halos = []
+        for i, layer in enumerate(self.plan.layers):
+            steps = []
+            buf, first = self._buffers[i], self._first[i]
+            from_buffer = i > 0 and self._into[i - 1] == i  # own rows already sit in the buffer
+            for dest, send_rows, src, recv_rows in (layer.halo_schedule(r) if layer.spec.spatial else ()):
+                send = recv = staged = None
+                if send_rows is not None and from_buffer:
+                    arr, in_place = rows_as_buffer(buf[:, :, send_rows.start - first : send_rows.stop - first])
+                    send = float_message(arr) if in_place else None  # a staging copy must be refreshed
+                if recv_rows is not None:
+                    view = buf[:, :, recv_rows.start - first : recv_rows.stop - first]
+                    arr, in_place = rows_as_buffer(view)
+                    recv, staged = float_message(arr), None if in_place else (view, arr)
+                steps.append((dest, send_rows, send, src, recv, staged))
+            self._halos.append(steps)
 
     # ---------------------------------------------------------------- execution
     def _exchange(self, i: int, source: torch.Tensor, source_first: int) -> int:
-        """Halo rows of layer ``i``: sends from ``source`` (index 0 = image row ``source_first``)."""
-        layer, r = self.plan.layers[i], self.rank
-        buf, first = self._buffers[i], self._first[i]
-        sends, recvs, staged = {}, {}, []
-        for t in layer.transfers:
-            if t.src == r:
-                a = t.rows.start - source_first
-                sends[t.dst] = rows_as_buffer(source[:, :, a : a + len(t.rows)])[0]
-            elif t.dst == r:
-                view = buf[:, :, t.rows.start - first : t.rows.stop - first]
-                recvs[t.src], in_place = rows_as_buffer(view)
-                if not in_place:  # batch > 1: received into a staging copy
-                    staged.append((view, recvs[t.src]))
-        sendrecv_halos(self.comm, sends, recvs, tag=i)
-        for view, arr in staged:
-            view.permute(0, 2, 3, 1).copy_(torch.from_numpy(arr))
-        return sum(a.nbytes for a in sends.values())
+        """Halo rows of layer ``i``: sends from ``source`` (index 0 = image row ``source_first``).
+
+        Follows the schedule built in :meth:`_allocate`: buffers and messages made
+        once, so a step costs little more than the ``Sendrecv`` itself.
+        """
+        sent = 0
+        for dest, rows, send, src, recv, staged in self._halos[i]:
+            if rows is not None and send is None:  # sending from a fresh tensor: view it now
+                a = rows.start - source_first
+                send = float_message(rows_as_buffer(source[:, :, a : a + len(rows)])[0])
+            sendrecv_rows(self.comm, send, dest, recv, src, tag=i)
+            if send is not None:
+                sent += send[0].nbytes
+            if staged is not None:  # batch > 1: received into a staging copy
+                view, arr = staged
+                view.permute(0, 2, 3, 1).copy_(torch.from_numpy(arr))
+        return sent
 
     def forward_local(self, x: torch.Tensor, clock: Optional[LayerClock] = None) -> torch.Tensor:
         """This rank's input rows -> this rank's rows of the last spatial layer.
@@ -174,16 +224,19 @@ class SplitExecutor:
         if batch != self._batch:
             self._allocate(batch)
         r = self.rank
-        filled = False  # whether the previous ReLU already wrote this layer's own rows
+        filled, target = False, None  # whether element-wise layers already wrote this layer's own rows
         for i, (layer, op) in enumerate(zip(self.plan.layers, self._ops)):
             start = perf_counter()
             if not layer.spec.spatial:
-                if self._fused[i]:
-                    own, first = self.plan.layers[i + 1].owned_in[r], self._first[i + 1]
-                    x = torch.clamp_min(x, 0, out=self._buffers[i + 1][:, :, own.start - first : own.stop - first])
-                    filled = True
-                else:
+                j = self._into[i]
+                if j is None:
                     x = op(x)
+                else:
+                    if not filled:  # the first of the run writes into the buffer, the rest in place
+                        own, first = self.plan.layers[j].owned_in[r], self._first[j]
+                        target = self._buffers[j][:, :, own.start - first : own.stop - first]
+                    x = self._writers[i](x, target)
+                    filled = True
                 if clock is not None:
                     clock.compute[i] += perf_counter() - start
                 continue

@@ -49,6 +49,7 @@ class Report:
     threads_per_rank: int
     repeat: int
     unsplit_ms: float
+    unsplit_torch_ms: float
     split_ms: float
     bound_ms: float
     efficiency: float
@@ -77,7 +78,8 @@ class Report:
             "",
             f"net {self.net}, input {self.batch}x{self.size}x{self.size}, {self.ranks} ranks "
             f"(weights {self.weights}), {self.threads_per_rank} thread(s) per rank, median of {self.repeat}",
-            f"conv stack, unsplit on 1 rank      : {self.unsplit_ms:9.3f} ms",
+            f"conv stack, unsplit on 1 rank      : {self.unsplit_ms:9.3f} ms"
+            f"   (plain torch nn.Sequential: {self.unsplit_torch_ms:.3f} ms)",
             f"conv stack, split over {self.ranks} ranks   : {self.split_ms:9.3f} ms"
             f"   speedup {self.speedup:.2f}x",
             f"bound: own rows only, no exchange : {self.bound_ms:9.3f} ms"
