@@ -20,6 +20,8 @@ from .plan import SplitPlan
 __all__ = [
     "rows_as_buffer",
     "sendrecv_rows",
+    "post_rows",
+    "wait_rows",
     "float_message",
     "scatter_rows",
     "gather_rows",
@@ -46,6 +48,21 @@ def rows_as_buffer(t: torch.Tensor) -> tuple[np.ndarray, bool]:
 def sendrecv_rows(comm: MPI.Comm, send, dest: int, recv, source: int, tag: int) -> None:
     """One step of a halo exchange: ``send``/``recv`` are ``[array, MPI.FLOAT]`` or None; -1 = no peer."""
     comm.Sendrecv(send, MPI.PROC_NULL if dest < 0 else dest, tag, recv, MPI.PROC_NULL if source < 0 else source, tag)
+
+
+def post_rows(comm: MPI.Comm, steps, tag: int) -> list:
+    """Non-blocking form of a halo exchange: ``steps`` are ``(send, dest, recv, source)``.
+
+    Receives are posted first; wait on the returned requests with :func:`wait_rows`.
+    """
+    requests = [comm.Irecv(recv, source=source, tag=tag) for _, _, recv, source in steps if recv is not None]
+    requests += [comm.Isend(send, dest=dest, tag=tag) for send, dest, _, _ in steps if send is not None]
+    return requests
+
+
+def wait_rows(requests: list) -> None:
+    if requests:
+        MPI.Request.Waitall(requests)
 
 
 def float_message(array: np.ndarray) -> list:

@@ -32,9 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from .comm import float_message, gather_rows, rows_as_buffer, scatter_rows, sendrecv_rows
+from .comm import float_message, gather_rows, post_rows, rows_as_buffer, scatter_rows, sendrecv_rows, wait_rows
 from .errors import UsageError
-from .geometry import input_rows_for
+from .geometry import RowRange, input_rows_for
 from .layers import describe_layer, split_features
 from .plan import LayerPlan, SplitPlan, build_plan
 from .timing import LayerClock
@@ -67,16 +67,15 @@ def _write_into(module: nn.Module):
     with ``addcmul``; ReLU with ``clamp_min``; anything else is computed, then copied.
     """
     if isinstance(module, nn.BatchNorm2d):
-        def batchnorm(x, out):
+        with torch.no_grad():  # folded once: the executor snapshots the statistics it was built with
             a = torch.rsqrt(module.running_var + module.eps)
             if module.weight is not None:
                 a = a * module.weight
             b = -module.running_mean * a
             if module.bias is not None:
                 b = b + module.bias
-            shape = (1, -1, 1, 1)
-            return torch.addcmul(b.view(shape), x, a.view(shape), out=out)
-        return batchnorm
+            a, b = a.view(1, -1, 1, 1).clone(), b.view(1, -1, 1, 1).clone()
+        return lambda x, out: torch.addcmul(b, x, a, out=out)
     if isinstance(module, nn.ReLU):
         return lambda x, out: torch.clamp_min(x, 0, out=out)
     return lambda x, out: out.copy_(module(x))
@@ -99,12 +98,37 @@ def _window_op(layer: LayerPlan, module: nn.Module):
     return lambda buf: F.avg_pool2d(buf, kernel, stride, padding, False, module.count_include_pad, module.divisor_override)
 
 
+def _merge(ranges: list[RowRange]) -> list[RowRange]:
+    """Sorted, disjoint union of row ranges."""
+    merged: list[RowRange] = []
+    for rows in sorted(ranges, key=lambda r: r.start):
+        if merged and rows.start <= merged[-1].stop:
+            merged[-1] = RowRange(merged[-1].start, max(merged[-1].stop, rows.stop))
+        else:
+            merged.append(rows)
+    return merged
+
+
+def _subtract(rows: RowRange, holes: list[RowRange]) -> list[RowRange]:
+    """``rows`` minus sorted disjoint ``holes``, as ranges."""
+    out, cursor = [], rows.start
+    for hole in holes:
+        if hole.start > cursor:
+            out.append(RowRange(cursor, min(hole.start, rows.stop)))
+        cursor = max(cursor, hole.stop)
+    if cursor < rows.stop:
+        out.append(RowRange(cursor, rows.stop))
+    return [o for o in out if len(o)]
+
+
 class SplitExecutor:
     """Runs ``model`` (an ``nn.Sequential``) split by height over ``comm``.
 
     Every rank calls :meth:`__call__` (or :meth:`forward_local`); rank 0 gets the
     output, other ranks ``None``.  Buffers are built for a batch size on first
-    use and reused while it stays the same.
+    use and reused while it stays the same.  BatchNorm statistics are folded
+    into per-channel scales when the executor is built: build a new executor
+    after changing the model's weights.
     """
 
     def __init__(
@@ -177,7 +201,7 @@ class SplitExecutor:
             buf[:, :, rows - bottom :].fill_(fill)
             self._buffers.append(buf)
         self._batch = batch
-        self._halos = []
+        self._halos, self._posts = [], []
         for i, layer in enumerate(self.plan.layers):
             steps = []
             buf, first = self._buffers[i], self._first[i]
@@ -193,6 +217,25 @@ class SplitExecutor:
                     recv, staged = float_message(arr), None if in_place else (view, arr)
                 steps.append((dest, send_rows, send, src, recv, staged))
             self._halos.append(steps)
+            self._posts.append(self._post_plan(i, steps) if from_buffer else None)
+
+    def _post_plan(self, j: int, steps):
+        """Fixed parts of :meth:`_elementwise_into` for layer ``j``, built once per batch size.
+
+        Returns ``(first_parts, rest_parts, post_steps, staged, bytes)``: row parts
+        as ``(x_start, x_stop, buffer view)``, sent rows first, then the rest.
+        """
+        own, buf, first = self.plan.layers[j].owned_in[self.rank], self._buffers[j], self._first[j]
+        sent_rows = _merge([rows for _, rows, _, _, _, _ in steps if rows is not None])
+
+        def parts(ranges):
+            return [(p.start - own.start, p.stop - own.start, buf[:, :, p.start - first : p.stop - first])
+                    for p in ranges]
+
+        post = [(send, dest, recv, src) for dest, _, send, src, recv, _ in steps]
+        staged = [stage for *_, stage in steps if stage is not None]
+        sent = sum(send[0].nbytes for send, *_ in post if send is not None)
+        return parts(sent_rows), parts(_subtract(own, sent_rows)), post, staged, sent
 
     # ---------------------------------------------------------------- execution
     def _exchange(self, i: int, source: torch.Tensor, source_first: int) -> int:
@@ -214,6 +257,52 @@ class SplitExecutor:
                 view.permute(0, 2, 3, 1).copy_(torch.from_numpy(arr))
         return sent
 
+    def _elementwise_into(self, i: int, j: int, x: torch.Tensor, clock: Optional[LayerClock]):
+        """Run element-wise layers ``i..j-1`` into layer ``j``'s buffer, overlapping its halo exchange.
+
+        The rows this rank sends go first; their transfers are then posted
+        (``Irecv``/``Isend``) and fly while the rest of the rows are computed::
+
+            own rows:  [ sent up | ........ bulk ........ | sent down ]
+            order:        1          3 (transfers in flight)     1
+                          2: post Irecv/Isend of layer j's halos
+
+        so a late neighbour costs this rank nothing until the bulk is done.
+        Returns the pending requests, staged receives, bytes sent and staging
+        arrays to keep alive until the sends complete.
+        """
+        first_parts, rest_parts, steps, staged, sent = self._posts[j]
+        clocked = clock is not None
+
+        def apply(parts) -> None:
+            for a, b, dst in parts:
+                src = x[:, :, a:b]
+                for k in range(i, j):
+                    start = perf_counter() if clocked else 0.0
+                    self._writers[k](src if k == i else dst, dst)
+                    if clocked:
+                        clock.compute[k] += perf_counter() - start
+
+        apply(first_parts)
+        posted = perf_counter()
+        keep = []
+        if any(send is None for send, dest, _, _ in steps if dest >= 0):  # batch > 1: stage sends now
+            buf, first = self._buffers[j], self._first[j]
+            fresh = []
+            for (send, dest, recv, src), (_, rows, _, _, _, _) in zip(steps, self._halos[j]):
+                if rows is not None and send is None:
+                    arr = rows_as_buffer(buf[:, :, rows.start - first : rows.stop - first])[0]
+                    send = float_message(arr)
+                    keep.append(arr)
+                    sent += arr.nbytes
+                fresh.append((send, dest, recv, src))
+            steps = fresh
+        requests = post_rows(self.comm, steps, tag=j)
+        if clocked:
+            clock.halo[j] += perf_counter() - posted
+        apply(rest_parts)
+        return requests, staged, sent, keep
+
     def forward_local(self, x: torch.Tensor, clock: Optional[LayerClock] = None) -> torch.Tensor:
         """This rank's input rows -> this rank's rows of the last spatial layer.
 
@@ -224,36 +313,40 @@ class SplitExecutor:
         if batch != self._batch:
             self._allocate(batch)
         r = self.rank
-        filled, target = False, None  # whether element-wise layers already wrote this layer's own rows
-        for i, (layer, op) in enumerate(zip(self.plan.layers, self._ops)):
+        pending = None  # (requests, staged, bytes, keep-alive) of a halo exchange already posted
+        layers = self.plan.layers
+        i = 0
+        while i < len(layers):
+            layer, op = layers[i], self._ops[i]
             start = perf_counter()
             if not layer.spec.spatial:
                 j = self._into[i]
                 if j is None:
                     x = op(x)
+                    if clock is not None:
+                        clock.compute[i] += perf_counter() - start
+                    i += 1
                 else:
-                    if not filled:  # the first of the run writes into the buffer, the rest in place
-                        own, first = self.plan.layers[j].owned_in[r], self._first[j]
-                        target = self._buffers[j][:, :, own.start - first : own.stop - first]
-                    x = self._writers[i](x, target)
-                    filled = True
-                if clock is not None:
-                    clock.compute[i] += perf_counter() - start
+                    pending = self._elementwise_into(i, j, x, clock)
+                    i = j
                 continue
             buf, first = self._buffers[i], self._first[i]
             own, need = layer.owned_in[r], layer.needed[r]
-            if filled:
-                source, source_first = buf, first
+            if pending is not None:  # own rows are in the buffer, halos in flight
+                requests, staged, sent, _ = pending
+                pending = None
+                wait_rows(requests)
+                for view, arr in staged:
+                    view.permute(0, 2, 3, 1).copy_(torch.from_numpy(arr))
+                copied = start
             else:
-                source, source_first = x, own.start
                 keep = need.intersect(own)
                 if buf is not None and len(keep):
                     buf[:, :, keep.start - first : keep.stop - first].copy_(
                         x[:, :, keep.start - own.start : keep.stop - own.start]
                     )
-            filled = False
-            copied = perf_counter()
-            sent = self._exchange(i, source, source_first) if layer.transfers else 0
+                copied = perf_counter()
+                sent = self._exchange(i, x, own.start) if layer.transfers else 0
             exchanged = perf_counter()
             if buf is None:  # this rank owns no output row of this layer
                 _, _, w = layer.out_shape
@@ -264,6 +357,7 @@ class SplitExecutor:
                 clock.compute[i] += (copied - start) + (perf_counter() - exchanged)
                 clock.halo[i] += exchanged - copied
                 clock.bytes[i] += sent
+            i += 1
         return x
 
     def __call__(self, image: Optional[torch.Tensor], batch: int = 1, clock: Optional[LayerClock] = None):

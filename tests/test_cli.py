@@ -84,7 +84,7 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path):
                  "--weights", "2,1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
                  "--plot", str(out / "r.png"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    assert "efficiency (bound / split)" in proc.stdout and "conv1_1" in proc.stdout
+    assert "efficiency (bound / split" in proc.stdout and "conv1_1" in proc.stdout
     report = json.loads((out / "r.json").read_text())
     for key in ("net", "size", "ranks", "unsplit_ms", "split_ms", "bound_ms", "efficiency", "max_abs_error", "layers"):
         assert key in report
