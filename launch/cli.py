@@ -84,6 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--plot", default=None, metavar="PNG", help="draw per-layer bars, split vs unsplit")
     layers.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    train = sub.add_parser("train", help="training (single process)", description="Training.")
+    train_sub = train.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
+    cloud = train_sub.add_parser(
+        "cloud",
+        help="train the cloud (teacher) net; resumable",
+        description="Train the cloud net on a dataset's training split with a one-cycle schedule. "
+        "Checkpoints every epoch (OUT.state, written atomically) and resumes from it when run again "
+        "with the same options; reports test accuracy on the full test split and records it in "
+        "results/teachers.csv.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cloud.add_argument("--dataset", required=True, help="cifar10, cifar100 or fashion-mnist")
+    cloud.add_argument("--data-root", default="../shared/data", help="folder with the dataset files")
+    cloud.add_argument("--download", action="store_true", help="let torchvision download missing files")
+    cloud.add_argument("--out", default=None, help="weights file (default checkpoints/cloud-DATASET.pt)")
+    cloud.add_argument("--epochs", type=int, default=18)
+    cloud.add_argument("--batch", type=int, default=128)
+    cloud.add_argument("--max-lr", type=float, default=0.1)
+    cloud.add_argument("--seed", type=int, default=0)
+    cloud.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    cloud.add_argument("--results", default="results/teachers.csv", help="where to record the test accuracy")
+    cloud.add_argument("--no-progress", action="store_true")
+
     test = sub.add_parser(
         "test",
         help="run the whole test suite (serial, then MPI at several sizes)",
@@ -155,6 +178,28 @@ def _bench_layers(args) -> int:
     return 0
 
 
+def _train_cloud(args) -> int:
+    import shlex
+
+    import torch
+
+    from kd.datasets import load_dataset
+    from kd.teacher import TeacherConfig, record_teacher, train_teacher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.epochs < 1 or args.batch < 1:
+        raise UsageError("--epochs and --batch must be >= 1")
+    data = load_dataset(args.dataset, args.data_root, args.download)
+    out = args.out or f"checkpoints/cloud-{args.dataset}.pt"
+    config = TeacherConfig(epochs=args.epochs, batch=args.batch, max_lr=args.max_lr, seed=args.seed)
+    summary = train_teacher(data, out, config, progress=not args.no_progress)
+    print(f"{args.dataset}: test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs -> {out}")
+    command = "aflkd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record_teacher(args.results, args.dataset, summary["test_acc"], summary["epochs"], command)
+    return 0
+
+
 def _test(args) -> int:
     from .testsuite import run_suite
 
@@ -181,10 +226,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "bench" and args.what == "layers":
             return _bench_layers(args)
+        if args.command == "train" and args.what == "cloud":
+            return _train_cloud(args)
         if args.command == "test":
             return _test(args)
         if _rank() == 0:
-            (parser._subparsers._group_actions[0].choices["bench"] if args.command == "bench" else parser).print_help()
+            choices = parser._subparsers._group_actions[0].choices
+            (choices[args.command] if args.command in ("bench", "train") else parser).print_help()
         return 2
     except UsageError as err:
         if _rank() == 0:

@@ -1,0 +1,153 @@
+"""Image datasets as uint8 arrays, from local files only (nothing downloads unless asked).
+
+Sources, tried in this order for ``--data-root ROOT``:
+
+* CIFAR-10/100: ``ROOT/cifar10.npz.xz`` / ``ROOT/cifar100.npz.xz`` (the project's
+  offline copies, decompressed once into ``ROOT/.cache`` or ``~/.cache/aflkd``), else
+  torchvision's own layout under ROOT (``cifar-10-batches-py``), which
+  ``download=True`` can fetch for a user with internet.
+* Fashion-MNIST: torchvision's layout ``ROOT/FashionMNIST/raw``, else Debian's
+  ``dataset-fashion-mnist`` files in ``/usr/share/datasets/fashion-mnist`` (read
+  with torchvision's IDX readers; their gzip headers differ from the published
+  archives, so torchvision's md5 check would reject them as downloads).
+
+Training images are only ever the official training split; accuracy is always
+on the full official test split.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import UsageError
+
+__all__ = ["ImageArrays", "DATASETS", "load_dataset", "balanced_subset"]
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class ImageArrays:
+    """uint8 images ``(N, H, W, C)`` and int64 labels, train and test, plus normalisation."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.x_train.shape[3]
+
+
+def _cache_dir(root: Path) -> Path:
+    for candidate in (root / ".cache", Path.home() / ".cache" / "aflkd"):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            if os.access(candidate, os.W_OK):
+                return candidate
+        except OSError:
+            continue
+    raise UsageError(f"no writable cache folder under {root} or ~/.cache")
+
+
+def _cifar_npz(root: Path, name: str):
+    packed = root / f"{name}.npz.xz"
+    if not packed.exists():
+        return None
+    cached = _cache_dir(root) / f"{name}.npz"
+    if not cached.exists() or cached.stat().st_mtime < packed.stat().st_mtime:
+        with lzma.open(packed) as fh:
+            data = fh.read()
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, cached)
+    d = np.load(cached)
+    return d["x_train"], d["y_train"].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64)
+
+
+def _cifar_torchvision(root: Path, name: str, download: bool):
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+    except RuntimeError:
+        return None
+    return (np.asarray(train.data), np.asarray(train.targets, np.int64),
+            np.asarray(test.data), np.asarray(test.targets, np.int64))
+
+
+def _fashion(root: Path, download: bool):
+    from torchvision import datasets
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    try:
+        train = datasets.FashionMNIST(str(root), train=True, download=download)
+        test = datasets.FashionMNIST(str(root), train=False, download=download)
+        pairs = (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
+    except RuntimeError:
+        names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+        if not all((DEBIAN_FASHION / f"{n}.gz").exists() for n in names):
+            return None
+        cache = _cache_dir(root)
+        arrays = []
+        for n in names:
+            raw = cache / n
+            if not raw.exists():
+                raw.write_bytes(gzip.decompress((DEBIAN_FASHION / f"{n}.gz").read_bytes()))
+            read = read_image_file if "images" in n else read_label_file
+            arrays.append(read(str(raw)).numpy())
+        pairs = tuple(arrays)
+    x_train, y_train, x_test, y_test = pairs
+    return x_train[..., None], y_train.astype(np.int64), x_test[..., None], y_test.astype(np.int64)
+
+
+DATASETS = {
+    "cifar10": (10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": (100, (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion-mnist": (10, (0.2860,), (0.3530,)),
+}
+
+
+def load_dataset(name: str, root: str | os.PathLike, download: bool = False) -> ImageArrays:
+    """Load ``name`` (cifar10, cifar100, fashion-mnist) from ``root``; see the module doc."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    root = Path(root)
+    if name == "fashion-mnist":
+        arrays = _fashion(root, download)
+        hint = "install Debian's package with 'apt-get install dataset-fashion-mnist' or pass --download"
+    else:
+        arrays = _cifar_npz(root, name) or _cifar_torchvision(root, name, download)
+        hint = f"point --data-root at the folder holding {name}.npz.xz (e.g. ../shared/data) or pass --download"
+    if arrays is None:
+        raise UsageError(f"dataset '{name}' not found under {root}; {hint}")
+    classes, mean, std = DATASETS[name]
+    return ImageArrays(name, *arrays, classes=classes, mean=mean, std=std)
+
+
+def balanced_subset(labels: np.ndarray, size: int, classes: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``size`` training images, class-balanced, fixed by ``seed``, and nested.
+
+    Each class's images are shuffled once (by ``seed``); the subset takes the
+    first ``size // classes`` of each class (the remainder from the first classes),
+    so the 1000-image subset contains the 500-image one, like an incremental stream.
+    """
+    if size < classes or size > len(labels):
+        raise UsageError(f"subset size {size} must be between {classes} and {len(labels)}")
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(classes)]
+    base, extra = divmod(size, classes)
+    picked = [idx[: base + (1 if c < extra else 0)] for c, idx in enumerate(per_class)]
+    return np.sort(np.concatenate(picked))

@@ -1,0 +1,171 @@
+"""Train the cloud (teacher) net: resumable, checkpointed every epoch, fast on a CPU.
+
+Speed on CPU comes from channels-last tensors, augmentation done on whole
+batches of tensors (random crop with 4-pixel padding, horizontal flip for CIFAR)
+instead of per-image PIL transforms, and a one-cycle schedule that reaches the
+target in few epochs.  The state (model, optimiser, schedule, epoch, history) is
+written atomically after every epoch, and the shuffling order of epoch ``e``
+depends only on ``(seed, e)`` and the dropout RNG state is saved too, so a run
+cut off and resumed continues bit for bit.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import cloud_net, save_atomic
+from runtime.errors import UsageError
+
+from .datasets import ImageArrays
+
+__all__ = ["TeacherConfig", "to_tensor", "augment", "evaluate", "train_teacher"]
+
+CL = torch.channels_last
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    epochs: int = 20
+    batch: int = 128
+    max_lr: float = 0.1
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    seed: int = 0
+    size: int = 32
+
+
+def to_tensor(images: np.ndarray, data: ImageArrays, size: int = 32) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)`` -> normalised float ``(N, C, size, size)`` (zero-padded if smaller)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    pad = size - x.shape[2]
+    if pad > 0:  # Fashion-MNIST 28x28 -> 32x32
+        x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    return x.contiguous(memory_format=CL)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and optional horizontal flip, for a whole batch at once."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
+    idx_n = torch.arange(n).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+        out[mask] = out[mask].flip(2)
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=CL)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on all of ``x``."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch):
+        correct += (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
+    return correct / len(x)
+
+
+def train_teacher(
+    data: ImageArrays,
+    out: str,
+    config: TeacherConfig = TeacherConfig(),
+    progress: bool = True,
+    limit_batches: Optional[int] = None,
+    stop_after: Optional[int] = None,
+) -> dict:
+    """Train (or resume) the cloud net on ``data``'s training split; return the final state summary.
+
+    ``out`` gets the model weights; ``out + '.state'`` the resumable state.
+    ``limit_batches`` (tests) stops each epoch early; ``stop_after`` stops after that
+    many epochs in all, as if the session had been cut off.
+    """
+    state_path = out + ".state"
+    torch.manual_seed(config.seed)
+    model = cloud_net(data.channels, config.size, data.classes).to(memory_format=CL)
+    steps_per_epoch = math.ceil(len(data.x_train) / config.batch)
+    if limit_batches:
+        steps_per_epoch = min(steps_per_epoch, limit_batches)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.max_lr, momentum=0.9, nesterov=True,
+                                weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.max_lr, total_steps=config.epochs * steps_per_epoch,
+                                                   pct_start=0.25, div_factor=10, final_div_factor=100)
+    epoch, history = 0, []
+    if os.path.exists(state_path):
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if asdict(config) != state["config"]:
+            raise UsageError(f"{state_path} was made with {state['config']}, not {asdict(config)}; "
+                             "resume with the same options or delete it to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        epoch, history = state["epoch"], state["history"]
+        torch.set_rng_state(state["torch_rng"])  # dropout draws continue where they stopped
+    x_train, y_train = to_tensor(data.x_train, data, config.size), torch.from_numpy(data.y_train)
+    x_test, y_test = to_tensor(data.x_test, data, config.size), torch.from_numpy(data.y_test)
+    flip = True  # horizontal flips keep the class for CIFAR and for Fashion-MNIST's garments
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    while epoch < config.epochs and (stop_after is None or epoch < stop_after):
+        model.train()
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(len(x_train), generator=generator)
+        start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"{data.name} epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, leave=False)
+        for step in bar:
+            idx = order[step * config.batch : (step + 1) * config.batch]
+            xb = augment(x_train[idx], generator, flip=flip)
+            loss = loss_fn(model(xb), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        elapsed = time.perf_counter() - start
+        accuracy = evaluate(model, x_test, y_test)
+        epoch += 1
+        history.append({"epoch": epoch, "train_loss": loss_sum / seen, "test_acc": accuracy,
+                        "seconds": elapsed, "images_per_s": seen / elapsed})
+        print(f"{data.name} epoch {epoch}/{config.epochs}: loss {loss_sum / seen:.4f}, "
+              f"test acc {accuracy:.4f}, {seen / elapsed:.0f} img/s", flush=True)
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "epoch": epoch, "history": history,
+                     "torch_rng": torch.get_rng_state(),
+                     "config": asdict(config)}, state_path)
+        save_atomic(model.state_dict(), out)
+    return {"dataset": data.name, "epochs": epoch, "test_acc": history[-1]["test_acc"] if history else float("nan"),
+            "history": history}
+
+
+def record_teacher(csv_path: str, dataset: str, test_acc: float, epochs: int, command: str) -> None:
+    """Add or replace the row for ``dataset`` in ``results/teachers.csv``."""
+    path = Path(csv_path)
+    rows = []
+    if path.exists():
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["dataset"] != dataset]
+    rows.append({"dataset": dataset, "test_acc": f"{test_acc:.4f}", "epochs": str(epochs), "command": command})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["dataset", "test_acc", "epochs", "command"])
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["dataset"]))

@@ -1,0 +1,65 @@
+"""Teacher training on tiny synthetic data: augmentation, resume bit-for-bit, dataset subsets."""
+import numpy as np
+import pytest
+import torch
+
+from kd.datasets import ImageArrays, balanced_subset, load_dataset
+from kd.teacher import TeacherConfig, augment, to_tensor, train_teacher
+from runtime.errors import UsageError
+
+
+def tiny(classes=3, n=48, channels=3, side=32, seed=0) -> ImageArrays:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = (rng.random((n, side, side, channels)) * 60 + y[:, None, None, None] * 60).astype(np.uint8)
+    return ImageArrays("tiny", x, y.astype(np.int64), x[:12], y[:12].astype(np.int64), classes,
+                       (0.5,) * channels, (0.25,) * channels)
+
+
+def test_augment_keeps_shape_and_content_range():
+    data = tiny()
+    x = to_tensor(data.x_train, data)
+    out = augment(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    # a crop of a zero-padded image: every value is either from the image or padding zero
+    assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+def test_fashion_sized_images_are_padded_to_32():
+    data = tiny(channels=1, side=28)
+    assert to_tensor(data.x_train, data).shape == (48, 1, 32, 32)
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    data = tiny()
+    config = TeacherConfig(epochs=2, batch=16, max_lr=0.05)
+    straight = train_teacher(data, str(tmp_path / "a.pt"), config, progress=False)
+    cut = train_teacher(data, str(tmp_path / "b.pt"), config, progress=False, stop_after=1)
+    assert cut["epochs"] == 1
+    resumed = train_teacher(data, str(tmp_path / "b.pt"), config, progress=False)
+    assert resumed["epochs"] == 2
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["test_acc"] for h in straight["history"]] == [h["test_acc"] for h in resumed["history"]]
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    data = tiny()
+    train_teacher(data, str(tmp_path / "a.pt"), TeacherConfig(epochs=2, batch=16), progress=False, stop_after=1)
+    with pytest.raises(UsageError, match="resume with the same options"):
+        train_teacher(data, str(tmp_path / "a.pt"), TeacherConfig(epochs=3, batch=16), progress=False)
+
+
+def test_balanced_subsets_are_nested_and_balanced():
+    labels = np.repeat(np.arange(10), 100)
+    small, large = balanced_subset(labels, 50, 10), balanced_subset(labels, 200, 10)
+    assert set(small) <= set(large)
+    assert np.bincount(labels[large], minlength=10).tolist() == [20] * 10
+
+
+def test_missing_dataset_names_the_fix(tmp_path):
+    with pytest.raises(UsageError, match="cifar10.npz.xz"):
+        load_dataset("cifar10", tmp_path)
+    with pytest.raises(UsageError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist", tmp_path)
