@@ -3,7 +3,7 @@
 Sources, tried in this order for ``--data-root ROOT``:
 
 * CIFAR-10/100: ``ROOT/cifar10.npz.xz`` / ``ROOT/cifar100.npz.xz`` (the project's
-  offline copies, decompressed once into ``ROOT/.cache`` or ``~/.cache/aflkd``), else
+  offline copies, decompressed once into ``~/.cache/aflkd`` or ``$AFLKD_CACHE``), else
   torchvision's own layout under ROOT (``cifar-10-batches-py``), which
   ``download=True`` can fetch for a user with internet.
 * Fashion-MNIST: torchvision's layout ``ROOT/FashionMNIST/raw``, else Debian's
@@ -50,22 +50,21 @@ class ImageArrays:
         return self.x_train.shape[3]
 
 
-def _cache_dir(root: Path) -> Path:
-    for candidate in (root / ".cache", Path.home() / ".cache" / "aflkd"):
-        try:
-            candidate.mkdir(parents=True, exist_ok=True)
-            if os.access(candidate, os.W_OK):
-                return candidate
-        except OSError:
-            continue
-    raise UsageError(f"no writable cache folder under {root} or ~/.cache")
+def _cache_dir() -> Path:
+    """Where decompressed files go: ``$AFLKD_CACHE`` or ``~/.cache/aflkd`` (never the data folder)."""
+    path = Path(os.environ.get("AFLKD_CACHE", Path.home() / ".cache" / "aflkd"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the cache folder {path} ({err}); set AFLKD_CACHE to a writable folder") from None
+    return path
 
 
 def _cifar_npz(root: Path, name: str):
     packed = root / f"{name}.npz.xz"
     if not packed.exists():
         return None
-    cached = _cache_dir(root) / f"{name}.npz"
+    cached = _cache_dir() / f"{name}.npz"
     if not cached.exists() or cached.stat().st_mtime < packed.stat().st_mtime:
         with lzma.open(packed) as fh:
             data = fh.read()
@@ -100,7 +99,7 @@ def _fashion(root: Path, download: bool):
         names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
         if not all((DEBIAN_FASHION / f"{n}.gz").exists() for n in names):
             return None
-        cache = _cache_dir(root)
+        cache = _cache_dir()
         arrays = []
         for n in names:
             raw = cache / n

@@ -160,12 +160,13 @@ class SplitExecutor:
             raise UsageError("the model is in training mode; call model.eval() before split inference "
                              "(BatchNorm must use its running statistics, the same on every slice)")
         self._into = [self._buffer_target(i) for i in range(len(layers))]
-        self._writers = [_write_into(m) if t is not None else None for m, t in zip(self.modules, self._into)]
+        self._writers = [_write_into(m) if t is not None and not l.spec.spatial else None
+                         for m, t, l in zip(self.modules, self._into, layers)]
         self._batch: Optional[int] = None
         self._buffers: list[Optional[torch.Tensor]] = []
 
     def _buffer_target(self, i: int) -> Optional[int]:
-        """The spatial layer whose buffer element-wise layer ``i`` writes into, if any.
+        """The spatial layer whose buffer layer ``i`` writes into, if any.
 
         Element-wise layers right before a spatial layer write their output into
         that layer's buffer (the first one) and then work in place there, so the
@@ -174,11 +175,18 @@ class SplitExecutor:
         of this rank's sends.
         """
         layers, r = self.plan.layers, self.rank
-        j = i
-        while j < len(layers) and not layers[j].spec.spatial:
-            j += 1
-        if i == j or j == len(layers):
-            return None
+        if layers[i].spec.spatial:
+            # A spatial layer that exchanges nothing (a pool on an even split) can feed the
+            # next spatial layer's buffer the same way, part by part.
+            j = i + 1
+            if layers[i].transfers or j == len(layers) or not layers[j].spec.spatial:
+                return None
+        else:
+            j = i
+            while j < len(layers) and not layers[j].spec.spatial:
+                j += 1
+            if j == len(layers):
+                return None
         nxt = layers[j]
         own, need = nxt.owned_in[r], nxt.needed[r]
         if len(nxt.owned_out[r]) == 0 or not (need.start <= own.start and own.stop <= need.stop):
@@ -220,7 +228,7 @@ class SplitExecutor:
             self._posts.append(self._post_plan(i, steps) if from_buffer else None)
 
     def _post_plan(self, j: int, steps):
-        """Fixed parts of :meth:`_elementwise_into` for layer ``j``, built once per batch size.
+        """Fixed parts of :meth:`_produce_into` for layer ``j``, built once per batch size.
 
         Returns ``(first_parts, rest_parts, post_steps, staged, bytes)``: row parts
         as ``(x_start, x_stop, buffer view)``, sent rows first, then the rest.
@@ -228,9 +236,20 @@ class SplitExecutor:
         own, buf, first = self.plan.layers[j].owned_in[self.rank], self._buffers[j], self._first[j]
         sent_rows = _merge([rows for _, rows, _, _, _, _ in steps if rows is not None])
 
+        producer = self.plan.layers[j - 1]
+        if producer.spec.spatial:  # rows of the producer's buffer that each part of its output reads
+            pfirst = self._first[j - 1]
+
+            def source(p):
+                rows = input_rows_for(p, producer.spec.height)
+                return rows.start - pfirst, rows.stop - pfirst
+        else:
+
+            def source(p):
+                return p.start - own.start, p.stop - own.start
+
         def parts(ranges):
-            return [(p.start - own.start, p.stop - own.start, buf[:, :, p.start - first : p.stop - first])
-                    for p in ranges]
+            return [(*source(p), buf[:, :, p.start - first : p.stop - first]) for p in ranges]
 
         post = [(send, dest, recv, src) for dest, _, send, src, recv, _ in steps]
         staged = [stage for *_, stage in steps if stage is not None]
@@ -257,8 +276,11 @@ class SplitExecutor:
                 view.permute(0, 2, 3, 1).copy_(torch.from_numpy(arr))
         return sent
 
-    def _elementwise_into(self, i: int, j: int, x: torch.Tensor, clock: Optional[LayerClock]):
-        """Run element-wise layers ``i..j-1`` into layer ``j``'s buffer, overlapping its halo exchange.
+    def _produce_into(self, i: int, j: int, x: torch.Tensor, clock: Optional[LayerClock]):
+        """Run layers ``i..j-1`` into layer ``j``'s buffer, overlapping its halo exchange.
+
+        Layers ``i..j-1`` are element-wise (``x`` is their input), or ``i`` is a
+        spatial layer that exchanges nothing (``x`` is its buffer).
 
         The rows this rank sends go first; their transfers are then posted
         (``Irecv``/``Isend``) and fly while the rest of the rows are computed::
@@ -274,8 +296,13 @@ class SplitExecutor:
         first_parts, rest_parts, steps, staged, sent = self._posts[j]
         clocked = clock is not None
 
+        spatial, op = self.plan.layers[i].spec.spatial, self._ops[i]
+
         def apply(parts) -> None:
             for a, b, dst in parts:
+                if spatial:  # (a, b): the producer's buffer rows these output rows read
+                    dst.copy_(op(x[:, :, a:b]))
+                    continue
                 src = x[:, :, a:b]
                 for k in range(i, j):
                     start = perf_counter() if clocked else 0.0
@@ -298,10 +325,11 @@ class SplitExecutor:
                 fresh.append((send, dest, recv, src))
             steps = fresh
         requests = post_rows(self.comm, steps, tag=j)
+        posting = perf_counter() - posted
         if clocked:
-            clock.halo[j] += perf_counter() - posted
+            clock.halo[j] += posting
         apply(rest_parts)
-        return requests, staged, sent, keep
+        return (requests, staged, sent, keep), posting
 
     def forward_local(self, x: torch.Tensor, clock: Optional[LayerClock] = None) -> torch.Tensor:
         """This rank's input rows -> this rank's rows of the last spatial layer.
@@ -327,7 +355,7 @@ class SplitExecutor:
                         clock.compute[i] += perf_counter() - start
                     i += 1
                 else:
-                    pending = self._elementwise_into(i, j, x, clock)
+                    pending, _ = self._produce_into(i, j, x, clock)
                     i = j
                 continue
             buf, first = self._buffers[i], self._first[i]
@@ -348,13 +376,17 @@ class SplitExecutor:
                 copied = perf_counter()
                 sent = self._exchange(i, x, own.start) if layer.transfers else 0
             exchanged = perf_counter()
+            posting = 0.0
             if buf is None:  # this rank owns no output row of this layer
                 _, _, w = layer.out_shape
                 x = torch.empty((batch, layer.out_shape[0], 0, w), memory_format=CL)
+            elif self._into[i] is not None:  # output straight into the next layer's buffer
+                pending, posting = self._produce_into(i, i + 1, buf, clock)
+                x = None
             else:
                 x = op(buf)
             if clock is not None:
-                clock.compute[i] += (copied - start) + (perf_counter() - exchanged)
+                clock.compute[i] += (copied - start) + (perf_counter() - exchanged) - posting
                 clock.halo[i] += exchanged - copied
                 clock.bytes[i] += sent
             i += 1
