@@ -107,6 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--results", default="results/teachers.csv", help="where to record the test accuracy")
     cloud.add_argument("--no-progress", action="store_true")
 
+    experiment = sub.add_parser("experiment", help="experiment grids (single process)", description="Experiments.")
+    exp_sub = experiment.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
+    acc = exp_sub.add_parser(
+        "accuracy",
+        help="edge accuracy grid: nets x sizes x methods x seeds (Table 2/3, Fig. 7); resumable",
+        description="Train edge students on class-balanced, nested subsets of the training split and "
+        "measure accuracy on the full test split. Finished cells are kept in the CSV and skipped on a "
+        "rerun. Writes CSV, a markdown table like the paper's Table 2 and a plot like Fig. 7.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    acc.add_argument("--dataset", required=True, help="cifar10, cifar100 or fashion-mnist")
+    acc.add_argument("--data-root", default="../shared/data")
+    acc.add_argument("--teacher", default=None, help="cloud checkpoint (default checkpoints/cloud-DATASET.pt)")
+    acc.add_argument("--nets", default="1,2,3")
+    acc.add_argument("--sizes", default="500,1000,2000,5000")
+    acc.add_argument("--methods", default="baseline,sslf,aflkd,kd")
+    acc.add_argument("--seeds", default="0")
+    acc.add_argument("--steps", type=int, default=1500, help="optimiser steps per cell")
+    acc.add_argument("--t-rule", default="reversal", choices=["reversal", "descent"],
+                     help="AFLKD temperature update: curriculum (reversed gradient) or the paper's descent")
+    acc.add_argument("--unit", default="conv", choices=["conv", "block"], help="what Eq. 17 counts as a layer")
+    acc.add_argument("--out", default="results", help="folder for accuracy-DATASET.csv/.md/.png")
+    acc.add_argument("--threads", type=int, default=None)
+    acc.add_argument("--no-progress", action="store_true")
+
     test = sub.add_parser(
         "test",
         help="run the whole test suite (serial, then MPI at several sizes)",
@@ -200,6 +225,46 @@ def _train_cloud(args) -> int:
     return 0
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise UsageError(f"{option} must be comma-separated integers, got '{text}'") from None
+
+
+def _experiment_accuracy(args) -> int:
+    import torch
+
+    from kd.datasets import load_dataset
+    from kd.experiments import markdown_table, plot_accuracy, run_grid
+    from kd.trainer import METHODS, EdgeConfig
+    from models import cloud_net, load_weights
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    nets, sizes, seeds = (_int_list(args.nets, "--nets"), _int_list(args.sizes, "--sizes"),
+                          _int_list(args.seeds, "--seeds"))
+    data = load_dataset(args.dataset, args.data_root)
+    teacher = None
+    if any(m != "baseline" for m in methods):
+        path = args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
+        teacher = load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
+    base = EdgeConfig("baseline", 1, steps=args.steps, t_rule=args.t_rule, unit=args.unit)
+    stem = f"{args.out}/accuracy-{args.dataset}"
+    rows = run_grid(data, teacher, nets, sizes, methods, seeds, stem + ".csv", base, progress=not args.no_progress)
+    table = markdown_table(rows, args.dataset)
+    with open(stem + ".md", "w") as fh:
+        fh.write(table + "\n")
+    plot_accuracy(rows, args.dataset, stem + ".png")
+    print(table)
+    print(f"wrote {stem}.csv, {stem}.md, {stem}.png")
+    return 0
+
+
 def _test(args) -> int:
     from .testsuite import run_suite
 
@@ -228,11 +293,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _bench_layers(args)
         if args.command == "train" and args.what == "cloud":
             return _train_cloud(args)
+        if args.command == "experiment" and args.what == "accuracy":
+            return _experiment_accuracy(args)
         if args.command == "test":
             return _test(args)
         if _rank() == 0:
             choices = parser._subparsers._group_actions[0].choices
-            (choices[args.command] if args.command in ("bench", "train") else parser).print_help()
+            (choices[args.command] if args.command in ("bench", "train", "experiment") else parser).print_help()
         return 2
     except UsageError as err:
         if _rank() == 0:

@@ -1,0 +1,118 @@
+"""The accuracy grid (AFLKD Table 2/3, Fig. 7): nets x subset sizes x methods x seeds, resumable.
+
+Every finished cell is appended to a CSV at once (``dataset,net,size,method,seed,
+test_acc,seconds,final_T,final_frozen``); a rerun skips cells already there, so a
+cut-off session loses at most the cell in progress.  From the CSV come a
+markdown table laid out like the paper's Table 2 (rows: method and net, columns:
+training-set size, mean over seeds) and a plot like Fig. 7.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterable, Optional
+
+from tqdm import tqdm
+
+from .datasets import ImageArrays, balanced_subset
+from .trainer import EdgeConfig, train_edge
+
+__all__ = ["FIELDS", "run_grid", "read_results", "markdown_table", "plot_accuracy"]
+
+FIELDS = ["dataset", "net", "size", "method", "seed", "test_acc", "seconds", "final_T", "final_frozen"]
+
+
+def read_results(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _key(row) -> tuple:
+    return (row["dataset"], int(row["net"]), int(row["size"]), row["method"], int(row["seed"]))
+
+
+def run_grid(
+    data: ImageArrays,
+    teacher,
+    nets: Iterable[int],
+    sizes: Iterable[int],
+    methods: Iterable[str],
+    seeds: Iterable[int],
+    csv_path: str,
+    base: EdgeConfig,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every missing cell and append it to ``csv_path``; return all rows."""
+    done = {_key(r) for r in read_results(csv_path)}
+    cells = [(n, s, m, seed) for n in nets for s in sizes for m in methods for seed in seeds
+             if (data.name, n, s, m, seed) not in done]
+    Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+    fresh = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        if fresh:
+            writer.writeheader()
+        for net, size, method, seed in tqdm(cells, desc=f"{data.name} grid", disable=not progress):
+            idx = balanced_subset(data.y_train, size, data.classes, seed=seed)
+            config = replace(base, method=method, net=net, seed=seed)
+            result = train_edge(config, data, idx, teacher)
+            last = result.history[-1] if result.history else {}
+            writer.writerow({"dataset": data.name, "net": net, "size": size, "method": method, "seed": seed,
+                             "test_acc": f"{result.test_acc:.4f}", "seconds": f"{result.seconds:.1f}",
+                             "final_T": f"{last.get('T', float('nan')):.3f}", "final_frozen": last.get("frozen", 0)})
+            fh.flush()
+    return read_results(csv_path)
+
+
+def _means(rows: list[dict]) -> dict:
+    acc = defaultdict(list)
+    for r in rows:
+        acc[(r["dataset"], r["method"], int(r["net"]), int(r["size"]))].append(float(r["test_acc"]))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def markdown_table(rows: list[dict], dataset: str) -> str:
+    """Rows ``Method (Edge network k)``, columns sizes; test accuracy in %, mean over seeds."""
+    means = _means([r for r in rows if r["dataset"] == dataset])
+    sizes = sorted({k[3] for k in means})
+    lines = [f"| {dataset} | " + " | ".join(str(s) for s in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    methods = sorted({k[1] for k in means}, key=lambda m: ["baseline", "sslf", "kd", "ctkd", "aflkd"].index(m)
+                     if m in ("baseline", "sslf", "kd", "ctkd", "aflkd") else 9)
+    for method in methods:
+        for net in sorted({k[2] for k in means if k[1] == method}):
+            cells = [f"{100 * means[(dataset, method, net, s)]:.1f}" if (dataset, method, net, s) in means else "–"
+                     for s in sizes]
+            lines.append(f"| {method.upper() if method != 'baseline' else 'Baseline'} (Edge network{net}) | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(rows: list[dict], dataset: str, path: str, title: Optional[str] = None) -> None:
+    """Accuracy against training-set size, one line per method and net (like Fig. 7)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = _means([r for r in rows if r["dataset"] == dataset])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {1: ":", 2: "--", 3: "-"}
+    for method in sorted({k[1] for k in means}):
+        for net in sorted({k[2] for k in means if k[1] == method}):
+            points = sorted((k[3], v) for k, v in means.items() if k[1] == method and k[2] == net)
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], styles.get(net, "-"), marker="o",
+                    label=f"{method} (edge net {net})")
+    ax.set_xlabel("training images")
+    ax.set_ylabel("test accuracy (%), full test split")
+    ax.set_title(title or f"{dataset}: edge accuracy against training-set size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

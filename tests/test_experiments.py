@@ -1,0 +1,27 @@
+"""The accuracy grid: resumable (finished cells skipped), table and plot from the CSV."""
+import numpy as np
+import torch
+
+from kd import experiments
+from kd.experiments import markdown_table, plot_accuracy, read_results, run_grid
+from kd.trainer import EdgeConfig
+from models import cloud_net
+from tests.test_teacher import tiny
+
+
+def test_grid_is_resumable_and_tabulated(tmp_path, monkeypatch):
+    data = tiny(n=60)
+    teacher = cloud_net(3, 32, 3).eval()
+    path = str(tmp_path / "acc.csv")
+    base = EdgeConfig("baseline", 1, steps=2, batch=16)
+    rows = run_grid(data, teacher, [1], [30, 60], ["baseline", "kd"], [0], path, base, progress=False)
+    assert len(rows) == 4
+    calls = []
+    monkeypatch.setattr(experiments, "train_edge", lambda *a, **k: calls.append(a))
+    rows = run_grid(data, teacher, [1], [30, 60], ["baseline", "kd"], [0], path, base, progress=False)
+    assert calls == [] and len(read_results(path)) == 4  # nothing rerun
+    table = markdown_table(rows, "tiny")
+    assert table.splitlines()[0] == "| tiny | 30 | 60 |"
+    assert "| Baseline (Edge network1) |" in table and "| KD (Edge network1) |" in table
+    plot_accuracy(rows, "tiny", str(tmp_path / "acc.png"))
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
