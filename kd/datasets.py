@@ -17,7 +17,6 @@ on the full official test split.
 from __future__ import annotations
 
 import gzip
-import io
 import lzma
 import os
 from dataclasses import dataclass

@@ -103,11 +103,6 @@ class SplitPlan:
     def output_rows(self) -> tuple[RowRange, ...]:
         return self.layers[-1].owned_out if self.layers else self.input_rows
 
-    @property
-    def shifts(self) -> tuple[int, ...]:
-        """Every rank distance ``dst - src`` that some transfer uses, sorted."""
-        return tuple(sorted({t.dst - t.src for layer in self.layers for t in layer.transfers}))
-
 
 def _plan_spatial(index, spec, in_shape, owned_in, weights) -> LayerPlan:
     channels, height, width = in_shape

@@ -4,12 +4,10 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import asdict, dataclass, field
-from statistics import median
-from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["LayerClock", "LayerRow", "Report", "median_ms"]
+__all__ = ["LayerClock", "LayerRow", "Report", "analytic_min_bytes"]
 
 
 class LayerClock:
@@ -19,10 +17,6 @@ class LayerClock:
         self.compute = np.zeros(layers)
         self.halo = np.zeros(layers)
         self.bytes = np.zeros(layers, dtype=np.int64)
-
-
-def median_ms(samples: Sequence[float]) -> float:
-    return 1e3 * median(samples)
 
 
 @dataclass

@@ -1,6 +1,4 @@
 """The accuracy grid: resumable (finished cells skipped), table and plot from the CSV."""
-import numpy as np
-import torch
 
 from kd import experiments
 from kd.experiments import markdown_table, plot_accuracy, read_results, run_grid

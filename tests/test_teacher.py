@@ -63,3 +63,23 @@ def test_missing_dataset_names_the_fix(tmp_path):
         load_dataset("cifar10", tmp_path)
     with pytest.raises(UsageError, match="unknown dataset 'mnist'"):
         load_dataset("mnist", tmp_path)
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10.npz.xz").exists(), reason="no ../shared/data/cifar10.npz.xz")
+def test_real_cifar10_layout():
+    data = load_dataset("cifar10", SHARED)
+    assert data.x_train.shape == (50000, 32, 32, 3) and data.x_test.shape == (10000, 32, 32, 3)
+    assert np.bincount(data.y_train).tolist() == [5000] * 10
+    idx = balanced_subset(data.y_train, 500, 10)
+    assert np.bincount(data.y_train[idx]).tolist() == [50] * 10
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_from_debian(tmp_path):
+    data = load_dataset("fashion-mnist", tmp_path)  # nothing under tmp_path: falls back to Debian's files
+    assert data.x_train.shape == (60000, 28, 28, 1) and data.x_test.shape == (10000, 28, 28, 1)
+    assert abs(data.x_train.mean() / 255 - data.mean[0]) < 1e-3
