@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .datasets import ImageArrays, balanced_subset
 from .trainer import EdgeConfig, train_edge
 
-__all__ = ["FIELDS", "run_grid", "read_results", "markdown_table", "plot_accuracy"]
+__all__ = ["FIELDS", "run_grid", "read_results", "markdown_table", "plot_accuracy", "epoch_time_by_frozen"]
 
 FIELDS = ["dataset", "net", "size", "method", "seed", "test_acc", "seconds", "final_T", "final_frozen"]
 
@@ -116,3 +116,27 @@ def plot_accuracy(rows: list[dict], dataset: str, path: str, title: Optional[str
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def epoch_time_by_frozen(data: ImageArrays, teacher, net: int, size: int, steps: int, base: EdgeConfig,
+                         unit: str = "conv") -> list[dict]:
+    """AFLKD epochs with n = 0..m frozen units forced: median epoch seconds against n.
+
+    Frozen units run without autograd, so an epoch should get cheaper as n grows.
+    """
+    from statistics import median
+
+    from models import edge_net
+
+    from .freezing import shared_units
+
+    units = len(shared_units(edge_net(net, data.channels, 32, data.classes), net, unit))
+    idx = balanced_subset(data.y_train, size, data.classes, seed=base.seed)
+    rows = []
+    for n in range(units + 1):
+        config = replace(base, method="aflkd", net=net, steps=steps, unit=unit, fixed_frozen=n)
+        result = train_edge(config, data, idx, teacher)
+        times = [h["epoch_seconds"] for h in result.history[1:]] or [h["epoch_seconds"] for h in result.history]
+        rows.append({"net": net, "frozen": n, "units": units, "epoch_seconds": median(times),
+                     "images": size, "test_acc": result.test_acc})
+    return rows

@@ -61,6 +61,7 @@ class EdgeConfig:
     t_lr: float = 0.05
     unit: str = "conv"  # what Eq. 17 counts: a shared conv (with its BN/ReLU) or a whole block
     sslf_frozen: Optional[int] = None  # SSLF's fixed frozen units (default: half the shared convs)
+    fixed_frozen: Optional[int] = None  # aflkd: force n (for timing epochs against n), else Eq. 17
     seed: int = 0
 
     def __post_init__(self):
@@ -127,6 +128,8 @@ def train_edge(
             half = (len(shared_units(student, config.net, "conv")) + 1) // 2
             return min(config.sslf_frozen if config.sslf_frozen is not None else half, len(units))
         if config.method == "aflkd":
+            if config.fixed_frozen is not None:
+                return min(max(config.fixed_frozen, 0), len(units))
             return frozen_count(temp.item(), len(units), config.t_min, config.t_max)
         return 0
 

@@ -132,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--threads", type=int, default=None)
     acc.add_argument("--no-progress", action="store_true")
 
+    ft = exp_sub.add_parser(
+        "frozen-time",
+        help="AFLKD epoch time against the number n of frozen units (n = 0..m)",
+        description="Trains AFLKD with n forced to 0..m and prints the median epoch time for each n: "
+        "frozen units run without autograd, so epochs should get cheaper as n grows.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ft.add_argument("--dataset", required=True)
+    ft.add_argument("--data-root", default="../shared/data")
+    ft.add_argument("--teacher", default=None, help="cloud checkpoint (default checkpoints/cloud-DATASET.pt)")
+    ft.add_argument("--net", type=int, default=3)
+    ft.add_argument("--size", type=int, default=2000, help="training images")
+    ft.add_argument("--steps", type=int, default=200)
+    ft.add_argument("--unit", default="conv", choices=["conv", "block"])
+    ft.add_argument("--csv", default=None, metavar="FILE")
+
     test = sub.add_parser(
         "test",
         help="run the whole test suite (serial, then MPI at several sizes)",
@@ -265,6 +281,31 @@ def _experiment_accuracy(args) -> int:
     return 0
 
 
+def _frozen_time(args) -> int:
+    import csv
+
+    from kd.datasets import load_dataset
+    from kd.experiments import epoch_time_by_frozen
+    from kd.trainer import EdgeConfig
+    from models import cloud_net, load_weights
+
+    data = load_dataset(args.dataset, args.data_root)
+    path = args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
+    teacher = load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
+    rows = epoch_time_by_frozen(data, teacher, args.net, args.size, args.steps, EdgeConfig("aflkd", args.net),
+                                args.unit)
+    print(f"{'frozen n':>8} {'of m':>5} {'epoch s (median)':>17}")
+    for r in rows:
+        print(f"{r['frozen']:>8} {r['units']:>5} {r['epoch_seconds']:>17.3f}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.csv}")
+    return 0
+
+
 def _test(args) -> int:
     from .testsuite import run_suite
 
@@ -295,6 +336,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _train_cloud(args)
         if args.command == "experiment" and args.what == "accuracy":
             return _experiment_accuracy(args)
+        if args.command == "experiment" and args.what == "frozen-time":
+            return _frozen_time(args)
         if args.command == "test":
             return _test(args)
         if _rank() == 0:

@@ -23,3 +23,11 @@ def test_grid_is_resumable_and_tabulated(tmp_path, monkeypatch):
     assert "| Baseline (Edge network1) |" in table and "| KD (Edge network1) |" in table
     plot_accuracy(rows, "tiny", str(tmp_path / "acc.png"))
     assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_epoch_time_is_reported_for_every_frozen_count():
+    from kd.experiments import epoch_time_by_frozen
+
+    rows = epoch_time_by_frozen(tiny(n=60), cloud_net(3, 32, 3).eval(), 1, 30, 4, EdgeConfig("aflkd", 1, batch=8))
+    assert [r["frozen"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["epoch_seconds"] > 0 for r in rows)
