@@ -75,6 +75,7 @@ def test_deep_layer_may_leave_a_rank_empty():
         (nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
         (nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True; use ceil_mode=False"),
         (nn.AvgPool2d(3, padding=1, count_include_pad=False), "count_include_pad=False"),
+        (nn.BatchNorm2d(1, track_running_stats=False), "no running statistics"),
     ],
 )
 def test_unsupported_layers_are_named(layer, message):
@@ -90,3 +91,13 @@ def test_channel_mismatch_is_named():
 def test_input_too_small_for_the_stack_is_named():
     with pytest.raises(UsageError, match="layer '1' with input 2x2"):
         _plan(nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(1, 1, 3)), (1, 4, 4), [1])
+
+
+def test_model_in_training_mode_is_refused():
+    from mpi4py import MPI
+
+    from runtime import SplitExecutor
+
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1))
+    with pytest.raises(UsageError, match=r"training mode; call model.eval\(\)"):
+        SplitExecutor(model, (1, 8, 8), MPI.COMM_SELF)
