@@ -51,6 +51,7 @@ def save_atomic(obj, path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
