@@ -123,10 +123,12 @@ def train_edge(
         rule = config.t_rule if config.method == "aflkd" else "reversal"
         temp = LearnableTemperature(config.temperature, config.t_min, config.t_max, rule)
 
+    half = (len(shared_units(student, config.net, "conv")) + 1) // 2  # SSLF default: half the shared convs
+    sslf_frozen = min(config.sslf_frozen if config.sslf_frozen is not None else half, len(units))
+
     def frozen_units() -> int:
         if config.method == "sslf":
-            half = (len(shared_units(student, config.net, "conv")) + 1) // 2
-            return min(config.sslf_frozen if config.sslf_frozen is not None else half, len(units))
+            return sslf_frozen
         if config.method == "aflkd":
             if config.fixed_frozen is not None:
                 return min(max(config.fixed_frozen, 0), len(units))

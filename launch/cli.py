@@ -44,6 +44,14 @@ def _weights(text: Optional[str]) -> Optional[list[float]]:
     return values
 
 
+def _data_options(parser: argparse.ArgumentParser, teacher: bool = False) -> None:
+    """--dataset and --data-root (and --teacher), shared by the training commands."""
+    parser.add_argument("--dataset", required=True, help="cifar10, cifar100 or fashion-mnist")
+    parser.add_argument("--data-root", default="../shared/data", help="folder with the dataset files")
+    if teacher:
+        parser.add_argument("--teacher", default=None, help="cloud checkpoint (default checkpoints/cloud-DATASET.pt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="aflkd",
@@ -95,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "results/teachers.csv.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    cloud.add_argument("--dataset", required=True, help="cifar10, cifar100 or fashion-mnist")
-    cloud.add_argument("--data-root", default="../shared/data", help="folder with the dataset files")
+    _data_options(cloud)
     cloud.add_argument("--download", action="store_true", help="let torchvision download missing files")
     cloud.add_argument("--out", default=None, help="weights file (default checkpoints/cloud-DATASET.pt)")
     cloud.add_argument("--epochs", type=int, default=18)
@@ -117,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rerun. Writes CSV, a markdown table like the paper's Table 2 and a plot like Fig. 7.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    acc.add_argument("--dataset", required=True, help="cifar10, cifar100 or fashion-mnist")
-    acc.add_argument("--data-root", default="../shared/data")
-    acc.add_argument("--teacher", default=None, help="cloud checkpoint (default checkpoints/cloud-DATASET.pt)")
+    _data_options(acc, teacher=True)
     acc.add_argument("--nets", default="1,2,3")
     acc.add_argument("--sizes", default="500,1000,2000,5000")
     acc.add_argument("--methods", default="baseline,sslf,aflkd,kd")
@@ -139,9 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "frozen units run without autograd, so epochs should get cheaper as n grows.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ft.add_argument("--dataset", required=True)
-    ft.add_argument("--data-root", default="../shared/data")
-    ft.add_argument("--teacher", default=None, help="cloud checkpoint (default checkpoints/cloud-DATASET.pt)")
+    _data_options(ft, teacher=True)
     ft.add_argument("--net", type=int, default=3)
     ft.add_argument("--size", type=int, default=2000, help="training images")
     ft.add_argument("--steps", type=int, default=200)
