@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from models import edge_net
 from runtime.errors import UsageError
@@ -105,6 +106,7 @@ def train_edge(
     train_idx: np.ndarray,
     teacher: Optional[nn.Sequential] = None,
     eval_batch: int = 500,
+    progress: bool = False,
 ) -> EdgeResult:
     """Train student ``config.net`` on ``data.x_train[train_idx]``; accuracy on the full test split."""
     uses_kd = config.method in ("aflkd", "kd", "ctkd")
@@ -149,6 +151,7 @@ def train_edge(
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = max(1, len(x_train) // config.batch)
     history, step, start = [], 0, time.perf_counter()
+    bar = tqdm(total=config.steps, desc=f"{config.method} edge net {config.net}", unit="step", disable=not progress)
     while step < config.steps:
         n = frozen_units()
         student.train()
@@ -181,8 +184,11 @@ def train_edge(
             if temp is not None:
                 temp.project()
             step += 1
+            bar.update()
+        bar.set_postfix(T=f"{temp.item() if temp else config.temperature:.2f}", frozen=n)
         history.append({"step": step, "frozen": n, "T": temp.item() if temp else config.temperature,
                         "epoch_seconds": time.perf_counter() - epoch_start})
+    bar.close()
     x_test, y_test = to_tensor(data.x_test, data), torch.from_numpy(data.y_test)
     accuracy = evaluate(student, x_test, y_test, eval_batch)
     return EdgeResult(accuracy, time.perf_counter() - start, history, student)

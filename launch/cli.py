@@ -114,6 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--results", default="results/teachers.csv", help="where to record the test accuracy")
     cloud.add_argument("--no-progress", action="store_true")
 
+    edge = train_sub.add_parser(
+        "edge",
+        help="train one edge student (baseline, sslf, aflkd, kd or ctkd) from a cloud teacher",
+        description="Train edge net K on a seeded, class-balanced subset of SIZE training images and "
+        "report accuracy on the full test split. Prints, per epoch, the temperature T and the number n "
+        "of frozen units (Eq. 17) so AFLKD's schedule can be watched.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _data_options(edge, teacher=True)
+    edge.add_argument("--net", type=int, default=2, help="edge net 1, 2 or 3")
+    edge.add_argument("--size", type=int, default=500, help="training images (class-balanced subset)")
+    edge.add_argument("--method", default="aflkd", help="baseline, sslf, aflkd, kd or ctkd")
+    edge.add_argument("--steps", type=int, default=200, help="optimiser steps")
+    edge.add_argument("--t-rule", default="reversal", choices=["reversal", "descent"],
+                      help="how AFLKD learns T (descent: the paper's Eq. 5; reversal: curriculum)")
+    edge.add_argument("--unit", default="conv", choices=["conv", "block"], help="what Eq. 17 counts as a layer")
+    edge.add_argument("--seed", type=int, default=0)
+    edge.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    edge.add_argument("--out", default=None, help="save the student's weights here")
+    edge.add_argument("--no-progress", action="store_true")
+
     experiment = sub.add_parser("experiment", help="experiment grids (single process)", description="Experiments.")
     exp_sub = experiment.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
     acc = exp_sub.add_parser(
@@ -244,6 +265,38 @@ def _train_cloud(args) -> int:
     return 0
 
 
+def _train_edge(args) -> int:
+    import torch
+
+    from kd.datasets import balanced_subset, load_dataset
+    from kd.trainer import EdgeConfig, train_edge
+    from models import cloud_net, load_weights, save_atomic
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = EdgeConfig(args.method, args.net, steps=args.steps, t_rule=args.t_rule, unit=args.unit, seed=args.seed)
+    if args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    data = load_dataset(args.dataset, args.data_root)
+    if not 0 < args.size <= len(data.y_train):
+        raise UsageError(f"--size must be between 1 and {len(data.y_train)} (the training split), got {args.size}")
+    teacher = None
+    if args.method != "baseline":
+        path = args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
+        teacher = load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
+    idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)
+    result = train_edge(config, data, idx, teacher, progress=not args.no_progress)
+    print(f"{'epoch':>5} {'step':>5} {'T':>6} {'frozen n':>8} {'seconds':>8}")
+    for i, h in enumerate(result.history, 1):
+        print(f"{i:>5} {h['step']:>5} {h['T']:>6.3f} {h['frozen']:>8} {h['epoch_seconds']:>8.2f}")
+    print(f"{args.dataset} edge net {args.net}, {args.method}, {args.size} images, {args.steps} steps: "
+          f"test accuracy {result.test_acc:.4f} ({result.seconds:.0f} s)")
+    if args.out:
+        save_atomic(result.model.state_dict(), args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _int_list(text: str, option: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v]
@@ -337,6 +390,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _bench_layers(args)
         if args.command == "train" and args.what == "cloud":
             return _train_cloud(args)
+        if args.command == "train" and args.what == "edge":
+            return _train_edge(args)
         if args.command == "experiment" and args.what == "accuracy":
             return _experiment_accuracy(args)
         if args.command == "experiment" and args.what == "frozen-time":

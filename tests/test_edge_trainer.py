@@ -46,3 +46,23 @@ def test_kd_methods_need_a_teacher():
 def test_unknown_method_is_named():
     with pytest.raises(UsageError, match="unknown method 'distill'"):
         EdgeConfig("distill", 1)
+
+
+def test_train_edge_command_prints_schedule_and_saves(tmp_path, monkeypatch, capsys):
+    import kd.datasets
+    from launch.cli import main
+    from models import edge_net, load_weights, save_atomic
+    from tests.test_teacher import tiny
+
+    monkeypatch.setattr(kd.datasets, "load_dataset", lambda name, root, download=False: tiny(n=60))
+    teacher = tmp_path / "t.pt"
+    save_atomic(cloud_net(3, 32, 3).state_dict(), str(teacher))
+    out = tmp_path / "s.pt"
+    code = main(["train", "edge", "--dataset", "tiny", "--teacher", str(teacher), "--net", "1", "--size", "30",
+                 "--steps", "3", "--no-progress", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "frozen n" in text and "test accuracy" in text
+    load_weights(edge_net(1, 3, 32, 3), str(out))  # the saved student fits edge net 1
+    code = main(["train", "edge", "--dataset", "tiny", "--size", "999", "--method", "baseline"])
+    assert code == 2 and "--size must be between 1 and 60" in capsys.readouterr().err
