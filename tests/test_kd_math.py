@@ -97,3 +97,18 @@ def test_units_by_conv_and_by_block():
     assert len(shared_units(model, 3, "conv")) == 3 + 2 + 5
     assert len(shared_units(model, 3, "block")) == 3
     assert shared_units(model, 1, "conv")[-1] == ["conv1_3", "bn1_3", "relu1_3", "pool1"]
+
+
+def test_kd_term_can_fall_with_temperature():
+    """Trap 1 is conditional: T^2*KL grows with T for a sharp teacher at small T, but for a soft
+    teacher and a near-uniform student (a fresh head) it falls above T ~ 2 -- then the paper's
+    descent rule raises T instead of collapsing it (measured on CIFAR-10, see README)."""
+    teacher = torch.zeros(8, 10)
+    teacher[torch.arange(8), torch.arange(8)] = 4.0
+    student = torch.zeros(8, 10)
+    slopes = []
+    for t in (1.0, 4.0):
+        temp = torch.tensor(t, requires_grad=True)
+        kd_loss(student, teacher, temp).backward()
+        slopes.append(temp.grad.item())
+    assert slopes[0] > 0 > slopes[1]
