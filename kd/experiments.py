@@ -101,18 +101,21 @@ def plot_accuracy(rows: list[dict], dataset: str, path: str, title: Optional[str
     import matplotlib.pyplot as plt
 
     means = _means([r for r in rows if r["dataset"] == dataset])
-    fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {1: ":", 2: "--", 3: "-"}
-    for method in sorted({k[1] for k in means}):
+    fig, ax = plt.subplots(figsize=(9, 5))
+    styles = {1: ":", 2: "--", 3: "-"}  # line style says the net, colour says the method
+    colours = {"baseline": "tab:gray", "sslf": "tab:blue", "kd": "tab:green", "ctkd": "tab:purple",
+               "aflkd": "tab:red"}
+    order = [m for m in colours if m in {k[1] for k in means}] + sorted({k[1] for k in means} - set(colours))
+    for method in order:
         for net in sorted({k[2] for k in means if k[1] == method}):
             points = sorted((k[3], v) for k, v in means.items() if k[1] == method and k[2] == net)
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], styles.get(net, "-"), marker="o",
-                    label=f"{method} (edge net {net})")
+                    color=colours.get(method), label=f"{method} (edge net {net})")
     ax.set_xlabel("training images")
     ax.set_ylabel("test accuracy (%), full test split")
     ax.set_title(title or f"{dataset}: edge accuracy against training-set size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
