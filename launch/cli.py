@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--size", type=int, default=2000, help="training images")
     ft.add_argument("--steps", type=int, default=200)
     ft.add_argument("--unit", default="conv", choices=["conv", "block"])
+    ft.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ft.add_argument("--csv", default=None, metavar="FILE")
 
     test = sub.add_parser(
@@ -345,6 +346,10 @@ def _frozen_time(args) -> int:
     from kd.trainer import EdgeConfig
     from models import cloud_net, load_weights
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_root)
     path = args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
     teacher = load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
