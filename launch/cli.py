@@ -52,6 +52,14 @@ def _data_options(parser: argparse.ArgumentParser, teacher: bool = False) -> Non
         parser.add_argument("--teacher", default=None, help="cloud checkpoint (default checkpoints/cloud-DATASET.pt)")
 
 
+def _student_options(parser: argparse.ArgumentParser, steps: int) -> None:
+    """--steps, --t-rule and --unit, shared by the edge-training commands."""
+    parser.add_argument("--steps", type=int, default=steps, help="optimiser steps per student")
+    parser.add_argument("--t-rule", default="reversal", choices=["reversal", "descent"],
+                        help="how AFLKD learns T (descent: the paper's Eq. 5; reversal: curriculum)")
+    parser.add_argument("--unit", default="conv", choices=["conv", "block"], help="what Eq. 17 counts as a layer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="aflkd",
@@ -126,10 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--net", type=int, default=2, help="edge net 1, 2 or 3")
     edge.add_argument("--size", type=int, default=500, help="training images (class-balanced subset)")
     edge.add_argument("--method", default="aflkd", help="baseline, sslf, aflkd, kd or ctkd")
-    edge.add_argument("--steps", type=int, default=200, help="optimiser steps")
-    edge.add_argument("--t-rule", default="reversal", choices=["reversal", "descent"],
-                      help="how AFLKD learns T (descent: the paper's Eq. 5; reversal: curriculum)")
-    edge.add_argument("--unit", default="conv", choices=["conv", "block"], help="what Eq. 17 counts as a layer")
+    _student_options(edge, steps=200)
     edge.add_argument("--seed", type=int, default=0)
     edge.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     edge.add_argument("--out", default=None, help="save the student's weights here")
@@ -150,10 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--sizes", default="500,1000,2000,5000")
     acc.add_argument("--methods", default="baseline,sslf,aflkd,kd")
     acc.add_argument("--seeds", default="0")
-    acc.add_argument("--steps", type=int, default=1500, help="optimiser steps per cell")
-    acc.add_argument("--t-rule", default="reversal", choices=["reversal", "descent"],
-                     help="AFLKD temperature update: curriculum (reversed gradient) or the paper's descent")
-    acc.add_argument("--unit", default="conv", choices=["conv", "block"], help="what Eq. 17 counts as a layer")
+    _student_options(acc, steps=1500)
     acc.add_argument("--out", default="results", help="folder for accuracy-DATASET.csv/.md/.png")
     acc.add_argument("--threads", type=int, default=None)
     acc.add_argument("--no-progress", action="store_true")
