@@ -9,9 +9,10 @@ training-set size, mean over seeds) and a plot like Fig. 7.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -36,6 +37,36 @@ def _key(row) -> tuple:
     return (row["dataset"], int(row["net"]), int(row["size"]), row["method"], int(row["seed"]))
 
 
+def _settings(base: EdgeConfig) -> dict:
+    """What every cell of one results file shares (all but the cell's own method, net and seed)."""
+    return {k: v for k, v in asdict(base).items() if k not in ("method", "net", "seed")}
+
+
+def check_settings(csv_path: str, base: EdgeConfig) -> None:
+    """Refuse to mix cells trained with other settings into ``csv_path``.
+
+    Finished cells are skipped by key (dataset, net, size, method, seed), so a rerun
+    with, say, another ``--steps`` into the same file would silently keep the old
+    cells.  The settings are kept beside the CSV (``.settings.json``) and compared.
+    """
+    from runtime.errors import UsageError
+
+    path = Path(csv_path).with_suffix(".settings.json")
+    wanted = _settings(base)
+    if path.exists():
+        kept = json.loads(path.read_text())
+        changed = {k: (kept.get(k), v) for k, v in wanted.items() if kept.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise UsageError(f"{csv_path} holds cells trained with other settings ({what}); "
+                             f"pass --out with another folder, or delete that CSV to start over")
+    elif os.path.exists(csv_path):
+        return  # a CSV from before settings were recorded: nothing to compare with
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted, indent=1) + "\n")
+
+
 def run_grid(
     data: ImageArrays,
     teacher,
@@ -48,6 +79,7 @@ def run_grid(
     progress: bool = True,
 ) -> list[dict]:
     """Run every missing cell and append it to ``csv_path``; return all rows."""
+    check_settings(csv_path, base)
     done = {_key(r) for r in read_results(csv_path)}
     cells = [(n, s, m, seed) for n in nets for s in sizes for m in methods for seed in seeds
              if (data.name, n, s, m, seed) not in done]

@@ -31,3 +31,18 @@ def test_epoch_time_is_reported_for_every_frozen_count():
     rows = epoch_time_by_frozen(tiny(n=60), cloud_net(3, 32, 3).eval(), 1, 30, 4, EdgeConfig("aflkd", 1, batch=8))
     assert [r["frozen"] for r in rows] == [0, 1, 2, 3]
     assert all(r["epoch_seconds"] > 0 for r in rows)
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    import pytest
+
+    from runtime.errors import UsageError
+
+    data = tiny(n=60)
+    path = str(tmp_path / "acc.csv")
+    run_grid(data, None, [1], [30], ["baseline"], [0], path, EdgeConfig("baseline", 1, steps=2, batch=16),
+             progress=False)
+    with pytest.raises(UsageError, match="other settings \\(steps 2 -> 3\\)"):
+        run_grid(data, None, [1], [30, 60], ["baseline"], [0], path, EdgeConfig("baseline", 1, steps=3, batch=16),
+                 progress=False)
+    assert len(read_results(path)) == 1  # nothing written
