@@ -4,9 +4,9 @@
   T-gradient comes from ``lambda * T^2 * KL``.  Where that term grows with T (a
   sharp teacher, small T, unrelated logits) T slides to ``t_min`` and Eq. 17 then
   freezes every layer (issue 3, trap 1; a test shows it).  It does not always
-  grow: for the shipped label-smoothed CIFAR-10 teacher and a student with a fresh
-  head, ``d(T^2 KL)/dT`` is negative above T ~ 2 (measured -0.17 at T = 4), so on
-  real data descent *raised* T (4.0 -> 4.87 in 200 steps, README).
+  grow: for a soft (label-smoothed) teacher and a near-uniform student (a fresh
+  head) it falls with T above T ~ 2 (a test shows it), and on real CIFAR-10 data
+  descent *raised* T (4.0 -> 4.87 in 200 steps, README).
 * ``"reversal"`` -- Curriculum Temperature KD: the gradient reaching T is
   reversed (times ``scale``), so T *ascends* the distillation loss, making the
   task harder as the student improves; ``scale`` follows a cosine ramp.

@@ -268,12 +268,20 @@ def _train_cloud(args) -> int:
     return 0
 
 
+def _load_teacher(args, data):
+    """The cloud net from --teacher (default checkpoints/cloud-DATASET.pt), in eval mode."""
+    from models import cloud_net, load_weights
+
+    path = args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
+    return load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
+
+
 def _train_edge(args) -> int:
     import torch
 
     from kd.datasets import balanced_subset, load_dataset
     from kd.trainer import EdgeConfig, train_edge
-    from models import cloud_net, load_weights, save_atomic
+    from models import save_atomic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,10 +291,7 @@ def _train_edge(args) -> int:
     data = load_dataset(args.dataset, args.data_root)
     if not 0 < args.size <= len(data.y_train):
         raise UsageError(f"--size must be between 1 and {len(data.y_train)} (the training split), got {args.size}")
-    teacher = None
-    if args.method != "baseline":
-        path = args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
-        teacher = load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
+    teacher = _load_teacher(args, data) if args.method != "baseline" else None
     idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)
     result = train_edge(config, data, idx, teacher, progress=not args.no_progress)
     print(f"{'epoch':>5} {'step':>5} {'T':>6} {'frozen n':>8} {'seconds':>8}")
@@ -313,7 +318,6 @@ def _experiment_accuracy(args) -> int:
     from kd.datasets import load_dataset
     from kd.experiments import markdown_table, plot_accuracy, run_grid
     from kd.trainer import METHODS, EdgeConfig
-    from models import cloud_net, load_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -324,10 +328,7 @@ def _experiment_accuracy(args) -> int:
     nets, sizes, seeds = (_int_list(args.nets, "--nets"), _int_list(args.sizes, "--sizes"),
                           _int_list(args.seeds, "--seeds"))
     data = load_dataset(args.dataset, args.data_root)
-    teacher = None
-    if any(m != "baseline" for m in methods):
-        path = args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
-        teacher = load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
+    teacher = _load_teacher(args, data) if any(m != "baseline" for m in methods) else None
     base = EdgeConfig("baseline", 1, steps=args.steps, t_rule=args.t_rule, unit=args.unit)
     stem = f"{args.out}/accuracy-{args.dataset}"
     rows = run_grid(data, teacher, nets, sizes, methods, seeds, stem + ".csv", base, progress=not args.no_progress)
@@ -346,15 +347,13 @@ def _frozen_time(args) -> int:
     from kd.datasets import load_dataset
     from kd.experiments import epoch_time_by_frozen
     from kd.trainer import EdgeConfig
-    from models import cloud_net, load_weights
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_root)
-    path = args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
-    teacher = load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
+    teacher = _load_teacher(args, data)
     rows = epoch_time_by_frozen(data, teacher, args.net, args.size, args.steps, EdgeConfig("aflkd", args.net),
                                 args.unit)
     print(f"{'frozen n':>8} {'of m':>5} {'epoch s (median)':>17}")
