@@ -3,7 +3,10 @@
 Speed on CPU comes from channels-last tensors, augmentation done on whole
 batches of tensors (random crop with 4-pixel padding, horizontal flip for CIFAR)
 instead of per-image PIL transforms, and a one-cycle schedule that reaches the
-target in few epochs.  The state (model, optimiser, schedule, epoch, history) is
+target in few epochs.  ``init`` starts from saved weights instead of random ones
+(a warm restart: a second, gentler one-cycle on an already-trained net, with a
+fresh optimiser), which is how a teacher a few tenths short of its target is
+finished without paying for a longer run from scratch.  The state (model, optimiser, schedule, epoch, history) is
 written atomically after every epoch, and the shuffling order of epoch ``e``
 depends only on ``(seed, e)`` and the dropout RNG state is saved too, so a run
 cut off and resumed continues bit for bit.
@@ -24,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import cloud_net, save_atomic
+from models import cloud_net, load_weights, save_atomic
 from runtime.errors import UsageError
 
 from .datasets import ImageArrays
@@ -43,6 +46,7 @@ class TeacherConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     size: int = 32
+    init: str = ""  # weights to start from ("" = random initialisation)
 
 
 def to_tensor(images: np.ndarray, data: ImageArrays, size: int = 32) -> torch.Tensor:
@@ -99,7 +103,10 @@ def train_teacher(
     """
     state_path = out + ".state"
     torch.manual_seed(config.seed)
-    model = cloud_net(data.channels, config.size, data.classes).to(memory_format=CL)
+    model = cloud_net(data.channels, config.size, data.classes)
+    if config.init:
+        load_weights(model, config.init)
+    model = model.to(memory_format=CL)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch)
     if limit_batches:
         steps_per_epoch = min(steps_per_epoch, limit_batches)
@@ -110,7 +117,8 @@ def train_teacher(
     epoch, history = 0, []
     if os.path.exists(state_path):
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if asdict(config) != state["config"]:
+        saved = {**asdict(TeacherConfig()), "init": "", **state["config"]}  # states from before a field existed
+        if asdict(config) != saved:
             raise UsageError(f"{state_path} was made with {state['config']}, not {asdict(config)}; "
                              "resume with the same options or delete it to start over")
         model.load_state_dict(state["model"])

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--batch", type=int, default=128)
     cloud.add_argument("--max-lr", type=float, default=0.1)
     cloud.add_argument("--seed", type=int, default=0)
+    cloud.add_argument("--init", default="", metavar="PT",
+                       help="start from these weights (a warm restart with a fresh one-cycle) instead of random ones")
     cloud.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     cloud.add_argument("--results", default="results/teachers.csv", help="where to record the test accuracy")
     cloud.add_argument("--no-progress", action="store_true")
@@ -260,7 +262,8 @@ def _train_cloud(args) -> int:
         raise UsageError("--epochs and --batch must be >= 1")
     data = load_dataset(args.dataset, args.data_root, args.download)
     out = args.out or f"checkpoints/cloud-{args.dataset}.pt"
-    config = TeacherConfig(epochs=args.epochs, batch=args.batch, max_lr=args.max_lr, seed=args.seed)
+    config = TeacherConfig(epochs=args.epochs, batch=args.batch, max_lr=args.max_lr, seed=args.seed,
+                           init=args.init)
     summary = train_teacher(data, out, config, progress=not args.no_progress)
     print(f"{args.dataset}: test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs -> {out}")
     command = "aflkd " + " ".join(shlex.quote(a) for a in sys.argv[1:])

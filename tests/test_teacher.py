@@ -83,3 +83,32 @@ def test_real_fashion_mnist_from_debian(tmp_path):
     data = load_dataset("fashion-mnist", tmp_path)  # nothing under tmp_path: falls back to Debian's files
     assert data.x_train.shape == (60000, 28, 28, 1) and data.x_test.shape == (10000, 28, 28, 1)
     assert abs(data.x_train.mean() / 255 - data.mean[0]) < 1e-3
+
+
+def test_init_starts_from_saved_weights(tmp_path):
+    data = tiny()
+    train_teacher(data, str(tmp_path / "a.pt"), TeacherConfig(epochs=1, batch=16), progress=False)
+    # max_lr 0: SGD cannot move the weights, so they must still be the ones loaded
+    train_teacher(data, str(tmp_path / "b.pt"), TeacherConfig(epochs=1, batch=16, max_lr=0.0, init=str(tmp_path / "a.pt")),
+                  progress=False)
+    fresh = train_teacher(data, str(tmp_path / "c.pt"), TeacherConfig(epochs=1, batch=16, max_lr=0.0), progress=False)
+    a, b, c = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "abc")
+    assert fresh["epochs"] == 1
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("weight"))
+    assert not torch.equal(a["conv1_1.weight"], c["conv1_1.weight"])
+
+
+def test_init_that_does_not_exist_is_one_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        train_teacher(tiny(), str(tmp_path / "a.pt"), TeacherConfig(epochs=1, batch=16, init=str(tmp_path / "nope.pt")),
+                      progress=False)
+
+
+def test_state_saved_before_init_existed_still_resumes(tmp_path):
+    data = tiny()
+    config = TeacherConfig(epochs=2, batch=16)
+    train_teacher(data, str(tmp_path / "a.pt"), config, progress=False, stop_after=1)
+    state = torch.load(tmp_path / "a.pt.state", weights_only=False)
+    del state["config"]["init"]
+    torch.save(state, tmp_path / "a.pt.state")
+    assert train_teacher(data, str(tmp_path / "a.pt"), config, progress=False)["epochs"] == 2
