@@ -9,6 +9,7 @@ training-set size, mean over seeds) and a plot like Fig. 7.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections import defaultdict
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from .datasets import ImageArrays, balanced_subset
 from .trainer import EdgeConfig, train_edge
 
-__all__ = ["FIELDS", "run_grid", "read_results", "markdown_table", "plot_accuracy", "epoch_time_by_frozen"]
+__all__ = ["FIELDS", "file_digest", "run_grid", "read_results", "markdown_table", "plot_accuracy", "epoch_time_by_frozen"]
 
 FIELDS = ["dataset", "net", "size", "method", "seed", "test_acc", "seconds", "final_T", "final_frozen"]
 
@@ -42,12 +43,21 @@ def _settings(base: EdgeConfig) -> dict:
     return {k: v for k, v in asdict(base).items() if k not in ("method", "net", "seed")}
 
 
-def check_settings(csv_path: str, base: EdgeConfig) -> None:
+def file_digest(path: str) -> str:
+    """First 16 hex digits of the SHA-256 of a file: names a teacher checkpoint by content."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
+
+
+def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "") -> None:
     """Refuse to mix cells trained with other settings into ``csv_path``.
 
     Finished cells are skipped by key (dataset, net, size, method, seed), so a rerun
-    with, say, another ``--steps`` into the same file would silently keep the old
-    cells.  The settings are kept beside the CSV (``.settings.json``) and compared.
+    with, say, another ``--steps`` or another teacher checkpoint into the same file
+    would silently keep the old cells.  The settings are kept beside the CSV
+    (``.settings.json``) and compared.  The teacher is named by the digest of its
+    file; a grid that has used no teacher yet (baseline cells only) takes the first
+    one it is given.
     """
     from runtime.errors import UsageError
 
@@ -56,15 +66,20 @@ def check_settings(csv_path: str, base: EdgeConfig) -> None:
     if path.exists():
         kept = json.loads(path.read_text())
         changed = {k: (kept.get(k), v) for k, v in wanted.items() if kept.get(k) != v}
+        old_teacher = kept.get("teacher_sha256", "")
+        if teacher_sha256 and old_teacher and old_teacher != teacher_sha256:
+            changed["teacher_sha256"] = (old_teacher, teacher_sha256)
         if changed:
             what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             raise UsageError(f"{csv_path} holds cells trained with other settings ({what}); "
                              f"pass --out with another folder, or delete that CSV to start over")
+        if teacher_sha256 and not old_teacher:
+            path.write_text(json.dumps({**kept, "teacher_sha256": teacher_sha256}, indent=1) + "\n")
     elif os.path.exists(csv_path):
         return  # a CSV from before settings were recorded: nothing to compare with
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(wanted, indent=1) + "\n")
+        path.write_text(json.dumps({**wanted, "teacher_sha256": teacher_sha256}, indent=1) + "\n")
 
 
 def run_grid(
@@ -77,9 +92,13 @@ def run_grid(
     csv_path: str,
     base: EdgeConfig,
     progress: bool = True,
+    teacher_sha256: str = "",
 ) -> list[dict]:
-    """Run every missing cell and append it to ``csv_path``; return all rows."""
-    check_settings(csv_path, base)
+    """Run every missing cell and append it to ``csv_path``; return all rows.
+
+    ``teacher_sha256`` (see :func:`file_digest`) is recorded with the settings.
+    """
+    check_settings(csv_path, base, teacher_sha256)
     done = {_key(r) for r in read_results(csv_path)}
     cells = [(n, s, m, seed) for n in nets for s in sizes for m in methods for seed in seeds
              if (data.name, n, s, m, seed) not in done]

@@ -271,11 +271,15 @@ def _train_cloud(args) -> int:
     return 0
 
 
+def _teacher_path(args) -> str:
+    return args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
+
+
 def _load_teacher(args, data):
     """The cloud net from --teacher (default checkpoints/cloud-DATASET.pt), in eval mode."""
     from models import cloud_net, load_weights
 
-    path = args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
+    path = _teacher_path(args)
     return load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
 
 
@@ -319,7 +323,7 @@ def _experiment_accuracy(args) -> int:
     import torch
 
     from kd.datasets import load_dataset
-    from kd.experiments import markdown_table, plot_accuracy, run_grid
+    from kd.experiments import file_digest, markdown_table, plot_accuracy, run_grid
     from kd.trainer import METHODS, EdgeConfig
 
     if args.threads:
@@ -334,7 +338,9 @@ def _experiment_accuracy(args) -> int:
     teacher = _load_teacher(args, data) if any(m != "baseline" for m in methods) else None
     base = EdgeConfig("baseline", 1, steps=args.steps, t_rule=args.t_rule, unit=args.unit)
     stem = f"{args.out}/accuracy-{args.dataset}"
-    rows = run_grid(data, teacher, nets, sizes, methods, seeds, stem + ".csv", base, progress=not args.no_progress)
+    digest = file_digest(_teacher_path(args)) if teacher is not None else ""
+    rows = run_grid(data, teacher, nets, sizes, methods, seeds, stem + ".csv", base, progress=not args.no_progress,
+                    teacher_sha256=digest)
     table = markdown_table(rows, args.dataset)
     with open(stem + ".md", "w") as fh:
         fh.write(table + "\n")

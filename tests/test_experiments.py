@@ -46,3 +46,26 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
         run_grid(data, None, [1], [30, 60], ["baseline"], [0], path, EdgeConfig("baseline", 1, steps=3, batch=16),
                  progress=False)
     assert len(read_results(path)) == 1  # nothing written
+
+
+def test_rerun_with_another_teacher_is_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from kd.experiments import file_digest
+    from runtime.errors import UsageError
+
+    data = tiny(n=60)
+    path = str(tmp_path / "acc.csv")
+    base = EdgeConfig("baseline", 1, steps=2, batch=16)
+    (tmp_path / "a.pt").write_bytes(b"teacher a")
+    (tmp_path / "b.pt").write_bytes(b"teacher b")
+    a, b = file_digest(str(tmp_path / "a.pt")), file_digest(str(tmp_path / "b.pt"))
+    assert a != b and len(a) == 16
+    run_grid(data, None, [1], [30], ["baseline"], [0], path, base, progress=False)  # no teacher used yet
+    run_grid(data, None, [1], [30], ["baseline"], [0], path, base, progress=False, teacher_sha256=a)  # first one kept
+    assert json.loads((tmp_path / "acc.settings.json").read_text())["teacher_sha256"] == a
+    run_grid(data, None, [1], [30], ["baseline"], [0], path, base, progress=False, teacher_sha256=a)  # same: fine
+    with pytest.raises(UsageError, match=f"teacher_sha256 {a} -> {b}"):
+        run_grid(data, None, [1], [30], ["baseline"], [0], path, base, progress=False, teacher_sha256=b)
