@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    bench = sub.add_parser("bench", help="benchmarks (run under mpiexec)", description="Benchmarks.")
+    bench = sub.add_parser("bench", help="benchmarks (layers: under mpiexec; train-step: one process)", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
     layers = bench_sub.add_parser(
         "layers",
@@ -99,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     layers.add_argument("--plot", default=None, metavar="PNG", help="draw per-layer bars, split vs unsplit")
     layers.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    step = bench_sub.add_parser(
+        "train-step",
+        help="images/s of one teacher-training step (pick threads, batch, torch.compile before a long run)",
+        description="Times the cloud net's training step (forward, backward, SGD; channels-last, "
+        "the recipe of 'train cloud') on random data in one process and prints the median "
+        "images/s.  Run it once per setting to compare, on an otherwise idle machine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    step.add_argument("--classes", type=int, default=10, help="10 for CIFAR-10/Fashion-MNIST, 100 for CIFAR-100")
+    step.add_argument("--in-channels", type=int, default=3, help="1 for Fashion-MNIST, 3 for CIFAR")
+    step.add_argument("--batch", type=int, default=128)
+    step.add_argument("--steps", type=int, default=15, help="timed steps (median taken)")
+    step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    step.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    step.add_argument("--compile", action="store_true", help="wrap the net in torch.compile")
 
     train = sub.add_parser("train", help="training (single process)", description="Training.")
     train_sub = train.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
@@ -245,6 +261,25 @@ def _bench_layers(args) -> int:
             if path:
                 write(path)
                 print(f"wrote {path}")
+    return 0
+
+
+def _bench_train_step(args) -> int:
+    import torch
+
+    from kd.teacher import step_throughput
+    from models import cloud_net
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if min(args.batch, args.steps) < 1 or args.warmup < 0:
+        raise UsageError("--batch and --steps must be >= 1 and --warmup >= 0")
+    torch.manual_seed(0)
+    r = step_throughput(cloud_net(args.in_channels, 32, args.classes), (args.in_channels, 32, 32), args.classes,
+                        args.batch, args.steps, args.warmup, args.compile)
+    print(f"cloud net training step, batch {r['batch']}, {r['threads']} thread(s), "
+          f"{'torch.compile' if r['compile'] else 'eager'}: median {1000 * r['median_s']:.0f} ms "
+          f"= {r['images_per_s']:.0f} images/s ({args.steps} steps; warm-up {r['warmup_s']:.1f} s)")
     return 0
 
 
@@ -403,6 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "bench" and args.what == "layers":
             return _bench_layers(args)
+        if args.command == "bench" and args.what == "train-step":
+            return _bench_train_step(args)
         if args.command == "train" and args.what == "cloud":
             return _train_cloud(args)
         if args.command == "train" and args.what == "edge":

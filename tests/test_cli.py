@@ -109,3 +109,16 @@ def test_help_explains_the_commands(capsys):
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 2
     assert "bench" in capsys.readouterr().out
+
+
+def test_bench_train_step_prints_images_per_second(capsys):
+    assert main(["bench", "train-step", "--batch", "4", "--steps", "2", "--warmup", "1", "--threads", "1",
+                 "--classes", "100"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("cloud net training step, batch 4, 1 thread(s), eager: median")
+    assert float(line.split("= ")[1].split()[0]) > 0
+
+
+def test_bench_train_step_rejects_zero_steps(capsys):
+    assert main(["bench", "train-step", "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
