@@ -19,6 +19,7 @@ EXAMPLES = """\
 examples:
   .venv/bin/mpiexec -n 2 .venv/bin/aflkd bench layers --net edge3 --size 224 --repeat 20
   .venv/bin/mpiexec -n 3 .venv/bin/aflkd bench layers --net edge3 --weights 2,1,1 --json out/bench.json --plot out/fig10.png
+  .venv/bin/aflkd bench train-step --threads 2    # teacher training images/s before a long run
   .venv/bin/aflkd test                    # serial tests, then MPI tests at 2, 3 and 4 ranks
 """
 
