@@ -174,8 +174,10 @@ def step_throughput(model: nn.Module, shape: tuple[int, int, int], classes: int,
     """
     model = model.to(memory_format=CL).train()
     forward = torch.compile(model) if compile else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    recipe = TeacherConfig()
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.max_lr, momentum=0.9, nesterov=True,
+                                weight_decay=recipe.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=generator).contiguous(memory_format=CL)
     y = torch.randint(0, classes, (batch,), generator=generator)
