@@ -87,6 +87,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     return correct / len(x)
 
 
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One SGD step on one batch; shared by training and its benchmark so they time the same work."""
+    loss = loss_fn(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def train_teacher(
     data: ImageArrays,
     out: str,
@@ -140,10 +150,7 @@ def train_teacher(
         for step in bar:
             idx = order[step * config.batch : (step + 1) * config.batch]
             xb = augment(x_train[idx], generator, flip=flip)
-            loss = loss_fn(model(xb), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = _train_step(model, optimizer, loss_fn, xb, y_train[idx])
             schedule.step()
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
@@ -184,10 +191,7 @@ def step_throughput(model: nn.Module, shape: tuple[int, int, int], classes: int,
 
     def step() -> float:
         start = time.perf_counter()
-        loss = loss_fn(forward(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _train_step(forward, optimizer, loss_fn, x, y)
         return time.perf_counter() - start
 
     warmup_s = sum(step() for _ in range(warmup))

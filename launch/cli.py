@@ -271,8 +271,6 @@ def _bench_train_step(args) -> int:
     from kd.teacher import step_throughput
     from models import cloud_net
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if min(args.batch, args.steps) < 1 or args.warmup < 0:
         raise UsageError("--batch and --steps must be >= 1 and --warmup >= 0")
     torch.manual_seed(0)
@@ -287,13 +285,9 @@ def _bench_train_step(args) -> int:
 def _train_cloud(args) -> int:
     import shlex
 
-    import torch
-
     from kd.datasets import load_dataset
     from kd.teacher import TeacherConfig, record_teacher, train_teacher
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.epochs < 1 or args.batch < 1:
         raise UsageError("--epochs and --batch must be >= 1")
     data = load_dataset(args.dataset, args.data_root, args.download)
@@ -320,14 +314,10 @@ def _load_teacher(args, data):
 
 
 def _train_edge(args) -> int:
-    import torch
-
     from kd.datasets import balanced_subset, load_dataset
     from kd.trainer import EdgeConfig, train_edge
     from models import save_atomic
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = EdgeConfig(args.method, args.net, steps=args.steps, t_rule=args.t_rule, unit=args.unit, seed=args.seed)
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
@@ -356,14 +346,10 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def _experiment_accuracy(args) -> int:
-    import torch
-
     from kd.datasets import load_dataset
     from kd.experiments import file_digest, markdown_table, plot_accuracy, run_grid
     from kd.trainer import METHODS, EdgeConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -393,10 +379,6 @@ def _frozen_time(args) -> int:
     from kd.experiments import epoch_time_by_frozen
     from kd.trainer import EdgeConfig
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_root)
     teacher = _load_teacher(args, data)
     rows = epoch_time_by_frozen(data, teacher, args.net, args.size, args.steps, EdgeConfig("aflkd", args.net),
@@ -433,10 +415,27 @@ def _rank() -> int:
     return 0
 
 
+def _apply_threads(args) -> None:
+    """Check --threads and, for single-process commands, set torch's thread count once here.
+
+    ``bench layers`` is left alone: its default depends on how many ranks share a host.
+    """
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    if not (args.command == "bench" and args.what == "layers"):
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _apply_threads(args)
         if args.command == "bench" and args.what == "layers":
             return _bench_layers(args)
         if args.command == "bench" and args.what == "train-step":

@@ -122,3 +122,11 @@ def test_bench_train_step_prints_images_per_second(capsys):
 def test_bench_train_step_rejects_zero_steps(capsys):
     assert main(["bench", "train-step", "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["bench", "train-step"], ["bench", "layers"]] + [
+    [group, what, "--dataset", "fashion-mnist"]
+    for group, what in [("train", "cloud"), ("train", "edge"), ("experiment", "accuracy"), ("experiment", "frozen-time")]])
+def test_every_command_rejects_zero_threads_in_one_line(command, capsys):
+    assert main(command + ["--threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "aflkd: error: --threads must be >= 1, got 0"
