@@ -61,7 +61,7 @@ class EdgeConfig:
     t_rule: str = "reversal"  # aflkd: "descent" (paper Eq. 5) or "reversal" (curriculum)
     t_lr: float = 0.05
     unit: str = "conv"  # what Eq. 17 counts: a shared conv (with its BN/ReLU) or a whole block
-    sslf_frozen: Optional[int] = None  # SSLF's fixed frozen units (default: half the shared convs)
+    sslf_frozen: Optional[int] = None  # SSLF's fixed frozen convs, whatever ``unit`` says (default: half)
     fixed_frozen: Optional[int] = None  # aflkd: force n (for timing epochs against n), else Eq. 17
     seed: int = 0
 
@@ -117,7 +117,9 @@ def train_edge(
         teacher = teacher.eval().to(memory_format=CL)
         for p in teacher.parameters():
             p.requires_grad_(False)
-    units = shared_units(student, config.net, config.unit)
+    # ``unit`` is what Eq. 17 counts (AFLKD); SSLF's fixed shallow part is always counted in convs,
+    # so "half the shared convs" never becomes "all the shared blocks" under --unit block.
+    units = shared_units(student, config.net, "conv" if config.method == "sslf" else config.unit)
     names = [name for name, _ in student.named_children()]
 
     temp = None
@@ -125,7 +127,7 @@ def train_edge(
         rule = config.t_rule if config.method == "aflkd" else "reversal"
         temp = LearnableTemperature(config.temperature, config.t_min, config.t_max, rule)
 
-    half = (len(shared_units(student, config.net, "conv")) + 1) // 2  # SSLF default: half the shared convs
+    half = (len(units) + 1) // 2  # SSLF default: half the shared convs
     sslf_frozen = min(config.sslf_frozen if config.sslf_frozen is not None else half, len(units))
 
     def frozen_units() -> int:

@@ -30,6 +30,17 @@ def test_every_method_trains_and_reports_accuracy(method, teacher):
     assert torch.equal(result.model.conv1_1.weight, teacher.conv1_1.weight.contiguous(memory_format=torch.channels_last)) == shared
 
 
+@pytest.mark.parametrize("unit", ["conv", "block"])
+def test_sslf_freezes_half_the_shared_convs_whatever_the_unit(unit, teacher):
+    """SSLF's fixed part is counted in convs; under --unit block it once froze every shared block."""
+    data = tiny(n=64)
+    result = train_edge(EdgeConfig("sslf", 2, steps=6, batch=16, unit=unit), data, np.arange(64), teacher)
+    assert {h["frozen"] for h in result.history} == {3}  # of edge net 2's 5 shared convs
+    for name, frozen in [("conv1_1", True), ("conv1_3", True), ("conv2_1", False), ("conv2_2", False)]:
+        same = torch.equal(getattr(result.model, name).weight, getattr(teacher, name).weight)
+        assert same == frozen, name
+
+
 def test_paper_rule_drives_temperature_down(teacher):
     """Trap 1: with plain descent the only T-gradient is from lambda*T^2*KL; where that grows with T
     (here: a random teacher on synthetic images) T slides down.  On real CIFAR-10 it rose (README)."""
