@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,24 @@ def _cache_dir() -> Path:
     return path
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    """A unique temp file beside ``path``, then a rename: an interrupted or concurrent first run
+    never leaves (or reads) a truncated cache file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _download_failed(name: str, err: OSError) -> UsageError:
+    return UsageError(f"downloading {name} failed ({err}); check the network, or drop --download and point "
+                      "--data-root at local files")
+
+
 def _cifar_npz(root: Path, name: str):
     packed = root / f"{name}.npz.xz"
     if not packed.exists():
@@ -66,10 +85,7 @@ def _cifar_npz(root: Path, name: str):
     cached = _cache_dir() / f"{name}.npz"
     if not cached.exists() or cached.stat().st_mtime < packed.stat().st_mtime:
         with lzma.open(packed) as fh:
-            data = fh.read()
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, cached)
+            _write_atomic(cached, fh.read())
     d = np.load(cached)
     return d["x_train"], d["y_train"].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64)
 
@@ -82,6 +98,10 @@ def _cifar_torchvision(root: Path, name: str, download: bool):
         train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except RuntimeError:
         return None
+    except OSError as err:  # URLError is an OSError
+        if not download:
+            raise
+        raise _download_failed(name, err) from None
     return (np.asarray(train.data), np.asarray(train.targets, np.int64),
             np.asarray(test.data), np.asarray(test.targets, np.int64))
 
@@ -94,6 +114,10 @@ def _fashion(root: Path, download: bool):
         train = datasets.FashionMNIST(str(root), train=True, download=download)
         test = datasets.FashionMNIST(str(root), train=False, download=download)
         pairs = (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
+    except OSError as err:
+        if not download:
+            raise
+        raise _download_failed("fashion-mnist", err) from None
     except RuntimeError:
         names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
         if not all((DEBIAN_FASHION / f"{n}.gz").exists() for n in names):
@@ -103,7 +127,7 @@ def _fashion(root: Path, download: bool):
         for n in names:
             raw = cache / n
             if not raw.exists():
-                raw.write_bytes(gzip.decompress((DEBIAN_FASHION / f"{n}.gz").read_bytes()))
+                _write_atomic(raw, gzip.decompress((DEBIAN_FASHION / f"{n}.gz").read_bytes()))
             read = read_image_file if "images" in n else read_label_file
             arrays.append(read(str(raw)).numpy())
         pairs = tuple(arrays)

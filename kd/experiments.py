@@ -45,8 +45,11 @@ def _settings(base: EdgeConfig) -> dict:
 
 def file_digest(path: str) -> str:
     """First 16 hex digits of the SHA-256 of a file: names a teacher checkpoint by content."""
+    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
+        for chunk in iter(lambda: fh.read(1 << 20), b""):  # hashlib.file_digest needs Python 3.11
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "") -> None:

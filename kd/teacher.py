@@ -9,7 +9,9 @@ fresh optimiser), which is how a teacher a few tenths short of its target is
 finished without paying for a longer run from scratch.  The state (model, optimiser, schedule, epoch, history) is
 written atomically after every epoch, and the shuffling order of epoch ``e``
 depends only on ``(seed, e)`` and the dropout RNG state is saved too, so a run
-cut off and resumed continues bit for bit.
+cut off and resumed continues bit for bit (at the same thread count: another
+count changes the order of float sums, so a resumed run then differs in the last
+bits, though it continues the same schedule).
 """
 from __future__ import annotations
 
@@ -115,7 +117,7 @@ def train_teacher(
     torch.manual_seed(config.seed)
     model = cloud_net(data.channels, config.size, data.classes)
     if config.init:
-        load_weights(model, config.init)
+        load_weights(model, config.init, f"--init must be a cloud net trained on {data.name}")
     model = model.to(memory_format=CL)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch)
     if limit_batches:
@@ -127,6 +129,9 @@ def train_teacher(
     epoch, history = 0, []
     if os.path.exists(state_path):
         state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state.get("dataset", data.name) != data.name:  # states from before the field: not checked
+            raise UsageError(f"{state_path} is a {state['dataset']} run, not {data.name}; "
+                             "pass another --out, or delete it to start over")
         saved = {**asdict(TeacherConfig()), "init": "", **state["config"]}  # states from before a field existed
         if asdict(config) != saved:
             raise UsageError(f"{state_path} was made with {state['config']}, not {asdict(config)}; "
@@ -164,7 +169,7 @@ def train_teacher(
               f"test acc {accuracy:.4f}, {seen / elapsed:.0f} img/s", flush=True)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "epoch": epoch, "history": history,
-                     "torch_rng": torch.get_rng_state(),
+                     "torch_rng": torch.get_rng_state(), "dataset": data.name,
                      "config": asdict(config)}, state_path)
         save_atomic(model.state_dict(), out)
     return {"dataset": data.name, "epochs": epoch, "test_acc": history[-1]["test_acc"] if history else float("nan"),

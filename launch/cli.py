@@ -8,6 +8,7 @@ whole job (no rank waits forever for a dead peer).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from these weights (a warm restart with a fresh one-cycle) instead of random ones")
     cloud.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     cloud.add_argument("--results", default="results/teachers.csv", help="where to record the test accuracy")
+    cloud.add_argument("--force", action="store_true",
+                       help="start over even if OUT exists without OUT.state (overwrites OUT)")
     cloud.add_argument("--no-progress", action="store_true")
 
     edge = train_sub.add_parser(
@@ -290,13 +293,18 @@ def _train_cloud(args) -> int:
 
     if args.epochs < 1 or args.batch < 1:
         raise UsageError("--epochs and --batch must be >= 1")
-    data = load_dataset(args.dataset, args.data_root, args.download)
+    if not args.max_lr > 0:
+        raise UsageError(f"--max-lr must be > 0, got {args.max_lr}")
     out = args.out or f"checkpoints/cloud-{args.dataset}.pt"
+    if os.path.exists(out) and not os.path.exists(out + ".state") and not args.force:
+        raise UsageError(f"{out} exists and there is no {out}.state to resume from; training would overwrite it "
+                         "(a shipped teacher, by default): pass --out NEW.pt, or --force to overwrite")
+    data = load_dataset(args.dataset, args.data_root, args.download)
     config = TeacherConfig(epochs=args.epochs, batch=args.batch, max_lr=args.max_lr, seed=args.seed,
                            init=args.init)
     summary = train_teacher(data, out, config, progress=not args.no_progress)
     print(f"{args.dataset}: test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs -> {out}")
-    command = "aflkd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "aflkd " + " ".join(shlex.quote(a) for a in args.argv)
     record_teacher(args.results, args.dataset, summary["test_acc"], summary["epochs"], command)
     return 0
 
@@ -310,7 +318,22 @@ def _load_teacher(args, data):
     from models import cloud_net, load_weights
 
     path = _teacher_path(args)
-    return load_weights(cloud_net(data.channels, 32, data.classes), path).eval()
+    return load_weights(cloud_net(data.channels, 32, data.classes), path,
+                        f"--teacher must be a cloud net trained on {data.name}").eval()
+
+
+def _check_student_options(steps: int, nets: Sequence[int], sizes: Sequence[int], data, size_option: str) -> None:
+    """Refuse bad --steps/--net(s)/--size(s) before any training, not hours into a grid."""
+    if steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    bad_nets = [n for n in nets if n not in (1, 2, 3)]
+    if bad_nets:
+        raise UsageError(f"edge net must be 1, 2 or 3, got {', '.join(map(str, bad_nets))}")
+    lo, hi = data.classes, len(data.y_train)
+    bad_sizes = [n for n in sizes if not lo <= n <= hi]
+    if bad_sizes:
+        raise UsageError(f"{size_option} must be between {lo} (one image per class) and {hi} (the training split), "
+                         f"got {', '.join(map(str, bad_sizes))}")
 
 
 def _train_edge(args) -> int:
@@ -319,11 +342,8 @@ def _train_edge(args) -> int:
     from models import save_atomic
 
     config = EdgeConfig(args.method, args.net, steps=args.steps, t_rule=args.t_rule, unit=args.unit, seed=args.seed)
-    if args.steps < 1:
-        raise UsageError("--steps must be >= 1")
     data = load_dataset(args.dataset, args.data_root)
-    if not 0 < args.size <= len(data.y_train):
-        raise UsageError(f"--size must be between 1 and {len(data.y_train)} (the training split), got {args.size}")
+    _check_student_options(args.steps, [args.net], [args.size], data, "--size")
     teacher = _load_teacher(args, data) if args.method != "baseline" else None
     idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)
     result = train_edge(config, data, idx, teacher, progress=not args.no_progress)
@@ -357,6 +377,7 @@ def _experiment_accuracy(args) -> int:
     nets, sizes, seeds = (_int_list(args.nets, "--nets"), _int_list(args.sizes, "--sizes"),
                           _int_list(args.seeds, "--seeds"))
     data = load_dataset(args.dataset, args.data_root)
+    _check_student_options(args.steps, nets, sizes, data, "--sizes")
     teacher = _load_teacher(args, data) if any(m != "baseline" for m in methods) else None
     base = EdgeConfig("baseline", 1, steps=args.steps, t_rule=args.t_rule, unit=args.unit)
     stem = f"{args.out}/accuracy-{args.dataset}"
@@ -380,6 +401,7 @@ def _frozen_time(args) -> int:
     from kd.trainer import EdgeConfig
 
     data = load_dataset(args.dataset, args.data_root)
+    _check_student_options(args.steps, [args.net], [args.size], data, "--size")
     teacher = _load_teacher(args, data)
     rows = epoch_time_by_frozen(data, teacher, args.net, args.size, args.steps, EdgeConfig("aflkd", args.net),
                                 args.unit)
@@ -435,6 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded beside results as the command
         _apply_threads(args)
         if args.command == "bench" and args.what == "layers":
             return _bench_layers(args)

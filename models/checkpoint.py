@@ -12,8 +12,13 @@ from runtime.errors import UsageError
 __all__ = ["load_weights", "save_atomic"]
 
 
-def load_weights(model: nn.Module, path: str) -> nn.Module:
-    """Load a checkpoint (a state dict, or a dict with a ``"model"`` state dict) into ``model``."""
+def load_weights(model: nn.Module, path: str,
+                 hint: str = "check --net, --size, --classes and --in-channels") -> nn.Module:
+    """Load a checkpoint (a state dict, or a dict with a ``"model"`` state dict) into ``model``.
+
+    ``hint`` ends the one-line error for a checkpoint that does not fit: the options
+    of the calling command that decide the net's shape.
+    """
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' does not exist; pass the path of a saved .pt file")
     try:
@@ -38,8 +43,7 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
         if extra:
             parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
         raise UsageError(
-            f"checkpoint '{path}' does not match the net ({'; '.join(parts)}); "
-            "check --net, --size, --classes and --in-channels"
+            f"checkpoint '{path}' does not match the net ({'; '.join(parts)}); {hint}"
         )
     model.load_state_dict(state)
     return model

@@ -130,3 +130,42 @@ def test_bench_train_step_rejects_zero_steps(capsys):
 def test_every_command_rejects_zero_threads_in_one_line(command, capsys):
     assert main(command + ["--threads", "0"]) == 2
     assert capsys.readouterr().err.strip() == "aflkd: error: --threads must be >= 1, got 0"
+
+
+def test_train_cloud_will_not_overwrite_a_checkpoint_it_cannot_resume(tmp_path, capsys):
+    out = tmp_path / "cloud.pt"
+    out.write_bytes(b"a shipped teacher")
+    assert main(["train", "cloud", "--dataset", "fashion-mnist", "--out", str(out)]) == 2
+    assert "exists and there is no" in capsys.readouterr().err and out.read_bytes() == b"a shipped teacher"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["experiment", "accuracy", "--nets", "1,4", "--methods", "baseline"], "edge net must be 1, 2 or 3, got 4"),
+    (["experiment", "accuracy", "--sizes", "2,30", "--methods", "baseline"],
+     "--sizes must be between 3 (one image per class) and 60 (the training split), got 2"),
+    (["experiment", "accuracy", "--steps", "0", "--methods", "baseline"], "--steps must be >= 1, got 0"),
+    (["experiment", "frozen-time", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["train", "edge", "--size", "61"], "--size must be between 3 (one image per class) and 60"),
+    (["train", "cloud", "--max-lr", "0"], "--max-lr must be > 0, got 0.0"),
+])
+def test_bad_training_options_fail_in_one_line_before_training(argv, message, tmp_path, monkeypatch, capsys):
+    import kd.datasets
+    from tests.test_teacher import tiny
+
+    monkeypatch.setattr(kd.datasets, "load_dataset", lambda name, root, download=False: tiny(n=60))
+    assert main(argv[:2] + ["--dataset", "fashion-mnist", "--out", str(tmp_path / "o")] * (argv[1] != "frozen-time")
+                + ["--dataset", "fashion-mnist"] * (argv[1] == "frozen-time") + argv[2:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_teacher_of_another_dataset_names_the_option_to_fix(tmp_path, monkeypatch, capsys):
+    import kd.datasets
+    from models import cloud_net, save_atomic
+    from tests.test_teacher import tiny
+
+    monkeypatch.setattr(kd.datasets, "load_dataset", lambda name, root, download=False: tiny(n=60))
+    path = tmp_path / "ten-classes.pt"
+    save_atomic(cloud_net(3, 32, 10).state_dict(), str(path))  # tiny has 3 classes
+    assert main(["train", "edge", "--dataset", "fashion-mnist", "--teacher", str(path), "--size", "30"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--teacher must be a cloud net trained on tiny")

@@ -41,6 +41,20 @@ def test_sslf_freezes_half_the_shared_convs_whatever_the_unit(unit, teacher):
         assert same == frozen, name
 
 
+def test_frozen_prefix_runs_without_autograd(teacher):
+    """Frozen units get no backward pass: their output carries no graph, the rest's does."""
+    from kd.trainer import _forward
+    from models import edge_net
+
+    student = edge_net(2, 3, 32, 3)
+    seen = {}
+    student.pool1.register_forward_hook(lambda m, i, o: seen.__setitem__("frozen", o.requires_grad))
+    student.pool2.register_forward_hook(lambda m, i, o: seen.__setitem__("trained", o.requires_grad))
+    prefix = [name for name, _ in student.named_children()].index("pool1") + 1
+    out = _forward(student, torch.randn(2, 3, 32, 32), prefix)
+    assert seen == {"frozen": False, "trained": True} and out.requires_grad
+
+
 def test_paper_rule_drives_temperature_down(teacher):
     """Trap 1: with plain descent the only T-gradient is from lambda*T^2*KL; where that grows with T
     (here: a random teacher on synthetic images) T slides down.  On real CIFAR-10 it rose (README)."""
@@ -77,4 +91,4 @@ def test_train_edge_command_prints_schedule_and_saves(tmp_path, monkeypatch, cap
     assert "frozen n" in text and "test accuracy" in text
     load_weights(edge_net(1, 3, 32, 3), str(out))  # the saved student fits edge net 1
     code = main(["train", "edge", "--dataset", "tiny", "--size", "999", "--method", "baseline"])
-    assert code == 2 and "--size must be between 1 and 60" in capsys.readouterr().err
+    assert code == 2 and "--size must be between 3 (one image per class) and 60" in capsys.readouterr().err

@@ -21,6 +21,7 @@ def test_augment_keeps_shape_and_content_range():
     x = to_tensor(data.x_train, data)
     out = augment(x, torch.Generator().manual_seed(1))
     assert out.shape == x.shape
+    assert not torch.equal(out, x)  # it did crop or flip something
     # a crop of a zero-padded image: every value is either from the image or padding zero
     assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
 
@@ -51,6 +52,25 @@ def test_resume_with_other_options_is_refused(tmp_path):
         train_teacher(data, str(tmp_path / "a.pt"), TeacherConfig(epochs=3, batch=16), progress=False)
 
 
+def test_resume_on_another_dataset_is_refused(tmp_path):
+    from dataclasses import replace
+
+    data = tiny()
+    train_teacher(data, str(tmp_path / "a.pt"), TeacherConfig(epochs=2, batch=16), progress=False, stop_after=1)
+    with pytest.raises(UsageError, match="is a tiny run, not other"):
+        train_teacher(replace(data, name="other"), str(tmp_path / "a.pt"), TeacherConfig(epochs=2, batch=16),
+                      progress=False)
+
+
+def test_cache_files_are_written_whole_and_leave_no_temp_files(tmp_path):
+    from kd.datasets import _write_atomic
+
+    target = tmp_path / "blob"
+    _write_atomic(target, b"x" * 1000)
+    _write_atomic(target, b"y" * 10)
+    assert target.read_bytes() == b"y" * 10 and [p.name for p in tmp_path.iterdir()] == ["blob"]
+
+
 def test_balanced_subsets_are_nested_and_balanced():
     labels = np.repeat(np.arange(10), 100)
     small, large = balanced_subset(labels, 50, 10), balanced_subset(labels, 200, 10)
@@ -79,7 +99,8 @@ def test_real_cifar10_layout():
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").exists(),
                     reason="Debian's dataset-fashion-mnist is not installed")
-def test_real_fashion_mnist_from_debian(tmp_path):
+def test_real_fashion_mnist_from_debian(tmp_path, monkeypatch):
+    monkeypatch.setenv("AFLKD_CACHE", str(tmp_path / "cache"))  # decompress into the test's folder
     data = load_dataset("fashion-mnist", tmp_path)  # nothing under tmp_path: falls back to Debian's files
     assert data.x_train.shape == (60000, 28, 28, 1) and data.x_test.shape == (10000, 28, 28, 1)
     assert abs(data.x_train.mean() / 255 - data.mean[0]) < 1e-3
