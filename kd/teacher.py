@@ -89,6 +89,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     return correct / len(x)
 
 
+def _sgd(model: nn.Module, config: TeacherConfig) -> torch.optim.SGD:
+    """The recipe's optimiser, one definition for training and its benchmark."""
+    return torch.optim.SGD(model.parameters(), lr=config.max_lr, momentum=0.9, nesterov=True,
+                           weight_decay=config.weight_decay)
+
+
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                 x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One SGD step on one batch; shared by training and its benchmark so they time the same work."""
@@ -122,8 +128,7 @@ def train_teacher(
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch)
     if limit_batches:
         steps_per_epoch = min(steps_per_epoch, limit_batches)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.max_lr, momentum=0.9, nesterov=True,
-                                weight_decay=config.weight_decay)
+    optimizer = _sgd(model, config)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.max_lr, total_steps=config.epochs * steps_per_epoch,
                                                    pct_start=0.25, div_factor=10, final_div_factor=100)
     epoch, history = 0, []
@@ -187,8 +192,7 @@ def step_throughput(model: nn.Module, shape: tuple[int, int, int], classes: int,
     model = model.to(memory_format=CL).train()
     forward = torch.compile(model) if compile else model
     recipe = TeacherConfig()
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.max_lr, momentum=0.9, nesterov=True,
-                                weight_decay=recipe.weight_decay)
+    optimizer = _sgd(model, recipe)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=generator).contiguous(memory_format=CL)
