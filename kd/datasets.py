@@ -19,12 +19,12 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from models.checkpoint import write_atomic
 from runtime.errors import UsageError
 
 __all__ = ["ImageArrays", "DATASETS", "load_dataset", "balanced_subset"]
@@ -60,19 +60,6 @@ def _cache_dir() -> Path:
     return path
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A unique temp file beside ``path``, then a rename: an interrupted or concurrent first run
-    never leaves (or reads) a truncated cache file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _download_failed(name: str, err: OSError) -> UsageError:
     return UsageError(f"downloading {name} failed ({err}); check the network, or drop --download and point "
                       "--data-root at local files")
@@ -85,23 +72,32 @@ def _cifar_npz(root: Path, name: str):
     cached = _cache_dir() / f"{name}.npz"
     if not cached.exists() or cached.stat().st_mtime < packed.stat().st_mtime:
         with lzma.open(packed) as fh:
-            _write_atomic(cached, fh.read())
+            data = fh.read()
+        write_atomic(cached, lambda out: out.write(data))
     d = np.load(cached)
     return d["x_train"], d["y_train"].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64)
 
 
-def _cifar_torchvision(root: Path, name: str, download: bool):
-    from torchvision import datasets
-
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+def _torchvision_splits(cls, root: Path, name: str, download: bool):
+    """Train and test splits through a torchvision dataset class; None when its files are not
+    under ``root`` (torchvision raises RuntimeError); one line when a requested download fails."""
     try:
-        train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+        return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except RuntimeError:
         return None
     except OSError as err:  # URLError is an OSError
         if not download:
             raise
         raise _download_failed(name, err) from None
+
+
+def _cifar_torchvision(root: Path, name: str, download: bool):
+    from torchvision import datasets
+
+    splits = _torchvision_splits(datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100, root, name, download)
+    if splits is None:
+        return None
+    train, test = splits
     return (np.asarray(train.data), np.asarray(train.targets, np.int64),
             np.asarray(test.data), np.asarray(test.targets, np.int64))
 
@@ -110,15 +106,11 @@ def _fashion(root: Path, download: bool):
     from torchvision import datasets
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    try:
-        train = datasets.FashionMNIST(str(root), train=True, download=download)
-        test = datasets.FashionMNIST(str(root), train=False, download=download)
+    splits = _torchvision_splits(datasets.FashionMNIST, root, "fashion-mnist", download)
+    if splits is not None:
+        train, test = splits
         pairs = (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
-    except OSError as err:
-        if not download:
-            raise
-        raise _download_failed("fashion-mnist", err) from None
-    except RuntimeError:
+    else:
         names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
         if not all((DEBIAN_FASHION / f"{n}.gz").exists() for n in names):
             return None
@@ -127,7 +119,8 @@ def _fashion(root: Path, download: bool):
         for n in names:
             raw = cache / n
             if not raw.exists():
-                _write_atomic(raw, gzip.decompress((DEBIAN_FASHION / f"{n}.gz").read_bytes()))
+                data = gzip.decompress((DEBIAN_FASHION / f"{n}.gz").read_bytes())
+                write_atomic(raw, lambda out: out.write(data))
             read = read_image_file if "images" in n else read_label_file
             arrays.append(read(str(raw)).numpy())
         pairs = tuple(arrays)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from runtime.errors import UsageError
 
-__all__ = ["load_weights", "save_atomic"]
+__all__ = ["load_weights", "save_atomic", "write_atomic"]
 
 
 def load_weights(model: nn.Module, path: str,
@@ -49,17 +49,23 @@ def load_weights(model: nn.Module, path: str,
     return model
 
 
-def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a torn file."""
+def write_atomic(path, write) -> None:
+    """Call ``write(binary_file)`` on a unique temp file beside ``path``, then rename it over
+    ``path``: an interrupted or concurrent writer never leaves (and a reader never sees) a torn file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints and caches are meant to be shared
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj, path: str) -> None:
+    """``torch.save`` through :func:`write_atomic`: never a torn checkpoint."""
+    write_atomic(path, lambda fh: torch.save(obj, fh))

@@ -63,12 +63,37 @@ def test_resume_on_another_dataset_is_refused(tmp_path):
 
 
 def test_cache_files_are_written_whole_and_leave_no_temp_files(tmp_path):
-    from kd.datasets import _write_atomic
+    from models.checkpoint import write_atomic
 
     target = tmp_path / "blob"
-    _write_atomic(target, b"x" * 1000)
-    _write_atomic(target, b"y" * 10)
+    write_atomic(target, lambda fh: fh.write(b"x" * 1000))
+    write_atomic(target, lambda fh: fh.write(b"y" * 10))
     assert target.read_bytes() == b"y" * 10 and [p.name for p in tmp_path.iterdir()] == ["blob"]
+
+
+class _FakeTorchvision:
+    """A torchvision dataset class stand-in that fails the way the real one does."""
+
+    def __init__(self, failure):
+        self.failure = failure
+
+    def __call__(self, root, train, download):
+        raise self.failure
+
+
+def test_torchvision_failures_become_none_or_one_line():
+    from urllib.error import URLError
+
+    from kd.datasets import _torchvision_splits
+
+    # files absent (torchvision raises RuntimeError): fall through to the next source
+    assert _torchvision_splits(_FakeTorchvision(RuntimeError("Dataset not found")), "/x", "cifar10", False) is None
+    # a requested download that fails: one line naming the fix, not a URLError traceback
+    with pytest.raises(UsageError, match="downloading cifar10 failed .*drop --download"):
+        _torchvision_splits(_FakeTorchvision(URLError("no route")), "/x", "cifar10", True)
+    # an OSError while reading local files is not a download failure: it propagates as is
+    with pytest.raises(PermissionError):
+        _torchvision_splits(_FakeTorchvision(PermissionError("denied")), "/x", "cifar10", False)
 
 
 def test_balanced_subsets_are_nested_and_balanced():
