@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +72,8 @@ def _cifar_npz(root: Path, name: str):
         return None
     cached = _cache_dir() / f"{name}.npz"
     if not cached.exists() or cached.stat().st_mtime < packed.stat().st_mtime:
-        with lzma.open(packed) as fh:
-            data = fh.read()
-        write_atomic(cached, lambda out: out.write(data))
+        with lzma.open(packed) as fh:  # streamed: the decompressed file never sits whole in memory
+            write_atomic(cached, lambda out: shutil.copyfileobj(fh, out))
     d = np.load(cached)
     return d["x_train"], d["y_train"].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64)
 
@@ -119,8 +119,8 @@ def _fashion(root: Path, download: bool):
         for n in names:
             raw = cache / n
             if not raw.exists():
-                data = gzip.decompress((DEBIAN_FASHION / f"{n}.gz").read_bytes())
-                write_atomic(raw, lambda out: out.write(data))
+                with gzip.open(DEBIAN_FASHION / f"{n}.gz") as fh:
+                    write_atomic(raw, lambda out: shutil.copyfileobj(fh, out))
             read = read_image_file if "images" in n else read_label_file
             arrays.append(read(str(raw)).numpy())
         pairs = tuple(arrays)

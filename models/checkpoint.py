@@ -55,8 +55,8 @@ def write_atomic(path, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints and caches are meant to be shared
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints and caches are meant to be shared
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.replace(tmp, path)
