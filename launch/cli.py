@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--seed", type=int, default=0)
     cloud.add_argument("--init", default="", metavar="PT",
                        help="start from these weights (a warm restart with a fresh one-cycle) instead of random ones")
+    cloud.add_argument("--swa-epochs", type=int, default=0, metavar="K",
+                       help="make the last K of --epochs stochastic weight averaging: constant --swa-lr, and OUT "
+                       "holds the equal-weight average of the weights and BatchNorm statistics at the end of each")
+    cloud.add_argument("--swa-lr", type=float, default=0.01, help="learning rate of the averaging epochs")
     cloud.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     cloud.add_argument("--results", default="results/teachers.csv", help="where to record the test accuracy")
     cloud.add_argument("--force", action="store_true",
@@ -299,9 +303,9 @@ def _train_cloud(args) -> int:
     if os.path.exists(out) and not os.path.exists(out + ".state") and not args.force:
         raise UsageError(f"{out} exists and there is no {out}.state to resume from; training would overwrite it "
                          "(a shipped teacher, by default): pass --out NEW.pt, or --force to overwrite")
-    data = load_dataset(args.dataset, args.data_root, args.download)
     config = TeacherConfig(epochs=args.epochs, batch=args.batch, max_lr=args.max_lr, seed=args.seed,
-                           init=args.init)
+                           init=args.init, swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
+    data = load_dataset(args.dataset, args.data_root, args.download)
     summary = train_teacher(data, out, config, progress=not args.no_progress)
     print(f"{args.dataset}: test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs -> {out}")
     command = "aflkd " + " ".join(shlex.quote(a) for a in args.argv)

@@ -147,6 +147,8 @@ def test_train_cloud_will_not_overwrite_a_checkpoint_it_cannot_resume(tmp_path, 
     (["experiment", "frozen-time", "--steps", "0"], "--steps must be >= 1, got 0"),
     (["train", "edge", "--size", "61"], "--size must be between 3 (one image per class) and 60"),
     (["train", "cloud", "--max-lr", "0"], "--max-lr must be > 0, got 0.0"),
+    (["train", "cloud", "--epochs", "2", "--swa-epochs", "3"], "--swa-epochs must be between 0 and --epochs (2), got 3"),
+    (["train", "cloud", "--swa-epochs", "1", "--swa-lr", "0"], "--swa-lr must be > 0, got 0.0"),
 ])
 def test_bad_training_options_fail_in_one_line_before_training(argv, message, tmp_path, monkeypatch, capsys):
     import kd.datasets

@@ -158,3 +158,60 @@ def test_state_saved_before_init_existed_still_resumes(tmp_path):
     del state["config"]["init"]
     torch.save(state, tmp_path / "a.pt.state")
     assert train_teacher(data, str(tmp_path / "a.pt"), config, progress=False)["epochs"] == 2
+
+
+def _state(path):
+    return torch.load(str(path) + ".state", weights_only=False)
+
+
+def test_swa_output_is_the_mean_of_the_averaged_epochs_iterates(tmp_path):
+    data = tiny()
+    config = TeacherConfig(epochs=4, batch=16, max_lr=0.05, swa_epochs=3, swa_lr=0.02)
+    out = tmp_path / "a.pt"
+    iterates = []
+    for stop in range(1, 5):  # cut after every epoch to read that epoch's SGD weights from the state
+        summary = train_teacher(data, str(out), config, progress=False, stop_after=stop)
+        state = _state(out)
+        iterates.append(state["model"])
+        if stop > 1:  # the averaging epochs run at the constant rate, not the one-cycle's
+            assert all(g["lr"] == 0.02 for g in state["optimizer"]["param_groups"])
+    final = torch.load(out, weights_only=True)
+    averaged = iterates[1:]  # epoch 1 is the one-cycle; epochs 2-4 are averaged
+    for key, value in final.items():
+        if value.is_floating_point():  # weights and BatchNorm running statistics alike
+            mean = sum(it[key] for it in averaged) / len(averaged)
+            torch.testing.assert_close(value, mean, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(final["bn1_1.running_mean"], iterates[-1]["bn1_1.running_mean"])
+    assert summary["history"][-1]["averaged"] == 3
+    assert summary["test_acc"] == summary["history"][-1]["test_acc"]
+
+
+def test_swa_resume_continues_bit_for_bit(tmp_path):
+    data = tiny()
+    config = TeacherConfig(epochs=3, batch=16, max_lr=0.05, swa_epochs=2)
+    straight = train_teacher(data, str(tmp_path / "a.pt"), config, progress=False)
+    train_teacher(data, str(tmp_path / "b.pt"), config, progress=False, stop_after=2)
+    resumed = train_teacher(data, str(tmp_path / "b.pt"), config, progress=False)
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["history"] == [{**h, "seconds": s["seconds"], "images_per_s": s["images_per_s"]}
+                                   for h, s in zip(resumed["history"], straight["history"])]
+
+
+def test_swa_from_init_alone_has_no_one_cycle(tmp_path):
+    data = tiny()
+    train_teacher(data, str(tmp_path / "a.pt"), TeacherConfig(epochs=1, batch=16), progress=False)
+    summary = train_teacher(data, str(tmp_path / "b.pt"),
+                            TeacherConfig(epochs=2, batch=16, swa_epochs=2, init=str(tmp_path / "a.pt")),
+                            progress=False)
+    assert [h["averaged"] for h in summary["history"]] == [1, 2]
+
+
+@pytest.mark.parametrize("swa_epochs, swa_lr, message", [(3, 0.01, "--swa-epochs must be between 0 and"),
+                                                        (-1, 0.01, "--swa-epochs must be between 0 and"),
+                                                        (1, 0.0, "--swa-lr must be > 0")])
+def test_bad_swa_options_are_one_clear_error(tmp_path, swa_epochs, swa_lr, message):
+    with pytest.raises(UsageError, match=message):
+        train_teacher(tiny(), str(tmp_path / "a.pt"),
+                      TeacherConfig(epochs=2, batch=16, swa_epochs=swa_epochs, swa_lr=swa_lr), progress=False)
