@@ -43,7 +43,7 @@ from runtime.errors import UsageError
 
 from .datasets import ImageArrays
 
-__all__ = ["TeacherConfig", "to_tensor", "augment", "evaluate", "train_teacher", "step_throughput"]
+__all__ = ["TeacherConfig", "to_tensor", "augment", "evaluate", "train_teacher", "average_teachers", "step_throughput"]
 
 CL = torch.channels_last
 
@@ -219,6 +219,29 @@ def train_teacher(
             "history": history}
 
 
+def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 32) -> float:
+    """Average saved cloud nets (weights and BatchNorm statistics, equal weight) into ``out``; return its test accuracy.
+
+    Stochastic weight averaging with a cyclical schedule (Izmailov et al., 2018)
+    averages the weights at the end of each cycle; the ends of a chain of warm
+    restarts (``train cloud --init``) are exactly such points, so averaging them
+    needs no further training.  The files must be nets of one basin (one chain):
+    averaging independently trained nets gives a net that does not work.
+    """
+    if len(paths) < 2:
+        raise UsageError(f"give at least two weights files to average, got {len(paths)}")
+    model = cloud_net(data.channels, size, data.classes)
+    averaged = None
+    for path in paths:
+        load_weights(model, path, f"every file averaged must be a cloud net trained on {data.name}")
+        averaged = averaged or AveragedModel(model, use_buffers=True)
+        averaged.update_parameters(model)
+    net = averaged.module.to(memory_format=CL)
+    accuracy = evaluate(net, to_tensor(data.x_test, data, size), torch.from_numpy(data.y_test))
+    save_atomic(net.state_dict(), out)
+    return accuracy
+
+
 def step_throughput(model: nn.Module, shape: tuple[int, int, int], classes: int, batch: int = 128,
                     steps: int = 15, warmup: int = 3, compile: bool = False) -> dict:
     """Images per second of one teacher-training step (forward, backward, SGD), median of ``steps``.
@@ -248,14 +271,15 @@ def step_throughput(model: nn.Module, shape: tuple[int, int, int], classes: int,
             "median_s": median, "images_per_s": batch / median}
 
 
-def record_teacher(csv_path: str, dataset: str, test_acc: float, epochs: int, command: str) -> None:
-    """Add or replace the row for ``dataset`` in ``results/teachers.csv``."""
+def record_teacher(csv_path: str, dataset: str, test_acc: float, epochs: Optional[int], command: str) -> None:
+    """Add or replace the row for ``dataset`` in ``results/teachers.csv`` (``epochs`` None: left blank)."""
     path = Path(csv_path)
     rows = []
     if path.exists():
         with open(path, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r["dataset"] != dataset]
-    rows.append({"dataset": dataset, "test_acc": f"{test_acc:.4f}", "epochs": str(epochs), "command": command})
+    rows.append({"dataset": dataset, "test_acc": f"{test_acc:.4f}", "epochs": "" if epochs is None else str(epochs),
+                 "command": command})
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["dataset", "test_acc", "epochs", "command"])

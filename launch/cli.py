@@ -148,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start over even if OUT exists without OUT.state (overwrites OUT)")
     cloud.add_argument("--no-progress", action="store_true")
 
+    average = train_sub.add_parser(
+        "average",
+        help="average saved cloud nets' weights (SWA over the ends of warm restarts); no training",
+        description="Average the weights and BatchNorm statistics of saved cloud nets with equal weight "
+        "(stochastic weight averaging over the ends of a chain of 'train cloud --init' restarts), "
+        "report the test accuracy of the average and record it in results/teachers.csv. The files "
+        "must come from one chain: independently trained nets do not average into a working net.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _data_options(average)
+    average.add_argument("weights", nargs="+", metavar="PT", help="cloud net weights files (two or more)")
+    average.add_argument("--out", required=True, help="weights file of the average")
+    average.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    average.add_argument("--results", default="results/teachers.csv", help="where to record the test accuracy")
+    average.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+
     edge = train_sub.add_parser(
         "edge",
         help="train one edge student (baseline, sslf, aflkd, kd or ctkd) from a cloud teacher",
@@ -313,6 +329,24 @@ def _train_cloud(args) -> int:
     return 0
 
 
+def _train_average(args) -> int:
+    import shlex
+
+    from kd.datasets import load_dataset
+    from kd.teacher import average_teachers, record_teacher
+
+    if len(args.weights) < 2:
+        raise UsageError(f"give at least two weights files to average, got {len(args.weights)}")
+    if os.path.exists(args.out) and not args.force:
+        raise UsageError(f"{args.out} exists (a shipped teacher?); pass another --out, or --force to overwrite it")
+    data = load_dataset(args.dataset, args.data_root)
+    accuracy = average_teachers(data, args.weights, args.out)
+    print(f"{args.dataset}: average of {len(args.weights)} nets, test accuracy {accuracy:.4f} -> {args.out}")
+    command = "aflkd " + " ".join(shlex.quote(a) for a in args.argv)
+    record_teacher(args.results, args.dataset, accuracy, None, command)  # the epochs are the chain's, not known here
+    return 0
+
+
 def _teacher_path(args) -> str:
     return args.teacher or f"checkpoints/cloud-{args.dataset}.pt"
 
@@ -469,6 +503,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _bench_train_step(args)
         if args.command == "train" and args.what == "cloud":
             return _train_cloud(args)
+        if args.command == "train" and args.what == "average":
+            return _train_average(args)
         if args.command == "train" and args.what == "edge":
             return _train_edge(args)
         if args.command == "experiment" and args.what == "accuracy":

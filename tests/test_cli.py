@@ -171,3 +171,27 @@ def test_teacher_of_another_dataset_names_the_option_to_fix(tmp_path, monkeypatc
     save_atomic(cloud_net(3, 32, 10).state_dict(), str(path))  # tiny has 3 classes
     assert main(["train", "edge", "--dataset", "fashion-mnist", "--teacher", str(path), "--size", "30"]) == 2
     assert capsys.readouterr().err.strip().endswith("--teacher must be a cloud net trained on tiny")
+
+
+def test_train_average_records_the_average_and_keeps_an_existing_out(tmp_path, monkeypatch, capsys):
+    import csv
+
+    import kd.datasets
+    from models import cloud_net, save_atomic
+    from tests.test_teacher import tiny
+
+    monkeypatch.setattr(kd.datasets, "load_dataset", lambda name, root, download=False: tiny(n=60))
+    paths = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f"n{seed}.pt"))
+        save_atomic(cloud_net(3, 32, 3).state_dict(), paths[-1])
+    out, results = tmp_path / "avg.pt", tmp_path / "teachers.csv"
+    assert main(["train", "average", "--dataset", "fashion-mnist", *paths, "--out", str(out),
+                 "--results", str(results)]) == 0
+    assert "average of 2 nets, test accuracy" in capsys.readouterr().out
+    (row,) = list(csv.DictReader(open(results)))
+    assert row["dataset"] == "fashion-mnist" and row["epochs"] == "" and "train average" in row["command"]
+    before = out.read_bytes()
+    assert main(["train", "average", "--dataset", "fashion-mnist", *paths, "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before

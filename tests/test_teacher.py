@@ -215,3 +215,22 @@ def test_bad_swa_options_are_one_clear_error(tmp_path, swa_epochs, swa_lr, messa
     with pytest.raises(UsageError, match=message):
         train_teacher(tiny(), str(tmp_path / "a.pt"),
                       TeacherConfig(epochs=2, batch=16, swa_epochs=swa_epochs, swa_lr=swa_lr), progress=False)
+
+
+def test_average_of_saved_nets_is_their_mean_and_is_evaluated(tmp_path):
+    from kd.teacher import average_teachers
+
+    data = tiny()
+    paths = []
+    for seed in range(3):  # three different nets; the mean of anything is still a mean
+        train_teacher(data, str(tmp_path / f"n{seed}.pt"), TeacherConfig(epochs=1, batch=16, seed=seed), progress=False)
+        paths.append(str(tmp_path / f"n{seed}.pt"))
+    accuracy = average_teachers(data, paths, str(tmp_path / "avg.pt"))
+    nets = [torch.load(p, weights_only=True) for p in paths]
+    avg = torch.load(tmp_path / "avg.pt", weights_only=True)
+    for key, value in avg.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, sum(n[key] for n in nets) / 3, rtol=1e-5, atol=1e-6)
+    assert 0.0 <= accuracy <= 1.0
+    with pytest.raises(UsageError, match="at least two weights files"):
+        average_teachers(data, paths[:1], str(tmp_path / "one.pt"))
