@@ -226,7 +226,7 @@ def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 
     averages the weights at the end of each cycle; the ends of a chain of warm
     restarts (``train cloud --init``) are exactly such points, so averaging them
     needs no further training.  The files must be nets of one basin (one chain):
-    averaging independently trained nets gives a net that does not work.
+    nets trained from different random starts have their units in another order, so their average is not expected to work.
     """
     if len(paths) < 2:
         raise UsageError(f"give at least two weights files to average, got {len(paths)}")

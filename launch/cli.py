@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Average the weights and BatchNorm statistics of saved cloud nets with equal weight "
         "(stochastic weight averaging over the ends of a chain of 'train cloud --init' restarts), "
         "report the test accuracy of the average and record it in results/teachers.csv. The files "
-        "must come from one chain: independently trained nets do not average into a working net.",
+        "must come from one chain: nets trained from different random starts are not expected to average into a working net.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _data_options(average)
