@@ -14,8 +14,8 @@ statistics at the end of each of those epochs averaged with equal weight
 average.  The buffers are averaged rather than recomputed with ``update_bn``
 because recomputing them cost accuracy here: the 67.95% CIFAR-100 teacher fell to
 66.56% with its statistics recomputed over augmented training batches of 500
-(66.55% with batches of 128, the training batch) and to 66.02% over plain ones.  The state (model, average, optimiser, schedule, epoch, history) is
-written atomically after every epoch, and the shuffling order of epoch ``e``
+(66.55% with batches of 128, the training batch) and to 66.02% over plain ones.
+The state (model, average, optimiser, schedule, epoch, history) is written atomically after every epoch, and the shuffling order of epoch ``e``
 depends only on ``(seed, e)`` and the dropout RNG state is saved too, so a run
 cut off and resumed continues bit for bit (at the same thread count: another
 count changes the order of float sums, so a resumed run then differs in the last
@@ -226,7 +226,8 @@ def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 
     averages the weights at the end of each cycle; the ends of a chain of warm
     restarts (``train cloud --init``) are exactly such points, so averaging them
     needs no further training.  The files must be nets of one basin (one chain):
-    nets trained from different random starts have their units in another order, so their average is not expected to work.
+    nets trained from different random starts have their units in another
+    order, so their average is not expected to work.
     """
     if len(paths) < 2:
         raise UsageError(f"give at least two weights files to average, got {len(paths)}")
@@ -234,7 +235,8 @@ def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 
     averaged = None
     for path in paths:
         load_weights(model, path, f"every file averaged must be a cloud net trained on {data.name}")
-        averaged = averaged or AveragedModel(model, use_buffers=True)
+        if averaged is None:
+            averaged = AveragedModel(model, use_buffers=True)
         averaged.update_parameters(model)
     net = averaged.module.to(memory_format=CL)
     accuracy = evaluate(net, to_tensor(data.x_test, data, size), torch.from_numpy(data.y_test))
