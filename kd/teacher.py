@@ -15,8 +15,9 @@ average.  The buffers are averaged rather than recomputed with ``update_bn``
 because recomputing them cost accuracy here: the 67.95% CIFAR-100 teacher fell to
 66.56% with its statistics recomputed over augmented training batches of 500
 (66.55% with batches of 128, the training batch) and to 66.02% over plain ones.
-The state (model, average, optimiser, schedule, epoch, history) is written atomically after every epoch, and the shuffling order of epoch ``e``
-depends only on ``(seed, e)`` and the dropout RNG state is saved too, so a run
+The state (model, average, optimiser, schedule, epoch, history) is written
+atomically after every epoch, and the shuffling order of epoch ``e`` depends
+only on ``(seed, e)`` and the dropout RNG state is saved too, so a run
 cut off and resumed continues bit for bit (at the same thread count: another
 count changes the order of float sums, so a resumed run then differs in the last
 bits, though it continues the same schedule).
