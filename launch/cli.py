@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Optional, Sequence
 
@@ -306,8 +307,6 @@ def _bench_train_step(args) -> int:
 
 
 def _train_cloud(args) -> int:
-    import shlex
-
     from kd.datasets import load_dataset
     from kd.teacher import TeacherConfig, record_teacher, train_teacher
 
@@ -324,14 +323,11 @@ def _train_cloud(args) -> int:
     data = load_dataset(args.dataset, args.data_root, args.download)
     summary = train_teacher(data, out, config, progress=not args.no_progress)
     print(f"{args.dataset}: test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs -> {out}")
-    command = "aflkd " + " ".join(shlex.quote(a) for a in args.argv)
-    record_teacher(args.results, args.dataset, summary["test_acc"], summary["epochs"], command)
+    record_teacher(args.results, args.dataset, summary["test_acc"], summary["epochs"], args.command_line)
     return 0
 
 
 def _train_average(args) -> int:
-    import shlex
-
     from kd.datasets import load_dataset
     from kd.teacher import average_teachers, record_teacher
 
@@ -342,8 +338,7 @@ def _train_average(args) -> int:
     data = load_dataset(args.dataset, args.data_root)
     accuracy = average_teachers(data, args.weights, args.out)
     print(f"{args.dataset}: average of {len(args.weights)} nets, test accuracy {accuracy:.4f} -> {args.out}")
-    command = "aflkd " + " ".join(shlex.quote(a) for a in args.argv)
-    record_teacher(args.results, args.dataset, accuracy, None, command)  # the epochs are the chain's, not known here
+    record_teacher(args.results, args.dataset, accuracy, None, args.command_line)  # the epochs are the chain's, not known here
     return 0
 
 
@@ -495,7 +490,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded beside results as the command
+        # recorded beside results as the command that made them
+        args.command_line = "aflkd " + shlex.join(sys.argv[1:] if argv is None else argv)
         _apply_threads(args)
         if args.command == "bench" and args.what == "layers":
             return _bench_layers(args)
