@@ -28,7 +28,7 @@ import numpy as np
 from models.checkpoint import write_atomic
 from runtime.errors import UsageError
 
-__all__ = ["ImageArrays", "DATASETS", "load_dataset", "balanced_subset"]
+__all__ = ["ImageArrays", "DATASETS", "DatasetNotFound", "load_dataset", "balanced_subset"]
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -49,6 +49,11 @@ class ImageArrays:
     @property
     def channels(self) -> int:
         return self.x_train.shape[3]
+
+
+class DatasetNotFound(UsageError):
+    """No local files of the dataset; the message names where to get them.  It does not offer
+    ``--download``: only commands that have that option add it (``train cloud``)."""
 
 
 def _cache_dir() -> Path:
@@ -142,12 +147,12 @@ def load_dataset(name: str, root: str | os.PathLike, download: bool = False) -> 
     root = Path(root)
     if name == "fashion-mnist":
         arrays = _fashion(root, download)
-        hint = "install Debian's package with 'apt-get install dataset-fashion-mnist' or pass --download"
+        hint = "install Debian's package with 'apt-get install dataset-fashion-mnist'"
     else:
         arrays = _cifar_npz(root, name) or _cifar_torchvision(root, name, download)
-        hint = f"point --data-root at the folder holding {name}.npz.xz (e.g. ../shared/data) or pass --download"
+        hint = f"point --data-root at the folder holding {name}.npz.xz (e.g. ../shared/data)"
     if arrays is None:
-        raise UsageError(f"dataset '{name}' not found under {root}; {hint}")
+        raise DatasetNotFound(f"dataset '{name}' not found under {root}; {hint}")
     classes, mean, std = DATASETS[name]
     return ImageArrays(name, *arrays, classes=classes, mean=mean, std=std)
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .datasets import ImageArrays, balanced_subset
 from .trainer import EdgeConfig, train_edge
 
-__all__ = ["FIELDS", "file_digest", "run_grid", "read_results", "markdown_table", "plot_accuracy", "epoch_time_by_frozen"]
+__all__ = ["FIELDS", "file_digest", "check_settings", "missing_cells", "run_grid", "read_results", "markdown_table", "plot_accuracy", "epoch_time_by_frozen"]
 
 FIELDS = ["dataset", "net", "size", "method", "seed", "test_acc", "seconds", "final_T", "final_frozen"]
 
@@ -52,7 +52,7 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "") -> None:
+def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "") -> Optional[dict]:
     """Refuse to mix cells trained with other settings into ``csv_path``.
 
     Finished cells are skipped by key (dataset, net, size, method, seed), so a rerun
@@ -60,15 +60,18 @@ def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "") ->
     would silently keep the old cells.  The settings are kept beside the CSV
     (``.settings.json``) and compared.  The teacher is named by the digest of its
     file; a grid that has used no teacher yet (baseline cells only) takes the first
-    one it is given.
+    one it is given.  Returns the settings to write with the first cell when the
+    CSV holds no cell yet (nothing is written before a cell is finished), else None.
     """
     from runtime.errors import UsageError
 
     path = Path(csv_path).with_suffix(".settings.json")
-    wanted = _settings(base)
+    wanted = {**_settings(base), "teacher_sha256": teacher_sha256}
+    if not read_results(csv_path):
+        return wanted  # no cell yet: settings left by a run that finished none do not bind
     if path.exists():
         kept = json.loads(path.read_text())
-        changed = {k: (kept.get(k), v) for k, v in wanted.items() if kept.get(k) != v}
+        changed = {k: (kept.get(k), v) for k, v in wanted.items() if k != "teacher_sha256" and kept.get(k) != v}
         old_teacher = kept.get("teacher_sha256", "")
         if teacher_sha256 and old_teacher and old_teacher != teacher_sha256:
             changed["teacher_sha256"] = (old_teacher, teacher_sha256)
@@ -78,11 +81,15 @@ def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "") ->
                              f"pass --out with another folder, or delete that CSV to start over")
         if teacher_sha256 and not old_teacher:
             path.write_text(json.dumps({**kept, "teacher_sha256": teacher_sha256}, indent=1) + "\n")
-    elif os.path.exists(csv_path):
-        return  # a CSV from before settings were recorded: nothing to compare with
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**wanted, "teacher_sha256": teacher_sha256}, indent=1) + "\n")
+    return None  # (a CSV from before settings were recorded has nothing to compare with)
+
+
+def missing_cells(dataset: str, nets: Iterable[int], sizes: Iterable[int], methods: Iterable[str],
+                  seeds: Iterable[int], csv_path: str) -> list[tuple]:
+    """The grid's cells (net, size, method, seed) not yet in ``csv_path``, in run order."""
+    done = {_key(r) for r in read_results(csv_path)}
+    return [(n, s, m, seed) for n in nets for s in sizes for m in methods for seed in seeds
+            if (dataset, n, s, m, seed) not in done]
 
 
 def run_grid(
@@ -100,26 +107,34 @@ def run_grid(
     """Run every missing cell and append it to ``csv_path``; return all rows.
 
     ``teacher_sha256`` (see :func:`file_digest`) is recorded with the settings.
+    The CSV header and the settings are written with the first finished cell, so
+    a run that fails in its first cell leaves no header-only CSV behind.
     """
-    check_settings(csv_path, base, teacher_sha256)
-    done = {_key(r) for r in read_results(csv_path)}
-    cells = [(n, s, m, seed) for n in nets for s in sizes for m in methods for seed in seeds
-             if (data.name, n, s, m, seed) not in done]
-    Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-    fresh = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if fresh:
-            writer.writeheader()
+    pending_settings = check_settings(csv_path, base, teacher_sha256)
+    cells = missing_cells(data.name, nets, sizes, methods, seeds, csv_path)
+    fh = writer = None
+    try:
         for net, size, method, seed in tqdm(cells, desc=f"{data.name} grid", disable=not progress):
             idx = balanced_subset(data.y_train, size, data.classes, seed=seed)
             config = replace(base, method=method, net=net, seed=seed)
             result = train_edge(config, data, idx, teacher)
             last = result.history[-1] if result.history else {}
+            if fh is None:
+                Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+                fresh = pending_settings is not None  # no cell yet (perhaps a header-only file): start it over
+                fh = open(csv_path, "w" if fresh else "a", newline="")
+                writer = csv.DictWriter(fh, fieldnames=FIELDS)
+                if fresh:
+                    Path(csv_path).with_suffix(".settings.json").write_text(json.dumps(pending_settings, indent=1)
+                                                                            + "\n")
+                    writer.writeheader()
             writer.writerow({"dataset": data.name, "net": net, "size": size, "method": method, "seed": seed,
                              "test_acc": f"{result.test_acc:.4f}", "seconds": f"{result.seconds:.1f}",
                              "final_T": f"{last.get('T', float('nan')):.3f}", "final_frozen": last.get("frozen", 0)})
             fh.flush()
+    finally:
+        if fh is not None:
+            fh.close()
     return read_results(csv_path)
 
 

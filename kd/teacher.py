@@ -43,6 +43,7 @@ from models import cloud_net, load_weights, save_atomic
 from runtime.errors import UsageError
 
 from .datasets import ImageArrays
+from .schedule import one_cycle
 
 __all__ = ["TeacherConfig", "to_tensor", "augment", "evaluate", "train_teacher", "average_teachers", "step_throughput"]
 
@@ -51,7 +52,7 @@ CL = torch.channels_last
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    epochs: int = 20
+    epochs: int = 18  # the CLI's default too (launch/train.py reads it here)
     batch: int = 128
     max_lr: float = 0.1
     weight_decay: float = 5e-4
@@ -148,9 +149,7 @@ def train_teacher(
         steps_per_epoch = min(steps_per_epoch, limit_batches)
     optimizer = _sgd(model, config)
     cycle_epochs = config.epochs - config.swa_epochs  # one-cycle first, then averaging at a constant rate
-    schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, config.max_lr, total_steps=cycle_epochs * steps_per_epoch,
-                                                    pct_start=0.25, div_factor=10, final_div_factor=100)
-                if cycle_epochs else None)
+    schedule = one_cycle(optimizer, config.max_lr, cycle_epochs * steps_per_epoch, pct_start=0.25) if cycle_epochs else None
     averaged = AveragedModel(model, use_buffers=True) if config.swa_epochs else None
     epoch, history = 0, []
     if os.path.exists(state_path):
@@ -206,9 +205,9 @@ def train_teacher(
             record.update(sgd_test_acc=accuracy, test_acc=evaluate(kept, x_test, y_test),
                           averaged=int(averaged.n_averaged))
         history.append(record)
-        swa_note = (f" (average of {record['averaged']}; last iterate {accuracy:.4f})" if averaging else "")
+        swa_note = (f" (average of {record['averaged']}; last iterate {accuracy:.2%})" if averaging else "")
         print(f"{data.name} epoch {epoch}/{config.epochs}: loss {loss_sum / seen:.4f}, "
-              f"test acc {record['test_acc']:.4f}{swa_note}, {seen / elapsed:.0f} img/s", flush=True)
+              f"test acc {record['test_acc']:.2%}{swa_note}, {seen / elapsed:.0f} img/s", flush=True)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict() if schedule is not None else None,
                      "averaged": averaged.state_dict() if averaged is not None else None,

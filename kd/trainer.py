@@ -37,6 +37,7 @@ from runtime.errors import UsageError
 from .datasets import ImageArrays
 from .freezing import freeze_first, frozen_count, shared_units
 from .losses import aflkd_losses
+from .schedule import one_cycle
 from .teacher import augment, evaluate, to_tensor
 from .temperature import LearnableTemperature, cosine_ramp
 
@@ -50,7 +51,7 @@ CL = torch.channels_last
 class EdgeConfig:
     method: str
     net: int
-    steps: int = 1500
+    steps: int = 200  # the CLI's default too (launch/options.py reads it here)
     batch: int = 64
     lr: float = 0.05
     weight_decay: float = 5e-4
@@ -146,10 +147,8 @@ def train_edge(
     if temp is not None:
         groups.append({"params": [temp.value], "lr": config.t_lr, "weight_decay": 0.0})
     optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, [config.lr] + ([config.t_lr] if temp is not None else []), total_steps=config.steps,
-        pct_start=0.2, div_factor=10, final_div_factor=100,
-    )
+    schedule = one_cycle(optimizer, [config.lr] + ([config.t_lr] if temp is not None else []), config.steps,
+                         pct_start=0.2)
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = max(1, len(x_train) // config.batch)
     history, step, start = [], 0, time.perf_counter()

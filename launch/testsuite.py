@@ -19,9 +19,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["run_suite", "Counts", "read_junit"]
+__all__ = ["add_parser", "run_suite", "Counts", "read_junit"]
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def add_parser(sub) -> None:
+    """The ``aflkd test`` command."""
+    from .options import int_list, positive_int
+
+    test = sub.add_parser(
+        "test",
+        help="run the whole test suite (serial, then MPI at several sizes)",
+        description="Serial tests with pytest, then MPI tests under mpiexec at each size; "
+        "prints how many tests ran at each size and exits non-zero if any rank failed.",
+    )
+    test.add_argument("--sizes", type=int_list, default="2,3,4", help="MPI sizes to run the MPI tests at")
+    test.add_argument("--timeout", type=positive_int, default=1200, help="seconds before one pytest run is killed")
+    test.add_argument("--logs", default="out/test-logs",
+                      help="folder for per-rank logs and JUnit XML, relative to the checkout")
+    test.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    test.set_defaults(func=lambda args: run_suite(args.sizes, args.pytest_args, args.logs, args.timeout))
 
 
 @dataclass

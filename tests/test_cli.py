@@ -28,13 +28,15 @@ def error_lines(proc) -> list[str]:
 @pytest.mark.parametrize(
     "ranks, args, message",
     [
-        (2, ["--net", "edge9"], "unknown net 'edge9'; choose one of edge1, edge2, edge3, cloud"),
+        (2, ["--net", "edge9"], r"unknown net 'edge9'; choose one of edge1, edge2, edge3 \(or 1, 2, 3\), cloud"),
         (2, ["--net", "edge3", "--size", "4"], "input size 4 is too small for 3 pooling blocks"),
         (3, ["--net", "edge1", "--size", "2"], r"3 ranks with weights .* leave rank\(s\) \[0\] without rows of the 2-row input"),
         (2, ["--weights", "1,2,3"], "got 3 rank weights for 2 ranks"),
-        (2, ["--weights", "1,x"], "--weights must be comma-separated numbers"),
+        (2, ["--weights", "1,x"], "--weights: must be comma-separated numbers"),
+        (2, ["--weights=-1,1"], "--weights: every rank's weight must be a finite number > 0, got '-1,1'"),
+        (2, ["--json", "/dev/null/r.json"], "--json /dev/null/r.json: cannot create the folder /dev/null"),
         (2, ["--checkpoint", "/nonexistent/model.pt"], "checkpoint '/nonexistent/model.pt' does not exist"),
-        (2, ["--repeat", "0"], "--repeat and --batch must be >= 1"),
+        (2, ["--repeat", "0"], "argument --repeat: must be >= 1, got 0"),
         (2, ["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
@@ -121,7 +123,7 @@ def test_bench_train_step_prints_images_per_second(capsys):
 
 def test_bench_train_step_rejects_zero_steps(capsys):
     assert main(["bench", "train-step", "--steps", "0"]) == 2
-    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert "argument --steps: must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["bench", "train-step"], ["bench", "layers"]] + [
@@ -129,7 +131,8 @@ def test_bench_train_step_rejects_zero_steps(capsys):
     for group, what in [("train", "cloud"), ("train", "edge"), ("experiment", "accuracy"), ("experiment", "frozen-time")]])
 def test_every_command_rejects_zero_threads_in_one_line(command, capsys):
     assert main(command + ["--threads", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "aflkd: error: --threads must be >= 1, got 0"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aflkd: error: argument --threads: must be >= 1, got 0") and "\n" not in err
 
 
 def test_train_cloud_will_not_overwrite_a_checkpoint_it_cannot_resume(tmp_path, capsys):
@@ -140,15 +143,15 @@ def test_train_cloud_will_not_overwrite_a_checkpoint_it_cannot_resume(tmp_path, 
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["experiment", "accuracy", "--nets", "1,4", "--methods", "baseline"], "edge net must be 1, 2 or 3, got 4"),
+    (["experiment", "accuracy", "--nets", "1,4", "--methods", "baseline"], "edge net must be 1, 2 or 3 (or edge1, edge2, edge3), got '4'"),
     (["experiment", "accuracy", "--sizes", "2,30", "--methods", "baseline"],
      "--sizes must be between 3 (one image per class) and 60 (the training split), got 2"),
-    (["experiment", "accuracy", "--steps", "0", "--methods", "baseline"], "--steps must be >= 1, got 0"),
-    (["experiment", "frozen-time", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["experiment", "accuracy", "--steps", "0", "--methods", "baseline"], "--steps: must be >= 1, got 0"),
+    (["experiment", "frozen-time", "--steps", "0"], "--steps: must be >= 1, got 0"),
     (["train", "edge", "--size", "61"], "--size must be between 3 (one image per class) and 60"),
-    (["train", "cloud", "--max-lr", "0"], "--max-lr must be > 0, got 0.0"),
+    (["train", "cloud", "--max-lr", "0"], "--max-lr: must be a number > 0, got 0"),
     (["train", "cloud", "--epochs", "2", "--swa-epochs", "3"], "--swa-epochs must be between 0 and --epochs (2), got 3"),
-    (["train", "cloud", "--swa-epochs", "1", "--swa-lr", "0"], "--swa-lr must be > 0, got 0.0"),
+    (["train", "cloud", "--swa-epochs", "1", "--swa-lr", "0"], "--swa-lr: must be a number > 0, got 0"),
 ])
 def test_bad_training_options_fail_in_one_line_before_training(argv, message, tmp_path, monkeypatch, capsys):
     import kd.datasets

@@ -1,0 +1,266 @@
+"""What every command shares: the parser class, defaults, and the checks of option values.
+
+Each check lives here once and is used by every command that takes the option:
+net names (``3`` and ``edge3`` mean the same net everywhere), comma lists,
+``--threads``, ``--weights``, output paths, the student options.  Checks that
+need nothing but the option's text run while parsing (an ``argparse`` type), so
+a bad value is refused before anything is imported or loaded; the others
+(output folders, sizes against a dataset) run first thing in the command.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from runtime.errors import UsageError
+
+__all__ = [
+    "REPO", "DATA_ROOT", "Parser", "HelpFormatter", "ExamplesFormatter", "rank", "edge_net", "edge_nets", "net_name", "int_list",
+    "positive_int", "non_negative_int", "positive_float", "threads", "teacher_path", "weights", "check_weights", "prepare_output", "prepare_folder", "data_options",
+    "student_options", "check_student_options", "apply_threads",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+"""The checkout (or install) root: shipped teachers and results live under it, whatever the current folder."""
+DATA_ROOT = (REPO.parent / "shared" / "data").resolve()
+"""Default --data-root: ``../shared/data`` beside the checkout, not beside the current folder."""
+EDGE_NETS = (1, 2, 3)
+
+
+def rank() -> int:
+    """This process's MPI rank without initialising MPI (so ``aflkd test`` can spawn mpiexec)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default exactly once.
+
+    ``(default: X)`` is appended to options that have a default value and whose
+    help does not already say ``(default: ...)`` in words (options whose default
+    is computed, e.g. ``--threads``); flags and required options show none.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.required:
+            return text
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class ExamplesFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """:class:`HelpFormatter` that keeps the line breaks of the description and the examples epilog."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports errors as :class:`UsageError` (printed once, on rank 0) and helps on rank 0 only."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def print_help(self, file=None):
+        if rank() == 0:
+            super().print_help(file)
+
+
+def _type(name: str, convert: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type whose :class:`UsageError` becomes argparse's one-line 'argument --x: ...' error."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _edge_net(text: str) -> int:
+    value = text.strip().lower()
+    value = value[4:] if value.startswith("edge") else value
+    if value in {str(k) for k in EDGE_NETS}:
+        return int(value)
+    hint = "; the cloud net is trained with 'aflkd train cloud'" if value == "cloud" else ""
+    raise UsageError(f"edge net must be 1, 2 or 3 (or edge1, edge2, edge3), got '{text}'{hint}")
+
+
+def _net_name(text: str) -> str:
+    if text.strip().lower() == "cloud":
+        return "cloud"
+    try:
+        return f"edge{_edge_net(text)}"
+    except UsageError:
+        raise UsageError(f"unknown net '{text}'; choose one of edge1, edge2, edge3 (or 1, 2, 3), cloud") from None
+
+
+def _split(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _edge_nets(text: str) -> list[int]:
+    nets = [_edge_net(v) for v in _split(text)]
+    if not nets:
+        raise UsageError("give at least one edge net, e.g. 3,2,1")
+    return nets
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in _split(text)]
+    except ValueError:
+        raise UsageError(f"must be comma-separated integers, got '{text}'") from None
+    if not values:
+        raise UsageError("give at least one value")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"must be an integer, got '{text}'") from None
+    if value < 1:
+        raise UsageError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"must be an integer, got '{text}'") from None
+    if value < 0:
+        raise UsageError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"must be a number, got '{text}'") from None
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"must be comma-separated numbers like 2,1,1, got '{text}'") from None
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise UsageError(f"every rank's weight must be a finite number > 0, got '{text}'")
+    return values
+
+
+edge_net = _type("edge net", _edge_net)
+"""``3`` or ``edge3`` -> 3 (an edge net for training)."""
+edge_nets = _type("edge nets", _edge_nets)
+"""``3,2,1`` or ``edge3,edge2`` -> [3, 2, 1]."""
+net_name = _type("net", _net_name)
+"""``edge3``, ``3`` or ``cloud`` -> the model name of :func:`models.build_net`."""
+int_list = _type("integer list", _int_list)
+positive_int = _type("positive integer", _positive_int)
+non_negative_int = _type("non-negative integer", _non_negative_int)
+positive_float = _type("positive number", _positive_float)
+threads = positive_int
+"""--threads: torch threads, >= 1."""
+weights = _type("weights", _weights)
+"""--weights: per-rank shares of the rows, each finite and > 0."""
+
+
+def check_weights(values: Optional[Sequence[float]], ranks: int) -> None:
+    """One weight per rank (the count is known only under mpiexec)."""
+    if values is not None and len(values) != ranks:
+        raise UsageError(f"got {len(values)} rank weights for {ranks} ranks; give one weight per rank in --weights")
+
+
+def prepare_folder(folder: str, option: str, value: Optional[str] = None) -> Path:
+    """Create ``folder`` (and its parents) for an output option, or refuse in one line before any work.
+
+    ``value`` is what the user gave the option (a file in ``folder``), for the message.
+    """
+    path, value = Path(folder), value or folder
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{option} {value}: cannot create the folder {path}: a file of that name exists") from None
+    except OSError as err:
+        raise UsageError(f"{option} {value}: cannot create the folder {path} ({err.strerror})") from None
+    if not path.is_dir():
+        raise UsageError(f"{option} {value}: cannot create the folder {path}: a file of that name exists")
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {value}: the folder {path} is not writable")
+    return path
+
+
+def prepare_output(file: Optional[str], option: str) -> None:
+    """Make sure ``file`` can be written: create its folder (as users expect for ``out/...``) or refuse."""
+    if not file:
+        return
+    path = Path(file)
+    if path.is_dir():
+        raise UsageError(f"{option} {file} is a folder; give a file name, e.g. {path / 'report'}")
+    prepare_folder(str(path.parent), option, file)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {file}: the file is not writable")
+
+
+def data_options(parser: argparse.ArgumentParser, teacher: bool = False) -> None:
+    """--dataset and --data-root (and --teacher), shared by the training commands."""
+    parser.add_argument("--dataset", required=True, help="cifar10, cifar100 or fashion-mnist")
+    where = str(DATA_ROOT).replace("%", "%%")
+    parser.add_argument("--data-root", default=str(DATA_ROOT),
+                        help=f"folder with the dataset files (default: ../shared/data beside the checkout: {where})")
+    if teacher:
+        parser.add_argument("--teacher", default=None,
+                            help="cloud net weights (default: the shipped checkpoints/cloud-DATASET.pt)")
+
+
+def teacher_path(args) -> str:
+    """--teacher, or the shipped teacher of the dataset in the checkout."""
+    return args.teacher or str(REPO / "checkpoints" / f"cloud-{args.dataset}.pt")
+
+
+def student_options(parser: argparse.ArgumentParser) -> None:
+    """--steps, --t-rule and --unit, shared by the edge-training commands; defaults from EdgeConfig."""
+    from kd.trainer import EdgeConfig  # noqa: WPS433 (the defaults' one home)
+
+    parser.add_argument("--steps", type=positive_int, default=EdgeConfig.steps,
+                        help="optimiser steps per student (batches of %d images)" % EdgeConfig.batch)
+    parser.add_argument("--t-rule", default=EdgeConfig.t_rule, choices=["reversal", "descent"],
+                        help="how AFLKD learns T (descent: the paper's Eq. 5; reversal: curriculum)")
+    parser.add_argument("--unit", default=EdgeConfig.unit, choices=["conv", "block"],
+                        help="what Eq. 17 counts as a layer")
+
+
+def check_student_options(sizes: Sequence[int], data, size_option: str) -> None:
+    """Refuse subset sizes the dataset cannot give, before any training (not hours into a grid)."""
+    lo, hi = data.classes, len(data.y_train)
+    bad_sizes = [n for n in sizes if not lo <= n <= hi]
+    if bad_sizes:
+        raise UsageError(f"{size_option} must be between {lo} (one image per class) and {hi} (the training split), "
+                         f"got {', '.join(map(str, bad_sizes))}")
+
+
+def apply_threads(args) -> None:
+    """Set torch's thread count once, for single-process commands that were given --threads."""
+    value = getattr(args, "threads", None)
+    if value is not None and not getattr(args, "sets_own_threads", False):
+        import torch
+
+        torch.set_num_threads(value)

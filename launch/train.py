@@ -1,0 +1,164 @@
+"""``aflkd train``: ``cloud`` (a teacher, resumable), ``average`` (SWA of saved teachers), ``edge`` (one student)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from runtime.errors import UsageError
+
+from . import options
+
+__all__ = ["add_parser"]
+
+
+def add_parser(sub) -> None:
+    from kd.teacher import TeacherConfig
+    from kd.trainer import METHODS, EdgeConfig
+
+    train = sub.add_parser("train", help="training (single process)", description="Training.")
+    what = train.add_subparsers(dest="what", metavar="WHAT", parser_class=options.Parser)
+    train.set_defaults(func=lambda args: _help(train))
+
+    cloud = what.add_parser(
+        "cloud",
+        help="train the cloud (teacher) net; resumable",
+        description="Train the cloud net on a dataset's training split with a one-cycle schedule. "
+        "Checkpoints every epoch (OUT.state, written atomically) and resumes from it when run again "
+        "with the same options; reports test accuracy on the full test split and records it in "
+        "results/teachers.csv.",
+    )
+    options.data_options(cloud)
+    cloud.add_argument("--download", action="store_true", help="let torchvision download missing files")
+    cloud.add_argument("--out", default=None,
+                       help="weights file (default: the shipped checkpoints/cloud-DATASET.pt; needs --force)")
+    cloud.add_argument("--epochs", type=options.positive_int, default=TeacherConfig.epochs, help="training epochs")
+    cloud.add_argument("--batch", type=options.positive_int, default=TeacherConfig.batch, help="images per step")
+    cloud.add_argument("--max-lr", type=options.positive_float, default=TeacherConfig.max_lr,
+                       help="peak learning rate of the one-cycle schedule")
+    cloud.add_argument("--seed", type=int, default=TeacherConfig.seed, help="seed of weights and shuffling")
+    cloud.add_argument("--init", default=TeacherConfig.init, metavar="PT",
+                       help="start from these weights (a warm restart with a fresh one-cycle) "
+                       "(default: random weights)")
+    cloud.add_argument("--swa-epochs", type=options.non_negative_int, default=TeacherConfig.swa_epochs, metavar="K",
+                       help="make the last K of --epochs stochastic weight averaging: constant --swa-lr, and OUT "
+                       "holds the equal-weight average of the weights and BatchNorm statistics at the end of each")
+    cloud.add_argument("--swa-lr", type=options.positive_float, default=TeacherConfig.swa_lr,
+                       help="learning rate of the averaging epochs")
+    cloud.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
+    cloud.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
+                       help="where to record the test accuracy")
+    cloud.add_argument("--force", action="store_true",
+                       help="start over even if OUT exists without OUT.state (overwrites OUT)")
+    cloud.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    cloud.set_defaults(func=_cloud)
+
+    average = what.add_parser(
+        "average",
+        help="average saved cloud nets' weights (SWA over the ends of warm restarts); no training",
+        description="Average the weights and BatchNorm statistics of saved cloud nets with equal weight "
+        "(stochastic weight averaging over the ends of a chain of 'train cloud --init' restarts), "
+        "report the test accuracy of the average and record it in results/teachers.csv. The files "
+        "must come from one chain: nets trained from different random starts are not expected to average "
+        "into a working net.",
+    )
+    options.data_options(average)
+    average.add_argument("weights", nargs="+", metavar="PT", help="cloud net weights files (two or more)")
+    average.add_argument("--out", required=True, help="weights file of the average")
+    average.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
+    average.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
+                         help="where to record the test accuracy")
+    average.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    average.set_defaults(func=_average)
+
+    edge = what.add_parser(
+        "edge",
+        help="train one edge student (baseline, sslf, aflkd, kd or ctkd) from a cloud teacher",
+        description="Train edge net K on a seeded, class-balanced subset of SIZE training images and "
+        "report accuracy on the full test split. Prints, per epoch, the temperature T and the number n "
+        "of frozen units (Eq. 17) so AFLKD's schedule can be watched.",
+    )
+    options.data_options(edge, teacher=True)
+    edge.add_argument("--net", type=options.edge_net, default=2, help="edge net: 1, 2 or 3 (or edge1, edge2, edge3)")
+    edge.add_argument("--size", type=options.positive_int, default=500, help="training images (class-balanced subset)")
+    edge.add_argument("--method", default="aflkd", choices=METHODS, help="how the student is trained")
+    options.student_options(edge)
+    edge.add_argument("--seed", type=int, default=EdgeConfig.seed, help="seed of the subset, weights and batches")
+    edge.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
+    edge.add_argument("--out", default=None, help="save the student's weights here (default: not saved)")
+    edge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    edge.set_defaults(func=_edge)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _cloud(args) -> int:
+    from kd.datasets import DatasetNotFound, load_dataset
+    from kd.teacher import TeacherConfig, record_teacher, train_teacher
+
+    out = args.out or str(options.REPO / "checkpoints" / f"cloud-{args.dataset}.pt")
+    if os.path.exists(out) and not os.path.exists(out + ".state") and not args.force:
+        raise UsageError(f"{out} exists and there is no {out}.state to resume from; training would overwrite it "
+                         "(a shipped teacher, by default): pass --out NEW.pt, or --force to overwrite")
+    config = TeacherConfig(epochs=args.epochs, batch=args.batch, max_lr=args.max_lr, seed=args.seed,
+                           init=args.init, swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
+    options.prepare_output(out, "--out")
+    options.prepare_output(args.results, "--results")
+    try:
+        data = load_dataset(args.dataset, args.data_root, args.download)
+    except DatasetNotFound as err:
+        raise UsageError(f"{err}, or pass --download to fetch it") from None
+    summary = train_teacher(data, out, config, progress=not args.no_progress)
+    print(f"{args.dataset}: test accuracy {summary['test_acc']:.2%} after {summary['epochs']} epochs -> {out}")
+    record_teacher(args.results, args.dataset, summary["test_acc"], summary["epochs"], args.command_line)
+    return 0
+
+
+def _average(args) -> int:
+    from kd.datasets import load_dataset
+    from kd.teacher import average_teachers, record_teacher
+
+    if len(args.weights) < 2:
+        raise UsageError(f"give at least two weights files to average, got {len(args.weights)}")
+    if os.path.exists(args.out) and not args.force:
+        raise UsageError(f"{args.out} exists (a shipped teacher?); pass another --out, or --force to overwrite it")
+    options.prepare_output(args.out, "--out")
+    options.prepare_output(args.results, "--results")
+    data = load_dataset(args.dataset, args.data_root)
+    accuracy = average_teachers(data, args.weights, args.out)
+    print(f"{args.dataset}: average of {len(args.weights)} nets, test accuracy {accuracy:.2%} -> {args.out}")
+    record_teacher(args.results, args.dataset, accuracy, None, args.command_line)  # the chain's epochs: not known here
+    return 0
+
+
+def load_teacher(args, data):
+    """The cloud net from --teacher (default: the shipped checkpoints/cloud-DATASET.pt), in eval mode."""
+    from models import cloud_net, load_weights
+
+    return load_weights(cloud_net(data.channels, 32, data.classes), options.teacher_path(args),
+                        f"--teacher must be a cloud net trained on {data.name}").eval()
+
+
+def _edge(args) -> int:
+    from kd.datasets import balanced_subset, load_dataset
+    from kd.trainer import EdgeConfig, train_edge
+    from models import save_atomic
+
+    config = EdgeConfig(args.method, args.net, steps=args.steps, t_rule=args.t_rule, unit=args.unit, seed=args.seed)
+    options.prepare_output(args.out, "--out")
+    data = load_dataset(args.dataset, args.data_root)
+    options.check_student_options([args.size], data, "--size")
+    teacher = load_teacher(args, data) if args.method != "baseline" else None
+    idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)
+    result = train_edge(config, data, idx, teacher, progress=not args.no_progress)
+    print(f"{'epoch':>5} {'step':>5} {'T':>6} {'frozen n':>8} {'seconds':>8}")
+    for i, h in enumerate(result.history, 1):
+        print(f"{i:>5} {h['step']:>5} {h['T']:>6.3f} {h['frozen']:>8} {h['epoch_seconds']:>8.2f}")
+    print(f"{args.dataset} edge net {args.net}, {args.method}, {args.size} images, {args.steps} steps: "
+          f"test accuracy {result.test_acc:.2%} ({result.seconds:.0f} s)")
+    if args.out:
+        save_atomic(result.model.state_dict(), args.out)
+        print(f"wrote {args.out}")
+    return 0
