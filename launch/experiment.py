@@ -92,10 +92,10 @@ def _accuracy(args) -> int:
                     progress=not args.no_progress, teacher_sha256=digest)
     if not rows:
         raise UsageError(f"no cells in {stem}.csv")
-    table = markdown_table(rows, args.dataset)
+    table = markdown_table(rows, data.name)
     with open(stem + ".md", "w") as fh:
         fh.write(table + "\n")
-    plot_accuracy(rows, args.dataset, stem + ".png")
+    plot_accuracy(rows, data.name, stem + ".png")
     print(table)
     print(f"wrote {stem}.csv, {stem}.md, {stem}.png")
     return 0

@@ -195,14 +195,13 @@ def prepare_folder(folder: str, option: str, value: Optional[str] = None) -> Pat
     ``value`` is what the user gave the option (a file in ``folder``), for the message.
     """
     path, value = Path(folder), value or folder
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{option} {value}: cannot create the folder {path}: {blocker} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UsageError(f"{option} {value}: cannot create the folder {path}: a file of that name exists") from None
     except OSError as err:
         raise UsageError(f"{option} {value}: cannot create the folder {path} ({err.strerror})") from None
-    if not path.is_dir():
-        raise UsageError(f"{option} {value}: cannot create the folder {path}: a file of that name exists")
     if not os.access(path, os.W_OK):
         raise UsageError(f"{option} {value}: the folder {path} is not writable")
     return path

@@ -34,7 +34,7 @@ def error_lines(proc) -> list[str]:
         (2, ["--weights", "1,2,3"], "got 3 rank weights for 2 ranks"),
         (2, ["--weights", "1,x"], "--weights: must be comma-separated numbers"),
         (2, ["--weights=-1,1"], "--weights: every rank's weight must be a finite number > 0, got '-1,1'"),
-        (2, ["--json", "/dev/null/r.json"], "--json /dev/null/r.json: cannot create the folder /dev/null"),
+        (2, ["--json", "/dev/null/r.json"], "--json /dev/null/r.json: cannot create the folder /dev/null: /dev/null is a file, not a folder"),
         (2, ["--checkpoint", "/nonexistent/model.pt"], "checkpoint '/nonexistent/model.pt' does not exist"),
         (2, ["--repeat", "0"], "argument --repeat: must be >= 1, got 0"),
         (2, ["--bogus"], "unrecognized arguments: --bogus"),
@@ -198,3 +198,24 @@ def test_train_average_records_the_average_and_keeps_an_existing_out(tmp_path, m
     before = out.read_bytes()
     assert main(["train", "average", "--dataset", "fashion-mnist", *paths, "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
+@needs_mpiexec
+def test_the_help_example_writes_into_an_out_folder_that_does_not_exist(tmp_path):
+    """Regression: the example in 'aflkd --help' ran the whole benchmark, then died with a traceback
+    and MPI_Abort because out/ did not exist.  Run as written (smaller and shorter), from an empty folder."""
+    import os
+    import shlex
+
+    from launch.cli import EXAMPLES
+
+    (line,) = [l for l in EXAMPLES.splitlines() if "--json out/" in l]
+    words = shlex.split(line.split("#")[0])
+    assert words[:3] == [".venv/bin/mpiexec", "-n", "3"] and words[3] == ".venv/bin/aflkd"
+    cmd = [str(MPIEXEC), "-n", "3", sys.executable, "-m", "launch.cli", *words[4:],
+           "--size", "32", "--repeat", "1", "--warmup", "0", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["weights"] == [2.0, 1.0, 1.0]
+    assert (tmp_path / "out" / "fig10.png").read_bytes()[:4] == b"\x89PNG"
