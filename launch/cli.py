@@ -12,6 +12,7 @@ rank waits forever for a dead peer).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from typing import Optional, Sequence
@@ -60,7 +61,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         if options.rank() == 0:
             print("aflkd: interrupted", file=sys.stderr, flush=True)
+        _leave_mpi_job(130)
         return 130
+
+
+def _leave_mpi_job(code: int) -> None:
+    """Exit now, without MPI_Finalize, if this process is one rank of several.
+
+    A peer may be blocked in an exchange with this rank, where it never sees its
+    own Ctrl-C; finalizing would wait for it forever.  Leaving at once lets
+    mpiexec end the others.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() == 1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

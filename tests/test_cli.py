@@ -219,3 +219,26 @@ def test_the_help_example_writes_into_an_out_folder_that_does_not_exist(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["weights"] == [2.0, 1.0, 1.0]
     assert (tmp_path / "out" / "fig10.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_mpiexec
+def test_ctrl_c_under_mpiexec_ends_every_rank_with_one_line(tmp_path):
+    """Regression: Ctrl-C printed a KeyboardInterrupt traceback; and a rank that finalized MPI on Ctrl-C
+    left a peer blocked in an exchange with it, so the job hung."""
+    import os
+    import signal
+
+    cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "bench", "layers", "--net", "edge1",
+           "--size", "64", "--repeat", "1000000"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    try:
+        first = proc.stderr.read(1)  # the progress bar: the ranks are in the benchmark's loop
+        proc.send_signal(signal.SIGINT)  # what mpiexec forwards to every rank on Ctrl-C
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = (first + err).decode()
+    assert proc.returncode == 130, err
+    assert "aflkd: interrupted" in err and "Traceback" not in err
