@@ -1,111 +1,228 @@
-"""Every mpi4py call of the runtime: halo exchange, scatter/gather of row slices, abort.
+"""Every mpi4py call of the runtime, on plain tensors: no plan types, any dtype, any root.
 
 Tensors travel through the buffer API (upper-case methods) as numpy views of
-torch tensors, never pickled.  Feature maps are kept channels-last, so a band
-of rows of one image, ``x[:, :, a:b, :]`` with batch 1, is one contiguous block
-of memory and is sent or received in place, with no copy.  Larger batches go
-through a contiguous staging copy.
+their memory, never pickled.  A message is any strided view of a tensor --
+a band of rows of a channels-last batch, say -- described to MPI by a derived
+datatype built from the view's sizes and strides (cached), so no view is ever
+copied into a staging buffer: batch 1 or 8, contiguous or not.
+
+Tags are built from (pass, node) by :func:`tag_for`, so messages of different
+passes or micro-batches in flight never match each other.
 """
 from __future__ import annotations
 
 import sys
+import time
 import traceback
+from functools import lru_cache
+from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 from mpi4py import MPI
-
-from .plan import SplitPlan
+from mpi4py.util import dtlib
 
 __all__ = [
-    "rows_as_buffer",
-    "sendrecv_rows",
-    "post_rows",
-    "wait_rows",
-    "float_message",
+    "tag_for",
+    "message",
+    "sendrecv",
+    "post",
+    "wait",
     "scatter_rows",
     "gather_rows",
+    "allreduce_",
+    "reduce_",
+    "idle_barrier",
+    "share_from_root",
     "abort_on_uncaught_exception",
 ]
 
+T = TypeVar("T")
 
-def _hwc(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, H, W, C) view: row bands of batch-1 CL tensors are contiguous."""
-    return t.permute(0, 2, 3, 1)
+#: Tags must stay below MPI_TAG_UB, which the standard guarantees to be at least 32767.
+_TAG_LIMIT = 32767
+
+#: numpy has no bfloat16: such tensors travel as same-sized integers.
+_AS_INTEGERS = {torch.bfloat16: torch.int16}
 
 
-def rows_as_buffer(t: torch.Tensor) -> tuple[np.ndarray, bool]:
-    """A numpy buffer over ``t``'s memory if it is contiguous, else a staging copy.
+def tag_for(pass_number: int, node: int, nodes: int) -> int:
+    """A tag unique to (pass, node) among the last ``32767 // nodes`` passes in flight."""
+    if not 0 <= node < nodes:
+        raise ValueError(f"node index {node} outside [0, {nodes})")
+    window = max(1, _TAG_LIMIT // nodes)
+    return (pass_number % window) * nodes + node
 
-    Returns ``(array, is_view)``; a receiver must copy a staging array back.
+
+def _mpi_type(dtype: np.dtype) -> MPI.Datatype:
+    """The predefined MPI datatype of a numpy dtype (reductions need predefined types)."""
+    found = MPI._typedict.get(dtype.char)
+    return found if found is not None else dtlib.from_numpy_dtype(dtype)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.dtype in _AS_INTEGERS:
+        t = t.view(_AS_INTEGERS[t.dtype])
+    return t.numpy()
+
+
+@lru_cache(maxsize=None)
+def _strided_type(sizes: tuple[int, ...], strides: tuple[int, ...], numpy_dtype: str):
+    """A committed MPI datatype laying out ``sizes`` elements at ``strides`` (in elements).
+
+    Dimensions that are contiguous in memory are merged first, so a contiguous
+    view is a plain ``count x base`` message and a band of rows of a
+    channels-last batch one ``vector``.
     """
-    view = _hwc(t)
-    if view.is_contiguous():
-        return view.numpy(), True
-    return view.contiguous().numpy(), False
+    base = _mpi_type(np.dtype(numpy_dtype))
+    itemsize = np.dtype(numpy_dtype).itemsize
+    dims = [(n, s) for n, s in zip(sizes, strides) if n != 1]
+    merged: list[list[int]] = []
+    for n, s in reversed(dims):  # innermost first
+        if merged and s == merged[-1][0] * merged[-1][1]:
+            merged[-1][0] *= n
+        else:
+            merged.append([n, s])
+    if not merged:
+        return base, 1
+    if merged[0][1] == 1 and len(merged) == 1:
+        return base, merged[0][0]
+    dtype = base
+    if merged[0][1] == 1:
+        inner, merged = merged[0][0], merged[1:]
+        dtype = base.Create_contiguous(inner)
+    for n, s in merged:
+        dtype = dtype.Create_hvector(n, 1, s * itemsize)
+    dtype.Commit()
+    return dtype, 1
 
 
-def sendrecv_rows(comm: MPI.Comm, send, dest: int, recv, source: int, tag: int) -> None:
-    """One step of a halo exchange: ``send``/``recv`` are ``[array, MPI.FLOAT]`` or None; -1 = no peer."""
-    comm.Sendrecv(send, MPI.PROC_NULL if dest < 0 else dest, tag, recv, MPI.PROC_NULL if source < 0 else source, tag)
+def message(t: torch.Tensor) -> list:
+    """A buffer-API message over ``t``'s own memory (any strides, no copy)."""
+    t = t.detach()
+    if t.numel() == 0:
+        return [np.empty(0, dtype=np.float32), 0, MPI.FLOAT]
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    flat = t.as_strided((span,), (1,), t.storage_offset())
+    array = _numpy(flat)
+    dtype, count = _strided_type(tuple(t.shape), tuple(t.stride()), array.dtype.str)
+    return [array, count, dtype]
 
 
-def post_rows(comm: MPI.Comm, steps, tag: int) -> list:
-    """Non-blocking form of a halo exchange: ``steps`` are ``(send, dest, recv, source)``.
+def _peer(rank: Optional[int]) -> int:
+    return MPI.PROC_NULL if rank is None else rank
 
-    Receives are posted first; wait on the returned requests with :func:`wait_rows`.
+
+def sendrecv(comm: MPI.Comm, send: Optional[torch.Tensor], dest: Optional[int],
+             recv: Optional[torch.Tensor], source: Optional[int], tag: int) -> None:
+    """Blocking exchange: ``send`` to ``dest`` while receiving ``recv`` from ``source`` (None: no peer)."""
+    comm.Sendrecv(message(send) if send is not None else None, _peer(dest), tag,
+                  message(recv) if recv is not None else None, _peer(source), tag)
+
+
+def post(comm: MPI.Comm, sends: Iterable[tuple[torch.Tensor, int]],
+         recvs: Iterable[tuple[torch.Tensor, int]], tag: int) -> list:
+    """Non-blocking exchange: receives posted first, then sends; wait with :func:`wait`.
+
+    Messages between the same pair with the same tag match in posting order, so
+    both ends must list them in the same order (the plan sorts them by row).
     """
-    requests = [comm.Irecv(recv, source=source, tag=tag) for _, _, recv, source in steps if recv is not None]
-    requests += [comm.Isend(send, dest=dest, tag=tag) for send, dest, _, _ in steps if send is not None]
+    requests = [comm.Irecv(message(t), source=src, tag=tag) for t, src in recvs]
+    requests += [comm.Isend(message(t), dest=dst, tag=tag) for t, dst in sends]
     return requests
 
 
-def wait_rows(requests: list) -> None:
+def wait(requests: list) -> None:
     if requests:
         MPI.Request.Waitall(requests)
 
 
-def float_message(array: np.ndarray) -> list:
-    return [array, MPI.FLOAT]
+def _row_counts(rows: Sequence, per_row: int) -> tuple[list[int], list[int]]:
+    return [len(r) * per_row for r in rows], [r.start * per_row for r in rows]
 
 
-def _counts(plan_rows, per_row: int) -> tuple[list[int], list[int]]:
-    counts = [len(r) * per_row for r in plan_rows]
-    displs = [r.start * per_row for r in plan_rows]
-    return counts, displs
+def scatter_rows(comm: MPI.Comm, image: Optional[torch.Tensor], rows: Sequence, shape: tuple[int, int, int],
+                 batch: int, dtype: torch.dtype = torch.float32, root: int = 0) -> torch.Tensor:
+    """Root's ``(N, C, H, W)`` batch -> each rank's band ``rows[rank]`` (objects with start/stop).
 
-
-def scatter_rows(comm: MPI.Comm, plan: SplitPlan, image: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """Rank 0's ``(N, C, H, W)`` image -> each rank's own input rows, channels-last."""
-    rank = comm.Get_rank()
-    channels, height, width = plan.in_shape
-    rows = plan.input_rows
+    Returns an ``(N, C, h, W)`` view, channels-last when ``N == 1``.
+    """
+    channels, _, width = shape
     per_row = batch * width * channels
-    counts, displs = _counts(rows, per_row)
+    counts, displs = _row_counts(rows, per_row)
     send = None
-    if rank == 0:
-        full = image.permute(2, 0, 3, 1).contiguous()  # H-major: rank blocks are contiguous
-        send = [full.numpy(), counts, displs, MPI.FLOAT]
-    mine = rows[rank]
-    local = torch.empty(len(mine), batch, width, channels)
-    comm.Scatterv(send, [local.numpy(), MPI.FLOAT], root=0)
-    return local.permute(1, 3, 0, 2)  # (N, C, h, W) view, channels-last strides when N == 1
+    if comm.Get_rank() == root:
+        full = image.detach().permute(2, 0, 3, 1).contiguous()  # H-major: each rank's band is contiguous
+        array = _numpy(full)
+        send = [array, counts, displs, _mpi_type(array.dtype)]
+    local = torch.empty(len(rows[comm.Get_rank()]), batch, width, channels, dtype=dtype)
+    array = _numpy(local)
+    comm.Scatterv(send, [array, _mpi_type(array.dtype)], root=root)
+    return local.permute(1, 3, 0, 2)
 
 
-def gather_rows(comm: MPI.Comm, plan: SplitPlan, local: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """Each rank's output rows -> the whole ``(N, C, H, W)`` map on rank 0 (None elsewhere)."""
-    rank = comm.Get_rank()
-    channels, height, width = plan.out_shape
+def gather_rows(comm: MPI.Comm, local: torch.Tensor, rows: Sequence, root: int = 0) -> Optional[torch.Tensor]:
+    """Each rank's ``(N, C, h, W)`` band -> the whole ``(N, C, H, W)`` map on ``root`` (None elsewhere)."""
+    batch, channels, _, width = local.shape
+    height = max(r.stop for r in rows)
     per_row = batch * width * channels
-    counts, displs = _counts(plan.output_rows, per_row)
-    mine = local.permute(2, 0, 3, 1).contiguous()
-    recv = None
-    full = None
-    if rank == 0:
-        full = torch.empty(height, batch, width, channels)
-        recv = [full.numpy(), counts, displs, MPI.FLOAT]
-    comm.Gatherv([mine.numpy(), MPI.FLOAT], recv, root=0)
-    return full.permute(1, 3, 0, 2) if rank == 0 else None
+    counts, displs = _row_counts(rows, per_row)
+    mine = _numpy(local.detach().permute(2, 0, 3, 1).contiguous())
+    base = _mpi_type(mine.dtype)
+    full = recv = None
+    if comm.Get_rank() == root:
+        full = torch.empty(height, batch, width, channels, dtype=local.dtype)
+        recv = [_numpy(full), counts, displs, base]
+    comm.Gatherv([mine, base], recv, root=root)
+    return full.permute(1, 3, 0, 2) if full is not None else None
+
+
+_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+
+
+def allreduce_(comm: MPI.Comm, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce a contiguous tensor over all ranks, in place; every rank gets the result."""
+    comm.Allreduce(MPI.IN_PLACE, message(t), op=_OPS[op])
+    return t
+
+
+def reduce_(comm: MPI.Comm, t: torch.Tensor, op: str = "sum", root: int = 0) -> Optional[torch.Tensor]:
+    """Reduce a contiguous tensor onto ``root`` (in place there); None on the other ranks."""
+    if comm.Get_rank() == root:
+        comm.Reduce(MPI.IN_PLACE, message(t), op=_OPS[op], root=root)
+        return t
+    comm.Reduce(message(t), None, op=_OPS[op], root=root)
+    return None
+
+
+def idle_barrier(comm: MPI.Comm, poll_s: float = 0.0005) -> None:
+    """A barrier whose waiting ranks sleep instead of spinning on a core.
+
+    MPICH's ``Barrier`` busy-polls: while one rank times a multi-threaded run the
+    others would steal its cores.
+    """
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
+
+
+def share_from_root(comm: MPI.Comm, work: Callable[[], T], root: int = 0, error: type = ValueError) -> T:
+    """Run ``work`` on ``root`` only and broadcast its (small, picklable) result.
+
+    An ``error`` raised there is re-raised on every rank, so all ranks exit
+    together instead of waiting for a dead root.  Set-up only: this pickles.
+    """
+    result, problem = None, None
+    if comm.Get_rank() == root:
+        try:
+            result = work()
+        except error as err:
+            problem = str(err)
+    result, problem = comm.bcast((result, problem), root=root)
+    if problem is not None:
+        raise error(problem)
+    return result
 
 
 def abort_on_uncaught_exception(comm: MPI.Comm = MPI.COMM_WORLD) -> None:

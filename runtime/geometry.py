@@ -27,6 +27,9 @@ __all__ = [
     "output_height",
     "input_rows_for",
     "padding_rows",
+    "merge_ranges",
+    "subtract_ranges",
+    "hull",
 ]
 
 
@@ -99,8 +102,13 @@ def split_rows(height: int, weights: Sequence[float]) -> tuple[RowRange, ...]:
     return tuple(RowRange(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
-def output_height(height: int, window: Window) -> int:
-    """Output height of a window layer (floor mode), as PyTorch computes it."""
+def output_height(height: int, window: Window, ceil_mode: bool = False) -> int:
+    """Output height of a window layer, as PyTorch computes it.
+
+    With ``ceil_mode`` (pools only) a last, partial window is kept when it starts
+    inside the input or its top padding; the rows it reads past the bottom
+    padding are padding too (see :func:`padding_rows`).
+    """
     reach = height + 2 * window.padding - window.span
     if reach < 0:
         raise ValueError(
@@ -108,7 +116,12 @@ def output_height(height: int, window: Window) -> int:
             f"(kernel {window.kernel}, dilation {window.dilation}, padding "
             f"{window.padding}); use a larger input"
         )
-    return reach // window.stride + 1
+    if not ceil_mode:
+        return reach // window.stride + 1
+    out = -(-reach // window.stride) + 1
+    if (out - 1) * window.stride >= height + window.padding:
+        out -= 1
+    return out
 
 
 def input_rows_for(out_rows: RowRange, window: Window) -> RowRange:
@@ -135,3 +148,39 @@ def padding_rows(wanted: RowRange, height: int) -> tuple[int, int]:
     top = max(0, min(wanted.stop, 0) - wanted.start)
     bottom = max(0, wanted.stop - max(wanted.start, height))
     return top, bottom
+
+
+def merge_ranges(ranges: Sequence[RowRange]) -> list[RowRange]:
+    """Sorted, disjoint union of row ranges (touching ranges are joined)."""
+    merged: list[RowRange] = []
+    for rows in sorted((r for r in ranges if len(r)), key=lambda r: r.start):
+        if merged and rows.start <= merged[-1].stop:
+            merged[-1] = RowRange(merged[-1].start, max(merged[-1].stop, rows.stop))
+        else:
+            merged.append(rows)
+    return merged
+
+
+def subtract_ranges(rows: Sequence[RowRange], holes: Sequence[RowRange]) -> list[RowRange]:
+    """The rows of ``rows`` that lie in none of ``holes``, as sorted disjoint ranges."""
+    out: list[RowRange] = []
+    holes = merge_ranges(holes)
+    for piece in merge_ranges(rows):
+        cursor = piece.start
+        for hole in holes:
+            if hole.stop <= cursor or hole.start >= piece.stop:
+                continue
+            if hole.start > cursor:
+                out.append(RowRange(cursor, hole.start))
+            cursor = max(cursor, hole.stop)
+        if cursor < piece.stop:
+            out.append(RowRange(cursor, piece.stop))
+    return out
+
+
+def hull(ranges: Sequence[RowRange]) -> RowRange:
+    """Smallest range holding every non-empty range of ``ranges`` (empty if none)."""
+    full = [r for r in ranges if len(r)]
+    if not full:
+        return RowRange(0, 0)
+    return RowRange(min(r.start for r in full), max(r.stop for r in full))

@@ -1,128 +1,153 @@
-"""What a layer means to height-split execution: spatial window, element-wise, or unsupported.
+"""What one torch layer means to height-split execution: a sliding window, element-wise, or refused.
 
-This is the only place that reads torch module attributes; the planner sees
-plain :class:`LayerSpec` values.
+The only place that reads torch module attributes; the graph and the planner
+see plain :class:`WindowSpec` values.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import UsageError
 from .geometry import Window
 
-__all__ = ["LayerSpec", "describe_layer", "split_features", "ELEMENTWISE_TYPES"]
+__all__ = [
+    "WindowSpec",
+    "window_of_module",
+    "window_of_function",
+    "ELEMENTWISE_MODULES",
+    "ELEMENTWISE_FUNCTIONS",
+    "ELEMENTWISE_METHODS",
+]
 
-#: Layers that act on every element (or every pixel) on its own: no exchange needed.
-ELEMENTWISE_TYPES: tuple[type, ...] = (
-    nn.BatchNorm2d,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Dropout,
-    nn.Dropout2d,
-    nn.Identity,
+#: Modules that act on every element (or every pixel) on its own, in eval mode: no exchange.
+ELEMENTWISE_MODULES: tuple[type, ...] = (
+    nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.PReLU,
+    nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
 )
-_SPATIAL_NAMES = "Conv2d, MaxPool2d, AvgPool2d"
+
+
+def _stochastic_depth():
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # torchvision is optional for the runtime
+        return None
+    return stochastic_depth
+
+
+#: Functions that act element by element (broadcasting the other operands).
+ELEMENTWISE_FUNCTIONS: frozenset = frozenset(f for f in (
+    operator.add, operator.mul, operator.sub, operator.truediv, operator.iadd, operator.imul, operator.neg,
+    torch.add, torch.mul, torch.sub, torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg,
+    F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.hardtanh, F.silu, F.gelu, F.leaky_relu, F.elu, F.sigmoid,
+    F.dropout, F.mish, _stochastic_depth(),
+) if f is not None)
+
+#: Tensor methods that act element by element.
+ELEMENTWISE_METHODS: frozenset = frozenset((
+    "add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
+    "tanh", "tanh_", "clamp", "clamp_", "clamp_min", "clamp_min_", "neg", "contiguous", "float",
+))
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """A sliding-window layer as the planner sees it.
+
+    ``kind`` is ``"conv"``, ``"maxpool"`` or ``"avgpool"``; ``height``/``width``
+    the window geometry along each axis; ``fill`` the value of padding rows
+    (0, or -inf before a max pool); ``ceil_mode`` pools keep a last partial window.
+    """
+
+    kind: str
+    height: Window
+    width: Window
+    ceil_mode: bool = False
+    out_channels: Optional[int] = None
+    in_channels: Optional[int] = None
+    count_include_pad: bool = True
+    divisor_override: Optional[int] = None
+
+    @property
+    def fill(self) -> float:
+        return float("-inf") if self.kind == "maxpool" else 0.0
 
 
 def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """One layer as the planner sees it.
-
-    ``kind`` is ``"conv"``, ``"maxpool"``, ``"avgpool"`` or ``"elementwise"``;
-    ``height``/``width`` are the window geometry along each axis (None for
-    element-wise layers); ``out_channels`` is None when channels are unchanged.
-    """
-
-    name: str
-    kind: str
-    height: Optional[Window] = None
-    width: Optional[Window] = None
-    out_channels: Optional[int] = None
-    in_channels: Optional[int] = None
-
-    @property
-    def spatial(self) -> bool:
-        return self.kind != "elementwise"
+def _refuse(name: str, label: str, why: str) -> UsageError:
+    return UsageError(f"node '{name}' ({label}) is not supported by height-split execution: {why}")
 
 
-def _unsupported(name: str, module: nn.Module, why: str) -> UsageError:
-    return UsageError(
-        f"layer '{name}' ({type(module).__name__}) is not supported by height-split "
-        f"execution: {why}"
-    )
+def _conv(name: str, module: nn.Conv2d) -> WindowSpec:
+    (kh, kw), (sh, sw), (dh, dw) = _pair(module.kernel_size), _pair(module.stride), _pair(module.dilation)
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # 'same' (stride 1): torch pads d*(k-1) in all, the odd row at the bottom
+            totals = (dh * (kh - 1), dw * (kw - 1))
+            if any(t % 2 for t in totals):
+                raise _refuse(name, "Conv2d", "padding='same' with an even kernel pads unevenly; give integer padding")
+            padding = (totals[0] // 2, totals[1] // 2)
+    if module.padding_mode != "zeros":
+        raise _refuse(name, "Conv2d", f"padding_mode='{module.padding_mode}'; only 'zeros' is split exactly")
+    (ph, pw) = _pair(padding)
+    return WindowSpec("conv", Window(kh, sh, ph, dh), Window(kw, sw, pw, dw),
+                      out_channels=module.out_channels, in_channels=module.in_channels)
 
 
-def describe_layer(name: str, module: nn.Module) -> LayerSpec:
-    """Classify ``module``; raise :class:`UsageError` for what the split cannot run exactly."""
+def _pool(name: str, kind: str, kernel, stride, padding, dilation, ceil_mode, count_include_pad=True,
+          return_indices=False, divisor_override=None) -> WindowSpec:
+    label = "MaxPool2d" if kind == "maxpool" else "AvgPool2d"
+    if return_indices:
+        raise _refuse(name, label, "return_indices=True")
+    (kh, kw) = _pair(kernel)
+    (sh, sw) = _pair(stride if stride not in (None, []) else kernel)
+    (ph, pw), (dh, dw) = _pair(padding), _pair(dilation)
+    if kind == "avgpool" and not count_include_pad and ph > 0:
+        raise _refuse(name, label, "count_include_pad=False with height padding; use count_include_pad=True")
+    if kind == "avgpool" and divisor_override is not None and ph > 0:
+        raise _refuse(name, label, "divisor_override with height padding")
+    return WindowSpec(kind, Window(kh, sh, ph, dh), Window(kw, sw, pw, dw), ceil_mode=bool(ceil_mode),
+                      count_include_pad=bool(count_include_pad), divisor_override=divisor_override)
+
+
+def window_of_module(name: str, module: nn.Module) -> Optional[WindowSpec]:
+    """The window of a conv or pool module; None for any other module."""
     if isinstance(module, nn.Conv2d):
-        if isinstance(module.padding, str):
-            raise _unsupported(name, module, f"padding='{module.padding}'; give integer padding")
-        if module.padding_mode != "zeros":
-            raise _unsupported(
-                name, module, f"padding_mode='{module.padding_mode}'; only 'zeros' is split exactly"
-            )
-        (kh, kw), (sh, sw) = _pair(module.kernel_size), _pair(module.stride)
-        (ph, pw), (dh, dw) = _pair(module.padding), _pair(module.dilation)
-        return LayerSpec(
-            name, "conv", Window(kh, sh, ph, dh), Window(kw, sw, pw, dw),
-            out_channels=module.out_channels, in_channels=module.in_channels,
-        )
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        if module.ceil_mode:
-            raise _unsupported(name, module, "ceil_mode=True; use ceil_mode=False")
-        kind = "maxpool" if isinstance(module, nn.MaxPool2d) else "avgpool"
-        if kind == "maxpool" and module.return_indices:
-            raise _unsupported(name, module, "return_indices=True")
-        (kh, kw) = _pair(module.kernel_size)
-        (sh, sw) = _pair(module.stride if module.stride is not None else module.kernel_size)
-        (ph, pw) = _pair(module.padding)
-        (dh, dw) = _pair(getattr(module, "dilation", 1))
-        if kind == "avgpool" and not module.count_include_pad and ph > 0:
-            raise _unsupported(
-                name, module, "count_include_pad=False with height padding; use count_include_pad=True"
-            )
-        return LayerSpec(name, kind, Window(kh, sh, ph, dh), Window(kw, sw, pw, dw))
-    if isinstance(module, nn.BatchNorm2d) and module.running_mean is None:
-        raise _unsupported(name, module, "no running statistics (track_running_stats=False): it would "
-                           "normalise each slice by its own batch statistics")
-    if isinstance(module, ELEMENTWISE_TYPES):
-        return LayerSpec(name, "elementwise")
-    raise _unsupported(
-        name,
-        module,
-        f"supported are {_SPATIAL_NAMES} and element-wise layers "
-        f"({', '.join(t.__name__ for t in ELEMENTWISE_TYPES)}) before a Flatten",
-    )
+        return _conv(name, module)
+    if isinstance(module, nn.MaxPool2d):
+        return _pool(name, "maxpool", module.kernel_size, module.stride, module.padding, module.dilation,
+                     module.ceil_mode, return_indices=module.return_indices)
+    if isinstance(module, nn.AvgPool2d):
+        return _pool(name, "avgpool", module.kernel_size, module.stride, module.padding, 1, module.ceil_mode,
+                     module.count_include_pad, divisor_override=module.divisor_override)
+    return None
 
 
-def split_features(model: nn.Sequential) -> tuple[list[tuple[str, nn.Module]], nn.Sequential]:
-    """Cut a sequential net at its first ``Flatten``: spatial layers, then the head.
+def window_of_function(name: str, function, args: tuple, kwargs: dict) -> Optional[WindowSpec]:
+    """The window of ``F.max_pool2d``/``F.avg_pool2d`` called with literal geometry; None otherwise."""
+    import inspect
 
-    The spatial part is what ranks split by height; the head (Flatten, Linear, ...)
-    runs on rank 0 after the gather.
-    """
-    if not isinstance(model, nn.Sequential):
-        raise UsageError(
-            f"expected an nn.Sequential (an ordered list of layers), got {type(model).__name__}"
-        )
-    features: list[tuple[str, nn.Module]] = []
-    items = list(model.named_children())
-    for index, (name, module) in enumerate(items):
-        if isinstance(module, nn.Flatten):
-            return features, nn.Sequential(*(m for _, m in items[index:]))
-        features.append((name, module))
-    return features, nn.Sequential()
+    if function not in (F.max_pool2d, F.avg_pool2d):
+        return None
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    a.pop("input", None)
+    if any(hasattr(v, "op") for v in a.values()):  # an fx Node: geometry computed at run time
+        raise _refuse(name, function.__name__, "pool geometry computed at run time; give literal integers")
+    if function is F.max_pool2d:
+        return _pool(name, "maxpool", a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"],
+                     return_indices=a["return_indices"])
+    return _pool(name, "avgpool", a["kernel_size"], a["stride"], a["padding"], 1, a["ceil_mode"],
+                 a["count_include_pad"], divisor_override=a["divisor_override"])

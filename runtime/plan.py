@@ -1,24 +1,37 @@
-"""Split plan: who owns which rows of every feature map and which rows move where.
+"""Split plan: who owns which rows of every feature map, what each window reads, which rows move.
 
-Built once per (net, input shape, rank weights) from pure geometry; identical on
-every rank, so both ends of every message agree without negotiating.  Executors
-only follow it.
+Built once per (graph, rank weights) from pure geometry, outside any executor,
+and identical on every rank, so both ends of every message agree without
+negotiating.  Executors only follow it.
+
+Ownership depends on a feature map's height alone: every map of height ``H``
+is split by :func:`~runtime.geometry.split_rows` with the same weights, so
+row-wise nodes (element-wise ops, residual adds, channel concatenations) move
+nothing.  A window node (conv, pool) computes the output rows its rank owns and
+reads the input rows they need; the rows a rank needs but does not own, taken
+over *all* window consumers of a value (a fan-out to several branches is
+exchanged once, for the union), are the value's halo -- the minimum that must
+move.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Optional, Sequence
 
 from .errors import UsageError
-from .geometry import RowRange, input_rows_for, output_height, padding_rows, split_rows
-from .layers import LayerSpec
+from .geometry import (RowRange, hull, input_rows_for, merge_ranges, output_height, padding_rows, split_rows,
+                       subtract_ranges)
+from .graph import GraphNode, ModelGraph
 
-__all__ = ["Transfer", "LayerPlan", "SplitPlan", "build_plan"]
+__all__ = ["Transfer", "Buffer", "Read", "Exchange", "ValuePlan", "WindowPlan", "GraphPlan", "plan_split",
+           "check_weights"]
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """Rows ``rows`` of a layer's input go from rank ``src`` to rank ``dst``."""
+    """Rows ``rows`` of a value go from rank ``src`` to rank ``dst``."""
 
     src: int
     dst: int
@@ -26,141 +39,219 @@ class Transfer:
 
 
 @dataclass(frozen=True)
-class LayerPlan:
-    """One layer of the plan.  Shapes are ``(channels, height, width)`` per image.
+class Buffer:
+    """One rank's buffer of a value: image rows ``rows`` between padding rows of value ``fill``.
 
-    For a spatial layer, rank ``r`` assembles input rows ``needed[r]`` (clipped to
-    the image) with ``pad_top[r]``/``pad_bottom[r]`` padding rows around them,
-    then computes output rows ``owned_out[r]``.  Element-wise layers keep the
-    row split and move nothing.
+    Padding rows exist only at the image's true top and bottom, never between ranks.
     """
 
-    index: int
-    spec: LayerSpec
-    in_shape: tuple[int, int, int]
-    out_shape: tuple[int, int, int]
-    owned_in: tuple[RowRange, ...]
-    owned_out: tuple[RowRange, ...]
-    needed: tuple[RowRange, ...]
-    pad_top: tuple[int, ...]
-    pad_bottom: tuple[int, ...]
-    transfers: tuple[Transfer, ...]
+    rows: RowRange
+    pad_top: int
+    pad_bottom: int
+    fill: float
 
     @property
-    def name(self) -> str:
-        return self.spec.name
+    def first(self) -> int:
+        """Image row at index 0 of the buffer (negative: it starts with padding)."""
+        return self.rows.start - self.pad_top
 
-    def sends(self, rank: int) -> list[Transfer]:
-        return [t for t in self.transfers if t.src == rank]
-
-    def recvs(self, rank: int) -> list[Transfer]:
-        return [t for t in self.transfers if t.dst == rank]
-
-    def halo_schedule(self, rank: int) -> list[tuple[int, "RowRange | None", int, "RowRange | None"]]:
-        """This rank's exchange as ``Sendrecv`` steps ``(dest, send_rows, source, recv_rows)``.
-
-        One step per rank distance ``d`` in use, in increasing ``d``: send to
-        ``rank + d``, receive from ``rank - d`` (the deadlock-free shift pattern of
-        mpi4py's halo demo); ``-1`` stands for ``MPI.PROC_NULL`` where there is
-        nothing to move.  Every rank derives the same distances from the same plan.
-        """
-        steps = []
-        for d in sorted({t.dst - t.src for t in self.transfers}):
-            out = next((t for t in self.transfers if t.src == rank and t.dst == rank + d), None)
-            inc = next((t for t in self.transfers if t.dst == rank and t.src == rank - d), None)
-            if out is not None or inc is not None:
-                steps.append((rank + d if out else -1, out.rows if out else None,
-                              rank - d if inc else -1, inc.rows if inc else None))
-        return steps
-
-    def row_bytes(self, batch: int, itemsize: int = 4) -> int:
-        """Bytes of one input row across the batch: width x channels x batch x itemsize."""
-        channels, _, width = self.in_shape
-        return width * channels * batch * itemsize
+    @property
+    def length(self) -> int:
+        return self.pad_top + len(self.rows) + self.pad_bottom
 
 
 @dataclass(frozen=True)
-class SplitPlan:
-    """The whole spatial part of a net, split over ``len(weights)`` ranks."""
+class Read:
+    """What one window node reads on one rank.
 
+    ``rows`` are input rows in image coordinates, padding included (they may
+    start below 0 or end past the height); ``from_buffer``: they are taken
+    from the value's buffer, else from the rank's own slice; ``repad``: the
+    padding they need is not in the buffer (another consumer's fill), so a
+    padded copy is made.
+    """
+
+    rows: RowRange
+    pad_top: int
+    pad_bottom: int
+    from_buffer: bool
+    repad: bool
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The halo exchange of one value; its time and bytes are booked on node ``node``."""
+
+    value: str
+    node: str
+    transfers: tuple[Transfer, ...]
+
+    def sends(self, rank: int) -> list[Transfer]:
+        return sorted((t for t in self.transfers if t.src == rank), key=lambda t: (t.dst, t.rows.start))
+
+    def recvs(self, rank: int) -> list[Transfer]:
+        return sorted((t for t in self.transfers if t.dst == rank), key=lambda t: (t.src, t.rows.start))
+
+    def needs(self, rank: int) -> bool:
+        return any(t.dst == rank for t in self.transfers)
+
+
+@dataclass(frozen=True)
+class ValuePlan:
+    """A split value: rows owned per rank, each rank's buffer (None: read in place) and its halo exchange."""
+
+    name: str
+    height: int
+    owned: tuple[RowRange, ...]
+    buffers: tuple[Optional[Buffer], ...]
+    exchange: Optional[Exchange]
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """A window node: the output rows each rank computes and what it reads for them (None: no rows)."""
+
+    name: str
+    source: str
+    out_rows: tuple[RowRange, ...]
+    reads: tuple[Optional[Read], ...]
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """A traced graph split by height over ``len(weights)`` ranks."""
+
+    graph: ModelGraph
     weights: tuple[float, ...]
-    in_shape: tuple[int, int, int]
-    layers: tuple[LayerPlan, ...]
+    values: Mapping[str, ValuePlan]
+    windows: Mapping[str, WindowPlan]
 
     @property
     def ranks(self) -> int:
         return len(self.weights)
 
     @property
-    def out_shape(self) -> tuple[int, int, int]:
-        return self.layers[-1].out_shape if self.layers else self.in_shape
+    def in_shape(self) -> tuple[int, int, int]:
+        return self.graph.in_shape
 
     @property
     def input_rows(self) -> tuple[RowRange, ...]:
-        return self.layers[0].owned_in if self.layers else split_rows(self.in_shape[1], self.weights)
+        return self.values[self.graph.input.name].owned
 
     @property
-    def output_rows(self) -> tuple[RowRange, ...]:
-        return self.layers[-1].owned_out if self.layers else self.input_rows
+    def exchanges(self) -> list[Exchange]:
+        return [v.exchange for v in self.values.values() if v.exchange is not None]
+
+    def row_bytes(self, value: str, batch: int, itemsize: int = 4) -> int:
+        """Bytes of one row of ``value`` across the batch."""
+        node = self.graph[value]
+        return batch * itemsize * math.prod(s for d, s in enumerate(node.shape) if d not in (0, node.hdim))
+
+    def bytes_sent(self, batch: int, itemsize: int = 4) -> dict[str, int]:
+        """Bytes each exchange moves in one pass, by the node it is booked on."""
+        out: dict[str, int] = {}
+        for ex in self.exchanges:
+            rows = sum(len(t.rows) for t in ex.transfers)
+            out[ex.node] = out.get(ex.node, 0) + rows * self.row_bytes(ex.value, batch, itemsize)
+        return out
 
 
-def _plan_spatial(index, spec, in_shape, owned_in, weights) -> LayerPlan:
-    channels, height, width = in_shape
-    if spec.in_channels is not None and spec.in_channels != channels:
-        raise UsageError(
-            f"layer '{spec.name}' expects {spec.in_channels} input channels but receives "
-            f"{channels}; check the net's in_channels against the input"
-        )
+def check_weights(weights: Optional[Sequence[float]], ranks: int) -> tuple[float, ...]:
+    """Rank weights as floats: one per rank, each finite and > 0 (None: even)."""
+    if weights is None:
+        return (1.0,) * ranks
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != ranks:
+        raise UsageError(f"got {len(weights)} rank weights for {ranks} ranks; give one weight per rank")
+    bad = [w for w in weights if not (math.isfinite(w) and w > 0)]
+    if bad:
+        raise UsageError(f"rank weights must be finite and > 0, got {list(weights)}")
+    return weights
+
+
+def _window_plan(node: GraphNode, source: GraphNode, weights) -> WindowPlan:
+    window = node.window
+    height = source.height
     try:
-        out_h = output_height(height, spec.height)
-        out_w = output_height(width, spec.width)
+        out_h = output_height(height, window.height, window.ceil_mode)
     except ValueError as err:
-        raise UsageError(f"layer '{spec.name}' with input {height}x{width}: {err}") from None
-    out_c = spec.out_channels if spec.out_channels is not None else channels
-    owned_out = split_rows(out_h, weights)
-    wanted = [input_rows_for(rows, spec.height) for rows in owned_out]
-    needed = tuple(w.clip(height) if len(w) else RowRange(0, 0) for w in wanted)
-    pad_top = tuple(padding_rows(w, height)[0] for w in wanted)
-    pad_bottom = tuple(padding_rows(w, height)[1] for w in wanted)
-    transfers = []
-    for dst, need in enumerate(needed):
-        for src, own in enumerate(owned_in):
-            rows = need.intersect(own)
-            if src != dst and len(rows):
-                transfers.append(Transfer(src, dst, rows))
-    return LayerPlan(
-        index, spec, in_shape, (out_c, out_h, out_w), owned_in, owned_out,
-        needed, pad_top, pad_bottom, tuple(transfers),
-    )
+        raise UsageError(f"node '{node.name}' with input height {height}: {err}") from None
+    if out_h != node.shape[2]:  # the traced shape is torch's own answer: a mismatch is our bug
+        raise AssertionError(f"node '{node.name}': geometry gives {out_h} rows, torch {node.shape[2]}")
+    out_rows = split_rows(out_h, weights)
+    reads = []
+    for rows in out_rows:
+        if not len(rows):
+            reads.append(None)
+            continue
+        wanted = input_rows_for(rows, window.height)
+        top, bottom = padding_rows(wanted, height)
+        reads.append(Read(wanted, top, bottom, False, False))
+    return WindowPlan(node.name, source.name, out_rows, tuple(reads))
 
 
-def build_plan(
-    specs: Sequence[LayerSpec], in_shape: tuple[int, int, int], weights: Sequence[float]
-) -> SplitPlan:
-    """Plan ``specs`` on a ``(C, H, W)`` input split over ``len(weights)`` ranks.
+def _value_plan(value: GraphNode, consumers: list[WindowPlan], specs: dict, weights,
+                windows: dict) -> ValuePlan:
+    height = value.height
+    owned = split_rows(height, weights)
+    buffers: list[Optional[Buffer]] = []
+    transfers: list[Transfer] = []
+    for r, own in enumerate(owned):
+        reads = [(w, w.reads[r]) for w in consumers if w.reads[r] is not None]
+        need = merge_ranges([rd.rows.clip(height) for _, rd in reads])
+        missing = subtract_ranges(need, [own])
+        # a read wholly in the padding holds no image row: it is made from padding alone (repad)
+        padded = [(w, rd) for w, rd in reads if (rd.pad_top or rd.pad_bottom) and len(rd.rows.clip(height))]
+        if not missing and not padded:
+            buffers.append(None)
+        else:
+            fill = specs[padded[0][0].name].fill if padded else 0.0
+            same = [rd for w, rd in padded if specs[w.name].fill == fill]
+            buffers.append(Buffer(hull(need + [own]), max((rd.pad_top for rd in same), default=0),
+                                  max((rd.pad_bottom for rd in same), default=0), fill))
+        buffer = buffers[-1]
+        for w, rd in reads:
+            pads = rd.pad_top or rd.pad_bottom
+            repad = bool(pads) and (buffer is None or specs[w.name].fill != buffer.fill
+                                    or not len(rd.rows.clip(height)))
+            windows[w.name][r] = Read(rd.rows, rd.pad_top, rd.pad_bottom, buffer is not None, repad)
+        for rows in missing:
+            for src, theirs in enumerate(owned):
+                part = rows.intersect(theirs)
+                if src != r and len(part):
+                    transfers.append(Transfer(src, r, part))
+    exchange = None
+    if transfers:
+        exchange = Exchange(value.name, consumers[0].name, tuple(transfers))
+    return ValuePlan(value.name, height, owned, tuple(buffers), exchange)
 
-    Raises :class:`UsageError` when some rank would own no row of the input (more
-    ranks than input rows); deeper layers may leave a rank with no rows, which
+
+def plan_split(graph: ModelGraph, weights: Sequence[float]) -> GraphPlan:
+    """Plan ``graph`` over ``len(weights)`` ranks with rows shared in proportion to ``weights``.
+
+    Raises :class:`UsageError` when a rank would own no row of the input (more
+    ranks than input rows); deeper maps may leave a rank with no rows, which
     the executor handles.
     """
-    weights = tuple(float(w) for w in weights)
-    channels, height, width = in_shape
-    owned = split_rows(height, weights)
-    empty = [r for r, rows in enumerate(owned) if len(rows) == 0]
+    weights = check_weights(weights, len(weights))
+    height = graph.in_shape[1]
+    empty = [r for r, rows in enumerate(split_rows(height, weights)) if len(rows) == 0]
     if empty:
         raise UsageError(
             f"{len(weights)} ranks with weights {list(weights)} leave rank(s) {empty} without "
             f"rows of the {height}-row input; use at most {height} ranks, a larger input, "
             "or more even --weights"
         )
-    layers = []
-    shape = in_shape
-    for index, spec in enumerate(specs):
-        if spec.spatial:
-            layer = _plan_spatial(index, spec, shape, owned, weights)
-        else:
-            zeros = (0,) * len(weights)
-            layer = LayerPlan(index, spec, shape, shape, owned, owned, owned, zeros, zeros, ())
-        layers.append(layer)
-        shape, owned = layer.out_shape, layer.owned_out
-    return SplitPlan(weights, in_shape, tuple(layers))
+    window_plans = {n.name: _window_plan(n, graph[n.inputs[0]], weights)
+                    for n in graph.nodes if n.role == "window"}
+    specs = {n.name: n.window for n in graph.nodes if n.role == "window"}
+    reads = {name: list(w.reads) for name, w in window_plans.items()}
+    values = {}
+    for node in graph.nodes:
+        if node.placement != "rows" or node.hdim is None or node.shape is None:
+            continue  # chunk tuples carry no rows of their own
+        consumers = [window_plans[c.name] for c in graph.consumers(node.name) if c.role == "window"]
+        values[node.name] = _value_plan(node, consumers, specs, weights, reads)
+    windows = {name: WindowPlan(w.name, w.source, w.out_rows, tuple(reads[name]))
+               for name, w in window_plans.items()}
+    return GraphPlan(graph, weights, MappingProxyType(values), MappingProxyType(windows))

@@ -1,416 +1,546 @@
-"""Height-split executor: run a sequential CNN with its rows spread over MPI ranks.
+"""Height-split executor: runs a traced CNN graph with its rows spread over MPI ranks.
 
-Follows a :class:`~runtime.plan.SplitPlan`.  For each spatial layer a rank keeps
-one preallocated channels-last buffer laid out as::
+Follows a :class:`~runtime.plan.GraphPlan` built beforehand.  Every rank walks
+the graph in order:
 
-    +------------------------------+  pad_top rows (0, or -inf before max pooling)
-    | halo rows from rank r-1 ...  |  received in place by Sendrecv
-    | own rows                     |  written by the previous ReLU, or copied
-    | halo rows from rank r+1 ...  |  received in place by Sendrecv
-    +------------------------------+  pad_bottom rows
+* a **window** node (conv, pool) runs its torch op once on the input rows its
+  output rows need, with no height padding of its own: those rows sit in a
+  preallocated channels-last buffer of the input value::
 
-and runs the layer on it in one call with *no* height padding of its own (the
-padding rows are in the buffer, and exist only at the image's true top and
-bottom), so every rank computes exactly its own output rows.  Element-wise
-layers run on the slice as it is.  Rank 0 gathers the last slices and runs the
-head (Flatten, Linear, ...).
+      +------------------------------+  pad_top rows (0, or -inf before max pooling)
+      | halo rows from rank r-1 ...  |  received in place (Irecv)
+      | own rows                     |  written by the value's producer
+      | halo rows from rank r+1 ...  |  received in place (Irecv)
+      +------------------------------+  pad_bottom rows
 
-Why one buffer and one call per layer: CPU convolutions re-pack their weights
-on every call, so computing a slice as an interior plus two thin edge calls
-(to overlap the exchange with the interior) cost more than it hid -- measured
-in the README ("Overlap").  The copy into the buffer is avoided where it is
-large: the element-wise layers (BatchNorm, ReLU) right before a spatial layer
-write their output straight into its buffer.
+  (a value no rank needs halo rows of is read in place, with no buffer);
+* **row-wise** nodes (BatchNorm, activations, residual ``add``, channel
+  ``cat``, channel shuffles) run on the rank's own rows as they are;
+* a **reduce** (global pool) sums its own rows and finishes with an
+  ``Allreduce`` (squeeze-excitation mid-net) or a ``Reduce`` to the root (head);
+* the **head** runs on the root, after the split values it reads are gathered.
+
+A value's halo exchange is posted (``Isend``/``Irecv``) as soon as its own rows
+are written, and waited for only by the first window node that reads halo
+rows.  When the value is made by a chain of element-wise nodes (conv -> BN ->
+ReLU -> buffer), the chain writes straight into the buffer, the rows other ranks
+need first: their sends are posted while the rest of the rows are computed.
+
+Why one buffer and one call per window: CPU convolutions re-pack their weights
+on every call, so computing a slice as an interior plus thin edge calls (to
+overlap the exchange with the interior) costs more than it hides.
 """
 from __future__ import annotations
 
-from time import perf_counter
-from typing import Optional, Sequence
+import operator
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mpi4py import MPI
+from torch.fx.node import map_arg
 
-from .comm import float_message, gather_rows, post_rows, rows_as_buffer, scatter_rows, sendrecv_rows, wait_rows
+from . import comm as mpi
 from .errors import UsageError
-from .geometry import RowRange, input_rows_for
-from .layers import describe_layer, split_features
-from .plan import LayerPlan, SplitPlan, build_plan
-from .timing import LayerClock
+from .geometry import RowRange, merge_ranges, subtract_ranges
+from .graph import ModelGraph, trace_model
+from .layers import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES
+from .plan import GraphPlan, plan_split
+from .timing import NO_CLOCK, NoClock
 
 __all__ = ["SplitExecutor", "check_image"]
 
 CL = torch.channels_last
 
 
-def check_image(image: torch.Tensor, channels: int, height: Optional[int] = None) -> None:
-    """Raise :class:`UsageError` unless ``image`` is a float32 ``(N, C, H, W)`` batch."""
+def check_image(image, in_shape: tuple[int, int, int]) -> None:
+    """Raise :class:`UsageError` unless ``image`` is a float32 ``(N, C, H, W)`` batch of the planned shape."""
+    if not isinstance(image, torch.Tensor):
+        raise UsageError(f"input must be a torch.Tensor image batch, got {type(image).__name__}")
     shape = tuple(image.shape)
     if image.dim() != 4:
         raise UsageError(
             f"input must be an image batch of shape (N, C, H, W), got shape {shape}; "
             "add a batch dimension with x.unsqueeze(0)"
         )
-    if shape[1] != channels:
-        raise UsageError(f"input has {shape[1]} channels but the net expects {channels}")
-    if height is not None and shape[2] != height:
-        raise UsageError(f"input height {shape[2]} does not match the plan's height {height}")
+    c, h, w = in_shape
+    if shape[1:] != (c, h, w):
+        raise UsageError(f"input images are {shape[1]}x{shape[2]}x{shape[3]} (C x H x W) but the plan is for "
+                         f"{c}x{h}x{w}; plan for this shape or resize the input")
+    if shape[0] < 1:
+        raise UsageError("input batch is empty")
     if image.dtype != torch.float32:
         raise UsageError(f"input dtype must be float32, got {image.dtype}; use x.float()")
 
 
-def _write_into(module: nn.Module):
-    """``f(x, out)`` writing ``module(x)`` into ``out`` (which may be ``x`` itself): no new tensor.
+def _call(fx_node, module, args, kwargs):
+    """Run one fx node as eager torch would."""
+    if fx_node.op == "call_module":
+        return module(*args, **kwargs)
+    if fx_node.op == "call_function":
+        return fx_node.target(*args, **kwargs)
+    if fx_node.op == "call_method":
+        return getattr(args[0], fx_node.target)(*args[1:], **kwargs)
+    raise AssertionError(fx_node.op)
 
-    BatchNorm in eval mode is the affine map ``x * a + b`` per channel, written
-    with ``addcmul``; ReLU with ``clamp_min``; anything else is computed, then copied.
-    """
+
+def _fold_batchnorm(module: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval BatchNorm as ``x * a + b`` per channel (snapshot of the statistics at build time)."""
+    with torch.no_grad():
+        a = torch.rsqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            a = a * module.weight
+        b = -module.running_mean * a
+        if module.bias is not None:
+            b = b + module.bias
+    return a.view(1, -1, 1, 1).clone(), b.view(1, -1, 1, 1).clone()
+
+
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_RELU = {torch.relu, F.relu, "relu", "relu_"}
+
+
+def _writer(fx_node, module, folded):
+    """``f(args, kwargs, out)``: the node's element-wise result written into ``out`` (which may alias an input)."""
+    key = fx_node.target if fx_node.op != "call_module" else None
     if isinstance(module, nn.BatchNorm2d):
-        with torch.no_grad():  # folded once: the executor snapshots the statistics it was built with
-            a = torch.rsqrt(module.running_var + module.eps)
-            if module.weight is not None:
-                a = a * module.weight
-            b = -module.running_mean * a
-            if module.bias is not None:
-                b = b + module.bias
-            a, b = a.view(1, -1, 1, 1).clone(), b.view(1, -1, 1, 1).clone()
-        return lambda x, out: torch.addcmul(b, x, a, out=out)
-    if isinstance(module, nn.ReLU):
-        return lambda x, out: torch.clamp_min(x, 0, out=out)
-    return lambda x, out: out.copy_(module(x))
+        a, b = folded
+        return lambda args, kwargs, out: torch.addcmul(b, args[0], a, out=out)
+    if isinstance(module, nn.ReLU) or key in _RELU and not (fx_node.kwargs or len(fx_node.args) > 1):
+        return lambda args, kwargs, out: torch.clamp_min(args[0], 0, out=out)
+    if isinstance(module, nn.ReLU6):
+        return lambda args, kwargs, out: torch.clamp(args[0], 0, 6, out=out)
+    if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout2d)):
+        return lambda args, kwargs, out: out if args[0] is out else out.copy_(args[0])
+    plain = not fx_node.kwargs and len(fx_node.args) == 2
+    if key in _ADD and plain:
+        return lambda args, kwargs, out: torch.add(args[0], args[1], out=out)
+    if key in _MUL and plain:
+        return lambda args, kwargs, out: torch.mul(args[0], args[1], out=out)
+    return lambda args, kwargs, out: out.copy_(_call(fx_node, module, args, kwargs))
 
 
-def _window_op(layer: LayerPlan, module: nn.Module):
-    """The layer's functional op with height padding removed (the buffer carries it)."""
-    h, w = layer.spec.height, layer.spec.width
-    kernel, stride, dilation = (h.kernel, w.kernel), (h.stride, w.stride), (h.dilation, w.dilation)
-    padding = (0, w.padding)
-    if layer.spec.kind == "conv":
-        if layer.in_shape[2] == 1:
-            # torch 2.14's channels-last conv crashes (SIGSEGV) on some 1-pixel-wide maps with
-            # width padding and bias (seen: 1x1 kernel, stride 2, dilation 2, batch 3): go NCHW.
-            return lambda buf: F.conv2d(buf.clone(memory_format=torch.contiguous_format), module.weight,
-                                        module.bias, stride, padding, dilation, module.groups)
-        return lambda buf: F.conv2d(buf, module.weight, module.bias, stride, padding, dilation, module.groups)
-    if layer.spec.kind == "maxpool":
-        return lambda buf: F.max_pool2d(buf, kernel, stride, padding, dilation)
-    return lambda buf: F.avg_pool2d(buf, kernel, stride, padding, False, module.count_include_pad, module.divisor_override)
-
-
-def _merge(ranges: list[RowRange]) -> list[RowRange]:
-    """Sorted, disjoint union of row ranges."""
-    merged: list[RowRange] = []
-    for rows in sorted(ranges, key=lambda r: r.start):
-        if merged and rows.start <= merged[-1].stop:
-            merged[-1] = RowRange(merged[-1].start, max(merged[-1].stop, rows.stop))
-        else:
-            merged.append(rows)
-    return merged
-
-
-def _subtract(rows: RowRange, holes: list[RowRange]) -> list[RowRange]:
-    """``rows`` minus sorted disjoint ``holes``, as ranges."""
-    out, cursor = [], rows.start
-    for hole in holes:
-        if hole.start > cursor:
-            out.append(RowRange(cursor, min(hole.start, rows.stop)))
-        cursor = max(cursor, hole.stop)
-    if cursor < rows.stop:
-        out.append(RowRange(cursor, rows.stop))
-    return [o for o in out if len(o)]
+def _elementwise(fx_node, module) -> bool:
+    if fx_node.op == "call_module":
+        return isinstance(module, ELEMENTWISE_MODULES)
+    if fx_node.op == "call_function":
+        return fx_node.target in ELEMENTWISE_FUNCTIONS
+    return fx_node.op == "call_method" and fx_node.target in ELEMENTWISE_METHODS and fx_node.target != "contiguous"
 
 
 class SplitExecutor:
-    """Runs ``model`` (an ``nn.Sequential``) split by height over ``comm``.
+    """Runs a planned model split by height over ``comm``; rank ``root`` gets the output.
 
-    Every rank calls :meth:`__call__` (or :meth:`forward_local`); rank 0 gets the
-    output, other ranks ``None``.  Buffers are built for a batch size on first
-    use and reused while it stays the same.  BatchNorm statistics are folded
-    into per-channel scales when the executor is built: build a new executor
-    after changing the model's weights.
+    ``model`` is the module the plan was traced from (or one of the same
+    structure): each rank needs real weights only for the nodes it runs --
+    the split part everywhere, the head on the root (see
+    :func:`runtime.distribute.distribute_model`, which builds exactly that).
+    Buffers are built for a batch size on first use and reused while it stays
+    the same.  BatchNorm statistics are folded into per-channel scales when
+    the executor is built: build a new executor after changing the weights.
     """
 
-    def __init__(
-        self,
-        model: nn.Sequential,
-        in_shape: tuple[int, int, int],
-        comm: MPI.Comm = MPI.COMM_WORLD,
-        weights: Optional[Sequence[float]] = None,
-    ) -> None:
-        features, self.head = split_features(model)
-        self.names = [name for name, _ in features]
-        self.modules = [module for _, module in features]
-        specs = [describe_layer(name, module) for name, module in features]
+    def __init__(self, plan: GraphPlan, model: nn.Module, comm: MPI.Comm = MPI.COMM_WORLD, root: int = 0) -> None:
         size = comm.Get_size()
-        weights = [1.0] * size if weights is None else list(weights)
-        if len(weights) != size:
-            raise UsageError(f"got {len(weights)} rank weights for {size} ranks; give one weight per rank")
-        self.plan: SplitPlan = build_plan(specs, in_shape, weights)
-        self.comm, self.rank = comm, comm.Get_rank()
-        r = self.rank
-        layers = self.plan.layers
-        self._ops = [_window_op(l, m) if l.spec.spatial else m for l, m in zip(layers, self.modules)]
-        # Image row at index 0 of each spatial layer's buffer (negative: starts with padding).
-        self._first = [
-            input_rows_for(l.owned_out[r], l.spec.height).start if l.spec.spatial and len(l.owned_out[r]) else 0
-            for l in layers
-        ]
-        if any(m.training for m in self.modules):
-            raise UsageError("the model is in training mode; call model.eval() before split inference "
-                             "(BatchNorm must use its running statistics, the same on every slice)")
-        self._into = [self._buffer_target(i) for i in range(len(layers))]
-        self._writers = [_write_into(m) if t is not None and not l.spec.spatial else None
-                         for m, t, l in zip(self.modules, self._into, layers)]
+        if plan.ranks != size:
+            raise UsageError(f"the plan is for {plan.ranks} ranks but the communicator has {size}; "
+                             "plan with one weight per rank")
+        if not 0 <= root < size:
+            raise UsageError(f"root rank {root} outside the {size} ranks")
+        self.plan, self.graph, self.comm = plan, plan.graph, comm
+        self.rank, self.root = comm.Get_rank(), root
+        self.is_root = self.rank == root
+        self._fx = list(self.graph.fx.nodes)
+        self._index = {n.name: i for i, n in enumerate(self.graph.nodes)}
+        self._modules: dict[str, object] = {}
+        self._folded: dict[str, tuple] = {}
+        for f, g in zip(self._fx, self.graph.nodes):
+            if g.placement == "root" and not self.is_root or f.op not in ("call_module", "get_attr"):
+                continue
+            thing = model.get_submodule(f.target) if f.op == "call_module" else _fetch_attr(model, f.target)
+            tensors = list(thing.parameters()) + list(thing.buffers()) if isinstance(thing, nn.Module) else [thing]
+            if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+                raise UsageError(f"rank {self.rank} runs node '{g.name}' but holds no weights for "
+                                 f"'{f.target}' (meta tensors); load them, e.g. with runtime.distribute_model")
+            if isinstance(thing, nn.Module) and thing.training:
+                raise UsageError(f"module '{f.target}' is in training mode; call model.eval() before split inference")
+            self._modules[g.name] = thing
+            if isinstance(thing, nn.BatchNorm2d) and g.placement == "rows":
+                self._folded[g.name] = _fold_batchnorm(thing)
         self._batch: Optional[int] = None
-        self._buffers: list[Optional[torch.Tensor]] = []
+        self._pass = 0
 
-    def _buffer_target(self, i: int) -> Optional[int]:
-        """The spatial layer whose buffer layer ``i`` writes into, if any.
+    @classmethod
+    def build(cls, model: nn.Module, in_shape: tuple[int, int, int], comm: MPI.Comm = MPI.COMM_WORLD,
+              weights=None, root: int = 0) -> "SplitExecutor":
+        """Trace, plan and build in one call, for a model every rank holds whole (tests, small nets)."""
+        graph = trace_model(model, in_shape)
+        return cls(plan_split(graph, weights if weights is not None else [1.0] * comm.Get_size()), model, comm, root)
 
-        Element-wise layers right before a spatial layer write their output into
-        that layer's buffer (the first one) and then work in place there, so the
-        own rows never need a separate copy.  Only when that layer needs every
-        row this rank owns (the usual case): the buffer is then also the source
-        of this rank's sends.
-        """
-        layers, r = self.plan.layers, self.rank
-        if layers[i].spec.spatial:
-            # A spatial layer that exchanges nothing (a pool on an even split) can feed the
-            # next spatial layer's buffer the same way, part by part.
-            j = i + 1
-            if layers[i].transfers or j == len(layers) or not layers[j].spec.spatial:
-                return None
-        else:
-            j = i
-            while j < len(layers) and not layers[j].spec.spatial:
-                j += 1
-            if j == len(layers):
-                return None
-        nxt = layers[j]
-        own, need = nxt.owned_in[r], nxt.needed[r]
-        if len(nxt.owned_out[r]) == 0 or not (need.start <= own.start and own.stop <= need.stop):
-            return None
-        return j
-
-    def _allocate(self, batch: int) -> None:
+    # ------------------------------------------------------------------ set-up per batch size
+    def _prepare(self, batch: int) -> None:
         r = self.rank
-        self._buffers = []
-        for layer in self.plan.layers:
-            if not layer.spec.spatial or len(layer.owned_out[r]) == 0:
-                self._buffers.append(None)
+        self._buffers: dict[str, torch.Tensor] = {}
+        for name, value in self.plan.values.items():
+            spec = value.buffers[r]
+            if spec is None:
                 continue
-            channels, _, width = layer.in_shape
-            top, bottom = layer.pad_top[r], layer.pad_bottom[r]
-            rows = top + len(layer.needed[r]) + bottom
-            buf = torch.empty((batch, channels, rows, width), memory_format=CL)
-            fill = float("-inf") if layer.spec.kind == "maxpool" else 0.0
-            buf[:, :, :top].fill_(fill)
-            buf[:, :, rows - bottom :].fill_(fill)
-            self._buffers.append(buf)
-        self._batch = batch
-        self._halos, self._posts = [], []
-        for i, layer in enumerate(self.plan.layers):
-            steps = []
-            buf, first = self._buffers[i], self._first[i]
-            from_buffer = i > 0 and self._into[i - 1] == i  # own rows already sit in the buffer
-            for dest, send_rows, src, recv_rows in (layer.halo_schedule(r) if layer.spec.spatial else ()):
-                send = recv = staged = None
-                if send_rows is not None and from_buffer:
-                    arr, in_place = rows_as_buffer(buf[:, :, send_rows.start - first : send_rows.stop - first])
-                    send = float_message(arr) if in_place else None  # a staging copy must be refreshed
-                if recv_rows is not None:
-                    view = buf[:, :, recv_rows.start - first : recv_rows.stop - first]
-                    arr, in_place = rows_as_buffer(view)
-                    recv, staged = float_message(arr), None if in_place else (view, arr)
-                steps.append((dest, send_rows, send, src, recv, staged))
-            self._halos.append(steps)
-            self._posts.append(self._post_plan(i, steps) if from_buffer else None)
-
-    def _post_plan(self, j: int, steps):
-        """Fixed parts of :meth:`_produce_into` for layer ``j``, built once per batch size.
-
-        Returns ``(first_parts, rest_parts, post_steps, staged, bytes)``: row parts
-        as ``(x_start, x_stop, buffer view)``, sent rows first, then the rest.
-        """
-        own, buf, first = self.plan.layers[j].owned_in[self.rank], self._buffers[j], self._first[j]
-        sent_rows = _merge([rows for _, rows, _, _, _, _ in steps if rows is not None])
-
-        producer = self.plan.layers[j - 1]
-        if producer.spec.spatial:  # rows of the producer's buffer that each part of its output reads
-            pfirst = self._first[j - 1]
-
-            def source(p):
-                rows = input_rows_for(p, producer.spec.height)
-                return rows.start - pfirst, rows.stop - pfirst
-        else:
-
-            def source(p):
-                return p.start - own.start, p.stop - own.start
-
-        def parts(ranges):
-            return [(*source(p), buf[:, :, p.start - first : p.stop - first]) for p in ranges]
-
-        post = [(send, dest, recv, src) for dest, _, send, src, recv, _ in steps]
-        staged = [stage for *_, stage in steps if stage is not None]
-        sent = sum(send[0].nbytes for send, *_ in post if send is not None)
-        return parts(sent_rows), parts(_subtract(own, sent_rows)), post, staged, sent
-
-    # ---------------------------------------------------------------- execution
-    def _exchange(self, i: int, source: torch.Tensor, source_first: int) -> int:
-        """Halo rows of layer ``i``: sends from ``source`` (index 0 = image row ``source_first``).
-
-        Follows the schedule built in :meth:`_allocate`: buffers and messages made
-        once, so a step costs little more than the ``Sendrecv`` itself.
-        """
-        sent = 0
-        for dest, rows, send, src, recv, staged in self._halos[i]:
-            if rows is not None and send is None:  # sending from a fresh tensor: view it now
-                a = rows.start - source_first
-                send = float_message(rows_as_buffer(source[:, :, a : a + len(rows)])[0])
-            sendrecv_rows(self.comm, send, dest, recv, src, tag=i)
-            if send is not None:
-                sent += send[0].nbytes
-            if staged is not None:  # batch > 1: received into a staging copy
-                view, arr = staged
-                view.permute(0, 2, 3, 1).copy_(torch.from_numpy(arr))
-        return sent
-
-    def _produce_into(self, i: int, j: int, x: torch.Tensor, clock: Optional[LayerClock]):
-        """Run layers ``i..j-1`` into layer ``j``'s buffer, overlapping its halo exchange.
-
-        Layers ``i..j-1`` are element-wise (``x`` is their input), or ``i`` is a
-        spatial layer that exchanges nothing (``x`` is its buffer).
-
-        The rows this rank sends go first; their transfers are then posted
-        (``Irecv``/``Isend``) and fly while the rest of the rows are computed::
-
-            own rows:  [ sent up | ........ bulk ........ | sent down ]
-            order:        1          3 (transfers in flight)     1
-                          2: post Irecv/Isend of layer j's halos
-
-        so a late neighbour costs this rank nothing until the bulk is done.
-        Returns the pending requests, staged receives, bytes sent and staging
-        arrays to keep alive until the sends complete.
-        """
-        first_parts, rest_parts, steps, staged, sent = self._posts[j]
-        clocked = clock is not None
-
-        spatial, op = self.plan.layers[i].spec.spatial, self._ops[i]
-
-        def apply(parts) -> None:
-            for a, b, dst in parts:
-                if spatial:  # (a, b): the producer's buffer rows these output rows read
-                    dst.copy_(op(x[:, :, a:b]))
-                    continue
-                src = x[:, :, a:b]
-                for k in range(i, j):
-                    start = perf_counter() if clocked else 0.0
-                    self._writers[k](src if k == i else dst, dst)
-                    if clocked:
-                        clock.compute[k] += perf_counter() - start
-
-        apply(first_parts)
-        posted = perf_counter()
-        keep = []
-        if any(send is None for send, dest, _, _ in steps if dest >= 0):  # batch > 1: stage sends now
-            buf, first = self._buffers[j], self._first[j]
-            fresh = []
-            for (send, dest, recv, src), (_, rows, _, _, _, _) in zip(steps, self._halos[j]):
-                if rows is not None and send is None:
-                    arr = rows_as_buffer(buf[:, :, rows.start - first : rows.stop - first])[0]
-                    send = float_message(arr)
-                    keep.append(arr)
-                    sent += arr.nbytes
-                fresh.append((send, dest, recv, src))
-            steps = fresh
-        requests = post_rows(self.comm, steps, tag=j)
-        posting = perf_counter() - posted
-        if clocked:
-            clock.halo[j] += posting
-        apply(rest_parts)
-        return (requests, staged, sent, keep), posting
-
-    def forward_local(self, x: torch.Tensor, clock: Optional[LayerClock] = None) -> torch.Tensor:
-        """This rank's input rows -> this rank's rows of the last spatial layer.
-
-        ``x`` holds rows ``plan.input_rows[rank]`` of every image in the batch;
-        it may be modified in place (in-place ReLUs).
-        """
-        batch = x.shape[0]
-        if batch != self._batch:
-            self._allocate(batch)
-        r = self.rank
-        pending = None  # (requests, staged, bytes, keep-alive) of a halo exchange already posted
-        layers = self.plan.layers
-        i = 0
-        while i < len(layers):
-            layer, op = layers[i], self._ops[i]
-            start = perf_counter()
-            if not layer.spec.spatial:
-                j = self._into[i]
-                if j is None:
-                    x = op(x)
-                    if clock is not None:
-                        clock.compute[i] += perf_counter() - start
-                    i += 1
+            _, channels, _, width = self.graph[name].shape
+            buf = torch.empty((batch, channels, spec.length, width), memory_format=CL)
+            buf[:, :, : spec.pad_top].fill_(spec.fill)
+            buf[:, :, spec.length - spec.pad_bottom:].fill_(spec.fill)
+            self._buffers[name] = buf
+        self._segments = self._find_segments()
+        absorbed = {m for chain in self._segments.values() for m in chain[:-1]}
+        self._split_steps, self._head_steps = [], []
+        for i, (f, g) in enumerate(zip(self._fx, self.graph.nodes)):
+            if g.name in absorbed:
+                continue
+            if g.role == "output":
+                self._head_steps.append(self._output_step(f))
+                continue
+            if g.role == "reduce":
+                self._split_steps.append(self._partial_step(i, f, g))
+                if g.placement == "all":
+                    self._split_steps.append(self._finish_step(i, g, everywhere=True))
                 else:
-                    pending, _ = self._produce_into(i, j, x, clock)
-                    i = j
+                    self._head_steps.append(self._finish_step(i, g, everywhere=False))
                 continue
-            buf, first = self._buffers[i], self._first[i]
-            own, need = layer.owned_in[r], layer.needed[r]
-            if pending is not None:  # own rows are in the buffer, halos in flight
-                requests, staged, sent, _ = pending
-                pending = None
-                wait_rows(requests)
-                for view, arr in staged:
-                    view.permute(0, 2, 3, 1).copy_(torch.from_numpy(arr))
-                copied = start
+            if g.placement == "root":
+                if self.is_root:
+                    self._head_steps.append(self._plain_step(i, f, g, full=True))
+                continue
+            if g.role == "input":
+                step = self._input_step(i, g)
+            elif g.role == "window":
+                step = self._window_step(i, f, g)
+            elif g.name in self._segments:
+                step = self._segment_step(i, g)
             else:
-                keep = need.intersect(own)
-                if buf is not None and len(keep):
-                    buf[:, :, keep.start - first : keep.stop - first].copy_(
-                        x[:, :, keep.start - own.start : keep.stop - own.start]
-                    )
-                copied = perf_counter()
-                sent = self._exchange(i, x, own.start) if layer.transfers else 0
-            exchanged = perf_counter()
-            posting = 0.0
-            if buf is None:  # this rank owns no output row of this layer
-                _, _, w = layer.out_shape
-                x = torch.empty((batch, layer.out_shape[0], 0, w), memory_format=CL)
-            elif self._into[i] is not None:  # output straight into the next layer's buffer
-                pending, posting = self._produce_into(i, i + 1, buf, clock)
-                x = None
+                step = self._plain_step(i, f, g, full=False)
+            self._split_steps.append(step)
+            if g.placement == "rows" and g.gather:
+                self._head_steps.append(self._gather_step(g))
+        self._batch = batch
+
+    def _find_segments(self) -> dict[str, list[str]]:
+        """Chains of element-wise nodes that end in a buffered value: they write into its buffer."""
+        segments = {}
+        for name in self._buffers:
+            g = self.graph[name]
+            chain = [name]
+            if g.role != "rowwise" or not self._segment_member(name):
+                continue
+            while True:
+                main = self._main_input(chain[0])
+                if (main is None or main in self._buffers or self.graph[main].gather
+                        or len(self.graph.consumers(main)) != 1 or not self._segment_member(main)):
+                    break
+                chain.insert(0, main)
+            segments[name] = chain
+        return segments
+
+    def _segment_member(self, name: str) -> bool:
+        g = self.graph[name]
+        f = self._fx[self._index[name]]
+        return (g.role == "rowwise" and g.placement == "rows" and g.shape is not None and len(g.shape) == 4
+                and g.hdim == 2 and _elementwise(f, self._modules.get(name)) and self._main_input(name) is not None)
+
+    def _main_input(self, name: str) -> Optional[str]:
+        """The first split input of the same shape as the node's output (the one it is computed from)."""
+        g = self.graph[name]
+        for a in self._fx[self._index[name]].all_input_nodes:
+            other = self.graph[a.name]
+            if other.placement == "rows" and other.shape == g.shape and other.hdim == g.hdim:
+                return a.name
+        return None
+
+    # ------------------------------------------------------------------ steps
+    def _emit(self, i: int, name: str, env: dict, clock: NoClock, t: Optional[torch.Tensor]) -> None:
+        """Value ``name`` is computed (``t``: whole own rows, or None when already in its buffer): post its halo."""
+        value = self.plan.values.get(name)
+        if value is None:
+            return
+        r = self.rank
+        buf = self._buffers.get(name)
+        own = value.owned[r]
+        if buf is not None:
+            first = value.buffers[r].first
+            if t is not None and len(own):
+                buf[:, :, own.start - first: own.stop - first].copy_(t)
+            env[name] = buf[:, :, own.start - first: own.stop - first]
+        elif t is not None:
+            env[name] = t
+        if value.exchange is not None:
+            self._post(value, env[name], clock)
+
+    def _post(self, value, source: torch.Tensor, clock: NoClock) -> None:
+        r, ex = self.rank, value.exchange
+        since = clock.now()
+        own = value.owned[r]
+        buf = self._buffers.get(value.name)
+        first = value.buffers[r].first if buf is not None else None
+        sends = [(source[:, :, t.rows.start - own.start: t.rows.stop - own.start], t.dst) for t in ex.sends(r)]
+        recvs = [(buf[:, :, t.rows.start - first: t.rows.stop - first], t.src) for t in ex.recvs(r)]
+        tag = mpi.tag_for(self._pass, self._index[value.name], len(self._fx))
+        requests = mpi.post(self.comm, sends, recvs, tag)
+        self._pending[value.name] = requests
+        self._all_requests.append((requests, sends))
+        node = self._index[ex.node]
+        clock.sent(node, sum(t.numel() * t.element_size() for t, _ in sends))
+        clock.waited(node, since)
+
+    def _input_step(self, i, g):
+        name = g.name
+
+        def step(env, clock):
+            self._emit(i, name, env, clock, env[name])
+        return step
+
+    def _window_step(self, i, f, g):
+        r = self.rank
+        wplan = self.plan.windows[g.name]
+        read = wplan.reads[r]
+        source = wplan.source
+        value = self.plan.values[source]
+        module = self._modules[g.name] if f.op == "call_module" else None
+        spec = g.window
+        _, channels, _, width = g.shape
+        name = g.name
+        if read is None:  # this rank owns no output row
+            def empty(env, clock):
+                batch = self._batch
+                self._emit(i, name, env, clock, torch.empty((batch, channels, 0, width), memory_format=CL))
+            return empty
+        op = _window_op(spec, module)
+        height = value.height
+        own = value.owned[r]
+        buf_spec = value.buffers[r]
+        needs_halo = value.exchange is not None and value.exchange.needs(r)
+        image_rows = read.rows.clip(height)
+        if read.repad:
+            lo, hi = image_rows.start, image_rows.stop
+        else:
+            lo, hi = read.rows.start, read.rows.stop
+        fill = spec.fill
+
+        def step(env, clock):
+            if needs_halo and source in self._pending:
+                since = clock.now()
+                mpi.wait(self._pending.pop(source))
+                clock.waited(i, since)
+            since = clock.now()
+            if read.from_buffer:
+                base = self._buffers[source]
+                x = base[:, :, lo - buf_spec.first: hi - buf_spec.first]
             else:
-                x = op(buf)
-            if clock is not None:
-                clock.compute[i] += (copied - start) + (perf_counter() - exchanged) - posting
-                clock.halo[i] += exchanged - copied
-                clock.bytes[i] += sent
-            i += 1
-        return x
+                x = env[source][:, :, lo - own.start: hi - own.start]
+            if read.repad:
+                x = F.pad(x, (0, 0, read.pad_top, read.pad_bottom), value=fill)
+            y = op(x)
+            clock.spent(i, since)
+            self._emit(i, name, env, clock, y)
+        return step
 
-    def __call__(self, image: Optional[torch.Tensor], batch: int = 1, clock: Optional[LayerClock] = None):
-        """Scatter rank 0's image batch, run split, gather, run the head on rank 0.
+    def _plain_step(self, i, f, g, full: bool):
+        name = g.name
+        module = self._modules.get(name)
+        is_attr = f.op == "get_attr"
+        if g.identity:  # e.g. an adaptive pool to the size the map already has: not the same op on a slice
+            source = f.all_input_nodes[0].name
 
-        Only rank 0 needs ``image`` (others pass None).  Returns the head's output
-        on rank 0 and ``None`` on the other ranks.  A bad image raises
-        :class:`UsageError` on every rank, so none is left waiting.
+            def identity(env, clock):
+                self._emit(i, name, env, clock, env[source])
+            return identity
+
+        def step(env, clock):
+            since = clock.now()
+            if is_attr:
+                env[name] = module
+            else:
+                if full:
+                    look = lambda n: env.get(n.name + "#full", env.get(n.name))  # noqa: E731
+                else:
+                    look = lambda n: env[n.name]  # noqa: E731
+                args = map_arg(f.args, look)
+                kwargs = map_arg(f.kwargs, look)
+                out = _call(f, module, args, kwargs)
+                if g.placement == "rows" and name in self.plan.values:
+                    clock.spent(i, since)
+                    self._emit(i, name, env, clock, out)
+                    return
+                env[name] = out
+            clock.spent(i, since)
+        return step
+
+    def _segment_step(self, i, g):
+        """Run a chain of element-wise nodes into the buffer of its last node: rows to send first."""
+        r = self.rank
+        chain = self._segments[g.name]
+        value = self.plan.values[g.name]
+        own = value.owned[r]
+        first = value.buffers[r].first
+        sent = merge_ranges([t.rows for t in value.exchange.sends(r)]) if value.exchange else []
+        first_parts = [p for p in sent if len(p)]
+        rest_parts = subtract_ranges([own], first_parts) if len(own) else []
+        members = []
+        for k, name in enumerate(chain):
+            idx = self._index[name]
+            f = self._fx[idx]
+            module = self._modules.get(name)
+            write = _writer(f, module, self._folded.get(name))
+            prev = chain[k - 1] if k else None
+            rows_args = {a.name for a in f.all_input_nodes if self.graph[a.name].placement == "rows"}
+            members.append((idx, f, write, prev, rows_args))
+        name = g.name
+
+        def run(parts, env, clock):
+            buf = self._buffers[name]
+            for p in parts:
+                a, b = p.start - own.start, p.stop - own.start
+                dst = buf[:, :, p.start - first: p.stop - first]
+                for idx, f, write, prev, rows_args in members:
+                    since = clock.now()
+
+                    def look(n, prev=prev, rows_args=rows_args):
+                        if n.name == prev:
+                            return dst
+                        if n.name in rows_args:
+                            return env[n.name][:, :, a:b]
+                        return env[n.name]
+                    write(map_arg(f.args, look), map_arg(f.kwargs, look), dst)
+                    clock.spent(idx, since)
+
+        def step(env, clock):
+            run(first_parts, env, clock)
+            env[name] = self._buffers[name][:, :, own.start - first: own.stop - first]
+            if value.exchange is not None:
+                self._post(value, env[name], clock)
+            run(rest_parts, env, clock)
+        return step
+
+    def _partial_step(self, i, f, g):
+        """A global pool's share of this rank: sum (or max) over its own rows, kept in ``NAME#partial``."""
+        source = f.all_input_nodes[0].name
+        name = g.name
+
+        def step(env, clock):
+            since = clock.now()
+            x = env[source]
+            if g.reduce == "mean":
+                part = x.sum(dim=(2, 3), keepdim=True, dtype=torch.float32).contiguous()
+            elif x.shape[2] == 0:
+                part = torch.full((x.shape[0], x.shape[1], 1, 1), float("-inf"), dtype=x.dtype)
+            else:
+                part = x.amax(dim=(2, 3), keepdim=True).contiguous()
+            env[name + "#partial"] = part
+            clock.spent(i, since)
+        return step
+
+    def _finish_step(self, i, g, everywhere: bool):
+        name = g.name
+        source = self.graph[g.inputs[0]]
+        count = source.shape[2] * source.shape[3]
+        op = "sum" if g.reduce == "mean" else "max"
+
+        def step(env, clock):
+            since = clock.now()
+            part = env.pop(name + "#partial")
+            total = mpi.allreduce_(self.comm, part, op) if everywhere else mpi.reduce_(self.comm, part, op, self.root)
+            if total is not None:
+                if g.reduce == "mean":
+                    total = total / count
+                env[name] = total if g.keepdim else total.flatten(1)
+            clock.waited(i, since)
+        return step
+
+    def _gather_step(self, g):
+        name = g.name
+        owned = self.plan.values[name].owned
+
+        def step(env, clock):
+            full = mpi.gather_rows(self.comm, env[name].contiguous(memory_format=CL), owned, self.root)
+            if full is not None:
+                env[name + "#full"] = full
+        return step
+
+    def _output_step(self, f):
+        def step(env, clock):
+            if self.is_root:
+                env["#output"] = map_arg(f.args[0], lambda n: env.get(n.name + "#full", env.get(n.name)))
+        return step
+
+    # ------------------------------------------------------------------ execution
+    def forward_local(self, x: torch.Tensor, clock: NoClock = NO_CLOCK) -> dict:
+        """This rank's input rows -> the split part of the graph (no gather, no head).
+
+        ``x`` holds rows ``plan.input_rows[rank]`` of every image in the batch.
+        Returns the rank's environment (values by node name); used for timing.
         """
-        problem = None
-        if self.rank == 0:
-            try:
-                check_image(image, self.plan.in_shape[0], self.plan.in_shape[1])
-                batch = image.shape[0]
-            except UsageError as err:
-                problem = str(err)
-        batch, problem = self.comm.bcast((batch, problem), root=0)
-        if problem is not None:
-            raise UsageError(problem)
-        x = scatter_rows(self.comm, self.plan, image, batch)
-        y = gather_rows(self.comm, self.plan, self.forward_local(x, clock), batch)
-        if self.rank != 0:
-            return None
-        return self.head(y) if len(self.head) else y
+        with torch.no_grad():
+            batch = x.shape[0]
+            if batch != self._batch:
+                self._prepare(batch)
+            self._pass += 1
+            self._pending: dict[str, list] = {}
+            self._all_requests: list = []
+            env = {self.graph.input.name: x}
+            for step in self._split_steps:
+                step(env, clock)
+            for requests, _ in self._all_requests:
+                mpi.wait(requests)
+            self._all_requests = []
+            return env
+
+    def __call__(self, image: Optional[torch.Tensor], batch: int = 1, clock: NoClock = NO_CLOCK):
+        """Scatter the root's image batch, run split, gather, run the head on the root.
+
+        Only the root needs ``image`` (others pass None).  Returns the model's
+        output on the root and ``None`` on the other ranks.  A bad image raises
+        :class:`UsageError` on every rank, so none is left waiting.  Works in any
+        grad mode (inference only: nothing is recorded for autograd).
+        """
+        with torch.no_grad():
+            problem = None
+            if self.is_root:
+                try:
+                    check_image(image, self.plan.in_shape)
+                    batch = image.shape[0]
+                except UsageError as err:
+                    problem = str(err)
+            batch, problem = self.comm.bcast((batch, problem), root=self.root)
+            if problem is not None:
+                raise UsageError(problem)
+            x = mpi.scatter_rows(self.comm, image, self.plan.input_rows, self.plan.in_shape, batch, root=self.root)
+            env = self.forward_local(x, clock)
+            for step in self._head_steps:
+                step(env, clock)
+            return env.get("#output") if self.is_root else None
+
+
+def _fetch_attr(model: nn.Module, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def _window_op(spec, module):
+    """The window's functional op with height padding removed (the buffer carries it)."""
+    h, w = spec.height, spec.width
+    kernel, stride, dilation = (h.kernel, w.kernel), (h.stride, w.stride), (h.dilation, w.dilation)
+    padding = (0, w.padding)
+    if spec.kind == "conv":
+        weight, bias, groups = module.weight, module.bias, module.groups
+
+        def conv(x):
+            if x.shape[3] == 1:
+                # torch's channels-last conv has crashed (SIGSEGV) on some 1-pixel-wide maps with
+                # width padding and bias (seen: 1x1 kernel, stride 2, dilation 2, batch 3): go NCHW.
+                x = x.contiguous()
+            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return conv
+    if spec.kind == "maxpool":
+        return lambda x: F.max_pool2d(x, kernel, stride, padding, dilation, spec.ceil_mode)
+    return lambda x: F.avg_pool2d(x, kernel, stride, padding, spec.ceil_mode, spec.count_include_pad,
+                                  spec.divisor_override)

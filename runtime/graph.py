@@ -1,0 +1,443 @@
+"""A CNN as data: its ``torch.fx`` graph, every node classified for height-split execution.
+
+:func:`trace_model` traces the torch module symbolically (nested modules are
+looked through), propagates shapes on meta or fake tensors (no real compute,
+so it is cheap on every rank) and gives each node
+
+* a **role**: ``input``, ``window`` (conv/pool: reads a window of rows),
+  ``rowwise`` (each output row from the same input row: element-wise ops,
+  residual ``add``, channel ``cat``/``chunk``, channel shuffles), ``reduce``
+  (a global pool: a sum or max over every row, finished by an all-reduce),
+  ``head`` (mixes rows, e.g. a flatten to ``(batch, features)``: runs on the
+  root after a gather), ``plain`` (no split input: weights, sizes, the MLP of a
+  squeeze-excitation) or ``output``;
+* a **placement**: ``rows`` (every rank holds a band of rows), ``all``
+  (every rank holds the whole, small value) or ``root`` (only the root).
+
+Anything that would mix rows in a way the split cannot reproduce exactly is
+refused here, with one line naming the node.  The planner
+(:mod:`runtime.plan`) partitions this description; it never sees modules.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node, Tracer
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import UsageError
+from .layers import (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, WindowSpec,
+                     window_of_function, window_of_module)
+
+__all__ = ["GraphNode", "ModelGraph", "trace_model"]
+
+_VIEWS_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_VIEWS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_RESAMPLING = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle,
+               nn.MultiheadAttention, nn.Unfold, nn.Fold)
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """One node of the traced graph, as the planner and executor see it.
+
+    ``shape`` is the traced output shape with batch 1 (None for non-tensors);
+    ``hdim`` the dimension of the rows of a ``rows`` value; ``window`` the
+    geometry of a window node; ``reduce`` ``"mean"`` or ``"max"`` for a
+    global pool, with ``keepdim``; ``gather``: this rows value is gathered to
+    the root (a head node or the output reads it).
+    """
+
+    index: int
+    name: str
+    role: str
+    placement: str
+    label: str
+    inputs: tuple[str, ...]
+    shape: Optional[tuple[int, ...]] = None
+    hdim: Optional[int] = None
+    window: Optional[WindowSpec] = None
+    reduce: Optional[str] = None
+    keepdim: bool = True
+    gather: bool = False
+    identity: bool = False
+
+    @property
+    def height(self) -> int:
+        return self.shape[self.hdim]
+
+
+@dataclass(frozen=True)
+class ModelGraph:
+    """The classified graph of one model at one input shape ``(C, H, W)``."""
+
+    in_shape: tuple[int, int, int]
+    nodes: tuple[GraphNode, ...]
+    fx: torch.fx.Graph = field(compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {n.name: n for n in self.nodes})
+        consumers: dict[str, list[GraphNode]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                if n not in consumers[i]:
+                    consumers[i].append(n)
+        object.__setattr__(self, "_consumers", {k: tuple(v) for k, v in consumers.items()})
+
+    def __getitem__(self, name: str) -> GraphNode:
+        return self._by_name[name]  # type: ignore[attr-defined]
+
+    def consumers(self, name: str) -> tuple[GraphNode, ...]:
+        return self._consumers[name]  # type: ignore[attr-defined]
+
+    @property
+    def input(self) -> GraphNode:
+        return self.nodes[0]
+
+    def module_targets(self, placements: tuple[str, ...]) -> list[str]:
+        """Qualified names of the modules (and attributes) that nodes with these placements use."""
+        return [f.target for f, n in zip(self.fx.nodes, self.nodes)
+                if f.op in ("call_module", "get_attr") and n.placement in placements]
+
+
+class _LeafTracer(Tracer):
+    """fx tracer that looks through every container (torchvision's blocks too)."""
+
+
+def _fx_shape(meta) -> Optional[tuple[int, ...]]:
+    if meta is None:
+        return None
+    shape = getattr(meta, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def _label(fx_node: Node, gm: GraphModule) -> str:
+    if fx_node.op == "call_module":
+        return type(gm.get_submodule(fx_node.target)).__name__
+    if fx_node.op == "call_function":
+        return getattr(fx_node.target, "__name__", str(fx_node.target))
+    return str(fx_node.target)
+
+
+def _carry_height(in_shape, hdim: int, out_shape) -> Optional[int]:
+    """The output dim that is the input's row dim, unchanged, under a reshape; None if rows get mixed."""
+    before, after, height = math.prod(in_shape[:hdim]), math.prod(in_shape[hdim + 1:]), in_shape[hdim]
+    run = 1
+    for k, size in enumerate(out_shape):
+        if run == before and size == height and math.prod(out_shape[k + 1:]) == after:
+            return k
+        run *= size
+    return None
+
+
+def _dims(value, ndim: int) -> Optional[set]:
+    if value is None:
+        return None
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return {int(v) % ndim for v in values}
+
+
+class _Classifier:
+    """Walks the fx graph in order and decides each node's role and placement."""
+
+    def __init__(self, gm: GraphModule, in_shape) -> None:
+        self.gm, self.in_shape = gm, in_shape
+        self.kind: dict[str, str] = {}  # rows, rows_tuple, all, local, root
+        self.hdim: dict[str, int] = {}
+        self.nodes: list[dict] = []
+
+    def refuse(self, n: Node, why: str) -> UsageError:
+        return UsageError(f"node '{n.name}' ({_label(n, self.gm)}) is not supported by height-split "
+                          f"execution: {why}")
+
+    def run(self) -> list[dict]:
+        for index, n in enumerate(self.gm.graph.nodes):
+            inputs = []
+            map_aggregate((n.args, n.kwargs), lambda a: inputs.append(a.name) if isinstance(a, Node) else None)
+            inputs = list(dict.fromkeys(inputs))
+            entry = dict(index=index, name=n.name, label=_label(n, self.gm), inputs=tuple(inputs),
+                         shape=_fx_shape(n.meta.get("tensor_meta")))
+            entry.update(self.classify(n, inputs, entry["shape"]))
+            if entry.get("hdim") is not None:
+                self.hdim[n.name] = entry["hdim"]
+            self.kind[n.name] = entry.pop("kind")
+            self.nodes.append(entry)
+        return self.nodes
+
+    def classify(self, n: Node, inputs: list[str], shape) -> dict:
+        if n.op == "placeholder":
+            if any(e["role"] == "input" for e in self.nodes):
+                raise self.refuse(n, "the model takes more than one input; give it one image batch")
+            return dict(role="input", kind="rows", hdim=2)
+        if n.op == "get_attr":
+            return dict(role="plain", kind="all")
+        if n.op == "output":
+            return dict(role="output", kind="root")
+        kinds = [self.kind[i] for i in inputs]
+        split = [i for i, k in zip(inputs, kinds) if k in ("rows", "rows_tuple")]
+        if not split:
+            if "root" in kinds:
+                if "local" in kinds:
+                    raise self.refuse(n, "the head uses the size of a split feature map, which differs by rank; "
+                                      "use sizes of the gathered tensor")
+                return dict(role="plain", kind="root")
+            return dict(role="plain", kind="local" if "local" in kinds else "all")
+        if "root" in kinds:
+            raise self.refuse(n, "it combines a split feature map with a value computed on the root only")
+        return self.classify_split(n, split, shape)
+
+    # ---------------------------------------------------------------- on split values
+    def classify_split(self, n: Node, split: list[str], shape) -> dict:
+        module = self.gm.get_submodule(n.target) if n.op == "call_module" else None
+        first = split[0]
+        hdim = self.hdim[first]
+        src_shape = self._shape(first)
+
+        if module is not None:
+            if module.training:
+                raise self.refuse(n, "the module is in training mode; call model.eval() first")
+            window = window_of_module(n.name, module)
+            if window is not None:
+                return self.window(n, window, first, src_shape)
+            if isinstance(module, nn.BatchNorm2d) and module.running_mean is None:
+                raise self.refuse(n, "no running statistics (track_running_stats=False): it would normalise each "
+                                  "slice by its own batch statistics")
+            if isinstance(module, ELEMENTWISE_MODULES):
+                return self.rowwise(n, split, shape)
+            if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+                return self.adaptive(n, first, src_shape, shape, "mean" if isinstance(module, nn.AdaptiveAvgPool2d)
+                                     else "max")
+            if isinstance(module, nn.Flatten):
+                return self.reshape(n, first, src_shape, shape)
+            if isinstance(module, _RESAMPLING):
+                raise self.refuse(n, "it mixes rows (resampling or attention across the height)")
+            raise self.refuse(n, "a module the split does not know on a split feature map; supported are "
+                              "Conv2d, MaxPool2d, AvgPool2d, element-wise layers, global pools and Flatten")
+
+        target = n.target
+        if n.op == "call_function":
+            if target in (F.max_pool2d, F.avg_pool2d) or getattr(target, "__name__", "") in ("_max_pool2d",):
+                window = window_of_function(n.name, F.max_pool2d if "max" in target.__name__ else target,
+                                            n.args, dict(n.kwargs))
+                return self.window(n, window, first, src_shape)
+            if target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d) or getattr(target, "__name__", "") in (
+                    "adaptive_max_pool2d", "_adaptive_max_pool2d"):
+                return self.adaptive(n, first, src_shape, shape, "mean" if target is F.adaptive_avg_pool2d else "max")
+            if target in ELEMENTWISE_FUNCTIONS:
+                if getattr(target, "__name__", "") in ("dropout", "stochastic_depth"):
+                    at = 2 if target.__name__ == "dropout" else 3
+                    training = n.kwargs.get("training", n.args[at] if len(n.args) > at else True)
+                    if training is not False:
+                        raise self.refuse(n, "dropout in training mode; call model.eval() first")
+                return self.rowwise(n, split, shape)
+            if target is torch.cat:
+                return self.cat(n, split, shape)
+            if target in (torch.chunk, torch.split):
+                return self.chunk(n, first, src_shape)
+            if target is operator.getitem:
+                return self.getitem(n, first)
+            if target in _VIEWS_FUNCTIONS:
+                return self.reshape(n, first, src_shape, shape)
+            if target in (torch.transpose, torch.permute):
+                return self.permute(n, first, src_shape, shape)
+            if target is torch.mean or target is torch.amax:
+                return self.mean(n, first, src_shape, "mean" if target is torch.mean else "max")
+            if getattr(target, "__name__", "") in ("interpolate", "upsample", "scaled_dot_product_attention"):
+                raise self.refuse(n, "it mixes rows (resampling or attention across the height)")
+        elif n.op == "call_method":
+            if target in ELEMENTWISE_METHODS:
+                return self.rowwise(n, split, shape)
+            if target == "size":
+                dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+                same_everywhere = dim is not None and int(dim) % len(src_shape) != hdim
+                return dict(role="plain", kind="all" if same_everywhere else "local")
+            if target in _VIEWS_METHODS:
+                return self.reshape(n, first, src_shape, shape)
+            if target in ("transpose", "permute"):
+                return self.permute(n, first, src_shape, shape)
+            if target in ("chunk", "split"):
+                return self.chunk(n, first, src_shape)
+            if target in ("mean", "amax"):
+                return self.mean(n, first, src_shape, "mean" if target == "mean" else "max")
+        raise self.refuse(n, "an operation the split does not know on a split feature map (it may mix rows)")
+
+    def _shape(self, name: str):
+        for e in self.nodes:
+            if e["name"] == name:
+                return e["shape"]
+        raise KeyError(name)
+
+    def window(self, n: Node, window: WindowSpec, first: str, src_shape) -> dict:
+        if len(src_shape) != 4 or self.hdim[first] != 2:
+            raise self.refuse(n, "a window layer on a feature map that is not (N, C, H, W)")
+        if window.in_channels is not None and window.in_channels != src_shape[1]:
+            raise UsageError(f"node '{n.name}' expects {window.in_channels} input channels but receives "
+                             f"{src_shape[1]}; check the net's in_channels against the input")
+        if window.kind == "avgpool" and window.ceil_mode:
+            from .geometry import output_height
+
+            for axis, size in ((window.height, src_shape[2]), (window.width, src_shape[3])):
+                if output_height(size, axis, True) != output_height(size, axis, False):
+                    raise self.refuse(n, "ceil_mode=True average pool with a partial last window (its divisor "
+                                      "depends on the image edge); use ceil_mode=False or another input size")
+        return dict(role="window", kind="rows", hdim=2, window=window)
+
+    def rowwise(self, n: Node, split: list[str], shape) -> dict:
+        hdims = {self.hdim[s] for s in split}
+        if len(hdims) != 1 or shape is None:
+            raise self.refuse(n, "it combines feature maps split along different dimensions")
+        hdim = hdims.pop()
+        height = self._shape(split[0])[hdim]
+        for s in split:
+            if self._shape(s)[hdim] != height or len(self._shape(s)) != len(shape):
+                raise self.refuse(n, "it combines feature maps of different heights")
+        for a in n.all_input_nodes:
+            if a.name in split:
+                continue
+            other = _fx_shape(a.meta.get("tensor_meta"))
+            if other is None:
+                continue
+            offset = len(shape) - len(other)
+            k = hdim - offset
+            if 0 <= k < len(other) and other[k] != 1:
+                raise self.refuse(n, f"'{a.name}' spans the height but is not split; only per-channel or scalar "
+                                  "operands can be broadcast over a split feature map")
+        if shape[hdim] != height:
+            raise self.refuse(n, "its output height differs from its input's")
+        return dict(role="rowwise", kind="rows", hdim=hdim)
+
+    def cat(self, n: Node, split: list[str], shape) -> dict:
+        tensors = n.args[0] if n.args else n.kwargs["tensors"]
+        if any(not (isinstance(t, Node) and t.name in split) for t in tensors):
+            raise self.refuse(n, "it concatenates split and unsplit tensors")
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        hdim = self.hdim[split[0]]
+        if int(dim) % len(shape) == hdim:
+            raise self.refuse(n, "it concatenates along the height")
+        return self.rowwise(n, split, shape)
+
+    def chunk(self, n: Node, first: str, src_shape) -> dict:
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+        hdim = self.hdim[first]
+        if int(dim) % len(src_shape) == hdim:
+            raise self.refuse(n, "it splits along the height")
+        return dict(role="rowwise", kind="rows_tuple", hdim=hdim)
+
+    def getitem(self, n: Node, first: str) -> dict:
+        if self.kind[first] != "rows_tuple" or not isinstance(n.args[1], int):
+            raise self.refuse(n, "indexing a split feature map (only items of a channel chunk/split are supported)")
+        return dict(role="rowwise", kind="rows", hdim=self.hdim[first])
+
+    def reshape(self, n: Node, first: str, src_shape, shape) -> dict:
+        hdim = self.hdim[first]
+        k = _carry_height(src_shape, hdim, shape)
+        if k is not None and shape[0] == src_shape[0] and (k > 0):
+            return dict(role="rowwise", kind="rows", hdim=k)
+        if len(shape) == 2:  # (batch, features): the head starts here
+            return dict(role="head", kind="root")
+        raise self.refuse(n, "it merges the height into another dimension; only a flatten to (batch, features) "
+                          "at the head is supported")
+
+    def permute(self, n: Node, first: str, src_shape, shape) -> dict:
+        hdim, ndim = self.hdim[first], len(src_shape)
+        rest = list(n.args[1:]) or list(n.kwargs.values())
+        if n.target in ("transpose", torch.transpose):
+            a, b = (int(d) % ndim for d in rest[:2])
+            order = list(range(ndim))
+            order[a], order[b] = order[b], order[a]
+        else:
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            order = [int(d) % ndim for d in dims]
+        if 0 in (order.index(hdim),):
+            raise self.refuse(n, "it moves the height to the batch dimension")
+        return dict(role="rowwise", kind="rows", hdim=order.index(hdim))
+
+    def adaptive(self, n: Node, first: str, src_shape, shape, op: str) -> dict:
+        if len(src_shape) != 4 or self.hdim[first] != 2:
+            raise self.refuse(n, "an adaptive pool on a feature map that is not (N, C, H, W)")
+        if tuple(shape[2:]) == tuple(src_shape[2:]):
+            return dict(role="rowwise", kind="rows", hdim=2, identity=True)  # output size = input size
+        if tuple(shape[2:]) == (1, 1):
+            return dict(role="reduce", kind="all", reduce=op, keepdim=True)
+        return dict(role="head", kind="root")  # a coarser grid: mixes rows, run on the root after a gather
+
+    def mean(self, n: Node, first: str, src_shape, op: str) -> dict:
+        hdim, ndim = self.hdim[first], len(src_shape)
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        dims = _dims(dim, ndim) if dim is not None else set(range(ndim))
+        keepdim = bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+        if hdim not in dims:
+            return self.rowwise(n, [first], _fx_shape(n.meta.get("tensor_meta")))
+        if ndim == 4 and hdim == 2 and dims == {2, 3}:
+            return dict(role="reduce", kind="all", reduce=op, keepdim=keepdim)
+        raise self.refuse(n, f"a {op} over the height together with other dims than the width")
+
+
+def _propagate_shapes(gm: GraphModule, in_shape) -> None:
+    params = list(gm.parameters()) + list(gm.buffers())
+    on_meta = any(p.is_meta for p in params)
+    if on_meta or not params:
+        ShapeProp(gm).propagate(torch.empty(1, *in_shape, device="meta"))
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    ShapeProp(gm, fake_mode=fake).propagate(fake.from_tensor(torch.empty(1, *in_shape)))
+
+
+def trace_model(model: nn.Module, in_shape: tuple[int, int, int]) -> ModelGraph:
+    """Trace ``model`` (eval mode, real or meta weights) at input ``(C, H, W)`` and classify its nodes."""
+    in_shape = tuple(int(s) for s in in_shape)
+    if len(in_shape) != 3 or min(in_shape) < 1:
+        raise UsageError(f"input shape must be (C, H, W) with positive sizes, got {in_shape}")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise UsageError(f"the model is in training mode ('{training[0]}'); call model.eval() before split "
+                         "inference (BatchNorm must use its running statistics, the same on every slice)")
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as err:  # torch.fx raises many kinds; one line names it
+        raise UsageError(f"torch.fx cannot trace {type(model).__name__}: {str(err).splitlines()[0]}") from None
+    gm = GraphModule(model, graph)
+    try:
+        _propagate_shapes(gm, in_shape)
+    except UsageError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{type(model).__name__} does not run on a {in_shape} input: {first}") from None
+    entries = _Classifier(gm, in_shape).run()
+    entries = _place(entries)
+    nodes = tuple(GraphNode(**{k: v for k, v in e.items() if k != "kind"}) for e in entries)
+    return ModelGraph(in_shape, nodes, graph)
+
+
+def _place(entries: list[dict]) -> list[dict]:
+    """Placement from roles: small values only the head needs stay on the root; split values it reads are gathered."""
+    consumers: dict[str, list[dict]] = {e["name"]: [] for e in entries}
+    for e in entries:
+        for i in e["inputs"]:
+            consumers[i].append(e)
+    for e in entries:
+        if e["role"] in ("input", "window", "rowwise"):
+            e["placement"] = "rows"
+        elif e["role"] in ("head", "output"):
+            e["placement"] = "root"
+    # backwards: a small value is needed everywhere if a split node (or a value needed everywhere) reads it
+    for e in reversed(entries):
+        if "placement" in e:
+            continue
+        everywhere = any(c.get("placement") in ("rows", "all") for c in consumers[e["name"]])
+        e["placement"] = "all" if everywhere else "root"
+    # a root-placed plain node whose inputs are plain values is fine; reading a rows value means a gather
+    for e in entries:
+        if e["placement"] == "rows":
+            e["gather"] = any(c["placement"] == "root" and c["role"] != "reduce" for c in consumers[e["name"]])
+    return entries
