@@ -18,9 +18,10 @@ from typing import Callable, Optional, Sequence
 from runtime.errors import UsageError
 
 __all__ = [
-    "REPO", "DATA_ROOT", "Parser", "HelpFormatter", "ExamplesFormatter", "rank", "edge_net", "edge_nets", "net_name", "int_list",
-    "positive_int", "non_negative_int", "positive_float", "threads", "teacher_path", "weights", "check_weights", "prepare_output", "prepare_folder", "data_options",
-    "student_options", "check_student_options", "apply_threads",
+    "REPO", "DATA_ROOT", "Parser", "HelpFormatter", "ExamplesFormatter", "rank", "edge_net", "edge_nets", "net_name",
+    "int_list", "positive_int_list", "positive_int", "non_negative_int", "positive_float", "threads", "weights",
+    "check_weights", "prepare_output", "prepare_folder", "data_options", "teacher_path", "student_options",
+    "check_student_options", "apply_threads",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,6 +127,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int_list(text: str) -> list[int]:
+    values = _int_list(text)
+    if min(values) < 1:
+        raise UsageError(f"every value must be >= 1, got '{text}'")
+    return values
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -174,6 +182,7 @@ edge_nets = _type("edge nets", _edge_nets)
 net_name = _type("net", _net_name)
 """``edge3``, ``3`` or ``cloud`` -> the model name of :func:`models.build_net`."""
 int_list = _type("integer list", _int_list)
+positive_int_list = _type("positive integer list", _positive_int_list)
 positive_int = _type("positive integer", _positive_int)
 non_negative_int = _type("non-negative integer", _non_negative_int)
 positive_float = _type("positive number", _positive_float)

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def add_parser(sub) -> None:
     """The ``aflkd test`` command."""
-    from .options import int_list, positive_int
+    from .options import positive_int, positive_int_list
 
     test = sub.add_parser(
         "test",
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
         description="Serial tests with pytest, then MPI tests under mpiexec at each size; "
         "prints how many tests ran at each size and exits non-zero if any rank failed.",
     )
-    test.add_argument("--sizes", type=int_list, default="2,3,4", help="MPI sizes to run the MPI tests at")
+    test.add_argument("--sizes", type=positive_int_list, default="2,3,4", help="MPI sizes to run the MPI tests at")
     test.add_argument("--timeout", type=positive_int, default=1200, help="seconds before one pytest run is killed")
     test.add_argument("--logs", default="out/test-logs",
                       help="folder for per-rank logs and JUnit XML, relative to the checkout")
@@ -94,6 +94,10 @@ def _run(cmd: list[str], timeout: int, log: Path | None = None) -> int:
         proc.wait()
         print(f"TIMEOUT after {timeout}s: {' '.join(cmd)} (killed)", flush=True)
         return 124
+    except KeyboardInterrupt:  # Ctrl-C reaches only our group: the run's own session would go on without us
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     finally:
         if out:
             out.close()

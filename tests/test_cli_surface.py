@@ -281,3 +281,43 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 130, proc.stderr  # 128 + SIGINT, the shell's convention
     assert proc.stderr.strip() == "aflkd: interrupted"
+
+
+def test_train_cloud_prints_accuracy_in_percent(tiny_data, tmp_path, capsys):
+    out, results = tmp_path / "c" / "cloud.pt", tmp_path / "r" / "teachers.csv"
+    assert main(["train", "cloud", "--dataset", "cifar10", "--epochs", "1", "--batch", "16", "--no-progress",
+                 "--out", str(out), "--results", str(results)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"epoch 1/1: loss \d+\.\d+, test acc \d+\.\d\d%, ", text), text
+    assert re.search(r"cifar10: test accuracy \d+\.\d\d% after 1 epochs", text), text
+    assert results.exists()
+
+
+def test_aflkd_test_refuses_zero_ranks_in_one_line(capsys):
+    assert main(["test", "--sizes", "2,0"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "argument --sizes: every value must be >= 1, got '2,0'" in line
+
+
+def test_ctrl_c_during_aflkd_test_stops_the_run_it_started(tmp_path):
+    """The suite's pytest and mpiexec runs sit in their own session (so a timeout can kill them whole),
+    where the terminal's Ctrl-C does not reach them: 'aflkd test' must end them itself."""
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "interrupt.py"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from launch import testsuite\n"
+        "signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C in 3 s\n"
+        "signal.alarm(3)\n"
+        "try:\n"
+        f"    testsuite._run([sys.executable, '-c', {child!r}], timeout=100)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 130, proc.stderr
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # gone (and reaped), not left running on its own
