@@ -337,11 +337,11 @@ class _Classifier:
 
     def reshape(self, n: Node, first: str, src_shape, shape) -> dict:
         hdim = self.hdim[first]
-        k = _carry_height(src_shape, hdim, shape)
-        if k is not None and shape[0] == src_shape[0] and (k > 0):
-            return dict(role="rowwise", kind="rows", hdim=k)
-        if len(shape) == 2:  # (batch, features): the head starts here
+        if len(shape) <= 2:  # (batch, features): the head starts here
             return dict(role="head", kind="root")
+        k = _carry_height(src_shape, hdim, shape)
+        if k is not None and shape[0] == src_shape[0] and k > 0:
+            return dict(role="rowwise", kind="rows", hdim=k)
         raise self.refuse(n, "it merges the height into another dimension; only a flatten to (batch, features) "
                           "at the head is supported")
 

@@ -348,6 +348,20 @@ class SplitExecutor:
         name = g.name
         module = self._modules.get(name)
         is_attr = f.op == "get_attr"
+        if g.placement == "rows" and f.target in ("view", "reshape", torch.reshape):
+            # the traced shape with this rank's rows: a -1 cannot be inferred when a rank owns no rows
+            source = f.all_input_nodes[0].name
+            src_hdim, hdim, traced = self.graph[source].hdim, g.hdim, list(g.shape)
+
+            def reshape(env, clock):
+                since = clock.now()
+                x = env[source]
+                shape = list(traced)
+                shape[0], shape[hdim] = x.shape[0], x.shape[src_hdim]
+                out = x.reshape(shape)
+                clock.spent(i, since)
+                self._emit(i, name, env, clock, out)
+            return reshape
         if g.identity:  # e.g. an adaptive pool to the size the map already has: not the same op on a slice
             source = f.all_input_nodes[0].name
 
