@@ -34,8 +34,7 @@ def _shared_type():
 
 
 def set_threads(threads: int) -> None:
-    if threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
+    """Torch threads of this rank (--threads is checked once, when it is parsed: launch/options.py)."""
     torch.set_num_threads(threads)
 
 
