@@ -30,6 +30,7 @@ __all__ = [
     "merge_ranges",
     "subtract_ranges",
     "hull",
+    "rows_read",
 ]
 
 
@@ -184,3 +185,18 @@ def hull(ranges: Sequence[RowRange]) -> RowRange:
     if not full:
         return RowRange(0, 0)
     return RowRange(min(r.start for r in full), max(r.stop for r in full))
+
+
+def rows_read(out_rows: RowRange, window: Window) -> list[RowRange]:
+    """Exactly the input rows (unpadded coordinates, padding included) that output rows ``out_rows`` read.
+
+    :func:`input_rows_for` gives their extent; with a stride larger than the
+    dilation (a 1x1 conv with stride 2, a dilated strided conv) some rows inside
+    it are skipped, and a halo needs only the rows actually read.
+    """
+    extent = input_rows_for(out_rows, window)
+    if not len(extent) or window.dilation == 1 and window.stride <= window.kernel:
+        return [extent] if len(extent) else []
+    rows = {o * window.stride - window.padding + window.dilation * tap
+            for o in range(out_rows.start, out_rows.stop) for tap in range(window.kernel)}
+    return merge_ranges([RowRange(r, r + 1) for r in rows])

@@ -201,7 +201,7 @@ class _Classifier:
         src_shape = self._shape(first)
 
         if module is not None:
-            if module.training:
+            if module.training and _training_matters(module):
                 raise self.refuse(n, "the module is in training mode; call model.eval() first")
             window = window_of_module(n.name, module)
             if window is not None:
@@ -241,6 +241,8 @@ class _Classifier:
                 return self.cat(n, split, shape)
             if target in (torch.chunk, torch.split):
                 return self.chunk(n, first, src_shape)
+            if target is getattr:  # x.shape differs by rank; dtype or device do not
+                return dict(role="plain", kind="local" if n.args[1] == "shape" else "all")
             if target is operator.getitem:
                 return self.getitem(n, first)
             if target in _VIEWS_FUNCTIONS:
@@ -392,12 +394,20 @@ def _propagate_shapes(gm: GraphModule, in_shape) -> None:
     ShapeProp(gm, fake_mode=fake).propagate(fake.from_tensor(torch.empty(1, *in_shape)))
 
 
+def _training_matters(module: nn.Module) -> bool:
+    """BatchNorm and dropout change in training mode, and so may any module outside torch.nn."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return isinstance(module, (_BatchNorm, _DropoutNd)) or not type(module).__module__.startswith("torch.nn")
+
+
 def trace_model(model: nn.Module, in_shape: tuple[int, int, int]) -> ModelGraph:
     """Trace ``model`` (eval mode, real or meta weights) at input ``(C, H, W)`` and classify its nodes."""
     in_shape = tuple(int(s) for s in in_shape)
     if len(in_shape) != 3 or min(in_shape) < 1:
         raise UsageError(f"input shape must be (C, H, W) with positive sizes, got {in_shape}")
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training and _training_matters(m)]
     if training:
         raise UsageError(f"the model is in training mode ('{training[0]}'); call model.eval() before split "
                          "inference (BatchNorm must use its running statistics, the same on every slice)")
@@ -411,6 +421,8 @@ def trace_model(model: nn.Module, in_shape: tuple[int, int, int]) -> ModelGraph:
     except UsageError:
         raise
     except Exception as err:
+        while err.__cause__ is not None:  # ShapeProp wraps the layer's own error
+            err = err.__cause__
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"{type(model).__name__} does not run on a {in_shape} input: {first}") from None
     entries = _Classifier(gm, in_shape).run()

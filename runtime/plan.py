@@ -21,8 +21,8 @@ from types import MappingProxyType
 from typing import Mapping, Optional, Sequence
 
 from .errors import UsageError
-from .geometry import (RowRange, hull, input_rows_for, merge_ranges, output_height, padding_rows, split_rows,
-                       subtract_ranges)
+from .geometry import (RowRange, hull, input_rows_for, merge_ranges, output_height, padding_rows, rows_read,
+                       split_rows, subtract_ranges)
 from .graph import GraphNode, ModelGraph
 
 __all__ = ["Transfer", "Buffer", "Read", "Exchange", "ValuePlan", "WindowPlan", "GraphPlan", "plan_split",
@@ -198,7 +198,8 @@ def _value_plan(value: GraphNode, consumers: list[WindowPlan], specs: dict, weig
     transfers: list[Transfer] = []
     for r, own in enumerate(owned):
         reads = [(w, w.reads[r]) for w in consumers if w.reads[r] is not None]
-        need = merge_ranges([rd.rows.clip(height) for _, rd in reads])
+        need = merge_ranges([rows.clip(height) for w, rd in reads
+                             for rows in rows_read(w.out_rows[r], specs[w.name].height)])
         missing = subtract_ranges(need, [own])
         # a read wholly in the padding holds no image row: it is made from padding alone (repad)
         padded = [(w, rd) for w, rd in reads if (rd.pad_top or rd.pad_bottom) and len(rd.rows.clip(height))]
@@ -207,7 +208,9 @@ def _value_plan(value: GraphNode, consumers: list[WindowPlan], specs: dict, weig
         else:
             fill = specs[padded[0][0].name].fill if padded else 0.0
             same = [rd for w, rd in padded if specs[w.name].fill == fill]
-            buffers.append(Buffer(hull(need + [own]), max((rd.pad_top for rd in same), default=0),
+            # the hull of every window's extent: rows a stride or dilation skips are never read
+            extents = [rd.rows.clip(height) for _, rd in reads]
+            buffers.append(Buffer(hull(need + extents + [own]), max((rd.pad_top for rd in same), default=0),
                                   max((rd.pad_bottom for rd in same), default=0), fill))
         buffer = buffers[-1]
         for w, rd in reads:

@@ -46,7 +46,7 @@ from .errors import UsageError
 from .geometry import RowRange, merge_ranges, subtract_ranges
 from .graph import ModelGraph, trace_model
 from .layers import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES
-from .plan import GraphPlan, plan_split
+from .plan import GraphPlan, check_weights, plan_split
 from .timing import NO_CLOCK, NoClock
 
 __all__ = ["SplitExecutor", "check_image"]
@@ -150,6 +150,7 @@ class SplitExecutor:
         if not 0 <= root < size:
             raise UsageError(f"root rank {root} outside the {size} ranks")
         self.plan, self.graph, self.comm = plan, plan.graph, comm
+        self.model = model
         self.rank, self.root = comm.Get_rank(), root
         self.is_root = self.rank == root
         self._fx = list(self.graph.fx.nodes)
@@ -164,7 +165,7 @@ class SplitExecutor:
             if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
                 raise UsageError(f"rank {self.rank} runs node '{g.name}' but holds no weights for "
                                  f"'{f.target}' (meta tensors); load them, e.g. with runtime.distribute_model")
-            if isinstance(thing, nn.Module) and thing.training:
+            if isinstance(thing, (nn.BatchNorm2d, nn.Dropout, nn.Dropout2d)) and thing.training:
                 raise UsageError(f"module '{f.target}' is in training mode; call model.eval() before split inference")
             self._modules[g.name] = thing
             if isinstance(thing, nn.BatchNorm2d) and g.placement == "rows":
@@ -172,12 +173,16 @@ class SplitExecutor:
         self._batch: Optional[int] = None
         self._pass = 0
 
+    def _model_parameters(self):
+        """(name, tensor) of every parameter and buffer of the model this rank holds."""
+        return list(self.model.named_parameters()) + list(self.model.named_buffers())
+
     @classmethod
     def build(cls, model: nn.Module, in_shape: tuple[int, int, int], comm: MPI.Comm = MPI.COMM_WORLD,
               weights=None, root: int = 0) -> "SplitExecutor":
         """Trace, plan and build in one call, for a model every rank holds whole (tests, small nets)."""
-        graph = trace_model(model, in_shape)
-        return cls(plan_split(graph, weights if weights is not None else [1.0] * comm.Get_size()), model, comm, root)
+        weights = check_weights(weights, comm.Get_size())
+        return cls(plan_split(trace_model(model, in_shape), weights), model, comm, root)
 
     # ------------------------------------------------------------------ set-up per batch size
     def _prepare(self, batch: int) -> None:
@@ -188,7 +193,7 @@ class SplitExecutor:
             if spec is None:
                 continue
             _, channels, _, width = self.graph[name].shape
-            buf = torch.empty((batch, channels, spec.length, width), memory_format=CL)
+            buf = torch.empty((batch, channels, spec.length, width), memory_format=CL).zero_()  # skipped rows: finite
             buf[:, :, : spec.pad_top].fill_(spec.fill)
             buf[:, :, spec.length - spec.pad_bottom:].fill_(spec.fill)
             self._buffers[name] = buf

@@ -155,5 +155,10 @@ def random_graph(seed: int, ranks: int):
         modules["fc"] = nn.Linear(c * h * w, rng.randint(2, 5))
     model = RandomGraph(steps, modules, head)
     randomize_batchnorm(model, torch.Generator().manual_seed(seed))
-    weights = [rng.choice([1.0, 1.0, 0.5, 2.0, 3.0]) for _ in range(ranks)]
+    from runtime.geometry import split_rows
+
+    while True:  # every rank must own rows of the input
+        weights = [rng.choice([1.0, 1.0, 0.5, 2.0, 3.0]) for _ in range(ranks)]
+        if all(len(r) for r in split_rows(height, weights)):
+            break
     return model.eval(), (channels, height, width), rng.randint(1, 3), weights

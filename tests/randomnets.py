@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from models import randomize_batchnorm
 from runtime.errors import UsageError
-from runtime.layers import describe_layer, split_features
-from runtime.plan import build_plan
+from runtime.graph import trace_model
+from runtime.plan import plan_split
 
 
 def random_config(seed: int, ranks: int):
@@ -52,11 +52,10 @@ def random_config(seed: int, ranks: int):
         weights = [rng.choice([1.0, 1.0, 0.5, 2.0, 3.0]) for _ in range(ranks)]
         batch = rng.randint(1, 3)
         try:
-            features, _ = split_features(model)
-            build_plan([describe_layer(n, m) for n, m in features], (channels, height, width), weights)
-        except UsageError:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, channels, height, width))  # materialise LazyLinear
+            plan_split(trace_model(model, (channels, height, width)), weights)
+        except (UsageError, RuntimeError):
             continue
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, height, width))  # materialise LazyLinear
         randomize_batchnorm(model, torch.Generator().manual_seed(seed))
         return model.eval(), (channels, height, width), batch, weights
