@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
         ),
     )
     layers.add_argument("--net", type=options.net_name, default="edge3",
-                        help="edge1, edge2, edge3 (or 1, 2, 3) or cloud")
+                        help="edge1, edge2, edge3 (or 1, 2, 3), cloud, or tv:NAME for a torchvision "
+                        "classifier as torchvision ships it (e.g. tv:resnet18, tv:mobilenet_v2), random weights")
     layers.add_argument("--size", type=options.positive_int, default=224, help="input height and width")
     layers.add_argument("--batch", type=options.positive_int, default=1, help="images per pass")
     layers.add_argument("--in-channels", type=options.positive_int, default=3, help="1 for Fashion-MNIST, 3 for CIFAR")
@@ -70,45 +71,54 @@ def _help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def load_model(comm, args):
-    """The model on every rank: rank 0 builds (and loads --checkpoint into) the real one and
-    sends the conv stack's weights to the others, which build only the layers they run.
+def _builder(args):
+    """``build()`` for the runtime: the named net, seeded weights, randomised BatchNorm statistics."""
+    def build():
+        import torch
 
-    A :class:`UsageError` on rank 0 (a bad checkpoint) is raised on every rank.
-    """
-    import torch
+        from models import build_model, randomize_batchnorm
 
-    from models import build_net, load_weights, randomize_batchnorm
-
-    from .ranks import on_root_then_bcast
-
-    with torch.device("meta"):  # cheap, identical on every rank: validates net and size
-        model = build_net(args.net, args.in_channels, args.size, args.classes)
-    flatten = [name for name, _ in model.named_children()].index("flatten")
-
-    def load_on_root():
         torch.manual_seed(args.seed)
-        full = build_net(args.net, args.in_channels, args.size, args.classes)
-        randomize_batchnorm(full, torch.Generator().manual_seed(args.seed))
-        if args.checkpoint:
-            load_weights(full, args.checkpoint)
-        return full
+        model = build_model(args.net, args.in_channels, args.size, args.classes)
+        if not next(iter(model.parameters())).is_meta:
+            randomize_batchnorm(model, torch.Generator().manual_seed(args.seed))
+        return model.to(memory_format=torch.channels_last)
+    return build
 
-    loaded = []  # rank 0's real model; the others build only the layers they run
-    on_root_then_bcast(comm, lambda: loaded.append(load_on_root()))
-    if comm.Get_rank() == 0:
-        model = loaded[0]
-        comm.bcast(model[:flatten].state_dict(), root=0)  # once, at set-up: pickling is fine here
-    else:
-        state = comm.bcast(None, root=0)
-        features = model[:flatten].to_empty(device="cpu")
-        features.load_state_dict(state)
-        model = torch.nn.Sequential(*features, *model[flatten:])
-    return model
+
+def _loader(args):
+    """``load(model)`` on the root: --checkpoint's weights, if given."""
+    if not args.checkpoint:
+        return None
+
+    def load(model):
+        from models import load_weights
+
+        load_weights(model, args.checkpoint)
+    return load
+
+
+def _unsplit_memory(args):
+    """Peak memory of the unsplit model alone: build it and run one pass in a fresh process."""
+    def probe():
+        import os
+        import subprocess
+        import sys
+
+        code = ("import resource, sys, torch; from models import build_model; "
+                f"torch.set_num_threads(1); m = build_model({args.net!r}, {args.in_channels}, {args.size}, "
+                f"{args.classes}).eval(); "
+                f"torch.no_grad()(m)(torch.zeros({args.batch}, {args.in_channels}, {args.size}, {args.size})); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+        # without the MPI launcher's variables, or the child would try to join this job
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=options.REPO,
+                              timeout=600, env=env)
+        return float(done.stdout.split()[-1]) if done.returncode == 0 and done.stdout.split() else None
+    return probe
 
 
 def _layers(args) -> int:
-    import torch
     from mpi4py import MPI
 
     from runtime.benchmark import bench_layers
@@ -123,16 +133,10 @@ def _layers(args) -> int:
     on_root_then_bcast(comm, lambda: [options.prepare_output(path, option) for option, path in outputs])
     threads = args.threads or default_threads(comm)
     set_threads(threads)
-    model = load_model(comm, args)
-    model.eval().to(memory_format=torch.channels_last)
-
-    image = None
-    if comm.Get_rank() == 0:
-        image = torch.randn(args.batch, args.in_channels, args.size, args.size,
-                            generator=torch.Generator().manual_seed(args.seed + 1))
     report = bench_layers(
-        comm, model, image, net=args.net, batch=args.batch, repeat=args.repeat, warmup=args.warmup,
-        weights=args.weights, threads=threads, progress=not args.no_progress,
+        comm, _builder(args), (args.in_channels, args.size, args.size), load=_loader(args), net=args.net,
+        batch=args.batch, repeat=args.repeat, warmup=args.warmup, weights=args.weights, threads=threads,
+        seed=args.seed, progress=not args.no_progress, unsplit_memory=_unsplit_memory(args),
     )
     if report is not None:
         print(report.table(), flush=True)

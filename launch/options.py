@@ -100,10 +100,15 @@ def _edge_net(text: str) -> int:
 def _net_name(text: str) -> str:
     if text.strip().lower() == "cloud":
         return "cloud"
+    if text.strip().startswith("tv:"):  # a torchvision classifier, checked against torchvision's list
+        from models import check_model_name
+
+        return check_model_name(text.strip())
     try:
         return f"edge{_edge_net(text)}"
     except UsageError:
-        raise UsageError(f"unknown net '{text}'; choose one of edge1, edge2, edge3 (or 1, 2, 3), cloud") from None
+        raise UsageError(f"unknown net '{text}'; choose one of edge1, edge2, edge3 (or 1, 2, 3), cloud, "
+                         "or tv:NAME (a torchvision classifier, e.g. tv:resnet18)") from None
 
 
 def _split(text: str) -> list[str]:

@@ -1,29 +1,33 @@
-"""Per-layer benchmark of split inference against unsplit and against this machine's bound.
+"""Per-node benchmark of split inference against unsplit runs and against this machine's bound.
 
 Timed in every repetition, interleaved so that machine noise hits them alike,
 after warm-up passes:
 
-* **unsplit** -- rank 0 runs the whole conv stack alone (the other ranks wait),
-  through the executor on one process; the plain ``nn.Sequential`` call is timed
-  too (``unsplit_torch_ms``), for reference;
+* **unsplit** -- the root runs the split part of the graph alone, through the
+  executor on ``COMM_SELF`` with the threads of one rank; the whole model in
+  plain torch is timed too;
+* **unsplit, all cores** -- the same two on the root with every core the split
+  uses (ranks x threads) in one process, the other ranks asleep: the fair
+  baseline for a user who would run torch on one board with all its cores;
 * **split** -- every rank runs :meth:`SplitExecutor.forward_local` with halo exchange;
-* **bound** -- every rank, at the same time, runs the conv stack on only its own
-  input rows as if they were a whole image, with no exchange at all, through
-  the same executor code on ``COMM_SELF`` (same buffers, same kernels).  This is
-  what P processes sharing this machine's cores, caches and memory bandwidth can
-  do at best.
+* **bound** -- every rank, at the same time, runs the split part on only its
+  own input rows as if they were a whole image, with no exchange, through the
+  same executor code on ``COMM_SELF``: what P processes sharing this machine's
+  cores, caches and memory bandwidth can do at best.
 
 ``efficiency`` is the median over repetitions of ``bound / split`` taken within
-the same repetition (paired, so slow drifts of this shared machine cancel);
-``split_ms`` and ``bound_ms`` are the medians of each on its own.
-
-"Conv stack" is every layer before the Flatten (the paper's Fig. 10 leaves the
-FC layers out too); scatter, gather and the head are in ``end_to_end_ms``.
+the same repetition (paired, so slow drifts cancel).  The "split part" is
+every node before the gather or the global pool of the head (the paper's
+Fig. 10 leaves the FC layers out too); scatter, gather and head are in
+``end_to_end_ms``.
 """
 from __future__ import annotations
 
+import os
+import resource
 from statistics import median
 from time import perf_counter
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -31,157 +35,196 @@ import torch.nn as nn
 from mpi4py import MPI
 from tqdm import tqdm
 
-from .comm import scatter_rows
-from .geometry import output_height
+from . import comm as mpi
+from .distribute import distribute_model
+from .errors import UsageError
+from .graph import trace_model
+from .plan import plan_split
+from .report import NodeRow, Report, receptive_field_min_bytes
 from .split import SplitExecutor
-from .timing import LayerClock, LayerRow, Report, analytic_min_bytes
+from .timing import NO_CLOCK, NodeClock
 
-__all__ = ["bench_layers"]
+__all__ = ["bench_layers", "peak_rss_mb"]
+
+_SKIPPED_OPS = {"size", "getattr", "getitem"}
 
 
-def _timed_stack(modules, x: torch.Tensor) -> float:
-    """The plain torch module chain, for reference."""
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (psutil reports only the current RSS on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _timed(work: Callable[[], object]) -> float:
     start = perf_counter()
-    for module in modules:
-        x = module(x)
+    work()
     return perf_counter() - start
 
 
-def _runs_alone(plan, rows: int) -> bool:
-    """Whether ``rows`` input rows survive the stack as a standalone image (the bound needs it)."""
-    for layer in plan.layers:
-        if layer.spec.spatial:
-            try:
-                rows = output_height(rows, layer.spec.height)
-            except ValueError:
-                return False
-    return True
+def _bound_executor(build, model, in_shape, rows: int, full_split: set) -> tuple[Optional[SplitExecutor], str]:
+    """The split part on ``rows`` rows as a whole image, on COMM_SELF; None and why when it does not fit."""
+    channels, _, width = in_shape
+    with torch.device("meta"):
+        skeleton = build().eval()
+    try:
+        plan = plan_split(trace_model(skeleton, (channels, rows, width), split_part_only=True), [1.0])
+    except UsageError as err:
+        return None, str(err)
+    lost = [n.name for n in plan.graph.nodes if n.placement == "root" and n.role == "head"
+            and n.name in full_split]
+    if lost:
+        return None, f"node '{lost[0]}' does not run on {rows} rows"
+    return SplitExecutor(plan, model, MPI.COMM_SELF, head=False), ""
 
 
-@torch.no_grad()
 def bench_layers(
     comm: MPI.Comm,
-    model: nn.Sequential,
-    image: torch.Tensor | None,
+    build: Callable[[], nn.Module],
+    in_shape: tuple[int, int, int],
     *,
+    load: Optional[Callable[[nn.Module], None]] = None,
     net: str,
     batch: int,
     repeat: int,
     warmup: int,
     weights,
     threads: int,
+    seed: int = 0,
     progress: bool = True,
-) -> Report | None:
+    unsplit_memory: Optional[Callable[[], Optional[float]]] = None,
+) -> Optional[Report]:
     """Run the benchmark on every rank; return the :class:`Report` on rank 0, None elsewhere.
 
-    ``model`` must be in eval mode and channels-last on every rank (its head is
-    used on rank 0 only); ``image`` is the ``(N, C, H, W)`` input on rank 0.
+    ``build`` makes the model (see :func:`~runtime.distribute.distribute_model`:
+    every rank holds only what it runs); ``unsplit_memory`` (rank 0) measures the
+    peak memory of the unsplit model alone, in a fresh process.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
-    channels = model[0].in_channels
-    height, width = comm.bcast(tuple(image.shape[2:]) if rank == 0 else None, root=0)
-    executor = SplitExecutor(model, (channels, height, width), comm, weights)
-    plan = executor.plan
-    layers = len(plan.layers)
+    executor = distribute_model(build, in_shape, comm, weights, load=load)
+    plan, graph, model = executor.plan, executor.graph, executor.model
+    channels, height, width = in_shape
+    notes = []
+    local_ranks = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+    if size == 1:
+        notes.append("one rank (started without mpiexec?): the split is the unsplit run plus overhead; "
+                     "run under 'mpiexec -n P'")
+    if local_ranks * threads > _host_cores():
+        notes.append(f"{local_ranks} ranks x {threads} thread(s) share {_host_cores()} cores on this host: the "
+                     "split oversubscribes them, so its speedup measures contention")
+
     own_rows = plan.input_rows[rank]
-    alone = comm.allreduce(_runs_alone(plan, len(own_rows)), op=MPI.LAND)
-    # The same executor on one process (COMM_SELF): for the unsplit run (rank 0, whole
-    # image) and for the bound (every rank, its own rows as a whole image, no exchange).
-    # Same code path and memory handling as the split, so only the split's cost differs.
-    bounded = SplitExecutor(model, (channels, len(own_rows), width), MPI.COMM_SELF) if alone else None
-    single = SplitExecutor(model, (channels, height, width), MPI.COMM_SELF) if rank == 0 else None
+    split_part = {n.name for n in graph.nodes if n.placement != "root"}
+    bounded, why = _bound_executor(build, model, in_shape, len(own_rows), split_part)
+    reasons = comm.allgather(why)
+    alone = all(not r for r in reasons)
+    if not alone:
+        bounded = None
+        worst = next(r for r in reasons if r)
+        notes.append(f"no bound: a rank's own {min(len(r) for r in plan.input_rows)} input rows alone do not "
+                     f"run through the net ({worst})")
+    single = SplitExecutor(plan_split(graph, [1.0]), model, MPI.COMM_SELF) if rank == 0 else None
 
+    image = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(seed + 1)) if rank == 0 else None
     full = image.contiguous(memory_format=torch.channels_last) if rank == 0 else None
-    local = scatter_rows(comm, plan, image, batch).clone(memory_format=torch.channels_last)
+    local = mpi.scatter_rows(comm, image, plan.input_rows, in_shape, batch).clone(memory_format=torch.channels_last)
+    nodes = len(graph.nodes)
+    all_cores = threads * size
 
-    unsplit_clock = [LayerClock(layers) for _ in range(repeat)]
-    split_clock = [LayerClock(layers) for _ in range(repeat)]
-    split_s, bound_s, unsplit_s, torch_s, e2e_s = [], [], [], [], []
-    steps = range(warmup + repeat)
-    bar = tqdm(steps, desc=f"bench {net} x{size} ranks", disable=not progress or rank != 0, leave=False)
-    for step in bar:
-        k = step - warmup  # < 0 during warm-up
-        # unsplit, rank 0 alone: through the executor, and as the plain torch module chain
-        comm.Barrier()
-        if rank == 0:
-            x = full.clone(memory_format=torch.channels_last)
-            start = perf_counter()
-            single.forward_local(x, unsplit_clock[k] if k >= 0 else None)
-            unsplit = perf_counter() - start
-            plain = _timed_stack(executor.modules, full.clone(memory_format=torch.channels_last))
-            if k >= 0:
-                unsplit_s.append(unsplit)
-                torch_s.append(plain)
-        # split and bound, in alternating order so that neither always runs first
-        for phase in ("split", "bound") if step % 2 == 0 else ("bound", "split"):
-            x = local.clone(memory_format=torch.channels_last)
+    unsplit_clock = [NodeClock(nodes) for _ in range(repeat)]
+    split_clock = [NodeClock(nodes) for _ in range(repeat)]
+    times: dict[str, list] = {k: [] for k in ("unsplit", "torch", "unsplit_all", "torch_all", "split", "bound", "e2e")}
+    bar = tqdm(range(warmup + repeat), desc=f"bench {net} x{size} ranks", disable=not progress or rank != 0,
+               leave=False)
+    with torch.no_grad():
+        for step in bar:
+            k = step - warmup  # < 0 during warm-up
+            keep = k >= 0
+            if rank == 0:  # unsplit, the root alone; the others sleep in an idle barrier
+                clock = unsplit_clock[k] if keep else NO_CLOCK
+                x = full.clone(memory_format=torch.channels_last)
+                t_unsplit = _timed(lambda: single.forward_local(x, clock))
+                t_torch = _timed(lambda: model(full))
+                torch.set_num_threads(all_cores)
+                x = full.clone(memory_format=torch.channels_last)
+                t_unsplit_all = _timed(lambda: single.forward_local(x))
+                t_torch_all = _timed(lambda: model(full))
+                torch.set_num_threads(threads)
+                if keep:
+                    times["unsplit"].append(t_unsplit)
+                    times["torch"].append(t_torch)
+                    times["unsplit_all"].append(t_unsplit_all)
+                    times["torch_all"].append(t_torch_all)
+            mpi.idle_barrier(comm)
+            for phase in ("split", "bound") if step % 2 == 0 else ("bound", "split"):
+                x = local.clone(memory_format=torch.channels_last)
+                comm.Barrier()
+                if phase == "split":
+                    elapsed = _timed(lambda: executor.forward_local(x, split_clock[k] if keep else NO_CLOCK))
+                else:
+                    bound = _timed(lambda: bounded.forward_local(x)) if bounded is not None else float("nan")
             comm.Barrier()
-            start = perf_counter()
-            if phase == "split":
-                executor.forward_local(x, split_clock[k] if k >= 0 else None)
-                elapsed = perf_counter() - start
-            elif bounded is not None:
-                bounded.forward_local(x)
-                bound = perf_counter() - start
-            else:
-                bound = float("nan")
-        # end to end, as a user calls it
-        comm.Barrier()
-        start = perf_counter()
-        executor(image if rank == 0 else None, batch)
-        e2e = perf_counter() - start
-        if k >= 0:
-            split_s.append(elapsed)
-            bound_s.append(bound)
-            e2e_s.append(e2e)
+            e2e = _timed(lambda: executor(image if rank == 0 else None, batch))
+            if keep:
+                times["split"].append(elapsed)
+                times["bound"].append(bound)
+                times["e2e"].append(e2e)
 
+        output = executor(image if rank == 0 else None, batch)
+        reference = model(full) if rank == 0 else None
     # Small control data after the timed loop: the lower-case (pickling) API is fine here.
     per_rank = comm.gather(
         {
-            "split": split_s, "bound": bound_s, "e2e": e2e_s,
-            "compute": np.stack([c.compute for c in split_clock]),
-            "halo": np.stack([c.halo for c in split_clock]),
-            "bytes": split_clock[0].bytes if repeat else np.zeros(layers, np.int64),
-            "rows": len(own_rows),
+            "split": times["split"], "bound": times["bound"], "e2e": times["e2e"],
+            "compute": np.stack([c.compute for c in split_clock]), "halo": np.stack([c.halo for c in split_clock]),
+            "bytes": split_clock[0].bytes, "rss": peak_rss_mb(),
         },
         root=0,
     )
-    output = executor(image if rank == 0 else None, batch)
     if rank != 0:
         return None
-    reference = model(full)
     max_abs_error = float((output - reference).abs().max())
-
-    # slowest rank per repetition, then the median over repetitions
     split_runs = np.max([r["split"] for r in per_rank], axis=0)
-    bound_runs = np.max([r["bound"] for r in per_rank], axis=0)
-    split_ms, bound_ms = 1e3 * median(split_runs), 1e3 * median(bound_runs)
-    efficiency = float(median(bound_runs / split_runs))
-    e2e_ms = 1e3 * median(per_rank[0]["e2e"])
-    unsplit_ms = 1e3 * median(unsplit_s)
-    unsplit_torch_ms = 1e3 * median(torch_s)
-    compute = np.stack([r["compute"] for r in per_rank])  # (ranks, repeat, layers)
+    split_ms = 1e3 * median(split_runs)
+    bound_ms = efficiency = None
+    if alone:
+        bound_runs = np.max([r["bound"] for r in per_rank], axis=0)
+        bound_ms, efficiency = 1e3 * median(bound_runs), float(median(bound_runs / split_runs))
+    unsplit_ms, unsplit_all_ms = 1e3 * median(times["unsplit"]), 1e3 * median(times["unsplit_all"])
+    total = np.stack([r["compute"] for r in per_rank]) + np.stack([r["halo"] for r in per_rank])
     halo = np.stack([r["halo"] for r in per_rank])
-    total = compute + halo
-    slowest = total.argmax(axis=0)  # (repeat, layers)
+    slowest = total.argmax(axis=0)  # (repeat, nodes)
     halo_of_slowest = np.take_along_axis(halo, slowest[None], axis=0)[0]
-    unsplit_layers = np.stack([c.compute for c in unsplit_clock])
+    unsplit_nodes = np.stack([c.compute for c in unsplit_clock])
+    minimum = receptive_field_min_bytes(graph, plan.weights, batch)
+    fx_nodes = list(graph.fx.nodes)
     rows = []
-    for i, layer in enumerate(plan.layers):
-        rows.append(
-            LayerRow(
-                name=layer.name,
-                unsplit_ms=1e3 * float(np.median(unsplit_layers[:, i])),
-                split_ms=1e3 * float(np.median(total.max(axis=0)[:, i])),
-                halo_ms=1e3 * float(np.median(halo_of_slowest[:, i])),
-                bytes=int(sum(r["bytes"][i] for r in per_rank)),
-                bytes_min=analytic_min_bytes(layer, batch),
-            )
-        )
+    for i, node in enumerate(graph.nodes):
+        f = fx_nodes[i]
+        if (node.placement == "root" or node.role in ("input", "output") or f.op == "get_attr"
+                or node.label in _SKIPPED_OPS or f.target in _SKIPPED_OPS):
+            continue
+        rows.append(NodeRow(
+            name=node.name, op=node.label, window=node.role == "window",
+            unsplit_ms=1e3 * float(np.median(unsplit_nodes[:, i])),
+            split_ms=1e3 * float(np.median(total.max(axis=0)[:, i])),
+            halo_ms=1e3 * float(np.median(halo_of_slowest[:, i])),
+            bytes=int(sum(r["bytes"][i] for r in per_rank)),
+            bytes_min=minimum.get(node.name, 0),
+        ))
     return Report(
-        net=net, size=height, batch=batch, ranks=size, weights=list(plan.weights),
-        threads_per_rank=threads, repeat=repeat,
-        unsplit_ms=unsplit_ms, unsplit_torch_ms=unsplit_torch_ms, split_ms=split_ms, bound_ms=bound_ms,
-        efficiency=efficiency, speedup=unsplit_ms / split_ms,
-        end_to_end_ms=e2e_ms, max_abs_error=max_abs_error, layers=rows,
+        net=net, size=height, batch=batch, ranks=size, weights=list(plan.weights), threads_per_rank=threads,
+        repeat=repeat, unsplit_ms=unsplit_ms, unsplit_torch_ms=1e3 * median(times["torch"]),
+        all_cores_threads=all_cores, unsplit_all_cores_ms=unsplit_all_ms,
+        torch_all_cores_ms=1e3 * median(times["torch_all"]), split_ms=split_ms, bound_ms=bound_ms,
+        efficiency=efficiency, speedup=unsplit_ms / split_ms, speedup_all_cores=unsplit_all_ms / split_ms,
+        end_to_end_ms=1e3 * median(per_rank[0]["e2e"]), max_abs_error=max_abs_error,
+        peak_rss_mb=[r["rss"] for r in per_rank],
+        unsplit_peak_rss_mb=unsplit_memory() if unsplit_memory is not None else None,
+        notes=notes, layers=rows,
     )

@@ -182,6 +182,8 @@ class _Classifier:
             return dict(role="output", kind="root")
         kinds = [self.kind[i] for i in inputs]
         split = [i for i, k in zip(inputs, kinds) if k in ("rows", "rows_tuple")]
+        if n.meta.get("type") is _Unknown:  # could not run on this input (lenient tracing): never runs
+            return dict(role="head" if split else "plain", kind="root")
         if not split:
             if "root" in kinds:
                 if "local" in kinds:
@@ -382,16 +384,39 @@ class _Classifier:
         raise self.refuse(n, f"a {op} over the height together with other dims than the width")
 
 
-def _propagate_shapes(gm: GraphModule, in_shape) -> None:
+class _Unknown:
+    """The value of a node that could not run during lenient shape propagation."""
+
+
+class _LenientShapeProp(ShapeProp):
+    """Shape propagation that leaves nodes it cannot run (and what follows them) without a shape.
+
+    Used to plan only the split part of a net on a smaller input than its head
+    was built for (a benchmark's bound): the head never runs there.
+    """
+
+    def run_node(self, n):
+        if not any(isinstance(self.env.get(a), _Unknown) for a in n.all_input_nodes):
+            try:
+                return super().run_node(n)
+            except Exception:
+                pass
+        n.meta.pop("tensor_meta", None)
+        n.meta["type"] = _Unknown
+        return _Unknown()
+
+
+def _propagate_shapes(gm: GraphModule, in_shape, lenient: bool = False) -> None:
     params = list(gm.parameters()) + list(gm.buffers())
     on_meta = any(p.is_meta for p in params)
+    prop = _LenientShapeProp if lenient else ShapeProp
     if on_meta or not params:
-        ShapeProp(gm).propagate(torch.empty(1, *in_shape, device="meta"))
+        prop(gm).propagate(torch.empty(1, *in_shape, device="meta"))
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    ShapeProp(gm, fake_mode=fake).propagate(fake.from_tensor(torch.empty(1, *in_shape)))
+    prop(gm, fake_mode=fake).propagate(fake.from_tensor(torch.empty(1, *in_shape)))
 
 
 def _training_matters(module: nn.Module) -> bool:
@@ -402,8 +427,12 @@ def _training_matters(module: nn.Module) -> bool:
     return isinstance(module, (_BatchNorm, _DropoutNd)) or not type(module).__module__.startswith("torch.nn")
 
 
-def trace_model(model: nn.Module, in_shape: tuple[int, int, int]) -> ModelGraph:
-    """Trace ``model`` (eval mode, real or meta weights) at input ``(C, H, W)`` and classify its nodes."""
+def trace_model(model: nn.Module, in_shape: tuple[int, int, int], split_part_only: bool = False) -> ModelGraph:
+    """Trace ``model`` (eval mode, real or meta weights) at input ``(C, H, W)`` and classify its nodes.
+
+    ``split_part_only``: nodes after the split part may fail on this input
+    (a head built for another size); they are kept unplanned, to run never.
+    """
     in_shape = tuple(int(s) for s in in_shape)
     if len(in_shape) != 3 or min(in_shape) < 1:
         raise UsageError(f"input shape must be (C, H, W) with positive sizes, got {in_shape}")
@@ -417,7 +446,7 @@ def trace_model(model: nn.Module, in_shape: tuple[int, int, int]) -> ModelGraph:
         raise UsageError(f"torch.fx cannot trace {type(model).__name__}: {str(err).splitlines()[0]}") from None
     gm = GraphModule(model, graph)
     try:
-        _propagate_shapes(gm, in_shape)
+        _propagate_shapes(gm, in_shape, split_part_only)
     except UsageError:
         raise
     except Exception as err:

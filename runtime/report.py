@@ -1,39 +1,49 @@
-"""Per-layer timing records and the report built from them (table, CSV, JSON, Fig. 10 plot)."""
+"""The split benchmark's report: per-node rows, figures, warnings; table, CSV, JSON (null, never NaN), plot."""
 from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 
-__all__ = ["LayerClock", "LayerRow", "Report", "analytic_min_bytes"]
-
-
-class LayerClock:
-    """Seconds and bytes one rank spent per layer, summed over the passes it timed."""
-
-    def __init__(self, layers: int) -> None:
-        self.compute = np.zeros(layers)
-        self.halo = np.zeros(layers)
-        self.bytes = np.zeros(layers, dtype=np.int64)
+__all__ = ["NodeRow", "Report", "receptive_field_min_bytes"]
 
 
 @dataclass
-class LayerRow:
+class NodeRow:
     """One line of the table; times are medians in milliseconds."""
 
     name: str
+    op: str
+    window: bool  # a conv or pool (drawn in the plot)
     unsplit_ms: float
     split_ms: float  # compute + halo on the slowest rank
     halo_ms: float  # transfer + wait on that rank
     bytes: int  # sent by all ranks together, one pass
-    bytes_min: int  # analytic minimum for this split
+    bytes_min: int  # receptive-field brute force for this split
+
+
+def _clean(value):
+    """JSON has no NaN or infinity: such figures become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _ms(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:9.3f} ms"
 
 
 @dataclass
 class Report:
-    """The benchmark's result: what ``--json`` writes and the table prints."""
+    """The benchmark's result: what ``--json`` writes and the table prints.  None: not measured (see notes)."""
 
     net: str
     size: int
@@ -42,92 +52,123 @@ class Report:
     weights: list
     threads_per_rank: int
     repeat: int
-    unsplit_ms: float
-    unsplit_torch_ms: float
+    unsplit_ms: float  # split part, one rank, one thread per rank's count, through the executor
+    unsplit_torch_ms: float  # the whole model, plain torch, same threads
+    all_cores_threads: int
+    unsplit_all_cores_ms: float  # split part, one process with every core the split uses
+    torch_all_cores_ms: float  # the whole model, plain torch, every core the split uses
     split_ms: float
-    bound_ms: float
-    efficiency: float
-    speedup: float
+    bound_ms: Optional[float]
+    efficiency: Optional[float]
+    speedup: float  # unsplit_ms / split_ms
+    speedup_all_cores: float  # unsplit_all_cores_ms / split_ms: the fair one
     end_to_end_ms: float
     max_abs_error: float
+    peak_rss_mb: list  # per rank
+    unsplit_peak_rss_mb: Optional[float]
+    notes: list = field(default_factory=list)
     layers: list = field(default_factory=list)
 
     def table(self) -> str:
-        head = f"{'layer':<10} {'unsplit ms':>11} {'split ms':>9} {'halo ms':>8} {'bytes':>10} {'min bytes':>10}"
+        head = (f"{'node':<28} {'op':<18} {'unsplit ms':>10} {'split ms':>9} {'halo ms':>8} {'bytes':>10} "
+                f"{'min bytes':>10}")
         lines = [head, "-" * len(head)]
         for row in self.layers:
             lines.append(
-                f"{row.name:<10} {row.unsplit_ms:>11.3f} {row.split_ms:>9.3f} {row.halo_ms:>8.3f} "
-                f"{row.bytes:>10d} {row.bytes_min:>10d}"
+                f"{row.name[:28]:<28} {row.op[:18]:<18} {row.unsplit_ms:>10.3f} {row.split_ms:>9.3f} "
+                f"{row.halo_ms:>8.3f} {row.bytes:>10d} {row.bytes_min:>10d}"
             )
         lines.append("-" * len(head))
-        total_bytes = sum(r.bytes for r in self.layers)
-        total_min = sum(r.bytes_min for r in self.layers)
-        layer_sum = sum(r.split_ms for r in self.layers)
         lines.append(
-            f"{'sum':<10} {sum(r.unsplit_ms for r in self.layers):>11.3f} {layer_sum:>9.3f} "
-            f"{sum(r.halo_ms for r in self.layers):>8.3f} {total_bytes:>10d} {total_min:>10d}"
+            f"{'sum':<28} {'':<18} {sum(r.unsplit_ms for r in self.layers):>10.3f} "
+            f"{sum(r.split_ms for r in self.layers):>9.3f} {sum(r.halo_ms for r in self.layers):>8.3f} "
+            f"{sum(r.bytes for r in self.layers):>10d} {sum(r.bytes_min for r in self.layers):>10d}"
         )
+        bound = (f"{_ms(self.bound_ms)}   efficiency (bound / split, paired median) {self.efficiency:.3f}"
+                 if self.bound_ms is not None else "n/a (see note)")
         lines += [
             "",
             f"net {self.net}, input {self.batch}x{self.size}x{self.size}, {self.ranks} ranks "
             f"(weights {self.weights}), {self.threads_per_rank} thread(s) per rank, median of {self.repeat}",
-            f"conv stack, unsplit on 1 rank      : {self.unsplit_ms:9.3f} ms"
-            f"   (plain torch nn.Sequential: {self.unsplit_torch_ms:.3f} ms)",
-            f"conv stack, split over {self.ranks} ranks   : {self.split_ms:9.3f} ms"
-            f"   speedup {self.speedup:.2f}x",
-            f"bound: own rows only, no exchange : {self.bound_ms:9.3f} ms"
-            f"   efficiency (bound / split, paired median) {self.efficiency:.3f}",
+            f"split part, unsplit, 1 process x {self.threads_per_rank} thread(s): {_ms(self.unsplit_ms)}"
+            f"   (whole model, plain torch: {self.unsplit_torch_ms:.3f} ms)",
+            f"split part, unsplit, 1 process x {self.all_cores_threads} thread(s): {_ms(self.unsplit_all_cores_ms)}"
+            f"   (whole model, plain torch: {self.torch_all_cores_ms:.3f} ms)",
+            f"split part, split over {self.ranks} ranks         : {_ms(self.split_ms)}"
+            f"   speedup {self.speedup:.2f}x vs 1 thread, {self.speedup_all_cores:.2f}x vs all cores",
+            f"bound: own rows only, no exchange     : {bound}",
             f"end to end (scatter+split+gather+head): {self.end_to_end_ms:.3f} ms",
             f"max |split - unsplit| of the net's output: {self.max_abs_error:.3g}",
+            f"peak resident memory per rank (MB): {', '.join(f'{m:.0f}' for m in self.peak_rss_mb)}"
+            + (f"   (unsplit model alone in one process: {self.unsplit_peak_rss_mb:.0f} MB)"
+               if self.unsplit_peak_rss_mb is not None else ""),
         ]
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     def to_json(self, path: str) -> None:
-        data = asdict(self)
         with open(path, "w") as fh:
-            json.dump(data, fh, indent=2)
+            json.dump(_clean(asdict(self)), fh, indent=2, allow_nan=False)
             fh.write("\n")
 
     def to_csv(self, path: str) -> None:
         with open(path, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["layer", "unsplit_ms", "split_ms", "halo_ms", "bytes", "bytes_min"])
+            writer.writerow(["node", "op", "unsplit_ms", "split_ms", "halo_ms", "bytes", "bytes_min"])
             for r in self.layers:
-                writer.writerow([r.name, f"{r.unsplit_ms:.4f}", f"{r.split_ms:.4f}", f"{r.halo_ms:.4f}", r.bytes, r.bytes_min])
-            writer.writerow(["TOTAL", f"{self.unsplit_ms:.4f}", f"{self.split_ms:.4f}",
+                writer.writerow([r.name, r.op, f"{r.unsplit_ms:.4f}", f"{r.split_ms:.4f}", f"{r.halo_ms:.4f}",
+                                 r.bytes, r.bytes_min])
+            writer.writerow(["TOTAL", "", f"{self.unsplit_ms:.4f}", f"{self.split_ms:.4f}",
                              f"{sum(r.halo_ms for r in self.layers):.4f}",
                              sum(r.bytes for r in self.layers), sum(r.bytes_min for r in self.layers)])
 
     def plot(self, path: str) -> None:
-        """Per-layer bars, unsplit vs split, like the AFLKD paper's Fig. 10."""
+        """One pair of bars per conv-like node, in graph order, like the AFLKD paper's Fig. 10."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [r.name for r in self.layers]
-        x = np.arange(len(names))
-        fig, ax = plt.subplots(figsize=(max(8, 0.42 * len(names)), 4.5))
-        ax.bar(x - 0.2, [r.unsplit_ms for r in self.layers], 0.4, label="unsplit (1 rank)")
-        ax.bar(x + 0.2, [r.split_ms for r in self.layers], 0.4, label=f"split ({self.ranks} ranks)")
-        ax.bar(x + 0.2, [r.halo_ms for r in self.layers], 0.4, label="of which halo exchange", color="k", alpha=0.5)
-        ax.set_xticks(x, names, rotation=70, fontsize=8)
-        ax.set_ylabel("time per layer (ms, median)")
-        ax.set_title(
-            f"{self.net} {self.size}x{self.size}: unsplit {self.unsplit_ms:.1f} ms, split {self.split_ms:.1f} ms, "
-            f"bound {self.bound_ms:.1f} ms (efficiency {self.efficiency:.2f})",
-            fontsize=10,
-        )
+        rows = [r for r in self.layers if r.window]
+        x = np.arange(len(rows))
+        fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(rows)), 4.5))
+        ax.bar(x - 0.2, [r.unsplit_ms for r in rows], 0.4, label="unsplit (1 process)")
+        ax.bar(x + 0.2, [r.split_ms for r in rows], 0.4, label=f"split ({self.ranks} ranks)")
+        ax.bar(x + 0.2, [r.halo_ms for r in rows], 0.4, label="of which halo exchange", color="k", alpha=0.5)
+        ax.set_xticks(x, [r.name for r in rows], rotation=70, fontsize=7 if len(rows) > 30 else 8)
+        ax.set_ylabel("time per node (ms, median)")
+        bound = f"bound {self.bound_ms:.1f} ms (efficiency {self.efficiency:.2f})" if self.bound_ms else "no bound"
+        ax.set_title(f"{self.net} {self.size}x{self.size}: unsplit {self.unsplit_ms:.1f} ms, split "
+                     f"{self.split_ms:.1f} ms, {bound}", fontsize=10)
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
 
-def analytic_min_bytes(plan_layer, batch: int, itemsize: int = 4) -> int:
-    """Halo rows that must cross ranks x row bytes: rows each rank needs but does not own."""
-    missing = 0
-    for need, own in zip(plan_layer.needed, plan_layer.owned_in):
-        missing += len(need) - len(need.intersect(own))
-    return missing * plan_layer.row_bytes(batch, itemsize)
+def receptive_field_min_bytes(graph, weights, batch: int, itemsize: int = 4) -> dict[str, int]:
+    """Bytes that must cross ranks, by the first window node reading each value, counted row by row.
+
+    For each output row a rank owns, every input row a window tap touches is
+    listed; the rows inside the image that the rank does not own must come
+    from elsewhere.  Independent of the planner's range arithmetic.
+    """
+    from .geometry import split_rows
+
+    out: dict[str, int] = {}
+    for value in graph.nodes:
+        readers = [c for c in graph.consumers(value.name) if c.role == "window"]
+        if value.placement != "rows" or not readers:
+            continue
+        _, channels, height, width = value.shape
+        rows_missing = 0
+        for rank, own in enumerate(split_rows(height, weights)):
+            touched = set()
+            for c in readers:
+                geometry, mine = c.window.height, split_rows(c.shape[2], weights)[rank]
+                touched.update(o * geometry.stride - geometry.padding + geometry.dilation * k
+                               for o in range(mine.start, mine.stop) for k in range(geometry.kernel))
+            rows_missing += sum(1 for row in touched if 0 <= row < height and not own.start <= row < own.stop)
+        if rows_missing:
+            out[readers[0].name] = out.get(readers[0].name, 0) + rows_missing * channels * width * batch * itemsize
+    return out

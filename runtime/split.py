@@ -142,7 +142,8 @@ class SplitExecutor:
     the executor is built: build a new executor after changing the weights.
     """
 
-    def __init__(self, plan: GraphPlan, model: nn.Module, comm: MPI.Comm = MPI.COMM_WORLD, root: int = 0) -> None:
+    def __init__(self, plan: GraphPlan, model: nn.Module, comm: MPI.Comm = MPI.COMM_WORLD, root: int = 0,
+                 head: bool = True) -> None:
         size = comm.Get_size()
         if plan.ranks != size:
             raise UsageError(f"the plan is for {plan.ranks} ranks but the communicator has {size}; "
@@ -152,7 +153,7 @@ class SplitExecutor:
         self.plan, self.graph, self.comm = plan, plan.graph, comm
         self.model = model
         self.rank, self.root = comm.Get_rank(), root
-        self.is_root = self.rank == root
+        self.is_root = self.rank == root and head  # head=False: forward_local only (a benchmark's bound)
         self._fx = list(self.graph.fx.nodes)
         self._index = {n.name: i for i, n in enumerate(self.graph.nodes)}
         self._modules: dict[str, object] = {}
