@@ -29,6 +29,8 @@ def error_lines(proc) -> list[str]:
     "ranks, args, message",
     [
         (2, ["--net", "edge9"], r"unknown net 'edge9'; choose one of edge1, edge2, edge3 \(or 1, 2, 3\), cloud"),
+        (2, ["--net", "tv:resnet19"], r"torchvision has no classification model 'resnet19'"),
+        (2, ["--net", "tv:vit_b_16", "--size", "224"], r"node '.*' \(.*\) is not supported by height-split"),
         (2, ["--net", "edge3", "--size", "4"], "input size 4 is too small for 3 pooling blocks"),
         (3, ["--net", "edge1", "--size", "2"], r"3 ranks with weights .* leave rank\(s\) \[0\] without rows of the 2-row input"),
         (2, ["--weights", "1,2,3"], "got 3 rank weights for 2 ranks"),
@@ -96,8 +98,40 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path):
         assert set(layer) >= {"name", "unsplit_ms", "split_ms", "halo_ms", "bytes", "bytes_min"}
         assert layer["bytes"] == layer["bytes_min"]
     assert sum(layer["bytes"] for layer in report["layers"]) > 0
-    assert (out / "r.csv").read_text().startswith("layer,unsplit_ms,split_ms,halo_ms,bytes,bytes_min")
+    assert (out / "r.csv").read_text().startswith("node,op,unsplit_ms,split_ms,halo_ms,bytes,bytes_min")
     assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(report["peak_rss_mb"]) == 2 and all(m > 0 for m in report["peak_rss_mb"])
+    assert report["unsplit_peak_rss_mb"] > 0
+    assert report["all_cores_threads"] == 2 * report["threads_per_rank"] and report["unsplit_all_cores_ms"] > 0
+
+
+@needs_mpiexec
+def test_bench_runs_a_torchvision_net(tmp_path):
+    proc = aflkd(2, "bench", "layers", "--net", "tv:resnet18", "--size", "64", "--repeat", "1", "--warmup", "0",
+                 "--json", str(tmp_path / "r.json"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["max_abs_error"] <= 1e-4 and "layer1_0_conv1" in proc.stdout
+    assert all(layer["bytes"] == layer["bytes_min"] for layer in report["layers"])
+
+
+@needs_mpiexec
+def test_bench_without_a_bound_writes_null_and_says_why(tmp_path):
+    """Old code wrote "bound_ms": NaN (not JSON) when a rank's rows alone do not run through the net."""
+    proc = aflkd(3, "bench", "layers", "--net", "edge3", "--size", "8", "--repeat", "1", "--warmup", "0",
+                 "--json", str(tmp_path / "r.json"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and json.loads(text)["bound_ms"] is None and json.loads(text)["efficiency"] is None
+    assert "note: no bound" in proc.stdout and "oversubscribes" in proc.stdout
+
+
+def test_bench_on_one_rank_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "layers", "--net", "edge1", "--size", "32",
+                           "--repeat", "1", "--warmup", "0", "--no-progress"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: one rank (started without mpiexec?)" in proc.stdout
 
 
 def test_help_explains_the_commands(capsys):
