@@ -203,7 +203,7 @@ def _value_plan(value: GraphNode, consumers: list[WindowPlan], specs: dict, weig
         missing = subtract_ranges(need, [own])
         # a read wholly in the padding holds no image row: it is made from padding alone (repad)
         padded = [(w, rd) for w, rd in reads if (rd.pad_top or rd.pad_bottom) and len(rd.rows.clip(height))]
-        if not missing and not padded:
+        if not reads:
             buffers.append(None)
         else:
             fill = specs[padded[0][0].name].fill if padded else 0.0
