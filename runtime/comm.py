@@ -27,6 +27,7 @@ __all__ = [
     "message",
     "sendrecv",
     "post",
+    "post_messages",
     "wait",
     "scatter_rows",
     "gather_rows",
@@ -128,8 +129,14 @@ def post(comm: MPI.Comm, sends: Iterable[tuple[torch.Tensor, int]],
     Messages between the same pair with the same tag match in posting order, so
     both ends must list them in the same order (the plan sorts them by row).
     """
-    requests = [comm.Irecv(message(t), source=src, tag=tag) for t, src in recvs]
-    requests += [comm.Isend(message(t), dest=dst, tag=tag) for t, dst in sends]
+    return post_messages(comm, [(message(t), dst) for t, dst in sends], [(message(t), src) for t, src in recvs], tag)
+
+
+def post_messages(comm: MPI.Comm, sends: Iterable[tuple[list, int]], recvs: Iterable[tuple[list, int]],
+                  tag: int) -> list:
+    """:func:`post` with messages already built by :func:`message` (reused pass after pass on fixed buffers)."""
+    requests = [comm.Irecv(m, source=src, tag=tag) for m, src in recvs]
+    requests += [comm.Isend(m, dest=dst, tag=tag) for m, dst in sends]
     return requests
 
 

@@ -38,7 +38,8 @@ def _materialise(model: nn.Module, modules: set[str], attrs: set[str], state: di
             owner._parameters[attr] = nn.Parameter(state[target], requires_grad=False)
         else:
             owner._buffers[attr] = state[target]
-    model.load_state_dict({k: v for k, v in state.items() if k not in attrs}, strict=False)
+    # assign: keep the root's tensors as they come (channels-last weights stay channels-last)
+    model.load_state_dict({k: v for k, v in state.items() if k not in attrs}, strict=False, assign=True)
 
 
 def distribute_model(

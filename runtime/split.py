@@ -43,7 +43,7 @@ from torch.fx.node import map_arg
 
 from . import comm as mpi
 from .errors import UsageError
-from .geometry import RowRange, merge_ranges, subtract_ranges
+from .geometry import RowRange, input_rows_for, merge_ranges, subtract_ranges
 from .graph import ModelGraph, trace_model
 from .layers import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES
 from .plan import GraphPlan, check_weights, plan_split
@@ -198,6 +198,7 @@ class SplitExecutor:
             buf[:, :, : spec.pad_top].fill_(spec.fill)
             buf[:, :, spec.length - spec.pad_bottom:].fill_(spec.fill)
             self._buffers[name] = buf
+        self._message_cache: dict[str, tuple] = {}
         self._segments = self._find_segments()
         absorbed = {m for chain in self._segments.values() for m in chain[:-1]}
         self._split_steps, self._head_steps = [], []
@@ -282,20 +283,32 @@ class SplitExecutor:
         if value.exchange is not None:
             self._post(value, env[name], clock)
 
-    def _post(self, value, source: torch.Tensor, clock: NoClock) -> None:
+    def _messages(self, value, source: torch.Tensor):
+        """(sends, recvs, bytes sent) of a value's exchange as ready MPI messages; fixed for a buffered value."""
         r, ex = self.rank, value.exchange
-        since = clock.now()
+        cached = self._message_cache.get(value.name)
+        if cached is not None:
+            return cached
         own = value.owned[r]
         buf = self._buffers.get(value.name)
         first = value.buffers[r].first if buf is not None else None
         sends = [(source[:, :, t.rows.start - own.start: t.rows.stop - own.start], t.dst) for t in ex.sends(r)]
         recvs = [(buf[:, :, t.rows.start - first: t.rows.stop - first], t.src) for t in ex.recvs(r)]
+        made = ([(mpi.message(t), d) for t, d in sends], [(mpi.message(t), s) for t, s in recvs],
+                sum(t.numel() * t.element_size() for t, _ in sends), [t for t, _ in sends])
+        if buf is not None:  # sends come from the buffer too: the same memory every pass
+            self._message_cache[value.name] = made
+        return made
+
+    def _post(self, value, source: torch.Tensor, clock: NoClock) -> None:
+        since = clock.now()
+        sends, recvs, nbytes, keep = self._messages(value, source)
         tag = mpi.tag_for(self._pass, self._index[value.name], len(self._fx))
-        requests = mpi.post(self.comm, sends, recvs, tag)
+        requests = mpi.post_messages(self.comm, sends, recvs, tag)
         self._pending[value.name] = requests
-        self._all_requests.append((requests, sends))
-        node = self._index[ex.node]
-        clock.sent(node, sum(t.numel() * t.element_size() for t, _ in sends))
+        self._all_requests.append((requests, keep))  # keep the sent tensors alive until the sends complete
+        node = self._index[value.exchange.node]
+        clock.sent(node, nbytes)
         clock.waited(node, since)
 
     def _input_step(self, i, g):
@@ -331,6 +344,10 @@ class SplitExecutor:
         else:
             lo, hi = read.rows.start, read.rows.stop
         fill = spec.fill
+        out_value = self.plan.values.get(name)
+        if (spec.kind != "conv" and read.from_buffer and not read.repad and name in self._buffers
+                and out_value.exchange is not None and out_value.exchange.sends(r)):
+            return self._pool_in_parts(i, g, op, source, buf_spec, needs_halo)
 
         def step(env, clock):
             if needs_halo and source in self._pending:
@@ -348,6 +365,38 @@ class SplitExecutor:
             y = op(x)
             clock.spent(i, since)
             self._emit(i, name, env, clock, y)
+        return step
+
+    def _pool_in_parts(self, i, g, op, source, src_buf, needs_halo):
+        """A pool whose output others need: rows to send first, post their sends, then the rest.
+
+        Pools are cheap to call per part (convs are not: they re-pack weights per call).
+        """
+        r, name = self.rank, g.name
+        value = self.plan.values[name]
+        own, first = value.owned[r], value.buffers[r].first
+        sent = merge_ranges([t.rows for t in value.exchange.sends(r)])
+        rest = subtract_ranges([own], sent) if len(own) else []
+        geometry = g.window.height
+
+        def run(parts, buf, src):
+            for p in parts:
+                rows = input_rows_for(p, geometry)
+                buf[:, :, p.start - first: p.stop - first].copy_(
+                    op(src[:, :, rows.start - src_buf.first: rows.stop - src_buf.first]))
+
+        def step(env, clock):
+            if needs_halo and source in self._pending:
+                since = clock.now()
+                mpi.wait(self._pending.pop(source))
+                clock.waited(i, since)
+            since = clock.now()
+            buf, src = self._buffers[name], self._buffers[source]
+            run(sent, buf, src)
+            env[name] = buf[:, :, own.start - first: own.stop - first]
+            self._post(value, env[name], clock)
+            run(rest, buf, src)
+            clock.spent(i, since)
         return step
 
     def _plain_step(self, i, f, g, full: bool):
@@ -561,7 +610,9 @@ def _window_op(spec, module):
     kernel, stride, dilation = (h.kernel, w.kernel), (h.stride, w.stride), (h.dilation, w.dilation)
     padding = (0, w.padding)
     if spec.kind == "conv":
-        weight, bias, groups = module.weight, module.bias, module.groups
+        # channels-last like the maps: a conv given NCHW weights converts them on every call
+        weight = module.weight.detach().contiguous(memory_format=CL)
+        bias, groups = module.bias, module.groups
 
         def conv(x):
             if x.shape[3] == 1:
