@@ -105,11 +105,11 @@ def _unsplit_memory(args):
         import subprocess
         import sys
 
-        code = ("import resource, sys, torch; from models import build_model; "
+        code = ("import torch; from models import build_model; from runtime.benchmark import peak_rss_mb; "
                 f"torch.set_num_threads(1); m = build_model({args.net!r}, {args.in_channels}, {args.size}, "
                 f"{args.classes}).eval(); "
                 f"torch.no_grad()(m)(torch.zeros({args.batch}, {args.in_channels}, {args.size}, {args.size})); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+                "print(peak_rss_mb())")
         # without the MPI launcher's variables, or the child would try to join this job
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=options.REPO,

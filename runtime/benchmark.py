@@ -50,7 +50,19 @@ _SKIPPED_OPS = {"size", "getattr", "getitem"}
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (psutil reports only the current RSS on Linux)."""
+    """This process's peak resident memory so far, in MB.
+
+    Linux's ``VmHWM`` (psutil reports only the current RSS there); not
+    ``getrusage``, whose maximum survives ``exec`` and so shows a parent's peak
+    in a child started by ``subprocess``.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
