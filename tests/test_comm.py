@@ -1,0 +1,57 @@
+"""The MPI layer on one rank (COMM_SELF): strided messages without staging copies, any dtype, tags."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import comm as mpi
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32])
+def test_band_of_a_channels_last_batch_travels_in_place(self_comm, batch, dtype):
+    """A band of rows of an (N, C, H, W) channels-last batch is not contiguous for N > 1: a derived datatype."""
+    src = torch.arange(batch * 4 * 9 * 5).reshape(batch, 4, 9, 5).to(dtype).contiguous(memory_format=torch.channels_last)
+    dst = torch.zeros_like(src)
+    mpi.sendrecv(self_comm, src[:, :, 2:5], 0, dst[:, :, 6:9], 0, tag=7)
+    assert torch.equal(dst[:, :, 6:9], src[:, :, 2:5])
+    assert torch.count_nonzero(dst[:, :, :6]) == 0
+
+
+def test_posted_messages_arrive_in_order(self_comm):
+    src = torch.randn(2, 3, 8, 4).contiguous(memory_format=torch.channels_last)
+    dst = torch.zeros_like(src)
+    requests = mpi.post(self_comm, [(src[:, :, 0:1], 0), (src[:, :, 5:8], 0)],
+                        [(dst[:, :, 0:1], 0), (dst[:, :, 5:8], 0)], tag=3)
+    mpi.wait(requests)
+    assert torch.equal(dst[:, :, 0:1], src[:, :, 0:1]) and torch.equal(dst[:, :, 5:8], src[:, :, 5:8])
+
+
+def test_scatter_gather_and_reduce_on_one_rank(self_comm):
+    from runtime.geometry import RowRange
+
+    image = torch.randn(2, 3, 6, 5)
+    local = mpi.scatter_rows(self_comm, image, [RowRange(0, 6)], (3, 6, 5), 2)
+    assert torch.equal(local, image)
+    assert torch.equal(mpi.gather_rows(self_comm, local, [RowRange(0, 6)]), image)
+    t = torch.ones(4)
+    assert torch.equal(mpi.allreduce_(self_comm, t), torch.ones(4))
+
+
+def test_tags_are_unique_per_pass_and_node():
+    tags = {mpi.tag_for(p, n, 50) for p in range(2 * 655) for n in range(50)}
+    assert len(tags) == 50 * (32767 // 50) and max(tags) < 32767
+    with pytest.raises(ValueError):
+        mpi.tag_for(0, 50, 50)
+
+
+def test_peak_memory_of_a_child_is_its_own():
+    """getrusage's maximum survives exec, so a child started from a big process reported the parent's peak."""
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB held by this process
+    code = "from runtime.benchmark import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    from runtime.benchmark import peak_rss_mb
+
+    assert peak_rss_mb() > child + 300 and ballast.sum() > 0
