@@ -42,15 +42,9 @@ def on_root_then_bcast(comm, work: Callable[[], T]) -> T:
     """Run ``work`` on rank 0 only (e.g. read a checkpoint that only it has) and share the result.
 
     A :class:`UsageError` on rank 0 is re-raised on every rank, so all ranks
-    exit cleanly together instead of the others waiting for a dead root.
+    exit cleanly together instead of the others waiting for a dead root.  The
+    MPI calls are the runtime's (:func:`runtime.comm.share_from_root`).
     """
-    result, error = None, None
-    if comm.Get_rank() == 0:
-        try:
-            result = work()
-        except UsageError as err:
-            error = str(err)
-    result, error = comm.bcast((result, error), root=0)
-    if error is not None:
-        raise UsageError(error)
-    return result
+    from runtime.comm import share_from_root
+
+    return share_from_root(comm, work, 0, UsageError)

@@ -350,10 +350,8 @@ class SplitExecutor:
             return self._pool_in_parts(i, g, op, source, buf_spec, needs_halo)
 
         def step(env, clock):
-            if needs_halo and source in self._pending:
-                since = clock.now()
-                mpi.wait(self._pending.pop(source))
-                clock.waited(i, since)
+            if needs_halo:
+                self._await_halo(source, i, clock)
             since = clock.now()
             if read.from_buffer:
                 base = self._buffers[source]
@@ -366,6 +364,14 @@ class SplitExecutor:
             clock.spent(i, since)
             self._emit(i, name, env, clock, y)
         return step
+
+    def _await_halo(self, source: str, i: int, clock: NoClock) -> None:
+        """Wait for the halo rows of ``source`` (once a pass: the first window node that needs them)."""
+        requests = self._pending.pop(source, None)
+        if requests is not None:
+            since = clock.now()
+            mpi.wait(requests)
+            clock.waited(i, since)
 
     def _pool_in_parts(self, i, g, op, source, src_buf, needs_halo):
         """A pool whose output others need: rows to send first, post their sends, then the rest.
@@ -386,10 +392,8 @@ class SplitExecutor:
                     op(src[:, :, rows.start - src_buf.first: rows.stop - src_buf.first]))
 
         def step(env, clock):
-            if needs_halo and source in self._pending:
-                since = clock.now()
-                mpi.wait(self._pending.pop(source))
-                clock.waited(i, since)
+            if needs_halo:
+                self._await_halo(source, i, clock)
             since = clock.now()
             buf, src = self._buffers[name], self._buffers[source]
             run(sent, buf, src)
