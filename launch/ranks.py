@@ -19,18 +19,14 @@ def default_threads(comm) -> int:
     On a rack of boards each rank has its board to itself; on one host running
     several ranks, oversubscribing the cores would only measure contention.
     """
-    local = comm.Split_type(_shared_type()).Get_size()
+    from runtime.comm import ranks_on_this_host
+
+    local = ranks_on_this_host(comm)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // local)
-
-
-def _shared_type():
-    from mpi4py import MPI
-
-    return MPI.COMM_TYPE_SHARED
 
 
 def set_threads(threads: int) -> None:

@@ -122,7 +122,7 @@ def bench_layers(
     plan, graph, model = executor.plan, executor.graph, executor.model
     channels, height, width = in_shape
     notes = []
-    local_ranks = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+    local_ranks = mpi.ranks_on_this_host(comm)
     if size == 1:
         notes.append("one rank (started without mpiexec?): the split is the unsplit run plus overhead; "
                      "run under 'mpiexec -n P'")
@@ -133,7 +133,7 @@ def bench_layers(
     own_rows = plan.input_rows[rank]
     split_part = {n.name for n in graph.nodes if n.placement != "root"}
     bounded, why = _bound_executor(build, model, in_shape, len(own_rows), split_part)
-    reasons = comm.allgather(why)
+    reasons = mpi.allgather_objects(comm, why)
     alone = all(not r for r in reasons)
     if not alone:
         bounded = None
@@ -175,12 +175,12 @@ def bench_layers(
             mpi.idle_barrier(comm)
             for phase in ("split", "bound") if step % 2 == 0 else ("bound", "split"):
                 x = local.clone(memory_format=torch.channels_last)
-                comm.Barrier()
+                mpi.barrier(comm)
                 if phase == "split":
                     elapsed = _timed(lambda: executor.forward_local(x, split_clock[k] if keep else NO_CLOCK))
                 else:
                     bound = _timed(lambda: bounded.forward_local(x)) if bounded is not None else float("nan")
-            comm.Barrier()
+            mpi.barrier(comm)
             e2e = _timed(lambda: executor(image if rank == 0 else None, batch))
             if keep:
                 times["split"].append(elapsed)
@@ -190,7 +190,8 @@ def bench_layers(
         output = executor(image if rank == 0 else None, batch)
         reference = model(full) if rank == 0 else None
     # Small control data after the timed loop: the lower-case (pickling) API is fine here.
-    per_rank = comm.gather(
+    per_rank = mpi.gather_objects(
+        comm,
         {
             "split": times["split"], "bound": times["bound"], "e2e": times["e2e"],
             "compute": np.stack([c.compute for c in split_clock]), "halo": np.stack([c.halo for c in split_clock]),

@@ -34,6 +34,11 @@ __all__ = [
     "allreduce_",
     "reduce_",
     "idle_barrier",
+    "barrier",
+    "ranks_on_this_host",
+    "bcast_object",
+    "gather_objects",
+    "allgather_objects",
     "share_from_root",
     "abort_on_uncaught_exception",
 ]
@@ -212,6 +217,34 @@ def idle_barrier(comm: MPI.Comm, poll_s: float = 0.0005) -> None:
     request = comm.Ibarrier()
     while not request.Test():
         time.sleep(poll_s)
+
+
+def barrier(comm: MPI.Comm) -> None:
+    """A busy barrier: the tightest common start for timing."""
+    comm.Barrier()
+
+
+def ranks_on_this_host(comm: MPI.Comm) -> int:
+    """How many ranks of ``comm`` share this host's memory (and cores)."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    size = local.Get_size()
+    local.Free()
+    return size
+
+
+def bcast_object(comm: MPI.Comm, obj, root: int = 0):
+    """Small control data (pickled): set-up, verdicts, never tensors on a hot path."""
+    return comm.bcast(obj, root=root)
+
+
+def gather_objects(comm: MPI.Comm, obj, root: int = 0):
+    """Small control data (pickled) from every rank onto ``root``; None elsewhere."""
+    return comm.gather(obj, root=root)
+
+
+def allgather_objects(comm: MPI.Comm, obj) -> list:
+    """Small control data (pickled) from every rank, on every rank."""
+    return comm.allgather(obj)
 
 
 def share_from_root(comm: MPI.Comm, work: Callable[[], T], root: int = 0, error: type = ValueError) -> T:

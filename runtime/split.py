@@ -43,8 +43,8 @@ from torch.fx.node import map_arg
 
 from . import comm as mpi
 from .errors import UsageError
-from .geometry import RowRange, input_rows_for, merge_ranges, subtract_ranges
-from .graph import ModelGraph, trace_model
+from .geometry import input_rows_for, merge_ranges, subtract_ranges
+from .graph import trace_model
 from .layers import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES
 from .plan import GraphPlan, check_weights, plan_split
 from .timing import NO_CLOCK, NoClock
@@ -593,7 +593,7 @@ class SplitExecutor:
                     batch = image.shape[0]
                 except UsageError as err:
                     problem = str(err)
-            batch, problem = self.comm.bcast((batch, problem), root=self.root)
+            batch, problem = mpi.bcast_object(self.comm, (batch, problem), self.root)
             if problem is not None:
                 raise UsageError(problem)
             x = mpi.scatter_rows(self.comm, image, self.plan.input_rows, self.plan.in_shape, batch, root=self.root)

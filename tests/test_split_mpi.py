@@ -86,7 +86,6 @@ def test_non_root_ranks_hold_no_head(world, agree, same_output):
         return randomize_batchnorm(build_net("edge1", 3, 64, 10), torch.Generator().manual_seed(4))
 
     executor = distribute_model(build, (3, 64, 64), world)
-    model = executor.graph  # noqa: F841  (the plan is the same everywhere)
     head = [p for name, p in executor._model_parameters() if name.startswith("fc")]
     conv = [p for name, p in executor._model_parameters() if name.startswith("conv")]
     problems = []
