@@ -333,7 +333,7 @@ class SplitExecutor:
                 batch = self._batch
                 self._emit(i, name, env, clock, torch.empty((batch, channels, 0, width), memory_format=CL))
             return empty
-        op = _window_op(spec, module)
+        op = _window_op(spec, module, narrow=self.graph[source].shape[3] == 1)
         height = value.height
         own = value.owned[r]
         buf_spec = value.buffers[r]
@@ -608,23 +608,22 @@ def _fetch_attr(model: nn.Module, target: str):
     return getattr(model.get_submodule(owner) if owner else model, attr)
 
 
-def _window_op(spec, module):
+def _window_op(spec, module, narrow: bool = False):
     """The window's functional op with height padding removed (the buffer carries it)."""
     h, w = spec.height, spec.width
     kernel, stride, dilation = (h.kernel, w.kernel), (h.stride, w.stride), (h.dilation, w.dilation)
     padding = (0, w.padding)
     if spec.kind == "conv":
+        bias, groups = module.bias, module.groups
+        if narrow:
+            # torch's channels-last conv has crashed (SIGSEGV) on 1-pixel-wide maps with width padding
+            # (seen: 1x1 kernel, stride 2, dilation 2): input and weights both NCHW, so torch picks NCHW.
+            weight = module.weight.detach().contiguous()
+            return lambda x: F.conv2d(x.clone(memory_format=torch.contiguous_format), weight, bias, stride, padding,
+                                      dilation, groups)
         # channels-last like the maps: a conv given NCHW weights converts them on every call
         weight = module.weight.detach().contiguous(memory_format=CL)
-        bias, groups = module.bias, module.groups
-
-        def conv(x):
-            if x.shape[3] == 1:
-                # torch's channels-last conv has crashed (SIGSEGV) on some 1-pixel-wide maps with
-                # width padding and bias (seen: 1x1 kernel, stride 2, dilation 2, batch 3): go NCHW.
-                x = x.contiguous()
-            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        return conv
+        return lambda x: F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if spec.kind == "maxpool":
         return lambda x: F.max_pool2d(x, kernel, stride, padding, dilation, spec.ceil_mode)
     return lambda x: F.avg_pool2d(x, kernel, stride, padding, spec.ceil_mode, spec.count_include_pad,
