@@ -407,6 +407,15 @@ class _LenientShapeProp(ShapeProp):
 
 
 def _propagate_shapes(gm: GraphModule, in_shape, lenient: bool = False) -> None:
+    """Shapes on every node; torch's own traceback printing is kept quiet (errors become one line)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        _propagate(gm, in_shape, lenient)
+
+
+def _propagate(gm: GraphModule, in_shape, lenient: bool) -> None:
     params = list(gm.parameters()) + list(gm.buffers())
     on_meta = any(p.is_meta for p in params)
     prop = _LenientShapeProp if lenient else ShapeProp
