@@ -174,10 +174,6 @@ class SplitExecutor:
         self._batch: Optional[int] = None
         self._pass = 0
 
-    def _model_parameters(self):
-        """(name, tensor) of every parameter and buffer of the model this rank holds."""
-        return list(self.model.named_parameters()) + list(self.model.named_buffers())
-
     @classmethod
     def build(cls, model: nn.Module, in_shape: tuple[int, int, int], comm: MPI.Comm = MPI.COMM_WORLD,
               weights=None, root: int = 0) -> "SplitExecutor":

@@ -86,8 +86,9 @@ def test_non_root_ranks_hold_no_head(world, agree, same_output):
         return randomize_batchnorm(build_net("edge1", 3, 64, 10), torch.Generator().manual_seed(4))
 
     executor = distribute_model(build, (3, 64, 64), world)
-    head = [p for name, p in executor._model_parameters() if name.startswith("fc")]
-    conv = [p for name, p in executor._model_parameters() if name.startswith("conv")]
+    held = list(executor.model.named_parameters()) + list(executor.model.named_buffers())
+    head = [p for name, p in held if name.startswith("fc")]
+    conv = [p for name, p in held if name.startswith("conv")]
     problems = []
     if world.rank == 0 and any(p.is_meta for p in head + conv):
         problems.append("root is missing weights")
