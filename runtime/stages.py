@@ -1,0 +1,262 @@
+"""Cut a traced CNN into consecutive layers and give each pipeline stage a run of them.
+
+Layer splitting (AFLKD Sec. 5, Fig. 4): within a cluster, consecutive layers
+run on different devices, so one activation travels from stage to stage.  A
+*cut* is a point of the graph's topological order where exactly one value is
+live -- a band of rows, one tensor to send -- so on a chain every layer
+boundary is a cut, and in a ResNet the cuts fall between residual blocks.
+The *layers* are the runs of nodes between consecutive cuts; the *head* is
+everything after the last cut whose value is split by rows (flatten, the
+classifier): the root runs it on the gathered map.
+
+:func:`partition_stages` assigns layers to stages by dynamic programming so
+that the slowest (cluster, stage) -- compute at its device's speed on its
+cluster's share of the rows, plus sending its output on -- is as fast as it
+can be.  Unlike torchgpipe's ``balance_by_time`` and PipeDream's partitioner,
+which assume identical devices, each (cluster, stage) has its own speed; the
+row shares of the clusters are chosen together with the cut.  Pure functions,
+no MPI.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Optional, Sequence
+
+from .errors import UsageError
+from .graph import ModelGraph
+
+__all__ = ["Layer", "Layers", "StageSplit", "split_layers", "partition_stages", "equal_stages", "stage_times",
+           "balance"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A run of graph nodes between two cuts; ``output`` is the one value live after it."""
+
+    index: int
+    nodes: tuple[str, ...]
+    output: str
+    out_shape: tuple[int, int, int]  # (C, H, W) of ``output``
+
+    @property
+    def label(self) -> str:
+        return self.nodes[0] if len(self.nodes) == 1 else f"{self.nodes[0]}..{self.nodes[-1]}"
+
+
+@dataclass(frozen=True)
+class Layers:
+    """A model cut into layers: ``layers`` for the stages, ``head`` for the root."""
+
+    graph: ModelGraph
+    layers: tuple[Layer, ...]
+    head: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def cut_value(self, boundary: int) -> str:
+        """The value crossing cut ``boundary`` (0: the input; ``len``: the last layer's output)."""
+        return self.graph.input.name if boundary == 0 else self.layers[boundary - 1].output
+
+    def cut_shape(self, boundary: int) -> tuple[int, int, int]:
+        return self.graph.in_shape if boundary == 0 else self.layers[boundary - 1].out_shape
+
+
+def _splittable(graph: ModelGraph, name: str) -> bool:
+    node = graph[name]
+    return node.placement == "rows" and node.shape is not None and len(node.shape) == 4 and node.hdim == 2
+
+
+def split_layers(graph: ModelGraph) -> Layers:
+    """The layers of ``graph``: cut wherever one split value alone is live."""
+    fx_ops = [f.op for f in graph.fx.nodes]
+    last_use = {n.name: i for i, n in enumerate(graph.nodes)}
+    for i, n in enumerate(graph.nodes):
+        for source in n.inputs:
+            last_use[source] = max(last_use[source], i)
+    constants = {n.name for n, op in zip(graph.nodes, fx_ops) if op == "get_attr"}
+    cuts = []  # node indices after which a cut is valid
+    live: set[str] = set()
+    for i, n in enumerate(graph.nodes):
+        if n.role == "output":
+            break
+        if n.name not in constants:
+            live.add(n.name)
+        live = {v for v in live if last_use[v] > i}
+        if i > 0 and len(live) == 1:
+            (value,) = live
+            if value == n.name and _splittable(graph, value):
+                cuts.append(i)
+    if not cuts:
+        raise UsageError("the model has no point where a single split feature map is live; "
+                         "it cannot be cut into pipeline stages")
+    layers, start = [], 1
+    for i in cuts:
+        names = tuple(n.name for n in graph.nodes[start: i + 1] if n.name not in constants)
+        shape = graph.nodes[i].shape
+        layers.append(Layer(len(layers), names, graph.nodes[i].name, (shape[1], shape[2], shape[3])))
+        start = i + 1
+    head = tuple(n.name for n in graph.nodes[start:] if n.role != "output" and n.name not in constants)
+    return Layers(graph, tuple(layers), head)
+
+
+@dataclass(frozen=True)
+class StageSplit:
+    """Stage ``k`` runs layers ``bounds[k]:bounds[k+1]``; cluster ``c`` owns rows in proportion to ``shares[c]``.
+
+    ``times[c][k]``: predicted seconds per image of (cluster c, stage k).
+    """
+
+    bounds: tuple[int, ...]
+    shares: tuple[float, ...]
+    times: tuple[tuple[float, ...], ...]
+
+    @property
+    def stages(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def stage_seconds(self) -> tuple[float, ...]:
+        """Per stage, its slowest cluster's time (clusters wait for each other's halos)."""
+        return tuple(max(row[k] for row in self.times) for k in range(self.stages))
+
+    @property
+    def balance(self) -> float:
+        return balance(self.stage_seconds)
+
+
+def balance(seconds: Sequence[float]) -> float:
+    """Slowest over mean: 1.0 is a perfect balance."""
+    mean = sum(seconds) / len(seconds)
+    return max(seconds) / mean if mean > 0 else 1.0
+
+
+def _check(costs, speeds, out_bytes, stages_wanted=None):
+    if any(not math.isfinite(c) or c < 0 for c in costs):
+        raise UsageError("layer costs must be finite and non-negative")
+    if not speeds or not speeds[0]:
+        raise UsageError("need at least one cluster with at least one device")
+    stages = len(speeds[0])
+    if any(len(row) != stages for row in speeds):
+        raise UsageError("every cluster needs the same number of devices (one per pipeline stage)")
+    if any(not (s > 0 and math.isfinite(s)) for row in speeds for s in row):
+        raise UsageError("device speeds must be positive numbers")
+    if stages > len(costs):
+        raise UsageError(f"{stages} pipeline stages but the model has only {len(costs)} layers to share; "
+                         f"use at most {len(costs)} devices per cluster")
+    if len(out_bytes) != len(costs):
+        raise UsageError("need one output size per layer")
+    return stages
+
+
+def stage_times(costs: Sequence[float], out_bytes: Sequence[float], speeds: Sequence[Sequence[float]],
+                bounds: Sequence[int], shares: Sequence[float], bandwidth: float = math.inf,
+                extra: Optional[Sequence[Sequence[float]]] = None) -> tuple[tuple[float, ...], ...]:
+    """Predicted seconds of every (cluster, stage) for a given cut and row shares.
+
+    Compute scales with the cluster's share of the rows and the device's
+    speed; a stage that is not the last also sends its share of its output
+    at ``bandwidth`` bytes/s.  ``extra[c][k]`` adds fixed work (the root's head).
+    """
+    prefix = [0.0, *accumulate(costs)]
+    total = sum(shares)
+    out = []
+    for c, row in enumerate(speeds):
+        share = shares[c] / total
+        times = []
+        for k, speed in enumerate(row):
+            i, j = bounds[k], bounds[k + 1]
+            t = (share * (prefix[j] - prefix[i]) + (extra[c][k] if extra else 0.0)) / speed
+            if k < len(row) - 1:
+                t += share * out_bytes[j - 1] / bandwidth
+            times.append(t)
+        out.append(tuple(times))
+    return tuple(out)
+
+
+def _best_bounds(costs, out_bytes, speeds, shares, bandwidth, extra) -> tuple[int, ...]:
+    """Exact minimum over cuts of the slowest (cluster, stage), for fixed shares: O(S n^2) dynamic program."""
+    n, stages = len(costs), len(speeds[0])
+    prefix = [0.0, *accumulate(costs)]
+    total = sum(shares)
+
+    def cost(k, i, j):
+        worst = 0.0
+        for c, row in enumerate(speeds):
+            share = shares[c] / total
+            t = (share * (prefix[j] - prefix[i]) + (extra[c][k] if extra else 0.0)) / row[k]
+            if k < stages - 1:
+                t += share * out_bytes[j - 1] / bandwidth
+            worst = max(worst, t)
+        return worst
+
+    inf = math.inf
+    # best[k][j]: slowest stage when stages 0..k run layers 0..j-1 (each stage at least one layer)
+    best = [[inf] * (n + 1) for _ in range(stages)]
+    choice = [[0] * (n + 1) for _ in range(stages)]
+    for j in range(1, n + 1):
+        best[0][j] = cost(0, 0, j)
+    for k in range(1, stages):
+        for j in range(k + 1, n + 1):
+            for i in range(k, j):
+                # ties go to the earlier cut, so the result does not depend on float noise in a sum
+                candidate = max(best[k - 1][i], cost(k, i, j))
+                if candidate < best[k][j] - 1e-15 * max(1.0, candidate):
+                    best[k][j], choice[k][j] = candidate, i
+    bounds = [n]
+    for k in range(stages - 1, 0, -1):
+        bounds.append(choice[k][bounds[-1]])
+    bounds.append(0)
+    return tuple(reversed(bounds))
+
+
+def partition_stages(costs: Sequence[float], out_bytes: Sequence[float], speeds: Sequence[Sequence[float]],
+                     bandwidth: float = math.inf, extra: Optional[Sequence[Sequence[float]]] = None,
+                     shares: Optional[Sequence[float]] = None, rounds: int = 8) -> StageSplit:
+    """The cut and row shares that minimise the slowest (cluster, stage).
+
+    ``costs[l]``: seconds of layer ``l`` on the whole map at speed 1;
+    ``out_bytes[l]``: bytes of its output; ``speeds[c][k]``: relative speed
+    of cluster ``c``'s device for stage ``k``.  For fixed shares the cut is
+    exact (dynamic program).  Shares start in proportion to each cluster's
+    total speed, then move towards equal slowest-stage times for the cut
+    found, keeping the best; given ``shares``, they are used as they are.
+    """
+    stages = _check(costs, speeds, out_bytes)
+    fixed = shares is not None
+    if fixed:
+        if len(shares) != len(speeds) or any(not (s > 0) for s in shares):
+            raise UsageError(f"need one positive row share per cluster ({len(speeds)}), got {list(shares)}")
+        current = tuple(float(s) for s in shares)
+    else:
+        current = tuple(float(sum(row)) for row in speeds)
+    best: Optional[StageSplit] = None
+    for _ in range(1 if fixed else rounds):
+        bounds = _best_bounds(costs, out_bytes, speeds, current, bandwidth, extra)
+        times = stage_times(costs, out_bytes, speeds, bounds, current, bandwidth, extra)
+        split = StageSplit(bounds, current, times)
+        if best is None or max(split.stage_seconds) < max(best.stage_seconds) * (1 - 1e-12):
+            best = split
+        # a cluster whose slowest stage is slow gets fewer rows: share ~ share / its slowest time
+        slowest = [max(row) for row in times]
+        if min(slowest) <= 0:
+            break
+        total = sum(current)
+        moved = tuple(s / total / t for s, t in zip(current, slowest))
+        norm = sum(moved)
+        moved = tuple(m / norm for m in moved)
+        if max(abs(a - b / total) for a, b in zip(moved, current)) < 1e-6:
+            break
+        current = moved
+    return best
+
+
+def equal_stages(layers: int, stages: int) -> tuple[int, ...]:
+    """The naive cut: the same number of layers per stage (the first stages take the remainder)."""
+    if stages > layers:
+        raise UsageError(f"{stages} pipeline stages but the model has only {layers} layers; "
+                         f"use at most {layers} devices per cluster")
+    base, extra = divmod(layers, stages)
+    return tuple([0, *accumulate(base + (1 if k < extra else 0) for k in range(stages))])
