@@ -143,7 +143,7 @@ class SplitExecutor:
     """
 
     def __init__(self, plan: GraphPlan, model: nn.Module, comm: MPI.Comm = MPI.COMM_WORLD, root: int = 0,
-                 head: bool = True) -> None:
+                 head: bool = True, head_columns: Optional[torch.Tensor] = None) -> None:
         size = comm.Get_size()
         if plan.ranks != size:
             raise UsageError(f"the plan is for {plan.ranks} ranks but the communicator has {size}; "
@@ -154,12 +154,15 @@ class SplitExecutor:
         self.model = model
         self.rank, self.root = comm.Get_rank(), root
         self.is_root = self.rank == root and head  # head=False: forward_local only (a benchmark's bound)
+        # a split head (plan.head == "split"): every rank multiplies its rows by its columns of the first Linear
+        self._split_head = plan.head_split if head else None
+        skip = set(self._split_head.skip + (self._split_head.linear,)) if self._split_head else set()
         self._fx = list(self.graph.fx.nodes)
         self._index = {n.name: i for i, n in enumerate(self.graph.nodes)}
         self._modules: dict[str, object] = {}
         self._folded: dict[str, tuple] = {}
         for f, g in zip(self._fx, self.graph.nodes):
-            if g.placement == "root" and not self.is_root or f.op not in ("call_module", "get_attr"):
+            if g.placement == "root" and not self.is_root or f.op not in ("call_module", "get_attr") or g.name in skip:
                 continue
             thing = model.get_submodule(f.target) if f.op == "call_module" else _fetch_attr(model, f.target)
             tensors = list(thing.parameters()) + list(thing.buffers()) if isinstance(thing, nn.Module) else [thing]
@@ -171,15 +174,48 @@ class SplitExecutor:
             self._modules[g.name] = thing
             if isinstance(thing, nn.BatchNorm2d) and g.placement == "rows":
                 self._folded[g.name] = _fold_batchnorm(thing)
+        if self._split_head is not None:
+            self._head_weight, self._head_bias = self._head_slice(model, head_columns)
         self._batch: Optional[int] = None
         self._pass = 0
 
+    def _head_slice(self, model: nn.Module, columns: Optional[torch.Tensor]):
+        """This rank's columns of the split Linear's weight (given, or cut from the model's), and the bias on the root."""
+        hs = self._split_head
+        linear = model.get_submodule(hs.target)
+        want = (hs.out_features, hs.columns(self.rank))
+        if columns is None:
+            weight = linear.weight
+            if weight.is_meta:
+                raise UsageError(f"rank {self.rank} runs its columns of Linear '{hs.target}' but holds no weights "
+                                 "for it (meta); pass head_columns= or use runtime.distribute_model")
+            with torch.no_grad():
+                blocks = [weight[:, a:b] for a, b in hs.column_blocks(self.rank)]
+                columns = torch.cat(blocks, dim=1) if blocks else weight.new_empty(want)
+        if tuple(columns.shape) != want:
+            raise UsageError(f"rank {self.rank}: head_columns for Linear '{hs.target}' must have shape {want}, "
+                             f"got {tuple(columns.shape)}")
+        bias = None
+        if self.is_root and linear.bias is not None:
+            if linear.bias.is_meta:
+                raise UsageError(f"the root holds no bias for Linear '{hs.target}' (meta); load it")
+            bias = linear.bias.detach()
+        return columns.detach().contiguous(), bias
+
     @classmethod
     def build(cls, model: nn.Module, in_shape: tuple[int, int, int], comm: MPI.Comm = MPI.COMM_WORLD,
-              weights=None, root: int = 0) -> "SplitExecutor":
-        """Trace, plan and build in one call, for a model every rank holds whole (tests, small nets)."""
+              weights=None, root: int = 0, head: str = "gather") -> "SplitExecutor":
+        """Trace, plan and build in one call, for a model every rank holds whole (tests, small nets).
+
+        ``head``: ``"gather"``, ``"split"`` or ``"auto"`` (see :func:`runtime.headcost.choose_head`).
+        """
         weights = check_weights(weights, comm.Get_size())
-        return cls(plan_split(trace_model(model, in_shape), weights), model, comm, root)
+        graph = trace_model(model, in_shape)
+        if head == "auto":
+            from .headcost import choose_head
+
+            return cls(choose_head(graph, weights, comm, root=root), model, comm, root)
+        return cls(plan_split(graph, weights, head=head), model, comm, root)
 
     # ------------------------------------------------------------------ set-up per batch size
     def _prepare(self, batch: int) -> None:
@@ -204,6 +240,11 @@ class SplitExecutor:
             if g.role == "output":
                 self._head_steps.append(self._output_step(f))
                 continue
+            if self._split_head is not None and g.name in self._split_head.skip:
+                continue  # the flatten (and eval dropouts) before the split Linear: folded into its columns
+            if self._split_head is not None and g.name == self._split_head.linear:
+                self._head_steps.append(self._split_linear_step(i))
+                continue
             if g.role == "reduce":
                 self._split_steps.append(self._partial_step(i, f, g))
                 if g.placement == "all":
@@ -224,7 +265,7 @@ class SplitExecutor:
             else:
                 step = self._plain_step(i, f, g, full=False)
             self._split_steps.append(step)
-            if g.placement == "rows" and g.gather:
+            if g.placement == "rows" and g.gather and not (self._split_head and g.name == self._split_head.value):
                 self._head_steps.append(self._gather_step(g))
         self._batch = batch
 
@@ -533,6 +574,27 @@ class SplitExecutor:
                     total = total / count
                 env[name] = total if g.keepdim else total.flatten(1)
             clock.waited(i, since)
+        return step
+
+    def _split_linear_step(self, i):
+        """Own rows (flattened in NCHW order) x own columns, summed over ranks onto the root; the root adds the bias."""
+        hs = self._split_head
+        weight, bias = self._head_weight, self._head_bias
+
+        def step(env, clock):
+            since = clock.now()
+            x = env[hs.value]
+            batch = x.shape[0]
+            if weight.shape[1]:
+                part = F.linear(x.contiguous().reshape(batch, -1), weight)  # NCHW order: the flatten's
+            else:
+                part = torch.zeros(batch, hs.out_features, dtype=weight.dtype)
+            clock.spent(i, since)
+            since = clock.now()
+            total = mpi.reduce_(self.comm, part.contiguous(), "sum", self.root)
+            clock.waited(i, since)
+            if total is not None:
+                env[hs.linear] = total + bias if bias is not None else total
         return step
 
     def _gather_step(self, g):
