@@ -43,6 +43,7 @@ from models import cloud_net, load_weights, save_atomic
 from runtime.errors import UsageError
 
 from .datasets import ImageArrays
+from .device import autocast, grad_scaler
 from .schedule import one_cycle
 
 __all__ = ["TeacherConfig", "to_tensor", "augment", "evaluate", "train_teacher", "average_teachers", "step_throughput"]
@@ -100,11 +101,14 @@ def augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True, pad:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on all of ``x``."""
+    """Top-1 accuracy of ``model`` (eval mode, on its own device) on all of ``x`` (kept on the CPU)."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(x), batch):
-        correct += (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
+        with autocast(device):
+            out = model(x[i : i + batch].to(device, non_blocking=True))
+        correct += (out.argmax(1).cpu() == y[i : i + batch]).sum().item()
     return correct / len(x)
 
 

@@ -1,23 +1,19 @@
-"""One trainer for every edge method: baseline, SSLF, AFLKD, KD, CTKD.
+"""One training loop for every edge method and every teacher source.
 
 Methods differ only in how the student starts, what is frozen and which losses
-are summed -- never in the loop (mdistiller's habit):
-
-============  ==================  ==========================  ==============================
-method        student starts      frozen                      loss
-============  ==================  ==========================  ==============================
-baseline      from scratch        nothing                     CE
-sslf          cloud's k blocks    first ``sslf_frozen`` units  CE
-aflkd         cloud's k blocks    first n units, Eq. 17/epoch  CE + lambda T^2 KL, learnable T
-kd            from scratch        nothing                     CE + lambda T^2 KL, fixed T
-ctkd          from scratch        nothing                     CE + lambda T^2 KL, T by reversal
-============  ==================  ==========================  ==============================
+are summed (:mod:`kd.methods`); teacher logits come from a
+:class:`kd.teacher_source.TeacherSource` (a local teacher, precomputed logits,
+or logits streamed from a cloud rank).  The loop never tests a method's name
+or where logits come from.
 
 The teacher is always in eval mode under ``no_grad``; the optimiser sees only
 student parameters (and T).  Frozen units run under ``no_grad`` and in eval
 mode, so they cost no backward pass and their BatchNorm statistics stay put.
 Schedules are in optimiser steps, not epochs: 500 images are only a handful of
-batches per epoch.
+batches per epoch.  Batch ``s`` depends only on ``(seed, s)``
+(:class:`kd.batches.BatchStream`), so a cloud rank can rebuild it.  Images are
+made on the CPU and moved to ``device``; on CUDA the forward pass runs under
+autocast (:mod:`kd.device`), losses in float32.
 """
 from __future__ import annotations
 
@@ -28,18 +24,19 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import edge_net
 from runtime.errors import UsageError
 
+from .batches import BatchStream
 from .datasets import ImageArrays
-from .freezing import freeze_first, frozen_count, shared_units
-from .losses import aflkd_losses
+from .device import autocast, grad_scaler
+from .freezing import freeze_first, shared_units
+from .methods import make_method
 from .schedule import one_cycle
-from .teacher import augment, evaluate, to_tensor
-from .temperature import LearnableTemperature, cosine_ramp
+from .teacher import evaluate, to_tensor
+from .teacher_source import LocalTeacher, TeacherSource
 
 __all__ = ["METHODS", "EdgeConfig", "train_edge"]
 
@@ -81,16 +78,10 @@ class EdgeResult:
     model: Optional[nn.Module] = None
 
 
-def _student(config: EdgeConfig, data: ImageArrays, teacher: Optional[nn.Sequential]) -> nn.Sequential:
+def _student(config: EdgeConfig, data: ImageArrays) -> nn.Sequential:
+    """A fresh student, its weights seeded by ``config.seed``."""
     torch.manual_seed(config.seed)
-    student = edge_net(config.net, data.channels, 32, data.classes)
-    if config.method in ("sslf", "aflkd"):
-        if teacher is None:
-            raise UsageError(f"method '{config.method}' needs a cloud teacher to copy the shared blocks from")
-        shared = {k: v for k, v in teacher.state_dict().items() if k.split(".")[0] in dict(student.named_children())
-                  and not k.startswith(("fc", "flatten"))}
-        student.load_state_dict(shared, strict=False)
-    return student.to(memory_format=CL)
+    return edge_net(config.net, data.channels, 32, data.classes)
 
 
 def _forward(student: nn.Sequential, x: torch.Tensor, frozen_layers: int) -> torch.Tensor:
@@ -105,91 +96,78 @@ def train_edge(
     config: EdgeConfig,
     data: ImageArrays,
     train_idx: np.ndarray,
-    teacher: Optional[nn.Sequential] = None,
+    teacher: Optional[nn.Module] = None,
+    source: Optional[TeacherSource] = None,
     eval_batch: int = 500,
     progress: bool = False,
+    device: Optional[torch.device] = None,
+    student: Optional[nn.Sequential] = None,
 ) -> EdgeResult:
-    """Train student ``config.net`` on ``data.x_train[train_idx]``; accuracy on the full test split."""
-    uses_kd = config.method in ("aflkd", "kd", "ctkd")
-    if uses_kd and teacher is None:
+    """Train student ``config.net`` on ``data.x_train[train_idx]``; accuracy on the full test split.
+
+    Teacher logits come from ``source``, or from ``teacher`` run in this process
+    (wrapped in a :class:`LocalTeacher`).  ``student`` continues training a given
+    student instead of starting one as the method says (incremental updates).
+    ``device`` trains there (default: the CPU); the source's logits are moved to it.
+    """
+    device = torch.device("cpu") if device is None else device
+    method = make_method(config)
+    if source is None and teacher is not None:
+        source = LocalTeacher(teacher)
+    if method.distils and source is None:
         raise UsageError(f"method '{config.method}' needs a cloud teacher (--teacher)")
-    student = _student(config, data, teacher)
-    if teacher is not None:
-        teacher = teacher.eval().to(memory_format=CL)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    # ``unit`` is what Eq. 17 counts (AFLKD); SSLF's fixed shallow part is always counted in convs,
-    # so "half the shared convs" never becomes "all the shared blocks" under --unit block.
-    units = shared_units(student, config.net, "conv" if config.method == "sslf" else config.unit)
+    if source is not None and source.classes is not None and source.classes != data.classes:
+        raise UsageError(f"the teacher has {source.classes} classes but {data.name} has {data.classes}; "
+                         f"give a teacher trained on {data.name}")
+    if student is None:
+        student = _student(config, data)
+        method.start_student(student, source.weights if source is not None else None)
+    student = student.to(device=device, memory_format=CL)
     names = [name for name, _ in student.named_children()]
-
-    temp = None
-    if config.method in ("aflkd", "ctkd"):
-        rule = config.t_rule if config.method == "aflkd" else "reversal"
-        temp = LearnableTemperature(config.temperature, config.t_min, config.t_max, rule)
-
-    half = (len(units) + 1) // 2  # SSLF default: half the shared convs
-    sslf_frozen = min(config.sslf_frozen if config.sslf_frozen is not None else half, len(units))
-
-    def frozen_units() -> int:
-        if config.method == "sslf":
-            return sslf_frozen
-        if config.method == "aflkd":
-            if config.fixed_frozen is not None:
-                return min(max(config.fixed_frozen, 0), len(units))
-            return frozen_count(temp.item(), len(units), config.t_min, config.t_max)
-        return 0
+    units = shared_units(student, config.net, method.unit_kind())
+    method.units = len(units)
 
     x_train = to_tensor(data.x_train[train_idx], data)
     y_train = torch.from_numpy(data.y_train[train_idx])
-    params = [p for p in student.parameters()]
-    groups = [{"params": params}]
-    if temp is not None:
-        groups.append({"params": [temp.value], "lr": config.t_lr, "weight_decay": 0.0})
+    extra = method.param_groups()
+    groups = [{"params": list(student.parameters())}] + extra
     optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    schedule = one_cycle(optimizer, [config.lr] + ([config.t_lr] if temp is not None else []), config.steps,
-                         pct_start=0.2)
-    generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = max(1, len(x_train) // config.batch)
+    schedule = one_cycle(optimizer, [config.lr] + [g["lr"] for g in extra], config.steps, pct_start=0.2)
+    scaler = grad_scaler(device)
+    batches = BatchStream(x_train, config.batch, config.seed)
     history, step, start = [], 0, time.perf_counter()
     bar = tqdm(total=config.steps, desc=f"{config.method} edge net {config.net}", unit="step", disable=not progress)
-    while step < config.steps:
-        n = frozen_units()
-        student.train()
-        freeze_first(student, units, n)
-        prefix = names.index(units[n - 1][-1]) + 1 if n else 0
-        epoch_start = time.perf_counter()
-        order = torch.randperm(len(x_train), generator=generator)
-        for b in range(steps_per_epoch):
-            if step >= config.steps:
-                break
-            idx = order[b * config.batch : (b + 1) * config.batch]
-            xb, yb = augment(x_train[idx], generator), y_train[idx]
-            logits = _forward(student, xb, prefix)
-            if uses_kd:
-                with torch.no_grad():
-                    teacher_logits = teacher(xb)
-                if temp is not None:
-                    if config.method == "ctkd" or config.t_rule == "reversal":
-                        temp.scale = cosine_ramp(step, config.steps)
-                    t = temp()
-                else:
-                    t = config.temperature
-                losses = aflkd_losses(logits, teacher_logits, yb, t, config.kd_weight)
-            else:
-                losses = {"ce": F.cross_entropy(logits, yb)}
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            schedule.step()
-            if temp is not None:
-                temp.project()
-            step += 1
-            bar.update()
-        bar.set_postfix(T=f"{temp.item() if temp else config.temperature:.2f}", frozen=n)
-        history.append({"step": step, "frozen": n, "T": temp.item() if temp else config.temperature,
-                        "epoch_seconds": time.perf_counter() - epoch_start})
-    bar.close()
+    try:
+        while step < config.steps:
+            n = method.frozen_units()
+            student.train()
+            freeze_first(student, units, n)
+            prefix = names.index(units[n - 1][-1]) + 1 if n else 0
+            epoch_start, epoch = time.perf_counter(), batches.epoch(step)
+            while step < config.steps and batches.epoch(step) == epoch:
+                rows = batches.rows(step)
+                xb, yb = batches.images(step, rows), y_train[rows].to(device)
+                if method.distils:
+                    source.start(step, rows, xb)  # the cloud computes while the student runs forward
+                with autocast(device):
+                    logits = _forward(student, xb.to(device, non_blocking=True), prefix)
+                teacher_logits = source.logits(step).to(device) if method.distils else None
+                losses = method.losses(logits.float(), teacher_logits, yb, step)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(sum(losses.values())).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                method.after_step()
+                step += 1
+                bar.update()
+            bar.set_postfix(T=f"{method.t_value():.2f}", frozen=n)
+            history.append({"step": step, "frozen": n, "T": method.t_value(),
+                            "epoch_seconds": time.perf_counter() - epoch_start})
+    finally:
+        bar.close()
+        if source is not None:
+            source.close()
     x_test, y_test = to_tensor(data.x_test, data), torch.from_numpy(data.y_test)
     accuracy = evaluate(student, x_test, y_test, eval_batch)
     return EdgeResult(accuracy, time.perf_counter() - start, history, student)

@@ -1,0 +1,91 @@
+"""The MPI layer of streamed distillation: non-blocking byte buffers, bounded waits, set-up objects.
+
+Thin on purpose (every mpi4py call of the stream lives here; what to send and
+when is :mod:`kd.streaming`'s business).  Hot-path messages are contiguous
+torch tensors sent through the buffer API (``Isend``/``Irecv`` on numpy views,
+no pickling); set-up and results are small pickled objects.  No wait here
+blocks forever: each polls ``Test`` (sleeping between polls, so a waiting rank
+leaves the cores to the ones that compute) until a deadline, and reports a
+peer that never answered instead of hanging.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from mpi4py import MPI
+
+from .comm import message
+
+__all__ = ["PeerTimeout", "POLL_S", "dup", "free", "isend", "irecv", "wait_by", "cancel", "send_object",
+           "recv_object_by", "abort"]
+
+#: Seconds between two polls of a waiting rank: short against a training step, long enough not to spin.
+POLL_S = 0.0005
+
+
+class PeerTimeout(RuntimeError):
+    """A peer rank sent nothing before the deadline: it died or stalled."""
+
+
+def dup(comm: MPI.Comm) -> MPI.Comm:
+    """A private communicator (collective): a stream's messages never match anyone else's."""
+    return comm.Dup()
+
+
+def free(comm: MPI.Comm) -> None:
+    comm.Free()
+
+
+def isend(comm: MPI.Comm, buffer: torch.Tensor, dest: int, tag: int) -> MPI.Request:
+    """Non-blocking send of a contiguous tensor (it must stay untouched until the request completes)."""
+    return comm.Isend(message(buffer), dest=dest, tag=tag)
+
+
+def irecv(comm: MPI.Comm, buffer: torch.Tensor, source: int, tag: int) -> MPI.Request:
+    """Non-blocking receive into a contiguous tensor of exactly the message's size."""
+    return comm.Irecv(message(buffer), source=source, tag=tag)
+
+
+def wait_by(requests: list, deadline: Optional[float], poll_s: float = POLL_S) -> bool:
+    """Wait for every request until ``deadline`` (``time.monotonic()``; None: no limit); False if time ran out."""
+    while not MPI.Request.Testall(requests):
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def cancel(requests: list, grace_s: float = 1.0) -> None:
+    """Cancel requests that have not completed (posted receives of a stream that ends early).
+
+    A cancelled request must still be completed; one whose cancellation does not
+    go through within ``grace_s`` (a send already on its way) is left to
+    MPI_Finalize.
+    """
+    for request in requests:
+        if request == MPI.REQUEST_NULL or request.Test():
+            continue
+        request.Cancel()
+        wait_by([request], time.monotonic() + grace_s)
+
+
+def send_object(comm: MPI.Comm, obj, dest: int, tag: int) -> MPI.Request:
+    """Non-blocking send of a small pickled object (set-up, verdicts, results; never a hot path)."""
+    return comm.isend(obj, dest=dest, tag=tag)
+
+
+def recv_object_by(comm: MPI.Comm, source: int, tag: int, deadline: Optional[float], what: str,
+                   poll_s: float = POLL_S):
+    """Receive a pickled object from ``source``, polling until ``deadline``; :class:`PeerTimeout` naming ``what``."""
+    while not comm.iprobe(source=source, tag=tag):
+        if deadline is not None and time.monotonic() > deadline:
+            raise PeerTimeout(what)
+        time.sleep(poll_s)
+    return comm.recv(source=source, tag=tag)
+
+
+def abort(comm: MPI.Comm, code: int) -> None:
+    """End every rank of the job now (a peer may be stalled where it never sees an error)."""
+    comm.Abort(code)
