@@ -1,0 +1,245 @@
+"""``aflkd launch``: run an aflkd command on every rank of a topology through the installed mpiexec.
+
+What it builds (and ``--dry-run`` prints): the installed MPI's flavour, detected
+from ``mpiexec --version`` (MPICH's Hydra or Open MPI); a hostfile whose line
+order is the rank map (:mod:`launch.hostfile`); ``-n`` from the topology; the
+topology's absolute path exported to every rank as ``$AFLKD_TOPOLOGY`` (``-genv``
+for Hydra, ``-x`` for Open MPI, which forwards no variable unasked); and the
+inner command as ``<venv>/bin/aflkd ...``, the venv of this Python.
+
+Assumptions for real boards: the same checkout and venv at the same path on
+every host (the inner command and the topology path are used as they are
+here), passwordless ssh from this host to the others, one MPI installation of
+the same flavour everywhere.  On one host (every address local): Hydra gets
+``-launcher fork`` (no ssh); Open MPI gets ``--allow-run-as-root`` when run as
+root and ``--oversubscribe --bind-to none`` only when there are more ranks than
+cores.  The command builder is pure (:func:`mpiexec_argv`), so ``aflkd plan``
+prints the same lines.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from runtime.errors import UsageError
+
+from . import options
+from .hostfile import FLAVOURS, write_hostfile
+from .topology import TOPOLOGY_ENV, Topology, load_topology
+
+__all__ = [
+    "add_parser", "LOCAL_ADDRESSES", "default_mpiexec", "venv_bin", "flavour_from_version", "detect_flavour",
+    "local_only", "inner_command", "mpiexec_argv", "hostfile_name", "host_cores",
+]
+
+LOCAL_ADDRESSES = ("localhost", "127.0.0.1")
+GRACE_S = 10
+"""After Ctrl-C, how long mpiexec gets to end its ranks before it is killed."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="run an aflkd command on every rank of a topology (builds and runs mpiexec)",
+        description=(
+            "Run an aflkd command under mpiexec with the rank count, hostfile and rank order of a topology "
+            "file (docs/topology.md).  Detects MPICH (Hydra) or Open MPI from 'mpiexec --version', writes the "
+            "hostfile, exports $AFLKD_TOPOLOGY (the topology's absolute path) to every rank and runs "
+            "<venv>/bin/aflkd COMMAND on each.  The exit status is mpiexec's; Ctrl-C ends the job.  On boards: "
+            "same checkout and venv path on every host, passwordless ssh, one MPI everywhere."
+        ),
+        epilog=(
+            "examples:\n"
+            "  aflkd launch --topology hostfiles/local-2x2.toml -- aflkd ranks\n"
+            "  aflkd launch --topology hostfiles/testbed.toml --dry-run -- aflkd bench layers --net edge3\n"
+        ),
+        formatter_class=options.ExamplesFormatter,
+    )
+    p.add_argument("--topology", required=True, help="topology file (TOML; shipped ones: hostfiles/*.toml)")
+    p.add_argument("--dry-run", action="store_true", help="print the mpiexec command and exit")
+    p.add_argument("--mpiexec", default=None, metavar="PATH",
+                   help="mpiexec to use (default: the one beside this Python, i.e. the venv's, else PATH's)")
+    p.add_argument("--mpi", choices=("auto", *FLAVOURS), default="auto",
+                   help="MPI flavour; auto asks 'mpiexec --version'")
+    p.add_argument("--hostfile-dir", default=None, metavar="DIR",
+                   help="where the hostfile is written (default: a temporary file, removed after the run; "
+                   "kept with --dry-run)")
+    p.add_argument("--with-cloud", action="store_true",
+                   help="give the topology's cloud host a rank too (the last one); inference jobs leave it out")
+    p.add_argument("command", nargs="...", metavar="-- COMMAND",
+                   help="the aflkd command every rank runs, after '--' (a leading 'aflkd' is optional)")
+    p.set_defaults(func=_launch)
+
+
+def default_mpiexec() -> str:
+    """The mpiexec beside this Python (the venv's MPICH wheel), else the first on PATH."""
+    beside = venv_bin() / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if not found:
+        raise UsageError("no mpiexec found beside this Python or on PATH; install the project with its [mpich] "
+                         "extra or a system MPI, or give --mpiexec PATH")
+    return found
+
+
+def venv_bin() -> Path:
+    """This Python's bin folder, symlinks kept (a venv's python links to the system one)."""
+    return Path(os.path.abspath(sys.executable)).parent
+
+
+def flavour_from_version(text: str) -> Optional[str]:
+    """``openmpi``, ``mpich`` (any Hydra: MPICH, Intel MPI, MVAPICH) or None, from ``mpiexec --version``."""
+    lowered = text.lower()
+    if "open mpi" in lowered or "openrte" in lowered or "prrte" in lowered:
+        return "openmpi"
+    if "hydra" in lowered or "mpich" in lowered or "intel(r) mpi" in lowered:
+        return "mpich"
+    return None
+
+
+def detect_flavour(mpiexec: str) -> str:
+    """Run ``mpiexec --version`` and name its flavour, or refuse in one line."""
+    try:
+        done = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise UsageError(f"mpiexec {mpiexec} not found; give --mpiexec PATH") from None
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise UsageError(f"cannot run '{mpiexec} --version' ({err}); give --mpi mpich or --mpi openmpi") from None
+    flavour = flavour_from_version(done.stdout + done.stderr)
+    if flavour is None:
+        first = (done.stdout + done.stderr).strip().splitlines()[:1] or ["(no output)"]
+        raise UsageError(f"cannot tell which MPI {mpiexec} is (--version said: {first[0]!r}); "
+                         "give --mpi mpich or --mpi openmpi")
+    return flavour
+
+
+def local_only(topology: Topology, with_cloud: bool = False, hostname: Optional[str] = None) -> bool:
+    """Whether every rank's address is this host (localhost, 127.0.0.1 or ``hostname``)."""
+    local = set(LOCAL_ADDRESSES) | {hostname or socket.gethostname()}
+    return all(r.address in local for r in topology.ranks(with_cloud))
+
+
+def inner_command(words: Sequence[str], bin_dir: Optional[Path] = None) -> list[str]:
+    """The command each rank runs: ``<venv>/bin/aflkd`` + the aflkd arguments (a leading 'aflkd' dropped)."""
+    words = list(words)
+    if words and words[0] == "--":
+        words = words[1:]
+    if words and (words[0] == "aflkd" or words[0].endswith("/aflkd")):
+        words = words[1:]
+    if not words:
+        raise UsageError("give the aflkd command to run after '--', e.g. aflkd launch --topology T -- aflkd ranks")
+    if words[0] == "launch":
+        raise UsageError("the command after '--' is run on every rank; it cannot be another 'aflkd launch'")
+    return [str((bin_dir or venv_bin()) / "aflkd"), *words]
+
+
+def hostfile_name(topology: Topology, flavour: str, with_cloud: bool = False) -> str:
+    """``<stem>[-cloud]-<flavour>.hosts``: the file name ``plan`` and ``launch`` write."""
+    stem = Path(topology.path).stem
+    return f"{stem}{'-cloud' if with_cloud else ''}-{flavour}.hosts"
+
+
+def mpiexec_argv(topology: Topology, flavour: str, hostfile: str, inner: Sequence[str], mpiexec: str = "mpiexec",
+                 *, with_cloud: bool = False, local: bool = False, as_root: bool = False,
+                 cores: Optional[int] = None) -> list[str]:
+    """The mpiexec command line that realises the topology's rank map (pure).
+
+    ``local``: every address is this host; ``as_root``: running as root (Open MPI
+    refuses without a flag); ``cores``: this host's cores (Open MPI needs
+    ``--oversubscribe`` past them on one host).
+    """
+    size = topology.world_size(with_cloud)
+    path = os.path.abspath(topology.path)
+    if flavour == "mpich":
+        argv = [mpiexec, "-f", hostfile, "-n", str(size)]
+        if local:
+            argv += ["-launcher", "fork"]
+        argv += ["-genv", TOPOLOGY_ENV, path]
+    elif flavour == "openmpi":
+        argv = [mpiexec, "--hostfile", hostfile, "-n", str(size), "--map-by", "slot"]
+        if as_root:
+            argv.append("--allow-run-as-root")
+        if local and cores is not None and size > cores:
+            argv += ["--oversubscribe", "--bind-to", "none"]
+        argv += ["-x", f"{TOPOLOGY_ENV}={path}"]
+    else:
+        raise UsageError(f"MPI flavour must be mpich or openmpi, got {flavour!r}")
+    return argv + list(inner)
+
+
+def host_cores() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check_inner(words: Sequence[str]) -> None:
+    """Parse the inner command here, so a typo fails before any rank starts (on every board)."""
+    from .cli import build_parser
+
+    if "-h" in words or "--help" in words:  # the ranks print the help
+        return
+    build_parser().parse_args(list(words))
+
+
+def _launch(args) -> int:
+    topology = load_topology(args.topology)
+    inner = inner_command(args.command)
+    _check_inner(inner[1:])
+    mpiexec = args.mpiexec or default_mpiexec()
+    flavour = args.mpi if args.mpi != "auto" else detect_flavour(mpiexec)
+    local = local_only(topology, args.with_cloud)
+    temporary = None
+    if args.hostfile_dir:
+        folder = options.prepare_folder(args.hostfile_dir, "--hostfile-dir")
+        hostfile = str(folder / hostfile_name(topology, flavour, args.with_cloud))
+    else:
+        fd, hostfile = tempfile.mkstemp(prefix=f"aflkd-{Path(topology.path).stem}-", suffix=".hosts")
+        os.close(fd)
+        temporary = None if args.dry_run else hostfile
+    try:
+        write_hostfile(hostfile, topology, flavour, args.with_cloud)
+        argv = mpiexec_argv(topology, flavour, hostfile, inner, mpiexec, with_cloud=args.with_cloud, local=local,
+                            as_root=hasattr(os, "geteuid") and os.geteuid() == 0, cores=host_cores())
+        if args.dry_run:
+            print(shlex.join(argv), flush=True)
+            return 0
+        print(f"aflkd launch: {shlex.join(argv)}", file=sys.stderr, flush=True)
+        return _run(argv)
+    finally:
+        if temporary:
+            os.unlink(temporary)
+
+
+def _run(argv: list[str]) -> int:
+    """Run mpiexec in our process group (a terminal's Ctrl-C reaches it too); forward its exit status."""
+    try:
+        proc = subprocess.Popen(argv)
+    except OSError as err:
+        raise UsageError(f"cannot start {argv[0]} ({err.strerror})") from None
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        _stop(proc)
+        raise
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End mpiexec after Ctrl-C: SIGINT (it ends its ranks), then SIGKILL after a grace period."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

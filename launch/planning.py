@@ -1,0 +1,201 @@
+"""``aflkd plan``: a topology's rank map as a table, the hostfiles, and the mpiexec lines that realise it.
+
+The table's columns are data (:data:`BASE_COLUMNS` + :func:`layer_columns`):
+each is a header and a function of a :class:`~launch.topology.RankSlot`, used
+for both the printed table and the JSON, so a new column is one entry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from runtime.errors import UsageError
+
+from . import options
+from .hostfile import FLAVOURS, write_hostfile
+from .launcher import host_cores, hostfile_name, inner_command, local_only, mpiexec_argv
+from .topology import RankSlot, Topology, load_topology
+
+__all__ = ["add_parser", "Column", "BASE_COLUMNS", "layer_columns", "columns", "format_table", "rank_table",
+           "plan_report"]
+
+Column = tuple[str, Callable[[RankSlot], str]]
+"""A table column: its header and the cell of one rank."""
+
+
+def _speed(value: Optional[float]) -> str:
+    return "measure" if value is None else f"{value:g}"
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+BASE_COLUMNS: list[Column] = [
+    ("rank", lambda r: str(r.rank)),
+    ("host", lambda r: r.host if r.slot == 0 else f"{r.host}[{r.slot}]"),
+    ("address", lambda r: r.address),
+    ("role", lambda r: r.role),
+    ("cluster", lambda r: _dash(r.cluster)),
+    ("stage", lambda r: _dash(r.stage)),
+    ("speed", lambda r: _speed(r.speed)),
+]
+"""Where each rank runs and what it is, from the topology alone."""
+
+MPIEXEC_NAMES = {"openmpi": "mpirun", "mpich": "mpiexec"}
+
+
+def layer_columns(topology: Topology) -> list[Column]:
+    """Columns from the stage partitioner (input rows a rank owns, layers it runs): none yet.
+
+    Extension point: return ``[(header, lambda slot: text), ...]``; they follow
+    :data:`BASE_COLUMNS` in the table and in each rank's JSON object.
+    """
+    return []
+
+
+def columns(topology: Topology) -> list[Column]:
+    return BASE_COLUMNS + layer_columns(topology)
+
+
+def rank_table(topology: Topology, with_cloud: bool = False) -> tuple[list[str], list[list[str]]]:
+    """(headers, one row of cells per rank)."""
+    cols = columns(topology)
+    return [h for h, _ in cols], [[cell(r) for _, cell in cols] for r in topology.ranks(with_cloud)]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="print a topology's rank map and the mpiexec lines (Open MPI, MPICH) that realise it",
+        description=(
+            "Read a topology (docs/topology.md), print its rank map (rank, host, role, cluster, stage, speed), "
+            "write a hostfile for Open MPI and one for MPICH whose line order is the rank map, and print the "
+            "mpiexec line of each.  The lines run the command after '--' (default: 'aflkd ranks', which "
+            "checks where each rank landed); 'aflkd launch' builds and runs the same line for you."
+        ),
+        epilog=(
+            "examples:\n"
+            "  aflkd plan --topology hostfiles/testbed.toml\n"
+            "  aflkd plan --topology hostfiles/local-2x2.toml --json out/plan.json -- aflkd bench layers\n"
+        ),
+        formatter_class=options.ExamplesFormatter,
+    )
+    p.add_argument("--topology", required=True, help="topology file (TOML; shipped ones: hostfiles/*.toml)")
+    p.add_argument("--hostfile-dir", default="out/hostfiles", metavar="DIR",
+                   help="where the two hostfiles are written (created)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write the rank map, hostfiles and command lines as JSON (default: not written)")
+    p.add_argument("--with-cloud", action="store_true",
+                   help="include the cloud host as the last rank (inference jobs leave it out)")
+    p.add_argument("command", nargs="...", metavar="-- COMMAND",
+                   help="the aflkd command the printed lines run (default: aflkd ranks)")
+    p.set_defaults(func=_plan)
+
+
+def plan_report(topology: Topology, hostfile_dir: str, inner: Sequence[str], with_cloud: bool = False,
+                as_root: bool = False, cores: Optional[int] = None) -> dict:
+    """Write both hostfiles into ``hostfile_dir`` and return the plan as JSON-ready data.
+
+    A flavour whose hostfile cannot express the order gets ``None`` and a note.
+    """
+    local = local_only(topology, with_cloud)
+    headers, rows = rank_table(topology, with_cloud)
+    report = {
+        "topology": topology.path,
+        "description": topology.description,
+        "clusters": topology.clusters,
+        "stages": topology.stages,
+        "size": topology.world_size(with_cloud),
+        "with_cloud": with_cloud,
+        "cloud": None,
+        "ranks": [dict(zip(headers, row)) | {"cluster_name": r.cluster_name}
+                  for r, row in zip(topology.ranks(with_cloud), rows)],
+        "cluster_speeds": None,
+        "hostfiles": {},
+        "mpiexec": {},
+        "command": list(inner[1:]),
+        "notes": [],
+    }
+    if topology.cloud is not None:
+        c = topology.cloud
+        report["cloud"] = {"host": c.name, "address": c.address, "rank": topology.cloud_rank if with_cloud else None}
+    try:
+        report["cluster_speeds"] = topology.cluster_speeds()
+    except UsageError as err:
+        report["notes"].append(str(err))
+    for flavour in FLAVOURS:
+        path = str(Path(hostfile_dir) / hostfile_name(topology, flavour, with_cloud))
+        try:
+            write_hostfile(path, topology, flavour, with_cloud)
+        except UsageError as err:
+            report["hostfiles"][flavour], report["mpiexec"][flavour] = None, None
+            report["notes"].append(str(err))
+            continue
+        report["hostfiles"][flavour] = path
+        report["mpiexec"][flavour] = mpiexec_argv(topology, flavour, path, inner, MPIEXEC_NAMES[flavour],
+                                                  with_cloud=with_cloud, local=local, as_root=as_root, cores=cores)
+    if local:
+        report["notes"].append("every address is this host: MPICH gets -launcher fork (no ssh); Open MPI gets "
+                               "--allow-run-as-root only as root and --oversubscribe --bind-to none only with "
+                               "more ranks than this host's cores")
+    else:
+        report["notes"].append("boards: the same checkout and venv path on every host, passwordless ssh from "
+                               "this one, and one MPI (the system's) everywhere; see docs/topology.md")
+    return report
+
+
+def _plan(args) -> int:
+    topology = load_topology(args.topology)
+    inner = inner_command(args.command or ["ranks"])
+    if args.json:
+        options.prepare_output(args.json, "--json")
+    folder = options.prepare_folder(args.hostfile_dir, "--hostfile-dir")
+    report = plan_report(topology, str(folder), inner, args.with_cloud,
+                         as_root=hasattr(os, "geteuid") and os.geteuid() == 0, cores=host_cores())
+    print(_text(topology, report, args.with_cloud))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _text(topology: Topology, report: dict, with_cloud: bool) -> str:
+    c, s = topology.clusters, topology.stages
+    head = f"{topology.path}: {c} cluster{'s' * (c != 1)} x {s} stage{'s' * (s != 1)} = {topology.size} ranks"
+    if topology.description:
+        head += f" ({topology.description})"
+    lines = [head]
+    cloud = report["cloud"]
+    if cloud is not None:
+        where = (f"rank {cloud['rank']} (last) of this job" if with_cloud else
+                 f"not a rank of inference jobs; rank {topology.size} with --with-cloud")
+        lines.append(f"cloud: {cloud['host']} ({cloud['address']}): {where}")
+    lines += ["", format_table(*rank_table(topology, with_cloud)), ""]
+    if report["cluster_speeds"] is not None:
+        speeds = report["cluster_speeds"]
+        total = sum(speeds)
+        lines.append("cluster speeds (sum of devices; shares of the rows): "
+                     + ", ".join(f"{v:g} ({v / total:.1%})" for v in speeds))
+    for flavour, label in (("openmpi", "Open MPI"), ("mpich", "MPICH (Hydra)")):
+        argv = report["mpiexec"][flavour]
+        if argv is None:
+            lines.append(f"{label}: no hostfile (see the note below)")
+            continue
+        lines.append(f"{label}:  {shlex.join(argv)}")
+    lines.append(f"or:  aflkd launch --topology {topology.path}{' --with-cloud' if with_cloud else ''} -- "
+                 f"aflkd {shlex.join(report['command'])}")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
