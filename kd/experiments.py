@@ -1,8 +1,9 @@
 """The accuracy grid (AFLKD Table 2/3, Fig. 7): nets x subset sizes x methods x seeds, resumable.
 
 Every finished cell is appended to a CSV at once (``dataset,net,size,method,seed,
-test_acc,seconds,final_T,final_frozen``); a rerun skips cells already there, so a
-cut-off session loses at most the cell in progress.  From the CSV come a
+test_acc,seconds,final_T,final_frozen,device``); a rerun skips cells already there, so a
+cut-off session loses at most the cell in progress.  (A CSV from before the
+``device`` column gets it, blank for its old rows, when a rerun adds a cell.)  From the CSV come a
 markdown table laid out like the paper's Table 2 (rows: method and net, columns:
 training-set size, mean over seeds) and a plot like Fig. 7.
 """
@@ -24,7 +25,7 @@ from .trainer import EdgeConfig, train_edge
 
 __all__ = ["FIELDS", "file_digest", "check_settings", "missing_cells", "run_grid", "read_results", "markdown_table", "plot_accuracy", "epoch_time_by_frozen"]
 
-FIELDS = ["dataset", "net", "size", "method", "seed", "test_acc", "seconds", "final_T", "final_frozen"]
+FIELDS = ["dataset", "net", "size", "method", "seed", "test_acc", "seconds", "final_T", "final_frozen", "device"]
 
 
 def read_results(path: str) -> list[dict]:
@@ -32,6 +33,28 @@ def read_results(path: str) -> list[dict]:
         return []
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def _add_missing_columns(path: str) -> None:
+    """Rewrite (atomically) a results CSV whose header lacks some of :data:`FIELDS`; new columns blank."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or set(FIELDS) <= set(reader.fieldnames):
+            return
+        rows = list(reader)
+
+    def write(out):
+        import io
+
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=FIELDS, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        out.write(text.getvalue().encode())
+
+    from models.checkpoint import write_atomic
+
+    write_atomic(path, write)
 
 
 def _key(row) -> tuple:
@@ -103,13 +126,22 @@ def run_grid(
     base: EdgeConfig,
     progress: bool = True,
     teacher_sha256: str = "",
+    device=None,
 ) -> list[dict]:
     """Run every missing cell and append it to ``csv_path``; return all rows.
+
+    ``device`` (a ``torch.device``; default the CPU) trains each student there and is
+    recorded in the ``device`` column.
 
     ``teacher_sha256`` (see :func:`file_digest`) is recorded with the settings.
     The CSV header and the settings are written with the first finished cell, so
     a run that fails in its first cell leaves no header-only CSV behind.
     """
+    import torch
+
+    from .device import device_name
+
+    device = torch.device("cpu") if device is None else device
     pending_settings = check_settings(csv_path, base, teacher_sha256)
     cells = missing_cells(data.name, nets, sizes, methods, seeds, csv_path)
     fh = writer = None
@@ -117,11 +149,13 @@ def run_grid(
         for net, size, method, seed in tqdm(cells, desc=f"{data.name} grid", disable=not progress):
             idx = balanced_subset(data.y_train, size, data.classes, seed=seed)
             config = replace(base, method=method, net=net, seed=seed)
-            result = train_edge(config, data, idx, teacher)
+            result = train_edge(config, data, idx, teacher, device=device)
             last = result.history[-1] if result.history else {}
             if fh is None:
                 Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
                 fresh = pending_settings is not None  # no cell yet (perhaps a header-only file): start it over
+                if not fresh:
+                    _add_missing_columns(csv_path)
                 fh = open(csv_path, "w" if fresh else "a", newline="")
                 writer = csv.DictWriter(fh, fieldnames=FIELDS)
                 if fresh:
@@ -130,7 +164,8 @@ def run_grid(
                     writer.writeheader()
             writer.writerow({"dataset": data.name, "net": net, "size": size, "method": method, "seed": seed,
                              "test_acc": f"{result.test_acc:.4f}", "seconds": f"{result.seconds:.1f}",
-                             "final_T": f"{last.get('T', float('nan')):.3f}", "final_frozen": last.get("frozen", 0)})
+                             "final_T": f"{last.get('T', float('nan')):.3f}", "final_frozen": last.get("frozen", 0),
+                             "device": device_name(device)})
             fh.flush()
     finally:
         if fh is not None:
@@ -191,24 +226,28 @@ def plot_accuracy(rows: list[dict], dataset: str, path: str, title: Optional[str
 
 
 def epoch_time_by_frozen(data: ImageArrays, teacher, net: int, size: int, steps: int, base: EdgeConfig,
-                         unit: str = "conv") -> list[dict]:
+                         unit: str = "conv", device=None) -> list[dict]:
     """AFLKD epochs with n = 0..m frozen units forced: median epoch seconds against n.
 
     Frozen units run without autograd, so an epoch should get cheaper as n grows.
     """
     from statistics import median
 
+    import torch
+
     from models import edge_net
 
+    from .device import device_name
     from .freezing import shared_units
 
+    device = torch.device("cpu") if device is None else device
     units = len(shared_units(edge_net(net, data.channels, 32, data.classes), net, unit))
     idx = balanced_subset(data.y_train, size, data.classes, seed=base.seed)
     rows = []
     for n in range(units + 1):
         config = replace(base, method="aflkd", net=net, steps=steps, unit=unit, fixed_frozen=n)
-        result = train_edge(config, data, idx, teacher)
+        result = train_edge(config, data, idx, teacher, device=device)
         times = [h["epoch_seconds"] for h in result.history[1:]] or [h["epoch_seconds"] for h in result.history]
         rows.append({"net": net, "frozen": n, "units": units, "epoch_seconds": median(times),
-                     "images": size, "test_acc": result.test_acc})
+                     "images": size, "test_acc": result.test_acc, "device": device_name(device)})
     return rows

@@ -43,7 +43,7 @@ from models import cloud_net, load_weights, save_atomic
 from runtime.errors import UsageError
 
 from .datasets import ImageArrays
-from .device import autocast, grad_scaler
+from .device import autocast, device_name, grad_scaler
 from .schedule import one_cycle
 
 __all__ = ["TeacherConfig", "to_tensor", "augment", "evaluate", "train_teacher", "average_teachers", "step_throughput"]
@@ -119,12 +119,24 @@ def _sgd(model: nn.Module, config: TeacherConfig) -> torch.optim.SGD:
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One SGD step on one batch; shared by training and its benchmark so they time the same work."""
-    loss = loss_fn(model(x), y)
+                x: torch.Tensor, y: torch.Tensor, scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+    """One SGD step on one batch; shared by training and its benchmark so they time the same work.
+
+    On CUDA the forward pass runs under autocast and the loss in float32; ``scaler``
+    scales float16 losses (see :mod:`kd.device`).
+    """
+    device = x.device
+    with autocast(device):
+        out = model(x)
+    loss = loss_fn(out.float(), y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     return loss
 
 
@@ -135,10 +147,13 @@ def train_teacher(
     progress: bool = True,
     limit_batches: Optional[int] = None,
     stop_after: Optional[int] = None,
+    device: Optional[torch.device] = None,
 ) -> dict:
     """Train (or resume) the cloud net on ``data``'s training split; return the final state summary.
 
-    ``out`` gets the model weights; ``out + '.state'`` the resumable state.
+    ``out`` gets the model weights; ``out + '.state'`` the resumable state (both
+    load on either device: tensors are read onto the CPU, then moved).  Images are
+    augmented on the CPU (the same batches on every device) and moved to ``device``.
     ``limit_batches`` (tests) stops each epoch early; ``stop_after`` stops after that
     many epochs in all, as if the session had been cut off.
     """
@@ -147,7 +162,8 @@ def train_teacher(
     model = cloud_net(data.channels, config.size, data.classes)
     if config.init:
         load_weights(model, config.init, f"--init must be a cloud net trained on {data.name}")
-    model = model.to(memory_format=CL)
+    device = torch.device("cpu") if device is None else device
+    model = model.to(device=device, memory_format=CL)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch)
     if limit_batches:
         steps_per_epoch = min(steps_per_epoch, limit_batches)
@@ -155,6 +171,7 @@ def train_teacher(
     cycle_epochs = config.epochs - config.swa_epochs  # one-cycle first, then averaging at a constant rate
     schedule = one_cycle(optimizer, config.max_lr, cycle_epochs * steps_per_epoch, pct_start=0.25) if cycle_epochs else None
     averaged = AveragedModel(model, use_buffers=True) if config.swa_epochs else None
+    scaler = grad_scaler(device)
     epoch, history = 0, []
     if os.path.exists(state_path):
         state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -171,8 +188,12 @@ def train_teacher(
             schedule.load_state_dict(state["schedule"])
         if averaged is not None:
             averaged.load_state_dict(state["averaged"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         epoch, history = state["epoch"], state["history"]
         torch.set_rng_state(state["torch_rng"])  # dropout draws continue where they stopped
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on the GPU draws from its RNG
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
     x_train, y_train = to_tensor(data.x_train, data, config.size), torch.from_numpy(data.y_train)
     x_test, y_test = to_tensor(data.x_test, data, config.size), torch.from_numpy(data.y_test)
     flip = True  # horizontal flips keep the class for CIFAR and for Fashion-MNIST's garments
@@ -190,8 +211,8 @@ def train_teacher(
                    disable=not progress, leave=False)
         for step in bar:
             idx = order[step * config.batch : (step + 1) * config.batch]
-            xb = augment(x_train[idx], generator, flip=flip)
-            loss = _train_step(model, optimizer, loss_fn, xb, y_train[idx])
+            xb = augment(x_train[idx], generator, flip=flip).to(device, non_blocking=True)
+            loss = _train_step(model, optimizer, loss_fn, xb, y_train[idx].to(device, non_blocking=True), scaler)
             if not averaging:
                 schedule.step()
             seen += len(idx)
@@ -201,7 +222,7 @@ def train_teacher(
         accuracy = evaluate(model, x_test, y_test)
         epoch += 1
         record = {"epoch": epoch, "train_loss": loss_sum / seen, "test_acc": accuracy,
-                  "seconds": elapsed, "images_per_s": seen / elapsed}
+                  "seconds": elapsed, "images_per_s": seen / elapsed, "device": device_name(device)}
         kept = model
         if averaging:  # OUT gets the average; its accuracy is the run's, the last iterate's is kept beside it
             averaged.update_parameters(model)
@@ -217,13 +238,16 @@ def train_teacher(
                      "averaged": averaged.state_dict() if averaged is not None else None,
                      "epoch": epoch, "history": history,
                      "torch_rng": torch.get_rng_state(), "dataset": data.name,
+                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "config": asdict(config)}, state_path)
         save_atomic(kept.state_dict(), out)
     return {"dataset": data.name, "epochs": epoch, "test_acc": history[-1]["test_acc"] if history else float("nan"),
-            "history": history}
+            "history": history, "device": device_name(device)}
 
 
-def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 32) -> float:
+def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 32,
+                     device: Optional[torch.device] = None) -> float:
     """Average saved cloud nets (weights and BatchNorm statistics, equal weight) into ``out``; return its test accuracy.
 
     Stochastic weight averaging with a cyclical schedule (Izmailov et al., 2018)
@@ -243,8 +267,9 @@ def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 
             averaged = AveragedModel(model, use_buffers=True)
         averaged.update_parameters(model)
     net = averaged.module.to(memory_format=CL)
+    save_atomic(net.state_dict(), out)  # from the CPU: the file is the same whatever device tests it
+    net = net.to(device or torch.device("cpu"))
     accuracy = evaluate(net, to_tensor(data.x_test, data, size), torch.from_numpy(data.y_test))
-    save_atomic(net.state_dict(), out)
     return accuracy
 
 
@@ -277,17 +302,20 @@ def step_throughput(model: nn.Module, shape: tuple[int, int, int], classes: int,
             "median_s": median, "images_per_s": batch / median}
 
 
-def record_teacher(csv_path: str, dataset: str, test_acc: float, epochs: Optional[int], command: str) -> None:
-    """Add or replace the row for ``dataset`` in ``results/teachers.csv`` (``epochs`` None: left blank)."""
+def record_teacher(csv_path: str, dataset: str, test_acc: float, epochs: Optional[int], command: str,
+                   device: str = "") -> None:
+    """Add or replace the row for ``dataset`` in ``results/teachers.csv`` (``epochs`` None: left blank).
+
+    ``device`` says what made the row (rows from before the column existed keep it blank)."""
     path = Path(csv_path)
     rows = []
     if path.exists():
         with open(path, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r["dataset"] != dataset]
     rows.append({"dataset": dataset, "test_acc": f"{test_acc:.4f}", "epochs": "" if epochs is None else str(epochs),
-                 "command": command})
+                 "command": command, "device": device})
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["dataset", "test_acc", "epochs", "command"])
+        writer = csv.DictWriter(fh, fieldnames=["dataset", "test_acc", "epochs", "command", "device"])
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["dataset"]))

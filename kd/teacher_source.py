@@ -140,6 +140,7 @@ class StreamedTeacher(TeacherSource):
         self._recv: dict[int, object] = {}
         self._next = 0  # next step to request
         self._taken = 0  # next step whose logits the trainer takes
+        self.owns_comm = False  # free ``comm`` on close (it was made for this stream)
 
     def start(self, step, sample_idx, images):
         from runtime import stream
@@ -178,3 +179,6 @@ class StreamedTeacher(TeacherSource):
         stream.cancel(list(self._recv.values()))
         stream.cancel([r for r in self._credit_req if r is not None])
         self._recv.clear()
+        if self.owns_comm:
+            self.owns_comm = False
+            stream.free(self.comm)

@@ -46,6 +46,7 @@ def add_parser(sub) -> None:
     acc.add_argument("--out", required=True, metavar="FOLDER",
                      help="folder for accuracy-DATASET.csv/.md/.png (created if missing; required)")
     acc.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
+    options.device_option(acc, "students train and the teacher runs")
     acc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     acc.set_defaults(func=_accuracy)
 
@@ -63,6 +64,7 @@ def add_parser(sub) -> None:
     ft.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
     ft.add_argument("--csv", default=None, metavar="FILE",
                     help="write the table as CSV (default: not written; folders are created)")
+    options.device_option(ft, "students train and the teacher runs")
     ft.set_defaults(func=_frozen_time)
 
 
@@ -73,6 +75,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def _accuracy(args) -> int:
     from kd.datasets import load_dataset
+    from kd.device import pick_device
     from kd.experiments import (check_settings, file_digest, markdown_table, missing_cells, plot_accuracy,
                                 read_results, run_grid)
     from kd.trainer import EdgeConfig
@@ -86,10 +89,12 @@ def _accuracy(args) -> int:
     digest = file_digest(options.teacher_path(args)) if teacher is not None else ""
     check_settings(stem + ".csv", base, digest)  # refused here, before the plan is printed
     todo = missing_cells(data.name, args.nets, args.sizes, args.methods, args.seeds, stem + ".csv")
+    device = pick_device(args.device)
+    teacher = teacher.to(device) if teacher is not None else None
     print(f"{len(todo)} cell(s) to train, {len(read_results(stem + '.csv'))} already in {stem}.csv "
           f"({args.steps} steps each)", flush=True)
     rows = run_grid(data, teacher, args.nets, args.sizes, args.methods, args.seeds, stem + ".csv", base,
-                    progress=not args.no_progress, teacher_sha256=digest)
+                    progress=not args.no_progress, teacher_sha256=digest, device=device)
     if not rows:
         raise UsageError(f"no cells in {stem}.csv")
     table = markdown_table(rows, data.name)
@@ -105,6 +110,7 @@ def _frozen_time(args) -> int:
     import csv
 
     from kd.datasets import load_dataset
+    from kd.device import pick_device
     from kd.experiments import epoch_time_by_frozen
     from kd.trainer import EdgeConfig
 
@@ -112,8 +118,9 @@ def _frozen_time(args) -> int:
     data = load_dataset(args.dataset, args.data_root)
     options.check_student_options([args.size], data, "--size")
     teacher = load_teacher(args, data)
-    rows = epoch_time_by_frozen(data, teacher, args.net, args.size, args.steps, EdgeConfig("aflkd", args.net),
-                                args.unit)
+    device = pick_device(args.device)
+    rows = epoch_time_by_frozen(data, teacher.to(device), args.net, args.size, args.steps,
+                                EdgeConfig("aflkd", args.net), args.unit, device=device)
     print(f"{'frozen n':>8} {'of m':>5} {'epoch s (median)':>17}")
     for r in rows:
         print(f"{r['frozen']:>8} {r['units']:>5} {r['epoch_seconds']:>17.3f}")

@@ -21,7 +21,7 @@ __all__ = [
     "REPO", "DATA_ROOT", "Parser", "HelpFormatter", "ExamplesFormatter", "rank", "edge_net", "edge_nets", "net_name",
     "int_list", "positive_int_list", "positive_int", "non_negative_int", "positive_float", "threads", "weights",
     "check_weights", "prepare_output", "prepare_folder", "data_options", "teacher_path", "student_options",
-    "check_student_options", "apply_threads",
+    "check_student_options", "apply_threads", "device_option",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,6 +242,14 @@ def data_options(parser: argparse.ArgumentParser, teacher: bool = False) -> None
     if teacher:
         parser.add_argument("--teacher", default=None,
                             help="cloud net weights (default: the shipped checkpoints/cloud-DATASET.pt)")
+
+
+def device_option(parser: argparse.ArgumentParser, what: str = "nets run") -> None:
+    """--device auto|cpu|cuda, shared by every command that trains or runs a teacher (see kd/device.py)."""
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help=f"where the {what}: auto takes CUDA when torch sees a GPU, else the CPU (and says so "
+                        "in one line); cuda refuses to start without one. On CUDA forward passes use bfloat16 "
+                        "autocast (float16 with loss scaling on GPUs without bfloat16); CPU runs stay float32")
 
 
 def teacher_path(args) -> str:

@@ -1,0 +1,294 @@
+"""Streamed distillation: a cloud rank runs the teacher, edge ranks train students on its logits.
+
+::
+
+    edge rank                         cloud rank (teacher, --device)
+    ─────────                         ──────────
+    hello: config, subset, shapes ──▶ check every edge against the teacher
+                                  ◀── verdict: ok + shared blocks, or one error for all
+    per step s:
+      post Irecv(logits s), credit s ─▶ rebuild batch s from (subset, seed, s)
+      forward pass of the student       teacher forward, encode, Isend ──▶
+      wait logits s (deadline) ◀──────
+      loss, backward, step
+
+The cloud answers credits round-robin over its edges, one batch per credit,
+so it never runs more than ``run_ahead`` batches ahead of any edge.  Every wait
+has a deadline: an edge whose cloud falls silent raises
+:class:`kd.teacher_source.CloudLost`, a cloud whose edge does, :class:`EdgeLost`.
+Set-up problems (another class count, input shape or training subset, a
+teacher file that does not load) become one :class:`UsageError` with the same
+text on every rank, before any logits move.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from runtime.errors import UsageError
+
+from .batches import BatchStream
+from .datasets import ImageArrays
+from .teacher import to_tensor
+from .teacher_source import LocalTeacher, StreamedTeacher
+from .wire import WireFormat, parse_wire
+
+__all__ = ["EdgeJob", "EdgeLost", "open_edge", "open_cloud", "Cloud", "subset_digest"]
+
+HELLO, VERDICT = 10, 11
+LOGITS, CREDIT = StreamedTeacher.LOGITS, StreamedTeacher.CREDIT
+
+
+class EdgeLost(RuntimeError):
+    """An edge rank asked for no batch within the timeout: it died or stalled."""
+
+
+@dataclass
+class EdgeJob:
+    """What one edge rank trains: its config, its training subset (indices into ``x_train``), its wire format."""
+
+    config: object  # kd.trainer.EdgeConfig
+    train_idx: np.ndarray
+    wire: WireFormat = field(default_factory=lambda: WireFormat("float32"))
+    run_ahead: int = 2
+
+
+def subset_digest(data: ImageArrays, train_idx: np.ndarray) -> str:
+    """Names the training images by content: the cloud must rebuild batches from the very same ones."""
+    digest = hashlib.sha256(np.ascontiguousarray(data.x_train[train_idx]).tobytes())
+    digest.update(np.ascontiguousarray(data.y_train[train_idx]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_ranks(comm, cloud: int) -> None:
+    size = comm.Get_size()
+    if size < 2:
+        raise UsageError(f"streamed distillation needs a cloud rank and at least one edge rank; run it under "
+                         f"'mpiexec -n 2' or more (got {size} rank)")
+    if not 0 <= cloud < size:
+        raise UsageError(f"--cloud-rank must be between 0 and {size - 1} for {size} ranks, got {cloud}")
+
+
+def _input_shape(data: ImageArrays) -> tuple[int, int, int]:
+    return tuple(to_tensor(data.x_train[:1], data).shape[1:])
+
+
+def open_edge(comm, cloud: int, job: EdgeJob, data: ImageArrays, timeout_s: float = 120.0,
+              problem: Optional[str] = None) -> StreamedTeacher:
+    """The edge's half of the set-up (collective with :func:`open_cloud`): a teacher source fed by ``cloud``.
+
+    ``problem`` is an error this rank found in its own set-up; it is reported
+    to every rank as the job's :class:`UsageError`.
+    """
+    from models import edge_net
+    from runtime import stream
+
+    _check_ranks(comm, cloud)
+    config = job.config
+    if problem is None:
+        try:
+            job.wire.check(data.classes)
+        except UsageError as err:
+            problem = str(err)
+    layers = [name for name, _ in edge_net(config.net, data.channels, 32, data.classes).named_children()]
+    hello = {"rank": comm.Get_rank(), "problem": problem, "config": asdict(config), "dataset": data.name,
+             "classes": data.classes, "shape": _input_shape(data), "train_idx": np.asarray(job.train_idx),
+             "digest": subset_digest(data, job.train_idx), "layers": layers, "wire": str(job.wire),
+             "run_ahead": job.run_ahead}
+    private = stream.dup(comm)
+    try:
+        request = stream.send_object(private, hello, cloud, HELLO)
+        verdict = stream.recv_object_by(private, cloud, VERDICT, time.monotonic() + timeout_s,
+                                        f"cloud rank {cloud} answered no set-up message within {timeout_s:g} s "
+                                        "(--timeout): it died or stalled")
+        request.wait()
+    except BaseException:
+        stream.free(private)
+        raise
+    if verdict["problem"] is not None:
+        stream.free(private)
+        raise UsageError(verdict["problem"])
+    batch = min(config.batch, len(job.train_idx))  # as BatchStream: full batches only
+    source = StreamedTeacher(private, cloud, config.steps, batch, data.classes, job.wire, job.run_ahead,
+                             timeout_s, verdict["weights"])
+    source.owns_comm = True
+    return source
+
+
+def _verdict(hellos: list[dict], cloud: int, classes: int, shape: tuple, dataset: str,
+             problem: Optional[str]) -> Optional[str]:
+    """The job's one set-up error (the cloud's own first, then edges' in rank order), or None."""
+    if problem is not None:
+        return problem
+    for h in hellos:
+        if h["problem"] is not None:
+            return h["problem"]
+    for h in hellos:
+        r = h["rank"]
+        if h["classes"] != classes:
+            return (f"the teacher on cloud rank {cloud} has {classes} classes but the student on edge rank {r} "
+                    f"has {h['classes']} ({h['dataset']}); give every rank the same --dataset and a teacher "
+                    "trained on it")
+        if tuple(h["shape"]) != tuple(shape):
+            return (f"the teacher on cloud rank {cloud} takes {tuple(shape)} images but edge rank {r} trains on "
+                    f"{tuple(h['shape'])} ({h['dataset']}); give every rank the same --dataset")
+    return None
+
+
+def open_cloud(comm, cloud: int, teacher: Optional[nn.Module], data: Optional[ImageArrays],
+               timeout_s: float = 120.0, problem: Optional[str] = None) -> "Cloud":
+    """The cloud's half of the set-up (collective with :func:`open_edge`).
+
+    ``teacher`` runs where it is (move it to the device first); ``data`` is the
+    dataset the edges draw their subsets from.  ``problem`` (a teacher that
+    would not load, say) becomes every rank's :class:`UsageError`.
+    """
+    from runtime import stream
+
+    _check_ranks(comm, cloud)
+    private = stream.dup(comm)
+    try:
+        edges = [r for r in range(comm.Get_size()) if r != cloud]
+        deadline = time.monotonic() + timeout_s
+        hellos = [stream.recv_object_by(private, r, HELLO, deadline,
+                                        f"edge rank {r} sent no set-up message within {timeout_s:g} s "
+                                        "(--timeout): it died or stalled") for r in edges]
+        classes = shape = None
+        if problem is None and (teacher is None or data is None):
+            problem = "the cloud rank has no teacher or no dataset"
+        if problem is None:
+            classes = LocalTeacher(teacher).classes
+            shape = (next(m for m in teacher.modules() if isinstance(m, nn.Conv2d)).in_channels,
+                     *_input_shape(data)[1:])
+            problem = _verdict(hellos, cloud, classes, shape, data.name, None)
+            if problem is None:
+                for h in hellos:
+                    if h["dataset"] != data.name or subset_digest(data, h["train_idx"]) != h["digest"]:
+                        problem = (f"cloud rank {cloud} and edge rank {h['rank']} hold different training images "
+                                   f"({data.name} vs {h['dataset']}); give every rank the same --dataset and "
+                                   "--data-root")
+                        break
+        weights = {k: v.detach().cpu() for k, v in teacher.state_dict().items()} if problem is None else None
+        requests = []
+        for h in hellos:
+            mine = None
+            if weights is not None:
+                layers = set(h["layers"])
+                mine = {k: v for k, v in weights.items() if k.split(".")[0] in layers}
+            requests.append(stream.send_object(private, {"problem": problem, "weights": mine}, h["rank"], VERDICT))
+        if not stream.wait_by(requests, time.monotonic() + timeout_s):
+            raise EdgeLost(f"an edge rank took no set-up answer within {timeout_s:g} s (--timeout): it died or stalled")
+    except BaseException:
+        stream.free(private)
+        raise
+    if problem is not None:
+        stream.free(private)
+        raise UsageError(problem)
+    return Cloud(private, cloud, LocalTeacher(teacher), data, hellos, timeout_s)
+
+
+class _Edge:
+    """The cloud's view of one edge: its batches, wire format, credit and send rings."""
+
+    def __init__(self, hello: dict, data: ImageArrays):
+        from .trainer import EdgeConfig
+
+        self.rank = hello["rank"]
+        self.config = EdgeConfig(**hello["config"])
+        self.wire = parse_wire(hello["wire"])
+        self.run_ahead = hello["run_ahead"]
+        self.batches = BatchStream(to_tensor(data.x_train[hello["train_idx"]], data), self.config.batch,
+                                   self.config.seed)
+        self.nbytes = self.wire.nbytes(self.batches.batch, data.classes)
+        self.slots = [torch.empty(self.nbytes, dtype=torch.uint8) for _ in range(self.run_ahead)]
+        self.sends: list = [None] * self.run_ahead
+        self.credit = torch.zeros(1, dtype=torch.int64)
+        self.credit_request = None
+        self.served = 0
+        self.bytes_sent = 0
+
+
+class Cloud:
+    """A teacher serving every edge rank of the job until each has had all its batches."""
+
+    def __init__(self, comm, rank: int, teacher: LocalTeacher, data: ImageArrays, hellos: list[dict],
+                 timeout_s: float):
+        self.comm, self.rank, self.teacher, self.timeout_s = comm, rank, teacher, timeout_s
+        self.edges = [_Edge(h, data) for h in hellos]
+        self.teacher_s = 0.0
+
+    def serve(self, progress: bool = False) -> list[dict]:
+        """Answer credits until every edge has all its batches; per edge: rank, steps, bytes sent, wire."""
+        from runtime import stream
+
+        active = [e for e in self.edges if e.config.steps > 0]
+        for e in active:
+            e.credit_request = stream.irecv(self.comm, e.credit, e.rank, CREDIT)
+        bar = tqdm(total=sum(e.config.steps for e in self.edges), desc=f"cloud rank {self.rank}", unit="batch",
+                   disable=not progress)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while active:
+                progressed = False
+                for e in list(active):
+                    if not e.credit_request.Test():
+                        continue
+                    self._answer(e, int(e.credit[0]))
+                    if e.served < e.config.steps:
+                        e.credit_request = stream.irecv(self.comm, e.credit, e.rank, CREDIT)
+                    else:
+                        e.credit_request = None
+                        active.remove(e)
+                    progressed = True
+                    bar.update()
+                if progressed:
+                    deadline = time.monotonic() + self.timeout_s
+                elif time.monotonic() > deadline:
+                    ranks = ", ".join(str(e.rank) for e in active)
+                    raise EdgeLost(f"edge rank(s) {ranks} asked for no batch within {self.timeout_s:g} s "
+                                   "(--timeout): died or stalled")
+                else:
+                    time.sleep(stream.POLL_S)
+            pending = [r for e in self.edges for r in e.sends if r is not None]
+            if not stream.wait_by(pending, time.monotonic() + self.timeout_s):
+                raise EdgeLost(f"an edge rank took no logits within {self.timeout_s:g} s (--timeout): "
+                               "died or stalled")
+        finally:
+            bar.close()
+        return [{"rank": e.rank, "steps": e.served, "wire": str(e.wire), "bytes_per_batch": e.nbytes,
+                 "bytes_sent": e.bytes_sent} for e in self.edges]
+
+    def _answer(self, edge: _Edge, step: int) -> None:
+        """Rebuild ``edge``'s batch ``step``, run the teacher, send the encoded logits."""
+        from runtime import stream
+
+        if step != edge.served:
+            raise RuntimeError(f"edge rank {edge.rank} asked for batch {step}, expected {edge.served}")
+        slot = step % edge.run_ahead
+        if edge.sends[slot] is not None and not stream.wait_by([edge.sends[slot]],
+                                                               time.monotonic() + self.timeout_s):
+            raise EdgeLost(f"edge rank {edge.rank} took no logits within {self.timeout_s:g} s (--timeout): "
+                           "died or stalled")
+        rows = edge.batches.rows(step)
+        began = time.perf_counter()
+        self.teacher.start(step, rows, edge.batches.images(step, rows))
+        logits = self.teacher.logits(step)
+        self.teacher_s += time.perf_counter() - began
+        edge.slots[slot].copy_(edge.wire.encode(logits))
+        edge.sends[slot] = stream.isend(self.comm, edge.slots[slot], edge.rank, LOGITS)
+        edge.served += 1
+        edge.bytes_sent += edge.nbytes
+
+    def close(self) -> None:
+        from runtime import stream
+
+        stream.cancel([e.credit_request for e in self.edges if e.credit_request is not None])
+        stream.cancel([r for e in self.edges for r in e.sends if r is not None])
+        stream.free(self.comm)

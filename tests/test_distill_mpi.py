@@ -1,0 +1,146 @@
+"""Streamed distillation over MPI (pytest-mpi; run by 'aflkd test' at 2, 3 and 4 ranks).
+
+One cloud rank holds the teacher, every other rank is an edge with its own
+method, net and seed.  What each edge gets is compared with the in-process
+trainer run on the same rank with the same seed and a teacher of the same
+weights: with the float32 wire the student's weights must be bit-for-bit the
+same (both sides compute the teacher's logits with the same code on the same
+images, one thread each; MPI copies the float32 bytes).  At 3 and 4 ranks this
+is one cloud serving two and three edges, each getting what it would alone.
+"""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kd.streaming import EdgeJob, open_cloud, open_edge
+from kd.teacher_source import CloudLost
+from kd.trainer import EdgeConfig, train_edge
+from kd.wire import parse_wire
+from models import cloud_net
+from runtime.errors import UsageError
+from tests.test_teacher import tiny
+
+METHODS = ("aflkd", "kd", "ctkd", "sslf", "baseline")
+
+
+def _teacher(classes=3):
+    torch.manual_seed(11)
+    return cloud_net(3, 32, classes).eval()
+
+
+def _job(rank: int, wire: str = "float32") -> EdgeJob:
+    """Edge ``rank``'s own config: method, net, seed, subset and run-ahead differ from rank to rank."""
+    config = EdgeConfig(METHODS[rank % len(METHODS)], 1 + rank % 2, steps=7, batch=8, seed=100 + rank)
+    idx = np.sort(np.random.default_rng(rank).choice(48, size=20 + 4 * rank, replace=False))
+    return EdgeJob(config, idx, parse_wire(wire), run_ahead=1 + rank % 3)
+
+
+def _serve(world, cloud, data, timeout_s=60.0):
+    server = open_cloud(world, cloud, _teacher(), data, timeout_s=timeout_s)
+    try:
+        return server.serve()
+    finally:
+        server.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_streamed_students_equal_in_process_students(world, agree, where):
+    cloud = 0 if where == "first" else world.size - 1
+    data = tiny(n=48)
+    problems = []
+    if world.rank == cloud:
+        served = _serve(world, cloud, data)
+        for row in served:
+            job = _job(row["rank"])
+            if row["steps"] != job.config.steps:
+                problems.append(f"edge {row['rank']}: served {row['steps']} of {job.config.steps} batches")
+    else:
+        job = _job(world.rank)
+        source = open_edge(world, cloud, job, data, timeout_s=60.0)
+        streamed = train_edge(job.config, data, job.train_idx, source=source)
+        alone = train_edge(job.config, data, job.train_idx, teacher=_teacher())
+        want, got = alone.model.state_dict(), streamed.model.state_dict()
+        for key in want:
+            if not torch.equal(want[key], got[key]):
+                problems.append(f"edge {world.rank} ({job.config.method}): {key} differs by "
+                                f"{(want[key].float() - got[key].float()).abs().max():.3g}")
+        if [h["T"] for h in streamed.history] != [h["T"] for h in alone.history]:
+            problems.append(f"edge {world.rank}: T history differs")
+        expected = job.config.steps * min(job.config.batch, len(job.train_idx)) * 3 * 4 if job.config.method in (
+            "aflkd", "kd", "ctkd") else 0
+        if source.bytes_received != expected:
+            problems.append(f"edge {world.rank}: received {source.bytes_received} bytes, expected {expected}")
+    agree(world, problems)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("wire", ["float16", "topk:2"])
+def test_smaller_wire_formats_train_close_to_float32(world, agree, wire):
+    """float16 and top-k logits change the student a little, never its shape; bytes are what the format says."""
+    data = tiny(n=48)
+    problems = []
+    if world.rank == 0:
+        for row in _serve(world, 0, data):
+            per_batch = min(8, len(_job(row["rank"]).train_idx))
+            want = {"float16": per_batch * 3 * 2, "topk:2": per_batch * (3 * 4 + 2 * 2)}[wire]
+            if row["bytes_per_batch"] != want:
+                problems.append(f"{wire}: {row['bytes_per_batch']} bytes per batch, expected {want}")
+    else:
+        job = _job(world.rank, wire)
+        source = open_edge(world, 0, job, data, timeout_s=60.0)
+        result = train_edge(job.config, data, job.train_idx, source=source)
+        if not all(torch.isfinite(v.float()).all() for v in result.model.state_dict().values()):
+            problems.append(f"edge {world.rank}: non-finite weights with {wire}")
+    agree(world, problems)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mismatched_class_count_fails_on_every_rank_with_one_message(world, agree):
+    """Edge rank 1 trains on 4 classes, the teacher has 3: the same one-line error on every rank, no transfer."""
+    problems, message = [], None
+    try:
+        if world.rank == 0:
+            _serve(world, 0, tiny(n=48), timeout_s=30.0)
+        else:
+            classes = 4 if world.rank == 1 else 3
+            job = _job(world.rank)
+            open_edge(world, 0, job, tiny(classes=classes, n=48), timeout_s=30.0)
+        problems.append(f"rank {world.rank}: no error")
+    except UsageError as err:
+        message = str(err)
+    messages = world.allgather(message)
+    want = "the teacher on cloud rank 0 has 3 classes but the student on edge rank 1 has 4"
+    if len(set(messages)) != 1 or want not in (messages[0] or "") or "\n" in (messages[0] or ""):
+        problems.append(f"rank {world.rank}: messages {messages}")
+    agree(world, problems)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_stalled_cloud_is_noticed_within_the_timeout(world, agree):
+    """The cloud answers the set-up, then never serves a batch: each edge gives up after ~timeout, not never."""
+    from runtime.comm import idle_barrier
+
+    data, timeout_s, problems = tiny(n=48), 2.0, []
+    if world.rank == 0:
+        server = open_cloud(world, 0, _teacher(), data, timeout_s=timeout_s)
+        idle_barrier(world)  # stalled: serves nothing until every edge has given up
+        server.close()
+    else:
+        job = _job(world.rank)
+        job = EdgeJob(EdgeConfig("kd", 1, steps=5, batch=8, seed=world.rank), job.train_idx)
+        source = open_edge(world, 0, job, data, timeout_s=timeout_s)
+        began = time.monotonic()
+        try:
+            train_edge(job.config, data, job.train_idx, source=source)
+            problems.append(f"edge {world.rank}: trained without a cloud")
+        except CloudLost as err:
+            waited = time.monotonic() - began
+            if not timeout_s <= waited <= timeout_s + 5:
+                problems.append(f"edge {world.rank}: gave up after {waited:.1f} s (timeout {timeout_s} s)")
+            if "cloud rank 0 sent no logits for step 0 within 2 s" not in str(err):
+                problems.append(f"edge {world.rank}: message {err}")
+        idle_barrier(world)
+    agree(world, problems)
