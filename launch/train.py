@@ -49,6 +49,7 @@ def add_parser(sub) -> None:
                        help="where to record the test accuracy")
     cloud.add_argument("--force", action="store_true",
                        help="start over even if OUT exists without OUT.state (overwrites OUT)")
+    options.device_option(cloud, "teacher trains")
     cloud.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     cloud.set_defaults(func=_cloud)
 
@@ -68,6 +69,7 @@ def add_parser(sub) -> None:
     average.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
                          help="where to record the test accuracy")
     average.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    options.device_option(average, "average is tested")
     average.set_defaults(func=_average)
 
     edge = what.add_parser(
@@ -85,8 +87,13 @@ def add_parser(sub) -> None:
     edge.add_argument("--seed", type=int, default=EdgeConfig.seed, help="seed of the subset, weights and batches")
     edge.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
     edge.add_argument("--out", default=None, help="save the student's weights here (default: not saved)")
+    options.device_option(edge, "student trains and the teacher runs")
     edge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     edge.set_defaults(func=_edge)
+
+    from . import distill
+
+    distill.add_parser(what)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -96,6 +103,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def _cloud(args) -> int:
     from kd.datasets import DatasetNotFound, load_dataset
+    from kd.device import pick_device
     from kd.teacher import TeacherConfig, record_teacher, train_teacher
 
     out = args.out or str(options.REPO / "checkpoints" / f"cloud-{args.dataset}.pt")
@@ -110,14 +118,18 @@ def _cloud(args) -> int:
         data = load_dataset(args.dataset, args.data_root, args.download)
     except DatasetNotFound as err:
         raise UsageError(f"{err}, or pass --download to fetch it") from None
-    summary = train_teacher(data, out, config, progress=not args.no_progress)
-    print(f"{args.dataset}: test accuracy {summary['test_acc']:.2%} after {summary['epochs']} epochs -> {out}")
-    record_teacher(args.results, args.dataset, summary["test_acc"], summary["epochs"], args.command_line)
+    device = pick_device(args.device)
+    summary = train_teacher(data, out, config, progress=not args.no_progress, device=device)
+    print(f"{args.dataset}: test accuracy {summary['test_acc']:.2%} after {summary['epochs']} epochs "
+          f"on {summary['device']} -> {out}")
+    record_teacher(args.results, args.dataset, summary["test_acc"], summary["epochs"], args.command_line,
+                   summary["device"])
     return 0
 
 
 def _average(args) -> int:
     from kd.datasets import load_dataset
+    from kd.device import device_name, pick_device
     from kd.teacher import average_teachers, record_teacher
 
     if len(args.weights) < 2:
@@ -127,22 +139,29 @@ def _average(args) -> int:
     options.prepare_output(args.out, "--out")
     options.prepare_output(args.results, "--results")
     data = load_dataset(args.dataset, args.data_root)
-    accuracy = average_teachers(data, args.weights, args.out)
+    device = pick_device(args.device)
+    accuracy = average_teachers(data, args.weights, args.out, device=device)
     print(f"{args.dataset}: average of {len(args.weights)} nets, test accuracy {accuracy:.2%} -> {args.out}")
-    record_teacher(args.results, args.dataset, accuracy, None, args.command_line)  # the chain's epochs: not known here
+    record_teacher(args.results, args.dataset, accuracy, None, args.command_line,  # the chain's epochs: not known
+                   device_name(device))
     return 0
 
 
-def load_teacher(args, data):
-    """The cloud net from --teacher (default: the shipped checkpoints/cloud-DATASET.pt), in eval mode."""
+def load_teacher(args, data, device=None):
+    """The cloud net from --teacher (default: the shipped checkpoints/cloud-DATASET.pt), in eval mode, on ``device``.
+
+    The file is read onto the CPU first, so a teacher saved on a GPU loads anywhere.
+    """
     from models import cloud_net, load_weights
 
-    return load_weights(cloud_net(data.channels, 32, data.classes), options.teacher_path(args),
-                        f"--teacher must be a cloud net trained on {data.name}").eval()
+    teacher = load_weights(cloud_net(data.channels, 32, data.classes), options.teacher_path(args),
+                           f"--teacher must be a cloud net trained on {data.name}").eval()
+    return teacher if device is None else teacher.to(device)
 
 
 def _edge(args) -> int:
     from kd.datasets import balanced_subset, load_dataset
+    from kd.device import device_name, pick_device
     from kd.trainer import EdgeConfig, train_edge
     from models import save_atomic
 
@@ -151,14 +170,16 @@ def _edge(args) -> int:
     data = load_dataset(args.dataset, args.data_root)
     options.check_student_options([args.size], data, "--size")
     teacher = load_teacher(args, data) if args.method != "baseline" else None
+    device = pick_device(args.device)
+    teacher = teacher.to(device) if teacher is not None else None
     idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)
-    result = train_edge(config, data, idx, teacher, progress=not args.no_progress)
+    result = train_edge(config, data, idx, teacher, progress=not args.no_progress, device=device)
     print(f"{'epoch':>5} {'step':>5} {'T':>6} {'frozen n':>8} {'seconds':>8}")
     for i, h in enumerate(result.history, 1):
         print(f"{i:>5} {h['step']:>5} {h['T']:>6.3f} {h['frozen']:>8} {h['epoch_seconds']:>8.2f}")
     print(f"{args.dataset} edge net {args.net}, {args.method}, {args.size} images, {args.steps} steps: "
-          f"test accuracy {result.test_acc:.2%} ({result.seconds:.0f} s)")
+          f"test accuracy {result.test_acc:.2%} ({result.seconds:.0f} s on {device_name(device)})")
     if args.out:
-        save_atomic(result.model.state_dict(), args.out)
+        save_atomic({k: v.cpu() for k, v in result.model.state_dict().items()}, args.out)
         print(f"wrote {args.out}")
     return 0

@@ -1,0 +1,192 @@
+"""``aflkd train distill``: streamed distillation under mpiexec -- one cloud rank, the other ranks edges.
+
+The cloud rank (``--cloud-rank``, default 0) loads the teacher onto ``--device``;
+every other rank trains one student on the CPU (the edge boards), with logits
+streamed from the cloud (see :mod:`kd.streaming`).  ``--nets``, ``--seeds`` and
+``--wire`` take one value for every edge or one per edge rank, in rank order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from runtime.errors import UsageError
+
+from . import options
+
+__all__ = ["add_parser"]
+
+EPILOG = """\
+examples:
+  .venv/bin/mpiexec -n 2 .venv/bin/aflkd train distill --dataset cifar10 --nets 3 --size 500 --steps 200
+  .venv/bin/mpiexec -n 4 .venv/bin/aflkd train distill --dataset cifar10 --nets 3 --wire float32,float16,topk:3 \\
+      --json out/wire.json      # three edges, one wire format each, served by one cloud rank
+"""
+
+
+def _wires(text: str):
+    from kd.wire import parse_wire
+
+    try:
+        return [parse_wire(v) for v in text.split(",") if v.strip()] or [parse_wire(text)]
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_parser(what) -> None:
+    from kd.trainer import METHODS
+
+    distill = what.add_parser(
+        "distill",
+        help="streamed distillation under mpiexec: a cloud rank streams teacher logits to edge ranks",
+        description="Run under 'mpiexec -n P' (P >= 2). The cloud rank holds the teacher (on --device) and, "
+        "for every batch of every edge, rebuilds the batch from the edge's subset, seed and step, runs the "
+        "teacher and sends the logits without blocking; each other rank trains one student (on its CPU) and "
+        "waits for batch i's logits only before batch i's loss, so the transfer overlaps its forward pass. "
+        "A rank that hears nothing from its peer for --timeout seconds ends the job with one line.",
+        epilog=EPILOG, formatter_class=options.ExamplesFormatter,
+    )
+    options.data_options(distill, teacher=True)
+    distill.add_argument("--nets", type=options.edge_nets, default="3",
+                         help="edge net per edge rank (one value: every edge), e.g. 3 or 3,2")
+    distill.add_argument("--size", type=options.positive_int, default=500,
+                         help="training images per edge (class-balanced subset drawn with the edge's seed)")
+    distill.add_argument("--method", default="aflkd", choices=METHODS, help="how the students are trained")
+    options.student_options(distill)
+    distill.add_argument("--seeds", type=options.int_list, default="0",
+                         help="seed per edge rank (one value: every edge) of its subset, weights and batches")
+    distill.add_argument("--wire", type=_wires, default="float32",
+                         help="logits on the wire per edge rank (one value: every edge): float32 (exact), float16, "
+                         "or topk:K (K largest logits + indices + logsumexp; the rest rebuilt flat)")
+    distill.add_argument("--cloud-rank", type=options.non_negative_int, default=0, help="the rank holding the teacher")
+    distill.add_argument("--run-ahead", type=options.positive_int, default=2,
+                         help="batches of logits an edge may have requested ahead of its loss (bounds memory)")
+    distill.add_argument("--timeout", type=options.positive_float, default=120.0,
+                         help="seconds a rank waits for its peer (set-up, each batch) before ending the job")
+    options.device_option(distill, "cloud rank runs the teacher (edges train on their CPU)")
+    distill.add_argument("--threads", type=options.threads, default=None,
+                         help="torch threads per rank (default: this host's cores / ranks on this host)")
+    distill.add_argument("--out", default=None, metavar="FOLDER",
+                         help="save each edge's student as FOLDER/student-rankR.pt (default: not saved)")
+    distill.add_argument("--json", default=None, metavar="FILE",
+                         help="write the per-edge results as JSON (default: not written; folders are created)")
+    distill.add_argument("--no-progress", action="store_true", help="hide the cloud's progress bar")
+    distill.set_defaults(func=_distill, sets_own_threads=True)
+
+
+def _per_edge(values: list, edges: int, option: str) -> list:
+    if len(values) == 1:
+        return values * edges
+    if len(values) != edges:
+        raise UsageError(f"{option} has {len(values)} values for {edges} edge rank(s); give one, or one per edge")
+    return values
+
+
+def _distill(args) -> int:
+    from mpi4py import MPI
+
+    from kd.streaming import EdgeLost
+    from kd.teacher_source import CloudLost
+    from runtime import stream
+    from runtime.comm import abort_on_uncaught_exception
+
+    comm = MPI.COMM_WORLD
+    abort_on_uncaught_exception(comm)
+    try:
+        return _run(comm, args)
+    except (CloudLost, EdgeLost, stream.PeerTimeout) as err:
+        print(f"aflkd: error: rank {comm.Get_rank()}: {err}", file=sys.stderr, flush=True)
+        stream.abort(comm, 3)  # the stalled peer never sees an error: end the whole job
+        return 3
+
+
+def _run(comm, args) -> int:
+    import torch
+
+    from kd.datasets import balanced_subset, load_dataset
+    from kd.device import device_name, pick_device
+    from kd.streaming import EdgeJob, _check_ranks, open_cloud, open_edge
+    from kd.trainer import EdgeConfig, train_edge
+    from models import save_atomic
+    from runtime import stream
+
+    from .ranks import default_threads, on_root_then_bcast, set_threads
+    from .train import load_teacher
+
+    rank, cloud = comm.Get_rank(), args.cloud_rank
+    _check_ranks(comm, cloud)
+    edges = [r for r in range(comm.Get_size()) if r != cloud]
+    nets = _per_edge(args.nets, len(edges), "--nets")
+    seeds = _per_edge(args.seeds, len(edges), "--seeds")
+    wires = _per_edge(args.wire, len(edges), "--wire")
+    on_root_then_bcast(comm, lambda: (options.prepare_output(args.json, "--json"),
+                                      args.out and options.prepare_folder(args.out, "--out")))
+    set_threads(args.threads or default_threads(comm))
+    data = load_dataset(args.dataset, args.data_root)
+    options.check_student_options([args.size], data, "--size")
+    began = time.perf_counter()
+    if rank == cloud:
+        problem, teacher, device = None, None, torch.device("cpu")
+        try:
+            device = pick_device(args.device)
+            teacher = load_teacher(args, data, device)
+        except UsageError as err:
+            problem = str(err)
+        server = open_cloud(comm, cloud, teacher, data, args.timeout, problem)
+        try:
+            served = server.serve(progress=not args.no_progress)
+        finally:
+            server.close()
+        mine = {"rank": rank, "role": "cloud", "device": device_name(device), "teacher_seconds": server.teacher_s,
+                "seconds": time.perf_counter() - began, "served": served}
+    else:
+        i = edges.index(rank)
+        config = EdgeConfig(args.method, nets[i], steps=args.steps, t_rule=args.t_rule, unit=args.unit, seed=seeds[i])
+        idx = balanced_subset(data.y_train, args.size, data.classes, seed=seeds[i])
+        job = EdgeJob(config, idx, wires[i], args.run_ahead)
+        source = open_edge(comm, cloud, job, data, args.timeout)
+        result = train_edge(config, data, idx, source=source)
+        last = result.history[-1] if result.history else {}
+        mine = {"rank": rank, "role": "edge", "device": "cpu", "net": nets[i], "seed": seeds[i],
+                "method": args.method, "size": args.size, "steps": args.steps, "wire": str(wires[i]),
+                "bytes_per_batch": source.nbytes, "bytes_received": source.bytes_received,
+                "logit_wait_seconds": round(source.wait_s, 3), "test_acc": result.test_acc,
+                "seconds": result.seconds, "final_T": last.get("T"), "final_frozen": last.get("frozen")}
+        if args.out:
+            path = f"{args.out}/student-rank{rank}.pt"
+            save_atomic({k: v.cpu() for k, v in result.model.state_dict().items()}, path)
+            mine["student"] = path
+    rows = _collect(comm, mine)
+    if rows is not None:
+        _report(rows, args)
+    return 0
+
+
+def _collect(comm, mine: dict):
+    """Every rank's row on rank 0 (point to point, polled: rank 0 may wait on an edge's evaluation)."""
+    from runtime import stream
+
+    if comm.Get_rank() != 0:
+        stream.send_object(comm, mine, 0, 77).wait()
+        return None
+    rows = [mine] + [stream.recv_object_by(comm, r, 77, None, "") for r in range(1, comm.Get_size())]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def _report(rows: list[dict], args) -> None:
+    cloud = next(r for r in rows if r["role"] == "cloud")
+    edges = [r for r in rows if r["role"] == "edge"]
+    print(f"cloud rank {cloud['rank']} on {cloud['device']}: teacher {cloud['teacher_seconds']:.1f} s of "
+          f"{cloud['seconds']:.1f} s")
+    print(f"{'rank':>4} {'net':>3} {'seed':>4} {'wire':>8} {'bytes/batch':>11} {'MB sent':>8} {'wait s':>7} "
+          f"{'test acc':>8}")
+    for e in edges:
+        print(f"{e['rank']:>4} {e['net']:>3} {e['seed']:>4} {e['wire']:>8} {e['bytes_per_batch']:>11} "
+              f"{e['bytes_received'] / 1e6:>8.3f} {e['logit_wait_seconds']:>7.2f} {e['test_acc']:>8.2%}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"command": args.command_line, "dataset": args.dataset, "cloud": cloud, "edges": edges}, fh,
+                      indent=1)
+        print(f"wrote {args.json}")
