@@ -1,0 +1,311 @@
+"""Incremental updates of the edge student (AFLKD Alg. 2), crash-safe at every step.
+
+One update, on the edge, each arrow a durable step::
+
+    buffer: >= increment pending ──(1) images to the cloud, its logits back──> (2) label: one transaction
+      ──> (3) AFLKD update of the student on them ──> (4) student file written atomically (fsync, rename)
+      ──> (5) consume: one transaction marks the batch consumed *and* records generation g + sha256
+
+What a rerun finds after a kill -9 at any point, and does (:func:`reconcile`):
+
+* before (2) commits: the samples are still pending; the cloud is asked again (it keeps no state);
+* between (2) and (4): an open batch with its logits, the student file still generation g-1:
+  the update is trained again from that student (the cloud is not asked again);
+* between (4) and (5): the student file is generation g of this buffer's open batch (its
+  metadata says so) but the buffer does not record it: the consumption is completed, **not**
+  trained again;
+* after (5): nothing to do.
+
+So no acknowledged sample is lost, and no batch ever updates the student twice.  A
+student file that is none of these (replaced by hand, another buffer's) is refused.
+
+The cloud is anything with ``logits(images) -> (n, classes) float32``; over MPI it is
+:class:`CloudLink` (edge side) and :func:`serve_cloud` (cloud side).  Every wait on
+the peer is bounded (:func:`runtime.comm.wait_within`): sizes travel first as a small
+int64 header, then the contiguous uint8 images or float32 logits; while the edge
+trains, a thread sends heartbeats so the cloud can tell "busy" from "dead".
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from models.checkpoint import write_atomic
+from runtime.errors import UsageError
+
+from .buffer import Buffer
+
+__all__ = ["Fault", "UpdateRecord", "reconcile", "run_updates", "save_student", "read_student", "file_sha256",
+           "CloudLink", "serve_cloud", "KIND_REQUEST", "KIND_HEARTBEAT", "KIND_BYE", "KIND_REPLY"]
+
+#: Called at each step boundary with the step's name (tests kill the process there).
+Fault = Callable[[str], None]
+#: ``update(student_state, images uint8 (n,H,W,C), logits float32 (n,classes), generation) -> new state``.
+Update = Callable[[dict, np.ndarray, np.ndarray, int], dict]
+
+KIND_REQUEST, KIND_HEARTBEAT, KIND_BYE, KIND_REPLY = 1, 2, 3, 4
+TAG_HEADER, TAG_DATA = 7001, 7002
+HEADER = 8
+
+
+def _no_fault(_: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    generation: int
+    batch: int
+    samples: int
+    sha256: str
+    resumed: bool  # True: the batch was labelled by an earlier, interrupted run (the cloud was not asked again)
+
+
+# ---------------------------------------------------------------------- the student file
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_student(path: str, state: dict, update: dict, fault: Fault = _no_fault) -> str:
+    """Write ``{"model": state, "update": update}`` atomically and durably; return its sha256.
+
+    :func:`models.checkpoint.write_atomic` (temp file + rename: a reader never sees a
+    torn file), with the temp file fsynced before the rename and the folder after
+    it, so the new student is on disk before the buffer records it.
+    """
+    raw = io.BytesIO()
+    torch.save({"model": state, "update": update}, raw)
+    data = raw.getvalue()
+
+    def write(fh) -> None:
+        half = len(data) // 2
+        fh.write(data[:half])
+        fh.flush()
+        fault("student_partial")  # a kill here leaves a torn temp file, never a torn student
+        fh.write(data[half:])
+        fh.flush()
+        os.fsync(fh.fileno())
+
+    write_atomic(path, write)
+    _fsync_dir(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_student(path: str) -> tuple[dict, Optional[dict]]:
+    """``(state dict, update metadata or None)`` of a student file (a plain state dict has none)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"student '{path}' does not exist; train one first ('aflkd train edge --out {path}')")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for corrupt files
+        raise UsageError(f"student '{path}' cannot be read ({type(err).__name__}); is it a torch .pt file?") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"], obj.get("update")
+    if isinstance(obj, dict):
+        return obj, None
+    raise UsageError(f"student '{path}' holds a {type(obj).__name__}, not a state dict")
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Temp files of a writer killed mid-write (write_atomic names them ``NAME.*.tmp``)."""
+    for stale in glob.glob(glob.escape(path) + ".*.tmp"):
+        os.remove(stale)
+
+
+# ---------------------------------------------------------------------- recovery and the update loop
+def reconcile(buffer: Buffer, student: str) -> tuple[str, str]:
+    """Bring the buffer and the student file into agreement after any crash: ``(action, note)``.
+
+    ``action``: ``"started"`` (generation 0 registered), ``""`` (already in agreement),
+    ``"recorded"`` (a written update's consumption completed).
+    See the module doc for the cases.  Raises :class:`UsageError` for a student file
+    that is neither the buffer's latest generation nor its open batch's update.
+    """
+    _remove_stale_temps(student)
+    _, meta = read_student(student)  # also refuses a missing or unreadable file
+    sha = file_sha256(student)
+    latest = buffer.latest()
+    if latest is None:
+        buffer.start(sha)
+        return "started", f"buffer {buffer.path}: starts from student {student} (generation 0, sha256 {sha[:16]})"
+    if sha == latest.sha256:
+        return "", ""
+    open_batch = buffer.open_batch()
+    if (meta is not None and meta.get("buffer") == buffer.uuid and open_batch is not None
+            and meta.get("generation") == latest.generation + 1 and meta.get("batch") == open_batch):
+        buffer.consume(open_batch, latest.generation + 1, sha)
+        return "recorded", (f"buffer {buffer.path}: the update of batch {open_batch} had written generation "
+                f"{latest.generation + 1} but not recorded it; recorded now (not trained again)")
+    said = (f"generation {meta.get('generation')} of buffer {meta.get('buffer')}" if meta else "a plain state dict")
+    raise UsageError(f"student {student} (sha256 {sha[:16]}, {said}) is not generation {latest.generation} of buffer "
+                     f"{buffer.path} (sha256 {latest.sha256[:16]}) nor its next update; put that student back, or "
+                     "start a new --buffer for this student")
+
+
+def run_updates(buffer: Buffer, student: str, cloud, update: Update, increment: int,
+                max_updates: Optional[int] = None, fault: Fault = _no_fault,
+                on_update: Optional[Callable[[UpdateRecord, dict], None]] = None,
+                log: Callable[[str], None] = lambda s: None) -> list[UpdateRecord]:
+    """Run updates while the buffer holds an open batch or ``>= increment`` pending samples.
+
+    ``cloud.logits(images)`` labels a batch; ``cloud.keepalive()`` (if it has one)
+    wraps the training.  ``on_update(record, state)`` sees each new student.
+    """
+    if increment < 1:
+        raise UsageError(f"--increment must be >= 1, got {increment}")
+    action, note = reconcile(buffer, student)
+    if note:
+        log(note)
+    records: list[UpdateRecord] = []
+    while max_updates is None or len(records) < max_updates:
+        batch = buffer.open_batch()
+        if batch is None:
+            if buffer.counts()["pending"] < increment:
+                break
+            ids, images = buffer.pending(increment)
+            fault("selected")
+            logits = np.asarray(cloud.logits(images), dtype=np.float32)
+            if logits.ndim != 2 or len(logits) != len(ids):
+                raise UsageError(f"the cloud returned logits of shape {logits.shape} for {len(ids)} images")
+            fault("exchanged")
+            batch = buffer.label(ids, logits)
+            fault("labelled")
+            resumed = False
+        else:
+            resumed = True  # an earlier run was cut off after labelling: train from the same student again
+            log(f"buffer {buffer.path}: batch {batch} was labelled by an interrupted run; updating with it now")
+        _, images, logits = buffer.batch(batch)
+        latest = buffer.latest()
+        state, _ = read_student(student)
+        generation = latest.generation + 1
+        keepalive = getattr(cloud, "keepalive", None)
+        with keepalive() if keepalive else nullcontext():
+            new_state = update(state, images, logits, generation)
+        fault("trained")
+        sha = save_student(student, new_state, {"buffer": buffer.uuid, "generation": generation, "batch": batch},
+                           fault)
+        fault("student_written")
+        buffer.consume(batch, generation, sha)
+        fault("consumed")
+        record = UpdateRecord(generation, batch, len(images), sha, resumed)
+        records.append(record)
+        if on_update is not None:
+            on_update(record, new_state)
+    return records
+
+
+# ---------------------------------------------------------------------- the exchange over MPI
+class CloudLink:
+    """The edge's end of the exchange with the cloud rank: bounded waits, heartbeats while training."""
+
+    def __init__(self, comm, cloud_rank: int, timeout_s: float):
+        self.comm, self.cloud, self.timeout_s = comm, cloud_rank, timeout_s
+
+    def _send_header(self, *values: int) -> None:
+        from runtime.comm import start_send, wait_within
+
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[: len(values)] = torch.tensor(values, dtype=torch.int64)
+        wait_within([start_send(self.comm, header, self.cloud, TAG_HEADER)], self.timeout_s,
+                    f"sending to the cloud rank {self.cloud}")
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        from runtime.comm import start_recv, start_send, wait_within
+
+        n, h, w, c = images.shape
+        self._send_header(KIND_REQUEST, n, h, w, c)
+        pixels = torch.from_numpy(np.ascontiguousarray(images))
+        wait_within([start_send(self.comm, pixels, self.cloud, TAG_DATA)], self.timeout_s,
+                    f"sending {n} images to the cloud rank {self.cloud}")
+        reply = torch.zeros(HEADER, dtype=torch.int64)
+        wait_within([start_recv(self.comm, reply, self.cloud, TAG_HEADER)], self.timeout_s,
+                    f"waiting for the cloud rank {self.cloud}'s logits of {n} images")
+        kind, count, classes = (int(v) for v in reply[:3])
+        if kind != KIND_REPLY or count != n:
+            raise UsageError(f"the cloud rank {self.cloud} answered {reply.tolist()}, not logits of {n} images")
+        logits = torch.empty(count, classes, dtype=torch.float32)
+        wait_within([start_recv(self.comm, logits, self.cloud, TAG_DATA)], self.timeout_s,
+                    f"receiving logits from the cloud rank {self.cloud}")
+        return logits.numpy()
+
+    @contextmanager
+    def keepalive(self):
+        """While the edge trains: a heartbeat header every ``timeout_s / 4`` s, so the cloud waits on."""
+        stop = threading.Event()
+        failed: list[BaseException] = []
+
+        def beat() -> None:
+            while not stop.wait(self.timeout_s / 4):
+                try:
+                    self._send_header(KIND_HEARTBEAT)
+                except BaseException as err:  # noqa: BLE001 -- reported by the main thread
+                    failed.append(err)
+                    return
+
+        thread = threading.Thread(target=beat, name="aflkd-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+        if failed:
+            raise failed[0]
+
+    def close(self) -> None:
+        self._send_header(KIND_BYE)
+
+
+def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarray], timeout_s: float,
+                log: Callable[[str], None] = lambda s: None) -> int:
+    """The cloud rank: answer the edge's requests with ``logits_of(images)`` until it says bye.
+
+    Returns the number of images labelled.  Every wait is bounded: the edge sends a
+    request, a heartbeat or bye at least every ``timeout_s / 4`` s while it lives.
+    """
+    from runtime.comm import start_recv, start_send, wait_within
+
+    served = 0
+    while True:
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        wait_within([start_recv(comm, header, edge_rank, TAG_HEADER)], timeout_s,
+                    f"waiting for the edge rank {edge_rank}")
+        kind = int(header[0])
+        if kind == KIND_HEARTBEAT:
+            continue
+        if kind == KIND_BYE:
+            return served
+        if kind != KIND_REQUEST:
+            raise UsageError(f"the edge rank {edge_rank} sent an unknown message {header.tolist()}")
+        n, h, w, c = (int(v) for v in header[1:5])
+        pixels = torch.empty(n, h, w, c, dtype=torch.uint8)
+        wait_within([start_recv(comm, pixels, edge_rank, TAG_DATA)], timeout_s,
+                    f"receiving {n} images from the edge rank {edge_rank}")
+        logits = torch.from_numpy(np.ascontiguousarray(logits_of(pixels.numpy()), dtype=np.float32))
+        reply = torch.zeros(HEADER, dtype=torch.int64)
+        reply[:3] = torch.tensor([KIND_REPLY, n, logits.shape[1]])
+        wait_within([start_send(comm, reply, edge_rank, TAG_HEADER), start_send(comm, logits, edge_rank, TAG_DATA)],
+                    timeout_s, f"sending logits to the edge rank {edge_rank}")
+        served += n
+        log(f"cloud: labelled {n} images for the edge rank {edge_rank}")

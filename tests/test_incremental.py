@@ -1,0 +1,232 @@
+"""Durable incremental updates: the buffer's invariants, corrupt files refused, and kill -9 at many points.
+
+The kill tests run the edge (with a stand-in cloud and a counting student, see
+``tests/incremental_harness.py``) in forked children that are SIGKILLed at every
+step boundary of the update and at random moments, then rerun to completion; the
+student file's own counts, not the buffer, show that no acknowledged sample was
+lost and none was trained on twice.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kd.buffer import Buffer, BufferCorrupt
+from kd.incremental import file_sha256, read_student, reconcile, run_updates, save_student
+from runtime.errors import UsageError
+from tests.incremental_harness import (CLASSES, SHAPE, KillAt, StandInCloud, camera_and_edge, cloud_logits,
+                                       counting_update, images_for, initial_state, serials_of)
+
+
+def _new_student(path):
+    torch.save(initial_state(), path)
+
+
+# ---------------------------------------------------------------------- buffer invariants
+def test_states_move_pending_labelled_consumed_as_whole_batches(tmp_path):
+    b = Buffer(tmp_path / "b.sqlite", SHAPE)
+    ids = b.append(images_for(range(10)))
+    assert ids == list(range(1, 11)) and b.counts() == {"pending": 10, "labelled": 0, "consumed": 0}
+    got_ids, images = b.pending(4)
+    assert got_ids.tolist() == ids[:4] and serials_of(images).tolist() == [0, 1, 2, 3]  # oldest first, bytes intact
+    b.start("0" * 64)
+    batch = b.label(got_ids, cloud_logits(images))
+    assert b.counts() == {"pending": 6, "labelled": 4, "consumed": 0} and b.open_batch() == batch
+    bid, bimages, blogits = b.batch(batch)
+    assert bid.tolist() == ids[:4] and np.array_equal(blogits, cloud_logits(bimages))
+    with pytest.raises(UsageError, match="open batch"):  # one open batch at a time
+        b.label(ids[4:6], cloud_logits(images_for([4, 5])))
+    with pytest.raises(UsageError, match="does not follow"):  # generations go 0, 1, 2, ...
+        b.consume(batch, 2, "1" * 64)
+    b.consume(batch, 1, "1" * 64)
+    assert b.counts() == {"pending": 6, "labelled": 0, "consumed": 4} and b.open_batch() is None
+    with pytest.raises(UsageError, match="not open"):
+        b.consume(batch, 2, "2" * 64)
+    with pytest.raises(UsageError, match="not pending"):  # a consumed sample is never labelled again
+        b.label([ids[0]], cloud_logits(images_for([0])))
+    assert b.counts() == {"pending": 6, "labelled": 0, "consumed": 4}  # the refused label changed nothing
+    assert [g.generation for g in b.generations()] == [0, 1] and b.check() == []
+    b.close()
+    reopened = Buffer(tmp_path / "b.sqlite")  # survives closing: every step was a commit
+    assert reopened.counts() == {"pending": 6, "labelled": 0, "consumed": 4} and reopened.shape == SHAPE
+
+
+def test_append_with_keys_is_idempotent(tmp_path):
+    b = Buffer(tmp_path / "b.sqlite", SHAPE)
+    first = b.append(images_for([1, 2, 3]), keys=["a", "b", "c"])
+    again = b.append(images_for([1, 2, 3, 4]), keys=["a", "b", "c", "d"])
+    assert again[:3] == first and b.counts()["pending"] == 4
+
+
+def test_constraints_forbid_a_state_without_its_batch_or_logits(tmp_path):
+    """Even a buggy writer cannot make a labelled sample without logits: the schema refuses it."""
+    b = Buffer(tmp_path / "b.sqlite", SHAPE)
+    b.append(images_for([1]))
+    with pytest.raises(sqlite3.IntegrityError):
+        b._db.execute("UPDATE samples SET state = 'labelled'")
+    with pytest.raises(sqlite3.IntegrityError):
+        b._db.execute("UPDATE samples SET state = 'bogus'")
+
+
+def test_bad_input_is_refused_in_one_line(tmp_path):
+    b = Buffer(tmp_path / "b.sqlite", SHAPE)
+    with pytest.raises(UsageError, match=r"uint8 images of shape \(n, 4, 4, 1\)"):
+        b.append(np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(UsageError, match="NaN"):
+        b.label(b.append(images_for([1])), np.full((1, CLASSES), np.nan, np.float32))
+    b.close()
+    with pytest.raises(UsageError, match="shape"):
+        Buffer(tmp_path / "b.sqlite", (32, 32, 3))
+    with pytest.raises(UsageError, match="does not exist"):
+        Buffer(tmp_path / "none.sqlite", create=False)
+
+
+# ---------------------------------------------------------------------- corrupt files
+def _corrupted(tmp_path, how: str):
+    path = tmp_path / "b.sqlite"
+    if how == "garbage":
+        path.write_bytes(os.urandom(8192))
+        return path
+    if how == "empty":
+        path.write_bytes(b"")
+        return path
+    if how == "other-sqlite":
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE t(x)")
+        db.commit()
+        db.close()
+        return path
+    b = Buffer(path, SHAPE)
+    b.append(np.full((50, *SHAPE), 0xAB, np.uint8))
+    b.close()  # checkpoints the WAL into the file
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "header":
+        data[0:16] = b"not a database!!"
+        path.write_bytes(data)
+    elif how == "image-byte":  # one bit in one image: structure intact, the CRC32 must catch it
+        data[data.index(bytes([0xAB] * 16)) + 3] ^= 0x01
+        path.write_bytes(data)
+    elif how == "page":  # a whole page of the b-tree overwritten
+        data[4096:8192] = os.urandom(4096)
+        path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("how", ["garbage", "empty", "other-sqlite", "truncated", "header", "image-byte", "page"])
+def test_corrupt_buffer_is_refused_with_its_path_and_left_as_is(tmp_path, how):
+    path = _corrupted(tmp_path, how)
+    before = path.read_bytes()
+    with pytest.raises(UsageError, match=str(path)):
+        b = Buffer(path, SHAPE)
+        b.pending(100)  # a damaged record is found when read, if opening did not find it
+    assert path.read_bytes() == before  # never repaired, never truncated
+
+
+# ---------------------------------------------------------------------- the update loop and its recovery
+def test_updates_use_each_sample_once_and_record_each_student(tmp_path):
+    buf, student = str(tmp_path / "b.sqlite"), str(tmp_path / "s.pt")
+    _new_student(student)
+    start_sha = file_sha256(student)
+    with Buffer(buf, SHAPE) as b:
+        b.append(images_for(range(23)))
+        records = run_updates(b, student, StandInCloud(), counting_update, increment=5)
+        assert [r.samples for r in records] == [5, 5, 5, 5] and b.counts()["pending"] == 3  # 3 < increment: wait
+        gens = b.generations()
+        assert gens[0].sha256 == start_sha and gens[-1].sha256 == file_sha256(student)
+        assert b.check() == []
+    state, meta = read_student(student)
+    assert state["count"][:20].tolist() == [1] * 20 and state["count"][20:].sum() == 0
+    assert meta["generation"] == 4 and int(state["updates"]) == 4
+
+
+def test_a_written_but_unrecorded_update_is_recorded_not_trained_again(tmp_path):
+    buf, student = str(tmp_path / "b.sqlite"), str(tmp_path / "s.pt")
+    _new_student(student)
+    with Buffer(buf, SHAPE) as b:
+        b.append(images_for(range(5)))
+        reconcile(b, student)
+        ids, images = b.pending(5)
+        batch = b.label(ids, cloud_logits(images))
+        state, _ = read_student(student)
+        save_student(student, counting_update(state, images, cloud_logits(images), 1),
+                     {"buffer": b.uuid, "generation": 1, "batch": batch})  # ... and the process died here
+    with Buffer(buf, SHAPE) as b:
+        assert run_updates(b, student, StandInCloud(), counting_update, increment=5) == []
+        assert b.counts() == {"pending": 0, "labelled": 0, "consumed": 5} and b.check() == []
+    assert read_student(student)[0]["count"][:5].tolist() == [1] * 5
+
+
+def test_a_foreign_student_is_refused(tmp_path):
+    buf, student = str(tmp_path / "b.sqlite"), str(tmp_path / "s.pt")
+    _new_student(student)
+    with Buffer(buf, SHAPE) as b:
+        reconcile(b, student)
+        torch.save({"count": torch.ones(3)}, student)  # replaced by hand
+        with pytest.raises(UsageError, match="is not generation 0 of buffer"):
+            reconcile(b, student)
+
+
+STEPS = ["selected", "exchanged", "labelled", "trained", "student_partial", "student_written", "consumed"]
+
+
+def _run_child(target, args) -> int:
+    child = multiprocessing.get_context("fork").Process(target=target, args=args)
+    child.start()
+    return child
+
+
+def _check_no_loss_no_duplicate(buf, student, acked, every, increment):
+    """The final state after a clean rerun, checked against the camera's log and the student's counts."""
+    acknowledged = {int(s) for s in open(acked).read().split()} if os.path.exists(acked) else set()
+    count = read_student(student)[0]["count"]
+    with Buffer(buf, SHAPE) as b:
+        assert b.check() == []
+        keys = b.keys()
+        assert {f"frame-{s}" for s in acknowledged} <= set(keys)  # nothing acknowledged was lost
+        assert len(keys) == len(every)  # the final run appended everything once more: no duplicate rows
+        states = b.states()
+        consumed = {int(k[6:]) for k, i in keys.items() if states[i][0] == "consumed"}
+        assert b.counts()["labelled"] == 0 and b.counts()["pending"] < increment
+    assert count.max().item() <= 1, f"samples trained twice: {torch.nonzero(count > 1).flatten().tolist()}"
+    assert set(torch.nonzero(count == 1).flatten().tolist()) == consumed  # trained once iff consumed
+    assert len(consumed) == len(every) - len(every) % increment
+
+
+def test_kill_9_at_every_step_and_at_random_moments_loses_and_duplicates_nothing(tmp_path):
+    """About 60 SIGKILLs in all: each step boundary at its 1st and 2nd occurrence, and up to three in a row
+    at random moments (30 cases)."""
+    rng = random.Random(15)
+    rounds = [list(range(r * 7, r * 7 + 7)) for r in range(6)]  # 42 frames; updates of 5
+    every = [s for r in rounds for s in r]
+    increment, kills = 5, 0
+    cases = [(step, nth) for step in STEPS for nth in (1, 2)] + [(None, 0)] * 30
+    for case, (step, nth) in enumerate(cases):
+        folder = tmp_path / f"case{case}"
+        folder.mkdir()
+        buf, student, acked = str(folder / "b.sqlite"), str(folder / "s.pt"), str(folder / "acked")
+        _new_student(student)
+        for attempt in range(3):  # up to three kills in a row before the clean rerun
+            fault = KillAt(step, nth) if step else None
+            child = _run_child(camera_and_edge, (buf, student, acked, rounds, increment, fault))
+            if step is None:
+                time.sleep(rng.uniform(0.0, 0.25))
+                if child.is_alive():
+                    os.kill(child.pid, signal.SIGKILL)
+            child.join(30)
+            assert child.exitcode in (0, -signal.SIGKILL), f"child failed: exit {child.exitcode}"
+            kills += child.exitcode == -signal.SIGKILL
+            if step is not None:
+                break
+        camera_and_edge(buf, student, acked, rounds, increment)  # the clean rerun: re-sends every frame
+        _check_no_loss_no_duplicate(buf, student, acked, every, increment)
+    assert kills >= 40  # the test did kill (most random moments land mid-run)
