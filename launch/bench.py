@@ -37,7 +37,16 @@ def add_parser(sub) -> None:
                         help="per-rank share of the rows, e.g. 2,1,1 for a Jetson beside two Pis (default: even)")
     layers.add_argument("--threads", type=options.threads, default=None,
                         help="torch threads per rank (default: this host's cores / ranks on this host)")
-    layers.add_argument("--checkpoint", default=None, help="weights to load on rank 0 (default: seeded random)")
+    layers.add_argument("--checkpoint", default=None,
+                        help="weights (a state dict saved by torch.save): rank 0 loads them for the gather head, "
+                        "the split head reads its columns from them (default: seeded random weights, which the "
+                        "split head reads from a temporary checkpoint a fresh process writes)")
+    layers.add_argument("--head", choices=("both", "gather", "split", "auto"), default="both",
+                        help="where the head's first Linear runs: both (default) times gather (rank 0 gathers the "
+                        "last map and runs the head) and split (each rank multiplies its own rows by its columns "
+                        "of the Linear, one Reduce) end to end in one run, each with its own peak memory per rank; "
+                        "gather or split time one (split still runs gather for the per-node table); auto picks by "
+                        "a cost model from measured matrix-vector time and link bandwidth and says why")
     layers.add_argument("--seed", type=int, default=0, help="seed of random weights and input")
     layers.add_argument("--csv", default=None, metavar="FILE",
                         help="write the per-layer table as CSV (default: not written; folders are created)")
@@ -118,6 +127,32 @@ def _unsplit_memory(args):
     return probe
 
 
+def _save_random_weights(args) -> str:
+    """The seeded random weights of ``build()`` as a checkpoint in a temporary folder, written by a fresh process
+    (so that no rank of the benchmark ever holds the whole model to write them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from runtime.errors import UsageError
+
+    folder = tempfile.mkdtemp(prefix="aflkd-bench-")
+    path = os.path.join(folder, "weights.pt")
+    fields = dict(net=args.net, in_channels=args.in_channels, size=args.size, classes=args.classes, seed=args.seed)
+    code = ("import argparse, json, sys, torch; torch.set_num_threads(1); from launch.bench import _builder; "
+            "from models import save_atomic; "
+            "save_atomic(_builder(argparse.Namespace(**json.loads(sys.argv[1])))().state_dict(), sys.argv[2])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(fields), path], capture_output=True, text=True,
+                          cwd=options.REPO, timeout=600, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UsageError(f"could not write the temporary checkpoint for the split head in {folder}: {tail}")
+    return path
+
+
 def _layers(args) -> int:
     from mpi4py import MPI
 
@@ -133,11 +168,22 @@ def _layers(args) -> int:
     on_root_then_bcast(comm, lambda: [options.prepare_output(path, option) for option, path in outputs])
     threads = args.threads or default_threads(comm)
     set_threads(threads)
-    report = bench_layers(
-        comm, _builder(args), (args.in_channels, args.size, args.size), load=_loader(args), net=args.net,
-        batch=args.batch, repeat=args.repeat, warmup=args.warmup, weights=args.weights, threads=threads,
-        seed=args.seed, progress=not args.no_progress, unsplit_memory=_unsplit_memory(args),
-    )
+    checkpoint, temporary = args.checkpoint, None
+    if args.head != "gather" and not checkpoint:
+        temporary = checkpoint = on_root_then_bcast(comm, lambda: _save_random_weights(args))
+    try:
+        report = bench_layers(
+            comm, _builder(args), (args.in_channels, args.size, args.size), load=_loader(args), net=args.net,
+            batch=args.batch, repeat=args.repeat, warmup=args.warmup, weights=args.weights, threads=threads,
+            seed=args.seed, progress=not args.no_progress, unsplit_memory=_unsplit_memory(args), head=args.head,
+            checkpoint=checkpoint,
+        )
+    finally:
+        if temporary is not None and comm.Get_rank() == 0:
+            import os
+            import shutil
+
+            shutil.rmtree(os.path.dirname(temporary), ignore_errors=True)
     if report is not None:
         print(report.table(), flush=True)
         for option, path in outputs:

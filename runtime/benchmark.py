@@ -20,9 +20,18 @@ the same repetition (paired, so slow drifts cancel).  The "split part" is
 every node before the gather or the global pool of the head (the paper's
 Fig. 10 leaves the FC layers out too); scatter, gather and head are in
 ``end_to_end_ms``.
+
+Head placements (``head``): with ``"split"``, ``"both"`` or ``"auto"`` the
+split-head placement (each rank multiplies its own rows by its columns of
+the first Linear, one Reduce) is built and timed end to end *first*, in a
+process that has held nothing else, and each rank's peak memory is read
+then; it is freed, the peak is reset (``/proc/self/clear_refs``) and the
+gather placement, with the unsplit reference, runs as before.  So neither
+placement's peak counts the other's, nor the unsplit reference.
 """
 from __future__ import annotations
 
+import gc
 import os
 import resource
 from statistics import median
@@ -44,7 +53,9 @@ from .report import NodeRow, Report, receptive_field_min_bytes
 from .split import SplitExecutor
 from .timing import NO_CLOCK, NodeClock
 
-__all__ = ["bench_layers", "peak_rss_mb"]
+__all__ = ["bench_layers", "peak_rss_mb", "reset_peak_rss"]
+
+HEAD_CHOICES = ("both", "gather", "split", "auto")
 
 _SKIPPED_OPS = {"size", "getattr", "getitem"}
 
@@ -64,6 +75,47 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current resident memory (Linux ``clear_refs`` 5); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _split_head_phase(comm, build, in_shape, *, load, checkpoint, weights, head, batch, repeat, warmup, seed,
+                      progress, net) -> dict:
+    """Build and time the split-head placement end to end, alone; its output on the root and peak memory per rank."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    executor = distribute_model(build, in_shape, comm, weights, load=None if checkpoint else load,
+                                checkpoint=checkpoint, head="auto" if head == "auto" else "split")
+    plan = executor.plan
+    out = dict(head=plan.head, note=plan.head_note, plan=None)
+    if plan.head != "split":  # the head cannot split, or auto chose gather: the gather phase covers it
+        del executor
+        gc.collect()
+        return out
+    hs = plan.head_split
+    image = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(seed + 1)) if rank == 0 else None
+    times = []
+    bar = tqdm(range(warmup + repeat), desc=f"bench {net} x{size} ranks, split head", leave=False,
+               disable=not progress or rank != 0)
+    for step in bar:
+        mpi.barrier(comm)
+        t = _timed(lambda: executor(image, batch))
+        if step >= warmup:
+            times.append(t)
+    output = executor(image, batch)
+    rss = mpi.gather_objects(comm, peak_rss_mb(), root=0)
+    weight_mb = [hs.weight_bytes(r) / 2**20 for r in range(size)]
+    out.update(e2e=times, output=output, rss=rss, weight_mb=weight_mb)
+    del executor, output
+    gc.collect()
+    return out
 
 
 def _host_cores() -> int:
@@ -110,14 +162,37 @@ def bench_layers(
     seed: int = 0,
     progress: bool = True,
     unsplit_memory: Optional[Callable[[], Optional[float]]] = None,
+    head: str = "both",
+    checkpoint: Optional[str] = None,
 ) -> Optional[Report]:
     """Run the benchmark on every rank; return the :class:`Report` on rank 0, None elsewhere.
 
     ``build`` makes the model (see :func:`~runtime.distribute.distribute_model`:
     every rank holds only what it runs); ``unsplit_memory`` (rank 0) measures the
-    peak memory of the unsplit model alone, in a fresh process.
+    peak memory of the unsplit model alone, in a fresh process.  ``head``: which
+    head placements to time end to end (``both``, ``gather``, ``split``: split
+    and gather, ``auto``: the cost model's pick, with gather for the table);
+    ``checkpoint``: where the split-head placement reads its weights (the same
+    weights as ``build``/``load``; without it the root builds the whole Linear
+    once, and its peak shows it).
     """
+    if head not in HEAD_CHOICES:
+        raise UsageError(f"head must be one of {', '.join(HEAD_CHOICES)}, got '{head}'")
     rank, size = comm.Get_rank(), comm.Get_size()
+    split_head = None
+    head_notes = []
+    if head != "gather":
+        split_head = _split_head_phase(comm, build, in_shape, load=load, checkpoint=checkpoint, weights=weights,
+                                       head=head, batch=batch, repeat=repeat, warmup=warmup, seed=seed,
+                                       progress=progress, net=net)
+        if split_head["head"] == "split":
+            if checkpoint is None:
+                head_notes.append("split head without a checkpoint: the root built the whole Linear once at "
+                                  "set-up, so its peak counts it")
+            reset = all(mpi.allgather_objects(comm, reset_peak_rss()))
+            if not reset:
+                head_notes.append("peak memory could not be reset (/proc/self/clear_refs refused): the gather "
+                                  "placement's peak includes the split placement's")
     executor = distribute_model(build, in_shape, comm, weights, load=load)
     plan, graph, model = executor.plan, executor.graph, executor.model
     channels, height, width = in_shape
@@ -202,6 +277,17 @@ def bench_layers(
     if rank != 0:
         return None
     max_abs_error = float((output - reference).abs().max())
+    heads = [dict(head="gather", end_to_end_ms=1e3 * median(per_rank[0]["e2e"]),
+                  peak_rss_mb=[r["rss"] for r in per_rank], max_abs_error=max_abs_error,
+                  weight_mb_per_rank=None)]
+    head_note = executor.plan.head_note
+    if split_head is not None:
+        head_note = split_head["note"]
+        if split_head["head"] == "split":
+            heads.append(dict(head="split", end_to_end_ms=1e3 * median(split_head["e2e"]),
+                              peak_rss_mb=split_head["rss"],
+                              max_abs_error=float((split_head["output"] - reference).abs().max()),
+                              weight_mb_per_rank=split_head["weight_mb"]))
     split_runs = np.max([r["split"] for r in per_rank], axis=0)
     split_ms = 1e3 * median(split_runs)
     bound_ms = efficiency = None
@@ -239,5 +325,5 @@ def bench_layers(
         end_to_end_ms=1e3 * median(per_rank[0]["e2e"]), max_abs_error=max_abs_error,
         peak_rss_mb=[r["rss"] for r in per_rank],
         unsplit_peak_rss_mb=unsplit_memory() if unsplit_memory is not None else None,
-        notes=notes, layers=rows,
+        notes=notes + head_notes, layers=rows, head_note=head_note, heads=heads,
     )

@@ -11,7 +11,7 @@ for what it runs:
   first Linear (those of the rows it owns), the root the rest of the head.
   With ``checkpoint=PATH`` no rank ever holds the whole Linear: the root
   memory-maps the checkpoint (``torch.load(mmap=True)``, a plain state dict)
-  and copies the columns out block of rows by block of rows (64 MB), mapping
+  and copies the columns out block of rows by block of rows (16 MB), mapping
   the file anew for each block so that the pages it read leave its memory,
   and sends each rank its part of every block.  Without a checkpoint the
   weights come from ``build()``/``load`` on the root, which then holds the
@@ -33,7 +33,7 @@ from .graph import trace_model
 from .plan import check_weights, plan_split
 from .split import SplitExecutor
 
-_BLOCK_BYTES = 64 << 20  # rows of the Linear's weight copied (and mapped) at a time on the root
+_BLOCK_BYTES = 16 << 20  # rows of the Linear's weight copied (and mapped) at a time on the root
 _COLUMNS_TAG = 7
 
 __all__ = ["distribute_model"]
@@ -127,7 +127,7 @@ def _send_columns(comm: MPI.Comm, plan, columns: torch.Tensor, rows_of: Optional
                 if r == root:
                     columns[lo:hi].view(hi - lo, hs.channels, -1).copy_(part)
                 else:
-                    mpi.sendrecv(comm, part.contiguous(), r, None, None, _COLUMNS_TAG)
+                    mpi.sendrecv(comm, part, r, None, None, _COLUMNS_TAG)  # strided: no copy
         rows_of(lo, hi, cut)
 
 

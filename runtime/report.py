@@ -68,6 +68,8 @@ class Report:
     unsplit_peak_rss_mb: Optional[float]
     notes: list = field(default_factory=list)
     layers: list = field(default_factory=list)
+    head_note: str = ""  # which head case applies (gather, split, a global pool's reduce) and why
+    heads: list = field(default_factory=list)  # per timed head placement: head, end_to_end_ms, peak_rss_mb, ...
 
     def table(self) -> str:
         head = (f"{'node':<28} {'op':<18} {'unsplit ms':>10} {'split ms':>9} {'halo ms':>8} {'bytes':>10} "
@@ -103,6 +105,17 @@ class Report:
             + (f"   (unsplit model alone in one process: {self.unsplit_peak_rss_mb:.0f} MB)"
                if self.unsplit_peak_rss_mb is not None else ""),
         ]
+        if self.head_note:
+            lines.append(f"head: {self.head_note}")
+        if len(self.heads) > 1 or any(h["head"] == "split" for h in self.heads):
+            lines.append(f"{'head placement':<15} {'end to end ms':>13}   {'peak memory per rank (MB)':<26} "
+                         f"{'Linear weights per rank (MB)':<29} max |error|")
+            for h in self.heads:
+                weights = (", ".join(f"{m:.0f}" for m in h["weight_mb_per_rank"]) if h["weight_mb_per_rank"]
+                           else "all on rank 0")
+                lines.append(f"{h['head']:<15} {h['end_to_end_ms']:>13.3f}   "
+                             f"{', '.join(f'{m:.0f}' for m in h['peak_rss_mb']):<26} {weights:<29} "
+                             f"{h['max_abs_error']:.3g}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
