@@ -37,7 +37,7 @@ from .topology import TOPOLOGY_ENV, Topology, load_topology
 
 __all__ = [
     "add_parser", "LOCAL_ADDRESSES", "default_mpiexec", "venv_bin", "flavour_from_version", "detect_flavour",
-    "local_only", "inner_command", "mpiexec_argv", "hostfile_name", "host_cores",
+    "local_only", "inner_command", "check_inner_command", "mpiexec_argv", "hostfile_name", "host_cores",
 ]
 
 LOCAL_ADDRESSES = ("localhost", "127.0.0.1")
@@ -182,7 +182,7 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _check_inner(words: Sequence[str]) -> None:
+def check_inner_command(words: Sequence[str]) -> None:
     """Parse the inner command here, so a typo fails before any rank starts (on every board)."""
     from .cli import build_parser
 
@@ -194,7 +194,7 @@ def _check_inner(words: Sequence[str]) -> None:
 def _launch(args) -> int:
     topology = load_topology(args.topology)
     inner = inner_command(args.command)
-    _check_inner(inner[1:])
+    check_inner_command(inner[1:])
     mpiexec = args.mpiexec or default_mpiexec()
     flavour = args.mpi if args.mpi != "auto" else detect_flavour(mpiexec)
     local = local_only(topology, args.with_cloud)
@@ -221,12 +221,25 @@ def _launch(args) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    """Run mpiexec in our process group (a terminal's Ctrl-C reaches it too); forward its exit status."""
+    """Run mpiexec in our process group (a terminal's Ctrl-C reaches it too); forward its exit status.
+
+    A Ctrl-C while Popen is still starting mpiexec is held until ``proc``
+    exists (else mpiexec would outlive us, unended).  The child gets SIGINT's
+    default action back at exec (a Python handler does not survive it).
+    """
+    held: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # an ignored SIGINT stays ignored, for mpiexec too
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
         proc = subprocess.Popen(argv)
     except OSError as err:
         raise UsageError(f"cannot start {argv[0]} ({err.strerror})") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
+        if held:
+            raise KeyboardInterrupt
         code = proc.wait()
     except KeyboardInterrupt:
         _stop(proc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -16,32 +17,30 @@ from runtime.errors import UsageError
 
 from . import options
 from .hostfile import FLAVOURS, write_hostfile
-from .launcher import host_cores, hostfile_name, inner_command, local_only, mpiexec_argv
+from .launcher import check_inner_command, host_cores, hostfile_name, inner_command, local_only, mpiexec_argv
 from .topology import RankSlot, Topology, load_topology
 
 __all__ = ["add_parser", "Column", "BASE_COLUMNS", "layer_columns", "columns", "format_table", "rank_table",
            "plan_report"]
 
-Column = tuple[str, Callable[[RankSlot], str]]
-"""A table column: its header and the cell of one rank."""
+Column = tuple[str, Callable[[RankSlot], object]]
+"""A table column: its header and the value of one rank (printed with ``str``; ``None`` as ``-``)."""
 
 
-def _speed(value: Optional[float]) -> str:
-    return "measure" if value is None else f"{value:g}"
-
-
-def _dash(value) -> str:
-    return "-" if value is None else str(value)
+def _text(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 BASE_COLUMNS: list[Column] = [
-    ("rank", lambda r: str(r.rank)),
+    ("rank", lambda r: r.rank),
     ("host", lambda r: r.host if r.slot == 0 else f"{r.host}[{r.slot}]"),
     ("address", lambda r: r.address),
     ("role", lambda r: r.role),
-    ("cluster", lambda r: _dash(r.cluster)),
-    ("stage", lambda r: _dash(r.stage)),
-    ("speed", lambda r: _speed(r.speed)),
+    ("cluster", lambda r: r.cluster),
+    ("stage", lambda r: r.stage),
+    ("speed", lambda r: "measure" if r.speed is None and r.role != "cloud" else r.speed),
 ]
 """Where each rank runs and what it is, from the topology alone."""
 
@@ -51,8 +50,9 @@ MPIEXEC_NAMES = {"openmpi": "mpirun", "mpich": "mpiexec"}
 def layer_columns(topology: Topology) -> list[Column]:
     """Columns from the stage partitioner (input rows a rank owns, layers it runs): none yet.
 
-    Extension point: return ``[(header, lambda slot: text), ...]``; they follow
-    :data:`BASE_COLUMNS` in the table and in each rank's JSON object.
+    Extension point: return ``[(header, lambda slot: value), ...]``; they follow
+    :data:`BASE_COLUMNS` in the printed table and are added, under their
+    header, to each rank's object in the JSON.
     """
     return []
 
@@ -62,9 +62,9 @@ def columns(topology: Topology) -> list[Column]:
 
 
 def rank_table(topology: Topology, with_cloud: bool = False) -> tuple[list[str], list[list[str]]]:
-    """(headers, one row of cells per rank)."""
+    """(headers, one row of printed cells per rank)."""
     cols = columns(topology)
-    return [h for h, _ in cols], [[cell(r) for _, cell in cols] for r in topology.ranks(with_cloud)]
+    return [h for h, _ in cols], [[_text(cell(r)) for _, cell in cols] for r in topology.ranks(with_cloud)]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -110,7 +110,7 @@ def plan_report(topology: Topology, hostfile_dir: str, inner: Sequence[str], wit
     A flavour whose hostfile cannot express the order gets ``None`` and a note.
     """
     local = local_only(topology, with_cloud)
-    headers, rows = rank_table(topology, with_cloud)
+    extra = layer_columns(topology)
     report = {
         "topology": topology.path,
         "description": topology.description,
@@ -119,8 +119,7 @@ def plan_report(topology: Topology, hostfile_dir: str, inner: Sequence[str], wit
         "size": topology.world_size(with_cloud),
         "with_cloud": with_cloud,
         "cloud": None,
-        "ranks": [dict(zip(headers, row)) | {"cluster_name": r.cluster_name}
-                  for r, row in zip(topology.ranks(with_cloud), rows)],
+        "ranks": [asdict(r) | {h: cell(r) for h, cell in extra} for r in topology.ranks(with_cloud)],
         "cluster_speeds": None,
         "hostfiles": {},
         "mpiexec": {},
@@ -158,12 +157,13 @@ def plan_report(topology: Topology, hostfile_dir: str, inner: Sequence[str], wit
 def _plan(args) -> int:
     topology = load_topology(args.topology)
     inner = inner_command(args.command or ["ranks"])
+    check_inner_command(inner[1:])
     if args.json:
         options.prepare_output(args.json, "--json")
     folder = options.prepare_folder(args.hostfile_dir, "--hostfile-dir")
     report = plan_report(topology, str(folder), inner, args.with_cloud,
                          as_root=hasattr(os, "geteuid") and os.geteuid() == 0, cores=host_cores())
-    print(_text(topology, report, args.with_cloud))
+    print(_summary(topology, report, args.with_cloud))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
@@ -172,7 +172,7 @@ def _plan(args) -> int:
     return 0
 
 
-def _text(topology: Topology, report: dict, with_cloud: bool) -> str:
+def _summary(topology: Topology, report: dict, with_cloud: bool) -> str:
     c, s = topology.clusters, topology.stages
     head = f"{topology.path}: {c} cluster{'s' * (c != 1)} x {s} stage{'s' * (s != 1)} = {topology.size} ranks"
     if topology.description:
