@@ -18,8 +18,8 @@ States of a sample, each step one transaction::
 
 Tables: ``samples`` (image bytes + CRC32, state, batch, logits bytes + CRC32),
 ``batches`` (one per exchange with the cloud), ``generations`` (each student
-written: number, batch, sha256; generation 0 is the student the buffer started
-with), ``meta`` (format, image shape, the buffer's uuid).  The CHECK constraints
+written: number, batch, sha256, and what the update reported, e.g. its test
+accuracy, as JSON; generation 0 is the student the buffer started with), ``meta`` (format, image shape, the buffer's uuid).  The CHECK constraints
 make a state without its batch or logits impossible to write.
 
 A corrupt file is refused with its path (:class:`BufferCorrupt`): not a SQLite
@@ -30,6 +30,7 @@ skipped.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sqlite3
 import time
@@ -61,6 +62,7 @@ CREATE TABLE generations(
     generation INTEGER PRIMARY KEY CHECK(generation >= 0),
     batch INTEGER UNIQUE REFERENCES batches(id),
     sha256 TEXT NOT NULL,
+    info TEXT NOT NULL DEFAULT '{}',
     created REAL NOT NULL,
     CHECK((generation = 0) = (batch IS NULL))
 );
@@ -306,6 +308,11 @@ class Buffer:
         gens = self.generations()
         return gens[-1] if gens else None
 
+    def info(self, generation: int) -> dict:
+        """What the update that made ``generation`` reported (``{}`` if nothing)."""
+        found = self._db.execute("SELECT info FROM generations WHERE generation = ?", (generation,)).fetchone()
+        return json.loads(found[0]) if found else {}
+
     def batch_samples(self, batch: int) -> np.ndarray:
         return np.array([r[0] for r in self._db.execute("SELECT id FROM samples WHERE batch = ? ORDER BY id",
                                                         (batch,))], dtype=np.int64)
@@ -318,12 +325,13 @@ class Buffer:
         return {r[0]: r[1] for r in self._db.execute("SELECT key, id FROM samples WHERE key IS NOT NULL")}
 
     # ------------------------------------------------------------------ state changes
-    def start(self, sha256: str) -> Generation:
+    def start(self, sha256: str, info: Optional[dict] = None) -> Generation:
         """Register the student the buffer's updates start from, as generation 0 (once)."""
         with self._transaction():
             if self._db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]:
                 raise UsageError(f"buffer {self.path} already has its starting student")
-            self._db.execute("INSERT INTO generations VALUES (0, NULL, ?, ?)", (sha256, time.time()))
+            self._db.execute("INSERT INTO generations VALUES (0, NULL, ?, ?, ?)",
+                             (sha256, json.dumps(info or {}), time.time()))
         return Generation(0, None, sha256)
 
     def label(self, ids: Sequence[int], logits: np.ndarray) -> int:
@@ -351,8 +359,9 @@ class Buffer:
                     raise UsageError(f"sample {sid} of buffer {self.path} is not pending; nothing was labelled")
         return batch
 
-    def consume(self, batch: int, generation: int, sha256: str) -> None:
-        """labelled -> consumed for ``batch``, recording the student ``generation`` it produced, in one transaction."""
+    def consume(self, batch: int, generation: int, sha256: str, info: Optional[dict] = None) -> None:
+        """labelled -> consumed for ``batch``, recording the student ``generation`` it produced (its sha256 and
+        ``info``, e.g. its test accuracy), in one transaction."""
         with self._transaction():
             latest = self._db.execute("SELECT MAX(generation) FROM generations").fetchone()[0]
             if latest is None or generation != latest + 1:
@@ -362,7 +371,8 @@ class Buffer:
             if changed != 1:
                 raise UsageError(f"batch {batch} of buffer {self.path} is not open; nothing was consumed")
             self._db.execute("UPDATE samples SET state = 'consumed' WHERE batch = ? AND state = 'labelled'", (batch,))
-            self._db.execute("INSERT INTO generations VALUES (?, ?, ?, ?)", (generation, batch, sha256, time.time()))
+            self._db.execute("INSERT INTO generations VALUES (?, ?, ?, ?, ?)",
+                             (generation, batch, sha256, json.dumps(info or {}), time.time()))
 
     # ------------------------------------------------------------------ invariants
     def check(self) -> list[str]:

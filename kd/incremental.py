@@ -20,10 +20,12 @@ So no acknowledged sample is lost, and no batch ever updates the student twice. 
 student file that is none of these (replaced by hand, another buffer's) is refused.
 
 The cloud is anything with ``logits(images) -> (n, classes) float32``; over MPI it is
-:class:`CloudLink` (edge side) and :func:`serve_cloud` (cloud side).  Every wait on
-the peer is bounded (:func:`runtime.comm.wait_within`): sizes travel first as a small
-int64 header, then the contiguous uint8 images or float32 logits; while the edge
-trains, a thread sends heartbeats so the cloud can tell "busy" from "dead".
+:class:`CloudLink` (edge side) and :func:`serve_cloud` (cloud side), on the buffer
+API of :mod:`runtime.stream`.  Every wait on the peer is bounded (``timeout_s``,
+else :class:`runtime.stream.PeerTimeout`): sizes travel first as a small int64
+header, then the contiguous uint8 images or float32 logits; while the edge trains,
+a thread sends a heartbeat header every ``timeout_s / 4`` s, so the cloud can tell
+"busy" from "dead or stalled".
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import hashlib
 import io
 import os
 import threading
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -49,8 +52,9 @@ __all__ = ["Fault", "UpdateRecord", "reconcile", "run_updates", "save_student", 
 
 #: Called at each step boundary with the step's name (tests kill the process there).
 Fault = Callable[[str], None]
-#: ``update(student_state, images uint8 (n,H,W,C), logits float32 (n,classes), generation) -> new state``.
-Update = Callable[[dict, np.ndarray, np.ndarray, int], dict]
+#: ``update(student_state, images uint8 (n,H,W,C), logits float32 (n,classes), generation) -> (new state, info)``;
+#: ``info`` (JSON-able, e.g. the test accuracy) is recorded with the generation.
+Update = Callable[[dict, np.ndarray, np.ndarray, int], tuple[dict, dict]]
 
 KIND_REQUEST, KIND_HEARTBEAT, KIND_BYE, KIND_REPLY = 1, 2, 3, 4
 TAG_HEADER, TAG_DATA = 7001, 7002
@@ -154,7 +158,7 @@ def reconcile(buffer: Buffer, student: str) -> tuple[str, str]:
     open_batch = buffer.open_batch()
     if (meta is not None and meta.get("buffer") == buffer.uuid and open_batch is not None
             and meta.get("generation") == latest.generation + 1 and meta.get("batch") == open_batch):
-        buffer.consume(open_batch, latest.generation + 1, sha)
+        buffer.consume(open_batch, latest.generation + 1, sha, meta.get("info") or {})
         return "recorded", (f"buffer {buffer.path}: the update of batch {open_batch} had written generation "
                 f"{latest.generation + 1} but not recorded it; recorded now (not trained again)")
     said = (f"generation {meta.get('generation')} of buffer {meta.get('buffer')}" if meta else "a plain state dict")
@@ -165,12 +169,12 @@ def reconcile(buffer: Buffer, student: str) -> tuple[str, str]:
 
 def run_updates(buffer: Buffer, student: str, cloud, update: Update, increment: int,
                 max_updates: Optional[int] = None, fault: Fault = _no_fault,
-                on_update: Optional[Callable[[UpdateRecord, dict], None]] = None,
+                on_update: Optional[Callable[[UpdateRecord, dict, dict], None]] = None,
                 log: Callable[[str], None] = lambda s: None) -> list[UpdateRecord]:
     """Run updates while the buffer holds an open batch or ``>= increment`` pending samples.
 
     ``cloud.logits(images)`` labels a batch; ``cloud.keepalive()`` (if it has one)
-    wraps the training.  ``on_update(record, state)`` sees each new student.
+    wraps the training.  ``on_update(record, state, info)`` sees each new student.
     """
     if increment < 1:
         raise UsageError(f"--increment must be >= 1, got {increment}")
@@ -201,21 +205,28 @@ def run_updates(buffer: Buffer, student: str, cloud, update: Update, increment: 
         generation = latest.generation + 1
         keepalive = getattr(cloud, "keepalive", None)
         with keepalive() if keepalive else nullcontext():
-            new_state = update(state, images, logits, generation)
+            new_state, info = update(state, images, logits, generation)
         fault("trained")
-        sha = save_student(student, new_state, {"buffer": buffer.uuid, "generation": generation, "batch": batch},
-                           fault)
+        sha = save_student(student, new_state, {"buffer": buffer.uuid, "generation": generation, "batch": batch,
+                                                "info": info}, fault)
         fault("student_written")
-        buffer.consume(batch, generation, sha)
+        buffer.consume(batch, generation, sha, info)
         fault("consumed")
         record = UpdateRecord(generation, batch, len(images), sha, resumed)
         records.append(record)
         if on_update is not None:
-            on_update(record, new_state)
+            on_update(record, new_state, info)
     return records
 
 
 # ---------------------------------------------------------------------- the exchange over MPI
+def _wait(requests: list, timeout_s: float, what: str) -> None:
+    from runtime import stream
+
+    if not stream.wait_by(requests, time.monotonic() + timeout_s):
+        raise stream.PeerTimeout(f"{what} within {timeout_s:g} s (--timeout): it died or stalled")
+
+
 class CloudLink:
     """The edge's end of the exchange with the cloud rank: bounded waits, heartbeats while training."""
 
@@ -223,30 +234,30 @@ class CloudLink:
         self.comm, self.cloud, self.timeout_s = comm, cloud_rank, timeout_s
 
     def _send_header(self, *values: int) -> None:
-        from runtime.comm import start_send, wait_within
+        from runtime import stream
 
         header = torch.zeros(HEADER, dtype=torch.int64)
         header[: len(values)] = torch.tensor(values, dtype=torch.int64)
-        wait_within([start_send(self.comm, header, self.cloud, TAG_HEADER)], self.timeout_s,
-                    f"sending to the cloud rank {self.cloud}")
+        _wait([stream.isend(self.comm, header, self.cloud, TAG_HEADER)], self.timeout_s,
+              f"the cloud rank {self.cloud} took no message")
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        from runtime.comm import start_recv, start_send, wait_within
+        from runtime import stream
 
         n, h, w, c = images.shape
         self._send_header(KIND_REQUEST, n, h, w, c)
         pixels = torch.from_numpy(np.ascontiguousarray(images))
-        wait_within([start_send(self.comm, pixels, self.cloud, TAG_DATA)], self.timeout_s,
-                    f"sending {n} images to the cloud rank {self.cloud}")
+        _wait([stream.isend(self.comm, pixels, self.cloud, TAG_DATA)], self.timeout_s,
+              f"the cloud rank {self.cloud} took none of {n} images")
         reply = torch.zeros(HEADER, dtype=torch.int64)
-        wait_within([start_recv(self.comm, reply, self.cloud, TAG_HEADER)], self.timeout_s,
-                    f"waiting for the cloud rank {self.cloud}'s logits of {n} images")
+        _wait([stream.irecv(self.comm, reply, self.cloud, TAG_HEADER)], self.timeout_s,
+              f"the cloud rank {self.cloud} sent no logits for {n} images")
         kind, count, classes = (int(v) for v in reply[:3])
         if kind != KIND_REPLY or count != n:
             raise UsageError(f"the cloud rank {self.cloud} answered {reply.tolist()}, not logits of {n} images")
         logits = torch.empty(count, classes, dtype=torch.float32)
-        wait_within([start_recv(self.comm, logits, self.cloud, TAG_DATA)], self.timeout_s,
-                    f"receiving logits from the cloud rank {self.cloud}")
+        _wait([stream.irecv(self.comm, logits, self.cloud, TAG_DATA)], self.timeout_s,
+              f"the cloud rank {self.cloud} sent no logits for {n} images")
         return logits.numpy()
 
     @contextmanager
@@ -284,13 +295,13 @@ def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarr
     Returns the number of images labelled.  Every wait is bounded: the edge sends a
     request, a heartbeat or bye at least every ``timeout_s / 4`` s while it lives.
     """
-    from runtime.comm import start_recv, start_send, wait_within
+    from runtime import stream
 
     served = 0
     while True:
         header = torch.zeros(HEADER, dtype=torch.int64)
-        wait_within([start_recv(comm, header, edge_rank, TAG_HEADER)], timeout_s,
-                    f"waiting for the edge rank {edge_rank}")
+        _wait([stream.irecv(comm, header, edge_rank, TAG_HEADER)], timeout_s,
+              f"the edge rank {edge_rank} sent no request, heartbeat or goodbye")
         kind = int(header[0])
         if kind == KIND_HEARTBEAT:
             continue
@@ -300,12 +311,12 @@ def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarr
             raise UsageError(f"the edge rank {edge_rank} sent an unknown message {header.tolist()}")
         n, h, w, c = (int(v) for v in header[1:5])
         pixels = torch.empty(n, h, w, c, dtype=torch.uint8)
-        wait_within([start_recv(comm, pixels, edge_rank, TAG_DATA)], timeout_s,
-                    f"receiving {n} images from the edge rank {edge_rank}")
+        _wait([stream.irecv(comm, pixels, edge_rank, TAG_DATA)], timeout_s,
+              f"the edge rank {edge_rank} sent none of the {n} images it announced")
         logits = torch.from_numpy(np.ascontiguousarray(logits_of(pixels.numpy()), dtype=np.float32))
         reply = torch.zeros(HEADER, dtype=torch.int64)
         reply[:3] = torch.tensor([KIND_REPLY, n, logits.shape[1]])
-        wait_within([start_send(comm, reply, edge_rank, TAG_HEADER), start_send(comm, logits, edge_rank, TAG_DATA)],
-                    timeout_s, f"sending logits to the edge rank {edge_rank}")
+        _wait([stream.isend(comm, reply, edge_rank, TAG_HEADER), stream.isend(comm, logits, edge_rank, TAG_DATA)],
+              timeout_s, f"the edge rank {edge_rank} took no logits")
         served += n
         log(f"cloud: labelled {n} images for the edge rank {edge_rank}")

@@ -41,10 +41,6 @@ __all__ = [
     "allgather_objects",
     "share_from_root",
     "abort_on_uncaught_exception",
-    "PeerTimeout",
-    "start_send",
-    "start_recv",
-    "wait_within",
 ]
 
 T = TypeVar("T")
@@ -286,31 +282,3 @@ def abort_on_uncaught_exception(comm: MPI.Comm = MPI.COMM_WORLD) -> None:
         previous(kind, value, tb)
 
     sys.excepthook = hook
-
-
-# ---------------------------------------------------------------------- bounded exchanges (incremental updates)
-class PeerTimeout(RuntimeError):
-    """A peer did not complete an exchange within its bound: it died or stalls.  The caller exits."""
-
-
-def start_send(comm: MPI.Comm, t: torch.Tensor, dest: int, tag: int):
-    """Start sending a contiguous tensor; returns the request (keep ``t`` alive until it completes)."""
-    return comm.Isend(message(t), dest=dest, tag=tag)
-
-
-def start_recv(comm: MPI.Comm, t: torch.Tensor, source: int, tag: int):
-    """Post a receive into a contiguous tensor whose size was agreed before (sizes travel first)."""
-    return comm.Irecv(message(t), source=source, tag=tag)
-
-
-def wait_within(requests: list, timeout_s: float, what: str, poll_s: float = 0.002) -> None:
-    """Wait for ``requests``, sleeping between tests; :class:`PeerTimeout` after ``timeout_s`` seconds.
-
-    A blocking ``Wait`` on a peer that stalls never returns (and MPICH spins a
-    core while it waits); this one gives up, so the caller can say so and exit.
-    """
-    deadline = time.monotonic() + timeout_s
-    while not MPI.Request.Testall(requests):
-        if time.monotonic() > deadline:
-            raise PeerTimeout(f"{what}: nothing within {timeout_s:g} s")
-        time.sleep(poll_s)

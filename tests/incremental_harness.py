@@ -53,7 +53,7 @@ def counting_update(state: dict, images: np.ndarray, logits: np.ndarray, generat
     if len(set(serials.tolist())) != len(serials):
         raise AssertionError("one batch holds a sample twice")
     count[serials] += 1
-    return {"count": count, "updates": state["updates"] + 1}
+    return {"count": count, "updates": state["updates"] + 1}, {"serials": serials.tolist()}
 
 
 def initial_state() -> dict:

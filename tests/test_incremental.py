@@ -158,11 +158,13 @@ def test_a_written_but_unrecorded_update_is_recorded_not_trained_again(tmp_path)
         ids, images = b.pending(5)
         batch = b.label(ids, cloud_logits(images))
         state, _ = read_student(student)
-        save_student(student, counting_update(state, images, cloud_logits(images), 1),
-                     {"buffer": b.uuid, "generation": 1, "batch": batch})  # ... and the process died here
+        new, info = counting_update(state, images, cloud_logits(images), 1)
+        save_student(student, new, {"buffer": b.uuid, "generation": 1, "batch": batch, "info": info})
+        # ... and the process died here, before consume()
     with Buffer(buf, SHAPE) as b:
         assert run_updates(b, student, StandInCloud(), counting_update, increment=5) == []
         assert b.counts() == {"pending": 0, "labelled": 0, "consumed": 5} and b.check() == []
+        assert b.info(1) == {"serials": [0, 1, 2, 3, 4]}  # what the update reported, kept from the student file
     assert read_student(student)[0]["count"][:5].tolist() == [1] * 5
 
 
