@@ -41,6 +41,12 @@ __all__ = [
     "allgather_objects",
     "share_from_root",
     "abort_on_uncaught_exception",
+    "split_comm",
+    "free_comm",
+    "rows_major",
+    "isend_rows",
+    "recv_rows",
+    "irecv_rows",
 ]
 
 T = TypeVar("T")
@@ -282,3 +288,39 @@ def abort_on_uncaught_exception(comm: MPI.Comm = MPI.COMM_WORLD) -> None:
         previous(kind, value, tb)
 
     sys.excepthook = hook
+
+
+# ---------------------------------------------------------------------- pipeline: communicators and row bands
+def split_comm(comm: MPI.Comm, color: int, key: int) -> MPI.Comm:
+    """A sub-communicator of the ranks that give the same ``color``, ordered by ``key`` (collective)."""
+    return comm.Split(color, key)
+
+
+def free_comm(comm: MPI.Comm) -> None:
+    if comm not in (MPI.COMM_WORLD, MPI.COMM_SELF) and comm != MPI.COMM_NULL:
+        comm.Free()
+
+
+def rows_major(rows: int, batch: int, channels: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty band stored rows-first ``(h, N, W, C)``: any run of rows is one contiguous block.
+
+    ``band.permute(1, 3, 0, 2)`` is the ``(N, C, h, W)`` view the executors use
+    (channels-last at batch 1), the layout :func:`scatter_rows` returns.
+    """
+    return torch.empty(rows, batch, width, channels, dtype=dtype)
+
+
+def isend_rows(comm: MPI.Comm, band: torch.Tensor, dest: int, tag: int):
+    """Start sending a contiguous rows-first band; returns the request (keep ``band`` alive until it completes)."""
+    return comm.Isend(message(band), dest=dest, tag=tag)
+
+
+def recv_rows(comm: MPI.Comm, band: torch.Tensor, source: int, tag: int) -> torch.Tensor:
+    """Receive into a contiguous rows-first band whose shape both ends know from the plan."""
+    comm.Recv(message(band), source=source, tag=tag)
+    return band
+
+
+def irecv_rows(comm: MPI.Comm, band: torch.Tensor, source: int, tag: int):
+    """Post a receive into a contiguous rows-first band (e.g. one cluster's rows of the root's full map)."""
+    return comm.Irecv(message(band), source=source, tag=tag)

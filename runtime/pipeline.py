@@ -165,9 +165,17 @@ class PipelineExecutor:
         first, stop = bounds[self.stage], bounds[self.stage + 1]
         self.in_shape = layers.cut_shape(first)
         self.out_shape = layers.cut_shape(stop)
-        self.module = stage_module(model, layers, first, stop).eval()
-        plan = plan_split(trace_model(self.module, self.in_shape), self.shares)
-        self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=False)
+        problem = None
+        try:
+            self.module = stage_module(model, layers, first, stop).eval()
+            plan = plan_split(trace_model(self.module, self.in_shape), self.shares)
+            self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=False)
+        except UsageError as err:
+            problem = f"stage {self.stage} (layers {first}:{stop}): {err}"
+        problems = [p for p in mpi.allgather_objects(comm, problem) if p is not None]
+        if problems:  # every rank refuses together: none is left waiting in the stream
+            self.close()
+            raise UsageError(problems[0])
         self.out_value = plan.graph.nodes[-1].inputs[0]
         self.in_rows = plan.input_rows[self.cluster]
         self.out_rows = plan.values[self.out_value].owned[self.cluster]
@@ -258,7 +266,7 @@ class PipelineExecutor:
             elif self.is_root:
                 rows = self.final_rows[0]
                 pending[-1][1][rows.start:rows.stop].copy_(band)
-            else:
+            elif len(self.out_rows):  # the root posts no receive for a cluster without rows
                 in_flight[slot] = mpi.isend_rows(self.comm, band, 0, tag)
             if self.is_root:
                 while pending and pending[0][0] <= t - last:
