@@ -162,7 +162,7 @@ def hostfile_lines(topology: Topology, flavour: str, with_cloud: bool = False) -
             first[host] = at
             at += n
     what = "Open MPI" if flavour == "openmpi" else "MPICH (Hydra)"
-    lines = [f"# {what} hostfile for {topology.path}: {len(ranks)} ranks, in rank order (written by aflkd plan)."]
+    lines = [f"# {what} hostfile for {topology.path}: {len(ranks)} ranks, in rank order (written by aflkd)."]
     at = 0
     for host, n in runs:
         names = ", ".join(f"{r.host}" + (f"[{r.slot}]" if r.slot else "") for r in ranks[at:at + n])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import textwrap
 import shutil
 import signal
 import socket
@@ -49,7 +50,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "launch",
         help="run an aflkd command on every rank of a topology (builds and runs mpiexec)",
-        description=(
+        description=textwrap.fill(
             "Run an aflkd command under mpiexec with the rank count, hostfile and rank order of a topology "
             "file (docs/topology.md).  Detects MPICH (Hydra) or Open MPI from 'mpiexec --version', writes the "
             "hostfile, exports $AFLKD_TOPOLOGY (the topology's absolute path) to every rank and runs "

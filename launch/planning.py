@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -78,7 +79,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "plan",
         help="print a topology's rank map and the mpiexec lines (Open MPI, MPICH) that realise it",
-        description=(
+        description=textwrap.fill(
             "Read a topology (docs/topology.md), print its rank map (rank, host, role, cluster, stage, speed), "
             "write a hostfile for Open MPI and one for MPICH whose line order is the rank map, and print the "
             "mpiexec line of each.  The lines run the command after '--' (default: 'aflkd ranks', which "
