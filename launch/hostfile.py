@@ -218,8 +218,8 @@ def check_hostfile(topology: Topology, hostfile: Hostfile, flavour: Optional[str
     addresses = {r.address for r in ranks}
     for e in hostfile.entries:
         if e.host not in addresses:
-            raise UsageError(f"{hostfile.path} line {e.line}: host {e.host} is not in {topology.path} "
-                             f"(its hosts: {', '.join(sorted(addresses))}); fix the name or remove the line")
+            raise UsageError(f"{hostfile.path} line {e.line}: host {e.host} runs no rank of {topology.path} "
+                             f"(its ranks run on {', '.join(sorted(addresses))}); fix the name or remove the line")
     for address in sorted(addresses):
         want = sum(r.address == address for r in ranks)
         have = sum(e.slots for e in hostfile.entries if e.host == address)
