@@ -1,0 +1,90 @@
+"""``aflkd train distill`` under mpiexec on tiny synthetic data: results, one-line set-up errors, a stalled cloud."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
+
+# the CLI with its dataset replaced by tiny synthetic images (and, for the stall test, a cloud that never serves)
+SCRIPT = """
+import sys, time
+import kd.datasets
+from tests.test_teacher import tiny
+kd.datasets.load_dataset = lambda name, root, download=False: tiny(n=60)
+if sys.argv[1] == "stall":
+    import kd.streaming
+    kd.streaming.Cloud.serve = lambda self, progress=False: time.sleep(600)
+from launch.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def distill(ranks: int, *args: str, mode: str = "run", timeout: int = 180) -> subprocess.CompletedProcess:
+    cmd = [str(MPIEXEC), "-n", str(ranks), sys.executable, "-c", SCRIPT, mode, "train", "distill",
+           "--dataset", "cifar10", "--size", "30", "--steps", "4", "--no-progress", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def errors(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
+
+
+@pytest.fixture
+def teacher(tmp_path):
+    from models import cloud_net, save_atomic
+
+    path = tmp_path / "teacher.pt"
+    save_atomic(cloud_net(3, 32, 3).state_dict(), str(path))
+    return str(path)
+
+
+def test_one_cloud_two_edges_write_results_and_students(tmp_path, teacher):
+    out = tmp_path / "run"
+    proc = distill(3, "--teacher", teacher, "--nets", "1", "--seeds", "0,1", "--wire", "float32,topk:2",
+                   "--json", str(out / "r.json"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "r.json").read_text())
+    assert report["cloud"]["device"] == "cpu" and report["cloud"]["role"] == "cloud"
+    edges = {e["rank"]: e for e in report["edges"]}
+    assert sorted(edges) == [1, 2] and [edges[r]["seed"] for r in (1, 2)] == [0, 1]
+    assert edges[1]["wire"] == "float32" and edges[1]["bytes_per_batch"] == 30 * 3 * 4  # batch 30 (< 64), 3 classes
+    assert edges[2]["wire"] == "topk:2" and edges[2]["bytes_per_batch"] == 30 * (3 * 4 + 2 * 2)
+    assert all(e["bytes_received"] == 4 * e["bytes_per_batch"] and e["device"] == "cpu" for e in edges.values())
+    assert (out / "student-rank1.pt").exists() and (out / "student-rank2.pt").exists()
+    assert "float32" in proc.stdout and "topk:2" in proc.stdout
+    assert proc.stderr.count("no CUDA device visible to torch; running on the CPU") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "{ten}"], "--teacher must be a cloud net trained on tiny"),
+    (["--wire", "topk:3"], "--wire topk:3 must keep between 1 and 2 of the 3 classes"),
+    (["--seeds", "1,2,3"], "--seeds has 3 values for 2 edge rank(s)"),
+    (["--cloud-rank", "3"], "--cloud-rank must be between 0 and 2 for 3 ranks, got 3"),
+])
+def test_set_up_errors_are_one_line_on_every_rank(tmp_path, teacher, args, message):
+    from models import cloud_net, save_atomic
+
+    ten = tmp_path / "ten-classes.pt"
+    save_atomic(cloud_net(3, 32, 10).state_dict(), str(ten))
+    argv = [a.replace("{ten}", str(ten)) for a in args]
+    proc = distill(3, *argv, *(["--teacher", teacher] if "--teacher" not in argv else []), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = errors(proc)
+    assert message in line and "Traceback" not in proc.stderr
+
+
+def test_a_stalled_cloud_ends_the_job_with_one_line_within_the_timeout(teacher):
+    began = time.monotonic()
+    proc = distill(2, "--teacher", teacher, "--nets", "1", "--method", "kd", "--timeout", "3", mode="stall",
+                   timeout=120)
+    took = time.monotonic() - began
+    assert proc.returncode != 0
+    (line,) = errors(proc)
+    assert "rank 1: cloud rank 0 sent no logits for step 0 within 3 s (--timeout): it died or stalled" in line
+    assert "Traceback" not in proc.stderr and took < 60
