@@ -77,7 +77,8 @@ def _ranks(args) -> int:
         headers = headers + ["runs on"]
         rows = [row + [host if entry in (None, host) else f"{host} ({entry})"] for row, (host, entry)
                 in zip(rows, landed)]
-        print(f"{topology.path}: {size} ranks ({topology.clusters} clusters x {topology.stages} stages"
+        c, s = topology.clusters, topology.stages
+        print(f"{topology.path}: {size} ranks ({c} cluster{'s' * (c != 1)} x {s} stage{'s' * (s != 1)}"
               f"{' + cloud' if with_cloud else ''})")
         print(format_table(headers, rows), flush=True)
         problems = placement_problems([r.address for r in topology.ranks(with_cloud)], landed)
