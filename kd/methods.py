@@ -60,6 +60,12 @@ class Method:
         """Extra optimiser groups beside the student's (the learnable T)."""
         return []
 
+    def to(self, device: torch.device) -> "Method":
+        """Put the method's own parameters (T) beside the student."""
+        if self.temperature is not None:
+            self.temperature.to(device)
+        return self
+
     def frozen_units(self) -> int:
         """Units to freeze for the coming epoch."""
         return 0

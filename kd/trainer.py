@@ -111,7 +111,7 @@ def train_edge(
     ``device`` trains there (default: the CPU); the source's logits are moved to it.
     """
     device = torch.device("cpu") if device is None else device
-    method = make_method(config)
+    method = make_method(config).to(device)
     if source is None and teacher is not None:
         source = LocalTeacher(teacher)
     if method.distils and source is None:

@@ -69,3 +69,26 @@ def test_rerun_with_another_teacher_is_refused(tmp_path):
     run_grid(data, None, [1], [30], ["baseline"], [0], path, base, progress=False, teacher_sha256=a)  # same: fine
     with pytest.raises(UsageError, match=f"teacher_sha256 {a} -> {b}"):
         run_grid(data, None, [1], [30], ["baseline"], [0], path, base, progress=False, teacher_sha256=b)
+
+
+def test_a_csv_from_before_the_device_column_gets_it_on_the_next_cell(tmp_path):
+    """Appending a row with a 'device' field to a CSV whose header lacks it would shift every column."""
+    import csv
+
+    from kd.experiments import FIELDS
+
+    data = tiny(n=60)
+    path = tmp_path / "acc.csv"
+    base = EdgeConfig("baseline", 1, steps=2, batch=16)
+    run_grid(data, None, [1], [30], ["baseline"], [0], str(path), base, progress=False)
+    rows = list(csv.DictReader(open(path)))
+    old = [f for f in FIELDS if f != "device"]
+    with open(path, "w", newline="") as fh:  # as an older version wrote it
+        writer = csv.DictWriter(fh, fieldnames=old, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    run_grid(data, None, [1], [30, 60], ["baseline"], [0], str(path), base, progress=False)
+    first, second = list(csv.DictReader(open(path)))
+    assert list(first) == FIELDS
+    assert first["device"] == "" and {k: first[k] for k in old} == {k: rows[0][k] for k in old}
+    assert second["size"] == "60" and second["device"] == "cpu" and second["method"] == "baseline"
