@@ -127,6 +127,17 @@ def _unsplit_memory(args):
     return probe
 
 
+def _check_checkpoint(args) -> None:
+    import torch
+
+    from models import build_model
+    from runtime.distribute import check_checkpoint
+
+    with torch.device("meta"):
+        model = build_model(args.net, args.in_channels, args.size, args.classes)
+    check_checkpoint(model, args.checkpoint, "check --net, --size, --classes and --in-channels")
+
+
 def _save_random_weights(args) -> str:
     """The seeded random weights of ``build()`` as a checkpoint in a temporary folder, written by a fresh process
     (so that no rank of the benchmark ever holds the whole model to write them)."""
@@ -169,6 +180,8 @@ def _layers(args) -> int:
     threads = args.threads or default_threads(comm)
     set_threads(threads)
     checkpoint, temporary = args.checkpoint, None
+    if checkpoint:  # one line naming what does not fit, before any rank builds anything
+        on_root_then_bcast(comm, lambda: _check_checkpoint(args))
     if args.head != "gather" and not checkpoint:
         temporary = checkpoint = on_root_then_bcast(comm, lambda: _save_random_weights(args))
     try:

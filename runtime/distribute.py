@@ -36,7 +36,7 @@ from .split import SplitExecutor
 _BLOCK_BYTES = 16 << 20  # rows of the Linear's weight copied (and mapped) at a time on the root
 _COLUMNS_TAG = 7
 
-__all__ = ["distribute_model"]
+__all__ = ["distribute_model", "load_checkpoint", "check_checkpoint"]
 
 
 def _split_state(model: nn.Module, modules: set[str], attrs: set[str]) -> dict[str, torch.Tensor]:
@@ -78,7 +78,12 @@ def _mapped_state(path: str) -> dict:
     return _state_of(loaded, path)
 
 
-def _check_state(state: dict, model: nn.Module, path: str) -> None:
+def check_checkpoint(model: nn.Module, path: str, hint: str = "") -> None:
+    """Raise :class:`UsageError` unless the checkpoint at ``path`` fits ``model`` (real or meta); reads no weights."""
+    _check_state(_mapped_state(path), model, path, hint)
+
+
+def _check_state(state: dict, model: nn.Module, path: str, hint: str = "") -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -92,7 +97,8 @@ def _check_state(state: dict, model: nn.Module, path: str) -> None:
     if extra:
         parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
     if parts:
-        raise UsageError(f"checkpoint '{path}' does not match the net ({'; '.join(parts)})")
+        raise UsageError(f"checkpoint '{path}' does not match the net ({'; '.join(parts)})"
+                         + (f"; {hint}" if hint else ""))
 
 
 def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
@@ -196,7 +202,7 @@ def distribute_model(
 
 def _distribute_split(build, skeleton: nn.Module, plan, comm: MPI.Comm, load, checkpoint: Optional[str],
                       root: int) -> SplitExecutor:
-    """``head="split"``: the split part everywhere, the head less its first Linear's weight on the root, columns everywhere."""
+    """``head="split"``: the split part everywhere, the rest of the head on the root, columns of the Linear everywhere."""
     graph, hs = plan.graph, plan.head_split
     key = hs.target + ".weight"
     targets = graph.module_targets(("rows", "all"))

@@ -180,7 +180,7 @@ class SplitExecutor:
         self._pass = 0
 
     def _head_slice(self, model: nn.Module, columns: Optional[torch.Tensor]):
-        """This rank's columns of the split Linear's weight (given, or cut from the model's), and the bias on the root."""
+        """This rank's columns of the split Linear's weight (given, or cut from the model's); the root's bias."""
         hs = self._split_head
         linear = model.get_submodule(hs.target)
         want = (hs.out_features, hs.columns(self.rank))
