@@ -1,0 +1,186 @@
+"""``aflkd bench pipeline``: a stream of images through clusters x stages, the planned cut against the naive one.
+
+In one run, on the same ranks and the same images:
+
+* one rank (rank 0, at its own emulated speed) runs the whole net, image by
+  image: the images/s to beat;
+* the **planned** cut (:func:`runtime.stages.partition_stages`, from a
+  per-layer profile and the ranks' speeds) streams the images: images/s,
+  single-image latency, each rank's busy time and the measured balance;
+* the **equal-layer** cut (the same number of layers per stage, the same row
+  shares) streams them too: its measured balance is the reference.
+
+Balance is the slowest stage's busy time over the mean (1.0: perfect); a
+stage's busy time is its slowest cluster's (clusters wait for each other's
+halos).  Rank 0's busy time includes the head it runs.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from mpi4py import MPI
+
+from . import comm as mpi
+from .errors import UsageError
+from .graph import trace_model
+from .pipeline import Grid, PipelineExecutor
+from .profile import LayerProfile, profile_layers, read_profile
+from .stages import balance, equal_stages, partition_stages, split_layers, stage_times
+
+__all__ = ["bench_pipeline"]
+
+CL = torch.channels_last
+
+
+def _speed_grid(grid: Grid, speeds: Sequence[float]) -> list[list[float]]:
+    return [[speeds[grid.rank(c, s)] for s in range(grid.stages)] for c in range(grid.clusters)]
+
+
+def _one_rank(model: nn.Module, images: list, speed: float) -> float:
+    """Seconds for rank 0 alone to run every image through the whole model (its emulated speed)."""
+    with torch.no_grad():
+        model(images[0].contiguous(memory_format=CL))  # warm-up
+        start = time.perf_counter()
+        for x in images:
+            t0 = time.perf_counter()
+            model(x.contiguous(memory_format=CL))
+            if speed != 1.0:
+                time.sleep((time.perf_counter() - t0) * (1.0 / speed - 1.0))
+        return time.perf_counter() - start
+
+
+def _run_cut(name: str, model, in_shape, grid, bounds, shares, comm, layers, speed, images, latency_repeat,
+             planned_seconds) -> Optional[dict]:
+    executor = PipelineExecutor(model, in_shape, grid, bounds, shares, comm, layers=layers, speed=speed)
+    root = comm.Get_rank() == 0
+    executor.stream(images[:2] if root else None)  # warm-up: buffers, messages, caches
+    timed = executor.stream(images if root else None)
+    latencies = []
+    for _ in range(latency_repeat):
+        one = executor.stream(images[:1] if root else None)
+        if root:
+            latencies.append(one.latencies[0])
+    executor.close()
+    if not root:
+        return None
+    count = len(images)
+    busy = list(timed.busy)
+    busy[0] += timed.head_seconds
+    per_stage = [max(busy[grid.rank(c, s)] for c in range(grid.clusters)) / count for s in range(grid.stages)]
+    with torch.no_grad():
+        error = max(float((model(x) - y).abs().max()) for x, y in zip(images, timed.outputs))
+    return {
+        "cut": name,
+        "bounds": list(bounds),
+        "layers_per_stage": [b - a for a, b in zip(bounds, bounds[1:])],
+        "shares": list(shares),
+        "planned_stage_ms": [1e3 * t for t in planned_seconds],
+        "balance_planned": balance(planned_seconds),
+        "busy_ms_per_image": [1e3 * b / count for b in busy],
+        "stage_busy_ms": [1e3 * t for t in per_stage],
+        "balance_measured": balance(per_stage),
+        "images_per_s": count / timed.seconds,
+        "latency_ms": 1e3 * statistics.median(latencies),
+        "max_abs_error": error,
+    }
+
+
+def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tuple[int, int, int], grid: Grid,
+                   speeds: Optional[Sequence[float]] = None, images: int = 16, batch: int = 1,
+                   latency_repeat: int = 5, bandwidth: float = float("inf"), profile: Optional[str] = None,
+                   net: str = "", seed: int = 0, progress: Optional[Callable[[str], None]] = None) -> Optional[dict]:
+    """Run the benchmark on every rank of ``comm``; the report (a dict) on rank 0, None elsewhere.
+
+    ``speeds``: one relative speed per rank (1: as is; 0.5: the rank sleeps as
+    long as it computed, a board half as fast).  ``profile``: a file from
+    ``aflkd profile`` for this net and size; without one, rank 0 measures the
+    layers first (the others sleep meanwhile).
+    """
+    size, rank = comm.Get_size(), comm.Get_rank()
+    speeds = [1.0] * size if speeds is None else [float(s) for s in speeds]
+    if len(speeds) != size:
+        raise UsageError(f"--speeds has {len(speeds)} values but the job has {size} ranks; give one per rank")
+    if any(not s > 0 for s in speeds):
+        raise UsageError(f"--speeds must be positive, got {speeds}")
+    if grid.size != size:
+        raise UsageError(f"{grid.clusters} clusters x {grid.stages} stages need {grid.size} ranks but the job has "
+                         f"{size}; run mpiexec -n {grid.size}")
+    note = progress or (lambda text: None)
+    torch.manual_seed(seed)
+    model = build().eval()
+    layers = split_layers(trace_model(model, in_shape))
+    if grid.stages > len(layers):
+        raise UsageError(f"{grid.stages} stages but {net or 'the net'} has only {len(layers)} layers to share; "
+                         f"use at most {len(layers)} devices per cluster")
+
+    def measure() -> LayerProfile:
+        if profile is not None:
+            return read_profile(profile, layers)
+        note(f"profiling {len(layers)} layers on rank 0")
+        return profile_layers(model, layers, net, batch)
+
+    prof, problem = None, None
+    if rank == 0:
+        try:
+            prof = measure()
+        except UsageError as err:
+            problem = str(err)
+    mpi.idle_barrier(comm)  # the others sleep while rank 0 times the layers, instead of spinning on a core
+    prof, problem = mpi.bcast_object(comm, (prof, problem))
+    if problem is not None:
+        raise UsageError(problem)
+    speed_grid = _speed_grid(grid, speeds)
+    extra = [[0.0] * grid.stages for _ in range(grid.clusters)]
+    extra[0][0] = prof.head_seconds  # rank 0 runs the head beside its stage
+    planned = partition_stages(prof.seconds, prof.out_bytes, speed_grid, bandwidth, extra)
+    equal = equal_stages(len(layers), grid.stages)
+    equal_planned = stage_times(prof.seconds, prof.out_bytes, speed_grid, equal, planned.shares, bandwidth, extra)
+    equal_seconds = [max(row[s] for row in equal_planned) for s in range(grid.stages)]
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    stream = [torch.randn(batch, *in_shape, generator=gen) for _ in range(images)] if rank == 0 else None
+    note("one rank, whole net")
+    alone = None
+    if rank == 0:
+        alone = _one_rank(model, stream, speeds[0])
+    mpi.idle_barrier(comm)
+    runs = []
+    for name, bounds, seconds in (("planned", planned.bounds, planned.stage_seconds),
+                                  ("equal layers", equal, equal_seconds)):
+        note(f"{name} cut {list(bounds)}")
+        runs.append(_run_cut(name, model, in_shape, grid, bounds, planned.shares, comm, layers, speeds[rank],
+                             stream, latency_repeat, seconds))
+    if rank != 0:
+        return None
+    one_rank_ips = images * batch / alone
+    for run in runs:
+        run["images_per_s"] *= batch
+    plan_run, equal_run = runs
+    return {
+        "net": net,
+        "size": in_shape[1],
+        "batch": batch,
+        "clusters": grid.clusters,
+        "stages": grid.stages,
+        "ranks": size,
+        "speeds": speeds,
+        "images": images * batch,
+        "layers": len(layers),
+        "profile": asdict(prof),
+        "one_rank_images_per_s": one_rank_ips,
+        "pipeline_images_per_s": plan_run["images_per_s"],
+        "throughput_ratio": plan_run["images_per_s"] / one_rank_ips,
+        "one_rank_latency_ms": 1e3 * alone / images,
+        "latency_ms": plan_run["latency_ms"],
+        "balance_planned": plan_run["balance_planned"],
+        "balance_measured": plan_run["balance_measured"],
+        "equal_split_balance_planned": equal_run["balance_planned"],
+        "equal_split_balance_measured": equal_run["balance_measured"],
+        "max_abs_error": max(plan_run["max_abs_error"], equal_run["max_abs_error"]),
+        "runs": runs,
+    }
