@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import options
+from . import options, pipeline
 
 __all__ = ["add_parser"]
 
@@ -73,6 +73,8 @@ def add_parser(sub) -> None:
     step.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
     step.add_argument("--compile", action="store_true", help="wrap the net in torch.compile")
     step.set_defaults(func=_train_step)
+
+    pipeline.add_bench_parser(what)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
