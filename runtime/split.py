@@ -18,7 +18,10 @@ the graph in order:
   ``cat``, channel shuffles) run on the rank's own rows as they are;
 * a **reduce** (global pool) sums its own rows and finishes with an
   ``Allreduce`` (squeeze-excitation mid-net) or a ``Reduce`` to the root (head);
-* the **head** runs on the root, after the split values it reads are gathered.
+* the **head** runs on the root, after the split values it reads are gathered;
+  or, with a split head (``plan.head == "split"``), every rank multiplies its own
+  rows of the last map by its columns of the first Linear and one ``Reduce``
+  gives the root the product (no gather; the root adds the bias and runs the rest).
 
 A value's halo exchange is posted (``Isend``/``Irecv``) as soon as its own rows
 are written, and waited for only by the first window node that reads halo
