@@ -1,7 +1,7 @@
 """Run under ``mpiexec -n 2``: rank 0 the cloud (stand-in logits), rank 1 the edge (camera + updates).
 
 ``python tests/incremental_mpi_worker.py FOLDER [--cloud-dies-at N] [--edge-dies-at STEP] [--cloud-stalls]
-[--timeout S]``: each rank writes ``FOLDER/rankR.pid`` once it is ready, so a test can kill either
+[--timeout S] [--pace S]``: each rank writes ``FOLDER/rankR.pid`` once it is ready, so a test can kill either
 at a random moment; the flags kill a rank at a chosen point instead (cloud: inside its Nth request,
 after the images arrived and before the logits went back).  The edge uses the same buffer and
 counting student as the single-process kill test (``tests/incremental_harness.py``).
@@ -34,6 +34,7 @@ def main() -> int:
     parser.add_argument("--edge-dies-at", default=None)
     parser.add_argument("--cloud-stalls", action="store_true")
     parser.add_argument("--timeout", type=float, default=20.0)
+    parser.add_argument("--pace", type=float, default=0.0, help="seconds each update sleeps (a kill lands mid-run)")
     args = parser.parse_args()
     comm, folder = MPI.COMM_WORLD, Path(args.folder)
     rank = comm.Get_rank()
@@ -56,6 +57,10 @@ def main() -> int:
             from kd.buffer import Buffer
             from kd.incremental import run_updates
 
+            def paced(*update_args):
+                time.sleep(args.pace)
+                return h.counting_update(*update_args)
+
             with Buffer(str(folder / "b.sqlite"), h.SHAPE) as buffer:
                 fault = h.KillAt(args.edge_dies_at, 1) if args.edge_dies_at else (lambda s: None)
                 for serials in ROUNDS:
@@ -64,7 +69,7 @@ def main() -> int:
                         fh.write("".join(f"{s}\n" for s in serials))
                         fh.flush()
                         os.fsync(fh.fileno())
-                    run_updates(buffer, str(folder / "s.pt"), link, h.counting_update, INCREMENT, fault=fault)
+                    run_updates(buffer, str(folder / "s.pt"), link, paced, INCREMENT, fault=fault)
             link.close()
     except PeerTimeout as err:
         print(f"aflkd: error: {err}; the peer rank is dead or stalled, exiting (the buffer is kept)",

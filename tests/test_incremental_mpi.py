@@ -51,11 +51,8 @@ def _kill_rank_at_random(proc: subprocess.Popen, folder: Path, rank: int, rng: r
         if time.monotonic() > deadline or proc.poll() is not None:
             pytest.fail("the job never got ready")
         time.sleep(0.02)
-    time.sleep(rng.uniform(0.05, 0.6))
-    try:
-        os.kill(int((folder / f"rank{rank}.pid").read_text()), signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # it finished first: the rerun still checks everything
+    time.sleep(rng.uniform(0.05, 0.8))  # the paced run lasts over 1.2 s after both ranks are ready
+    os.kill(int((folder / f"rank{rank}.pid").read_text()), signal.SIGKILL)
 
 
 @needs_mpiexec
@@ -70,9 +67,10 @@ def test_either_rank_dying_or_stalling_under_mpiexec_loses_and_duplicates_nothin
     assert time.monotonic() - began < 60  # bounded: the stalled cloud did not hold the job
 
     for rank in (1, 0):  # the edge, then the cloud, SIGKILLed at a random moment
-        proc = _launch(tmp_path)
+        proc = _launch(tmp_path, "--pace", "0.15")
         _kill_rank_at_random(proc, tmp_path, rank, rng)
-        _finish(proc)
+        code, err = _finish(proc)
+        assert code != 0, f"the kill of rank {rank} landed after the run ended: {err}"
 
     code, err = _finish(_launch(tmp_path))
     assert code == 0, err
