@@ -97,11 +97,14 @@ def open_edge(comm, cloud: int, job: EdgeJob, data: ImageArrays, timeout_s: floa
             job.wire.check(data.classes)
         except UsageError as err:
             problem = str(err)
+    from .methods import make_method
+
     layers = [name for name, _ in edge_net(config.net, data.channels, 32, data.classes).named_children()]
+    batches = config.steps if make_method(config).distils else 0  # SSLF, baseline: the teacher's weights only
     hello = {"rank": comm.Get_rank(), "problem": problem, "config": asdict(config), "dataset": data.name,
              "classes": data.classes, "shape": _input_shape(data), "train_idx": np.asarray(job.train_idx),
              "digest": subset_digest(data, job.train_idx), "layers": layers, "wire": str(job.wire),
-             "run_ahead": job.run_ahead}
+             "run_ahead": job.run_ahead, "batches": batches}
     private = stream.dup(comm)
     try:
         request = stream.send_object(private, hello, cloud, HELLO)
@@ -202,6 +205,7 @@ class _Edge:
 
         self.rank = hello["rank"]
         self.config = EdgeConfig(**hello["config"])
+        self.steps = hello["batches"]  # batches of logits it will ask for (0: it does not distil)
         self.wire = parse_wire(hello["wire"])
         self.run_ahead = hello["run_ahead"]
         self.batches = BatchStream(to_tensor(data.x_train[hello["train_idx"]], data), self.config.batch,
@@ -228,10 +232,10 @@ class Cloud:
         """Answer credits until every edge has all its batches; per edge: rank, steps, bytes sent, wire."""
         from runtime import stream
 
-        active = [e for e in self.edges if e.config.steps > 0]
+        active = [e for e in self.edges if e.steps > 0]
         for e in active:
             e.credit_request = stream.irecv(self.comm, e.credit, e.rank, CREDIT)
-        bar = tqdm(total=sum(e.config.steps for e in self.edges), desc=f"cloud rank {self.rank}", unit="batch",
+        bar = tqdm(total=sum(e.steps for e in self.edges), desc=f"cloud rank {self.rank}", unit="batch",
                    disable=not progress)
         deadline = time.monotonic() + self.timeout_s
         try:
@@ -241,7 +245,7 @@ class Cloud:
                     if not e.credit_request.Test():
                         continue
                     self._answer(e, int(e.credit[0]))
-                    if e.served < e.config.steps:
+                    if e.served < e.steps:
                         e.credit_request = stream.irecv(self.comm, e.credit, e.rank, CREDIT)
                     else:
                         e.credit_request = None
