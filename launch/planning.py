@@ -48,23 +48,82 @@ BASE_COLUMNS: list[Column] = [
 MPIEXEC_NAMES = {"openmpi": "mpirun", "mpich": "mpiexec"}
 
 
-def layer_columns(topology: Topology) -> list[Column]:
-    """Columns from the stage partitioner (input rows a rank owns, layers it runs): none yet.
+def layer_columns(topology: Topology, stages: Optional[dict] = None) -> list[Column]:
+    """Columns from the stage partitioner: the input rows a rank owns and the layers it runs (with ``stages``)."""
+    if stages is None:
+        return []
 
-    Extension point: return ``[(header, lambda slot: value), ...]``; they follow
-    :data:`BASE_COLUMNS` in the printed table and are added, under their
-    header, to each rank's object in the JSON.
+    def rows(r: RankSlot):
+        if r.cluster is None:
+            return None
+        first, stop, height = stages["input_rows"][r.stage][r.cluster]
+        return f"{first}-{stop - 1} of {height}" if stop > first else f"none of {height}"
+
+    def layers(r: RankSlot):
+        if r.stage is None:
+            return None
+        a, b = stages["bounds"][r.stage], stages["bounds"][r.stage + 1]
+        labels = stages["labels"]
+        text = labels[a] if b - a == 1 else f"{labels[a]}..{labels[b - 1]}"
+        return f"{text} ({b - a})" + (" + head" if r.rank == 0 else "")
+
+    def ms(r: RankSlot):
+        return None if r.stage is None else round(1e3 * stages["times"][r.cluster][r.stage], 1)
+
+    return [("input rows", rows), ("layers", layers), ("planned ms/image", ms)]
+
+
+def stage_plan(topology: Topology, net: str, size: int, profile: Optional[str], in_channels: int = 3,
+               classes: int = 10, bandwidth: float = float("inf")) -> dict:
+    """Cut ``net`` into the topology's stages and share its rows among the clusters (JSON-ready).
+
+    Costs come from ``profile`` (``aflkd profile`` on a board) or, without
+    one, are measured here on this host's threads -- relative costs are what
+    the cut needs; the topology's speeds scale them per device.
     """
-    return []
+    import torch
+
+    from models import build_model
+    from runtime.geometry import split_rows
+    from runtime.graph import trace_model
+    from runtime.profile import profile_layers, read_profile
+    from runtime.stages import partition_stages, split_layers
+
+    missing = [r.host for r in topology.ranks() if r.speed is None]
+    if missing:
+        raise UsageError(f"{topology.path}: host '{missing[0]}' has speed = \"measure\"; run 'aflkd profile' on it "
+                         "and give its speed relative to the others, or plan without layers (--no-layers)")
+    torch.manual_seed(0)
+    model = build_model(net, in_channels, size, classes).eval()
+    layers = split_layers(trace_model(model, (in_channels, size, size)))
+    if topology.stages > len(layers):
+        raise UsageError(f"{topology.path} has {topology.stages} devices per cluster but {net} at {size}x{size} has "
+                         f"only {len(layers)} layers to share; use fewer stages or another net")
+    prof = read_profile(profile, layers) if profile else profile_layers(model, layers, net, repeat=2)
+    speeds = [[topology.ranks()[topology.rank_of(c, k)].speed for k in range(topology.stages)]
+              for c in range(topology.clusters)]
+    extra = [[0.0] * topology.stages for _ in range(topology.clusters)]
+    extra[0][0] = prof.head_seconds
+    split = partition_stages(prof.seconds, prof.out_bytes, speeds, bandwidth, extra)
+    input_rows = []
+    for k in range(topology.stages):
+        height = layers.cut_shape(split.bounds[k])[1]
+        input_rows.append([(r.start, r.stop, height) for r in split_rows(height, split.shares)])
+    return {"net": net, "size": size, "profile": profile or f"measured on this host ({prof.threads} threads)",
+            "bandwidth_mb_per_s": bandwidth / 1e6,
+            "labels": [layer.label for layer in layers.layers], "bounds": list(split.bounds),
+            "shares": list(split.shares), "times": [list(row) for row in split.times],
+            "balance_planned": split.balance, "input_rows": input_rows}
 
 
-def columns(topology: Topology) -> list[Column]:
-    return BASE_COLUMNS + layer_columns(topology)
+def columns(topology: Topology, stages: Optional[dict] = None) -> list[Column]:
+    return BASE_COLUMNS + layer_columns(topology, stages)
 
 
-def rank_table(topology: Topology, with_cloud: bool = False) -> tuple[list[str], list[list[str]]]:
+def rank_table(topology: Topology, with_cloud: bool = False,
+               stages: Optional[dict] = None) -> tuple[list[str], list[list[str]]]:
     """(headers, one row of printed cells per rank)."""
-    cols = columns(topology)
+    cols = columns(topology, stages)
     return [h for h, _ in cols], [[_text(cell(r)) for _, cell in cols] for r in topology.ranks(with_cloud)]
 
 
@@ -99,19 +158,29 @@ def add_parser(sub) -> None:
                    help="write the rank map, hostfiles and command lines as JSON (default: not written)")
     p.add_argument("--with-cloud", action="store_true",
                    help="include the cloud host as the last rank (inference jobs leave it out)")
+    p.add_argument("--net", type=options.net_name, default="edge3",
+                   help="the net whose layers the stages share (edge1..3, cloud, tv:NAME)")
+    p.add_argument("--size", type=options.positive_int, default=224, help="input height and width")
+    p.add_argument("--profile", default=None, metavar="JSON",
+                   help="per-layer costs from 'aflkd profile' on a board (default: measured here, quickly)")
+    p.add_argument("--bandwidth", type=options.positive_float, default=125.0, metavar="MB_PER_S",
+                   help="link bandwidth charged for each stage-to-stage send: 125 MB/s is the boards' 1 Gbit/s "
+                   "Ethernet; give a large number for ranks on one host")
+    p.add_argument("--no-layers", action="store_true",
+                   help="only where ranks run: no stage cut, no rows, no layers")
     p.add_argument("command", nargs="...", metavar="-- COMMAND",
                    help="the aflkd command the printed lines run (default: aflkd ranks)")
     p.set_defaults(func=_plan)
 
 
 def plan_report(topology: Topology, hostfile_dir: str, inner: Sequence[str], with_cloud: bool = False,
-                as_root: bool = False, cores: Optional[int] = None) -> dict:
+                as_root: bool = False, cores: Optional[int] = None, stages: Optional[dict] = None) -> dict:
     """Write both hostfiles into ``hostfile_dir`` and return the plan as JSON-ready data.
 
     A flavour whose hostfile cannot express the order gets ``None`` and a note.
     """
     local = local_only(topology, with_cloud)
-    extra = layer_columns(topology)
+    extra = layer_columns(topology, stages)
     report = {
         "topology": topology.path,
         "description": topology.description,
@@ -126,6 +195,7 @@ def plan_report(topology: Topology, hostfile_dir: str, inner: Sequence[str], wit
         "mpiexec": {},
         "command": list(inner[1:]),
         "notes": [],
+        "stages_plan": stages,
     }
     if topology.cloud is not None:
         c = topology.cloud
@@ -162,9 +232,12 @@ def _plan(args) -> int:
     if args.json:
         options.prepare_output(args.json, "--json")
     folder = options.prepare_folder(args.hostfile_dir, "--hostfile-dir")
+    stages = None
+    if not args.no_layers:
+        stages = stage_plan(topology, args.net, args.size, args.profile, bandwidth=args.bandwidth * 1e6)
     report = plan_report(topology, str(folder), inner, args.with_cloud,
-                         as_root=hasattr(os, "geteuid") and os.geteuid() == 0, cores=host_cores())
-    print(_summary(topology, report, args.with_cloud))
+                         as_root=hasattr(os, "geteuid") and os.geteuid() == 0, cores=host_cores(), stages=stages)
+    print(_summary(topology, report, args.with_cloud, stages))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
@@ -173,7 +246,7 @@ def _plan(args) -> int:
     return 0
 
 
-def _summary(topology: Topology, report: dict, with_cloud: bool) -> str:
+def _summary(topology: Topology, report: dict, with_cloud: bool, stages: Optional[dict] = None) -> str:
     c, s = topology.clusters, topology.stages
     head = f"{topology.path}: {c} cluster{'s' * (c != 1)} x {s} stage{'s' * (s != 1)} = {topology.size} ranks"
     if topology.description:
@@ -184,7 +257,11 @@ def _summary(topology: Topology, report: dict, with_cloud: bool) -> str:
         where = (f"rank {cloud['rank']} (last) of this job" if with_cloud else
                  f"not a rank of inference jobs; rank {topology.size} with --with-cloud")
         lines.append(f"cloud: {cloud['host']} ({cloud['address']}): {where}")
-    lines += ["", format_table(*rank_table(topology, with_cloud)), ""]
+    if stages is not None:
+        lines.append(f"{stages['net']} at {stages['size']}x{stages['size']}: {len(stages['labels'])} layers cut at "
+                     f"{stages['bounds']}, row shares {', '.join(f'{s:.3g}' for s in stages['shares'])}, planned "
+                     f"balance {stages['balance_planned']:.3f} (costs: {stages['profile']})")
+    lines += ["", format_table(*rank_table(topology, with_cloud, stages)), ""]
     if report["cluster_speeds"] is not None:
         speeds = report["cluster_speeds"]
         total = sum(speeds)

@@ -177,15 +177,19 @@ def stage_times(costs: Sequence[float], out_bytes: Sequence[float], speeds: Sequ
 
 
 def _best_bounds(costs, out_bytes, speeds, shares, bandwidth, extra) -> tuple[int, ...]:
-    """Exact minimum over cuts of the slowest (cluster, stage), for fixed shares: O(S n^2) dynamic program."""
+    """Exact minimum over cuts of the slowest (cluster, stage), for fixed shares: O(S n^2) dynamic program.
+
+    Ties (common: a fixed head on rank 0 may be the bottleneck whatever the
+    cut) go to the least total time of all stages.
+    """
     n, stages = len(costs), len(speeds[0])
     prefix = [0.0, *accumulate(costs)]
-    total = sum(shares)
+    share_sum = sum(shares)
 
     def cost(k, i, j):
         worst = 0.0
         for c, row in enumerate(speeds):
-            share = shares[c] / total
+            share = shares[c] / share_sum
             t = (share * (prefix[j] - prefix[i]) + (extra[c][k] if extra else 0.0)) / row[k]
             if k < stages - 1:
                 t += share * out_bytes[j - 1] / bandwidth
@@ -195,16 +199,26 @@ def _best_bounds(costs, out_bytes, speeds, shares, bandwidth, extra) -> tuple[in
     inf = math.inf
     # best[k][j]: slowest stage when stages 0..k run layers 0..j-1 (each stage at least one layer)
     best = [[inf] * (n + 1) for _ in range(stages)]
-    choice = [[0] * (n + 1) for _ in range(stages)]
     for j in range(1, n + 1):
         best[0][j] = cost(0, 0, j)
     for k in range(1, stages):
         for j in range(k + 1, n + 1):
+            best[k][j] = min(max(best[k - 1][i], cost(k, i, j)) for i in range(k, j))
+    limit = best[stages - 1][n] * (1 + 1e-9)
+    # second pass: among the cuts whose slowest stage is optimal, the least total time (no needless sends of
+    # big maps, no stage left near-empty when another stage is the bottleneck anyway)
+    total = [[inf] * (n + 1) for _ in range(stages)]
+    choice = [[0] * (n + 1) for _ in range(stages)]
+    for j in range(1, n + 1):
+        t = cost(0, 0, j)
+        if t <= limit:
+            total[0][j] = t
+    for k in range(1, stages):
+        for j in range(k + 1, n + 1):
             for i in range(k, j):
-                # ties go to the earlier cut, so the result does not depend on float noise in a sum
-                candidate = max(best[k - 1][i], cost(k, i, j))
-                if candidate < best[k][j] - 1e-15 * max(1.0, candidate):
-                    best[k][j], choice[k][j] = candidate, i
+                t = cost(k, i, j)
+                if t <= limit and total[k - 1][i] + t < total[k][j]:
+                    total[k][j], choice[k][j] = total[k - 1][i] + t, i
     bounds = [n]
     for k in range(stages - 1, 0, -1):
         bounds.append(choice[k][bounds[-1]])
