@@ -467,7 +467,7 @@ def _check_demo_settings(out: str, args) -> None:
 
 
 def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:
-    import numpy as np
+    import torch
 
     from kd.datasets import balanced_subset
     from kd.incremental import CloudLink, file_sha256
@@ -492,6 +492,17 @@ def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:
         _write_initial_info(out, {"test_acc": result.test_acc, "seconds": round(result.seconds, 2),
                                   "final_T": round(last["T"], 4), "final_frozen": last["frozen"],
                                   "steps": config.steps, "sha256": file_sha256(student_path)})
+        print(f"edge: generation 0 (initial student): test acc {result.test_acc:.2%}, T {last['T']:.2f}, "
+              f"frozen {last['frozen']}, {result.seconds:.0f} s", flush=True)
+    elif buffer.latest() is None and not os.path.exists(os.path.join(out, "initial.json")):
+        # killed between writing the initial student and its record: measure it again (generation 0 is still it)
+        from kd.teacher import evaluate, to_tensor
+        from models import edge_net
+
+        student = load_weights(edge_net(args.net, data.channels, 32, data.classes), student_path)
+        _write_initial_info(out, {"test_acc": evaluate(student, to_tensor(data.x_test, data),
+                                                       torch.from_numpy(data.y_test)),
+                                  "sha256": file_sha256(student_path)})
     order = camera_order(len(data.x_train), initial, args.seed)
     camera = []
     for k in range(args.increments):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.buffer import Buffer, BufferCorrupt
+from kd.buffer import Buffer
 from kd.incremental import file_sha256, read_student, reconcile, run_updates, save_student
 from runtime.errors import UsageError
 from tests.incremental_harness import (CLASSES, SHAPE, KillAt, StandInCloud, camera_and_edge, cloud_logits,
