@@ -87,7 +87,7 @@ def stage_plan(topology: Topology, net: str, size: int, profile: Optional[str], 
     from runtime.geometry import split_rows
     from runtime.graph import trace_model
     from runtime.profile import profile_layers, read_profile
-    from runtime.stages import partition_stages, split_layers
+    from runtime.stages import min_share, partition_stages, split_layers
 
     missing = [r.host for r in topology.ranks() if r.speed is None]
     if missing:
@@ -104,7 +104,8 @@ def stage_plan(topology: Topology, net: str, size: int, profile: Optional[str], 
               for c in range(topology.clusters)]
     extra = [[0.0] * topology.stages for _ in range(topology.clusters)]
     extra[0][0] = prof.head_seconds
-    split = partition_stages(prof.seconds, prof.out_bytes, speeds, bandwidth, extra)
+    split = partition_stages(prof.seconds, prof.out_bytes, speeds, bandwidth, extra,
+                             min_share=min_share(layers, topology.clusters))
     input_rows = []
     for k in range(topology.stages):
         height = layers.cut_shape(split.bounds[k])[1]

@@ -30,7 +30,7 @@ from .errors import UsageError
 from .graph import trace_model
 from .pipeline import Grid, PipelineExecutor
 from .profile import LayerProfile, profile_layers, read_profile
-from .stages import balance, equal_stages, partition_stages, split_layers, stage_times
+from .stages import balance, equal_stages, min_share, partition_stages, split_layers, stage_times
 
 __all__ = ["bench_pipeline"]
 
@@ -96,8 +96,8 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
                    net: str = "", seed: int = 0, progress: Optional[Callable[[str], None]] = None) -> Optional[dict]:
     """Run the benchmark on every rank of ``comm``; the report (a dict) on rank 0, None elsewhere.
 
-    ``speeds``: one relative speed per rank (1: as is; 0.5: the rank sleeps as
-    long as it computed, a board half as fast).  ``profile``: a file from
+    ``speeds``: one relative speed per rank, scaled so the fastest is 1 (runs
+    as is); a rank at 0.5 sleeps as long as it computed, a board half as fast.  ``profile``: a file from
     ``aflkd profile`` for this net and size; without one, rank 0 measures the
     layers first (the others sleep meanwhile).
     """
@@ -107,6 +107,8 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
         raise UsageError(f"--speeds has {len(speeds)} values but the job has {size} ranks; give one per rank")
     if any(not s > 0 for s in speeds):
         raise UsageError(f"--speeds must be positive, got {speeds}")
+    top = max(speeds)
+    speeds = [s / top for s in speeds]  # relative: the fastest rank runs as is, the others are slowed down
     if grid.size != size:
         raise UsageError(f"{grid.clusters} clusters x {grid.stages} stages need {grid.size} ranks but the job has "
                          f"{size}; run mpiexec -n {grid.size}")
@@ -137,7 +139,8 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
     speed_grid = _speed_grid(grid, speeds)
     extra = [[0.0] * grid.stages for _ in range(grid.clusters)]
     extra[0][0] = prof.head_seconds  # rank 0 runs the head beside its stage
-    planned = partition_stages(prof.seconds, prof.out_bytes, speed_grid, bandwidth, extra)
+    planned = partition_stages(prof.seconds, prof.out_bytes, speed_grid, bandwidth, extra,
+                               min_share=min_share(layers, grid.clusters))
     equal = equal_stages(len(layers), grid.stages)
     equal_planned = stage_times(prof.seconds, prof.out_bytes, speed_grid, equal, planned.shares, bandwidth, extra)
     equal_seconds = [max(row[s] for row in equal_planned) for s in range(grid.stages)]

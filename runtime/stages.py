@@ -20,6 +20,7 @@ no MPI.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Optional, Sequence
@@ -28,7 +29,7 @@ from .errors import UsageError
 from .graph import ModelGraph
 
 __all__ = ["Layer", "Layers", "StageSplit", "split_layers", "partition_stages", "equal_stages", "stage_times",
-           "balance"]
+           "balance", "min_share"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ class Layers:
 
     def cut_shape(self, boundary: int) -> tuple[int, int, int]:
         return self.graph.in_shape if boundary == 0 else self.layers[boundary - 1].out_shape
+
+
+def min_share(layers: "Layers", clusters: int) -> float:
+    """The least row share that leaves every cluster a row of every map a stage may start from."""
+    smallest = min([layers.graph.in_shape[1]] + [layer.out_shape[1] for layer in layers.layers])
+    return min(1.0 / clusters, 1.0 / smallest)
 
 
 def _splittable(graph: ModelGraph, name: str) -> bool:
@@ -226,45 +233,98 @@ def _best_bounds(costs, out_bytes, speeds, shares, bandwidth, extra) -> tuple[in
     return tuple(reversed(bounds))
 
 
+def _balanced_shares(costs, out_bytes, speeds, bounds, bandwidth, extra, min_share) -> tuple[float, ...]:
+    """Row shares (summing to 1) that equalise the clusters' slowest stages for a given cut.
+
+    Cluster ``c``'s stage ``k`` takes ``share * a[c][k] + e[c][k]`` (compute
+    and send scale with the rows; the head does not), so for a target time
+    ``T`` the most rows a cluster can take is ``min_k (T - e) / a``; the
+    smallest ``T`` whose shares add up to 1 is found by bisection.  Every
+    cluster keeps at least ``min_share`` (a row of every map).
+    """
+    stages = len(speeds[0])
+    prefix = [0.0, *accumulate(costs)]
+    a, e = [], []
+    for c, row in enumerate(speeds):
+        a.append([(prefix[bounds[k + 1]] - prefix[bounds[k]]) / row[k]
+                  + (out_bytes[bounds[k + 1] - 1] / bandwidth if k < stages - 1 else 0.0) for k in range(stages)])
+        e.append([(extra[c][k] if extra else 0.0) / row[k] for k in range(stages)])
+
+    def most(c, target):
+        return max(min_share, min(((target - e[c][k]) / a[c][k] if a[c][k] > 0 else math.inf)
+                                  for k in range(stages)))
+
+    lo, hi = 0.0, max(max(ec) for ec in e) + max(max(ac) for ac in a) + 1e-12
+    if any(math.isinf(most(c, hi)) for c in range(len(speeds))):  # a cluster with no work: share by speed
+        return tuple(sum(row) / sum(map(sum, speeds)) for row in speeds)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if sum(most(c, mid) for c in range(len(speeds))) >= 1.0:
+            hi = mid
+        else:
+            lo = mid
+    shares = [most(c, hi) for c in range(len(speeds))]
+    total = sum(shares)
+    return tuple(s / total for s in shares)
+
+
 def partition_stages(costs: Sequence[float], out_bytes: Sequence[float], speeds: Sequence[Sequence[float]],
                      bandwidth: float = math.inf, extra: Optional[Sequence[Sequence[float]]] = None,
-                     shares: Optional[Sequence[float]] = None, rounds: int = 8) -> StageSplit:
+                     shares: Optional[Sequence[float]] = None, rounds: int = 8,
+                     min_share: float = 0.0) -> StageSplit:
     """The cut and row shares that minimise the slowest (cluster, stage).
 
     ``costs[l]``: seconds of layer ``l`` on the whole map at speed 1;
     ``out_bytes[l]``: bytes of its output; ``speeds[c][k]``: relative speed
-    of cluster ``c``'s device for stage ``k``.  For fixed shares the cut is
-    exact (dynamic program).  Shares start in proportion to each cluster's
-    total speed, then move towards equal slowest-stage times for the cut
-    found, keeping the best; given ``shares``, they are used as they are.
+    of cluster ``c``'s device for stage ``k``; ``extra[c][k]``: fixed seconds
+    that do not shrink with fewer rows (the head on rank 0).  For fixed shares
+    the cut is exact (dynamic program).  Otherwise shares start in proportion
+    to each cluster's total speed and alternate with the cut: the shares that
+    equalise the clusters for this cut, then the best cut for those shares,
+    keeping the best pair.  ``min_share``: no cluster gets less (so each keeps
+    a row of the smallest map).
     """
     stages = _check(costs, speeds, out_bytes)
-    fixed = shares is not None
-    if fixed:
+    if shares is not None:
         if len(shares) != len(speeds) or any(not (s > 0) for s in shares):
             raise UsageError(f"need one positive row share per cluster ({len(speeds)}), got {list(shares)}")
-        current = tuple(float(s) for s in shares)
+        starts = [tuple(float(s) for s in shares)]
+        rounds = 1
     else:
-        current = tuple(float(sum(row)) for row in speeds)
+        starts = _starting_shares(speeds, min_share)
     best: Optional[StageSplit] = None
-    for _ in range(1 if fixed else rounds):
-        bounds = _best_bounds(costs, out_bytes, speeds, current, bandwidth, extra)
-        times = stage_times(costs, out_bytes, speeds, bounds, current, bandwidth, extra)
-        split = StageSplit(bounds, current, times)
-        if best is None or max(split.stage_seconds) < max(best.stage_seconds) * (1 - 1e-12):
-            best = split
-        # a cluster whose slowest stage is slow gets fewer rows: share ~ share / its slowest time
-        slowest = [max(row) for row in times]
-        if min(slowest) <= 0:
-            break
-        total = sum(current)
-        moved = tuple(s / total / t for s, t in zip(current, slowest))
-        norm = sum(moved)
-        moved = tuple(m / norm for m in moved)
-        if max(abs(a - b / total) for a, b in zip(moved, current)) < 1e-6:
-            break
-        current = moved
+    for current in starts:
+        for _ in range(rounds):
+            bounds = _best_bounds(costs, out_bytes, speeds, current, bandwidth, extra)
+            times = stage_times(costs, out_bytes, speeds, bounds, current, bandwidth, extra)
+            split = StageSplit(bounds, current, times)
+            if best is None or max(split.stage_seconds) < max(best.stage_seconds) * (1 - 1e-12):
+                best = split
+            if len(speeds) == 1 or shares is not None:
+                break
+            moved = _balanced_shares(costs, out_bytes, speeds, bounds, bandwidth, extra, min_share)
+            total = sum(current)
+            if max(abs(m - c / total) for m, c in zip(moved, current)) < 1e-9:
+                break
+            current = moved
     return best
+
+
+def _starting_shares(speeds, min_share: float) -> list[tuple[float, ...]]:
+    """Where the cut/shares alternation starts: by speed, even, and a spread of others (it finds local optima)."""
+    clusters = len(speeds)
+    if clusters == 1:
+        return [(1.0,)]
+    total = float(sum(map(sum, speeds)))
+    starts = [tuple(sum(row) / total for row in speeds), tuple(1.0 / clusters for _ in speeds)]
+    if clusters == 2:
+        starts += [(i / 10, 1 - i / 10) for i in range(1, 10)]
+    else:
+        rng = random.Random(0)  # the same starts on every rank and every run
+        for _ in range(12):
+            draw = [rng.expovariate(1.0) for _ in range(clusters)]
+            starts.append(tuple(d / sum(draw) for d in draw))
+    return [tuple(max(min_share, s) for s in start) for start in starts]
 
 
 def equal_stages(layers: int, stages: int) -> tuple[int, ...]:

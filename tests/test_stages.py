@@ -150,3 +150,22 @@ def test_grid_rank_map():
     assert grid.rank(0, 0) == 0 and grid.rank(2, 4) == 14
     with pytest.raises(UsageError):
         Grid(0, 2)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_two_cluster_shares_match_a_grid_search(seed):
+    """For two clusters the chosen (cut, shares) is as good as the best of a fine grid of shares, each with its
+    exact best cut; a fixed head on cluster 0 never drives its share below the minimum."""
+    rng = random.Random(seed)
+    n, stages = rng.randint(2, 7), rng.randint(1, 2)
+    costs = [rng.uniform(0.1, 3.0) for _ in range(n)]
+    speeds = [[rng.choice([0.5, 1.0, 2.0]) for _ in range(stages)] for _ in range(2)]
+    extra = [[rng.choice([0.0, 2.0, 20.0])] + [0.0] * (stages - 1), [0.0] * stages]
+    got = partition_stages(costs, [0.0] * n, speeds, extra=extra, min_share=0.05)
+    assert min(s / sum(got.shares) for s in got.shares) >= 0.05 - 1e-9
+    best = math.inf
+    for i in range(5, 96):
+        shares = [i / 100, 1 - i / 100]
+        split = partition_stages(costs, [0.0] * n, speeds, extra=extra, shares=shares)
+        best = min(best, max(split.stage_seconds))
+    assert max(got.stage_seconds) <= best * 1.02

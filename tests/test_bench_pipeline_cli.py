@@ -1,0 +1,54 @@
+"""``aflkd bench pipeline`` and ``aflkd profile`` as users run them: JSON fields, exact outputs, one-line refusals."""
+import json
+
+import pytest
+
+from tests.test_cli import aflkd, error_lines, needs_mpiexec
+
+FIELDS = {"stages", "images", "throughput_ratio", "balance_planned", "balance_measured",
+          "equal_split_balance_measured", "max_abs_error", "one_rank_images_per_s", "latency_ms", "runs"}
+
+
+@needs_mpiexec
+def test_bench_pipeline_json_and_plot(tmp_path):
+    out = tmp_path / "deep" / "pipe.json"
+    proc = aflkd(2, "bench", "pipeline", "--net", "edge2", "--size", "32", "--images", "3", "--latency-repeat", "1",
+                 "--speeds", "2,1", "--json", str(out), "--plot", str(tmp_path / "pipe.png"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert FIELDS <= set(report)
+    assert report["stages"] == 2 and report["images"] == 3 and report["speeds"] == [1.0, 0.5]
+    assert report["max_abs_error"] <= 1e-5
+    assert [run["cut"] for run in report["runs"]] == ["planned", "equal layers"]
+    assert all(sum(run["layers_per_stage"]) == report["layers"] for run in report["runs"])
+    assert (tmp_path / "pipe.png").stat().st_size > 1000
+    assert "throughput ratio" in proc.stdout and "equal layers" in proc.stdout
+
+
+@needs_mpiexec
+def test_bench_pipeline_with_a_topology_and_a_profile(tmp_path):
+    profile = tmp_path / "p.json"
+    proc = aflkd(1, "profile", "--net", "edge1", "--size", "32", "--repeat", "1", "--out", str(profile))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(profile.read_text())["labels"][0] == "conv1_1"
+    proc = aflkd(4, "bench", "pipeline", "--net", "edge1", "--size", "32", "--images", "2", "--latency-repeat", "1",
+                 "--topology", "hostfiles/local-2x2.toml", "--profile", str(profile), "--json", str(tmp_path / "b.json"),
+                 timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["clusters"] == 2 and report["stages"] == 2 and report["max_abs_error"] <= 1e-5
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks, args, message", [
+    (2, ["--topology", "hostfiles/local-2x2.toml"], "mpiexec -n"),
+    (3, ["--clusters", "2"], "does not divide"),
+    (2, ["--speeds", "1,1,1"], "one per rank"),
+    (2, ["--profile", "/nonexistent/p.json"], "aflkd profile"),
+    (2, ["--net", "edge1", "--size", "32", "--clusters", "1", "--speeds", "1,1", "--images", "0"], "images"),
+])
+def test_bench_pipeline_bad_input_is_one_line_on_every_rank(ranks, args, message):
+    proc = aflkd(ranks, "bench", "pipeline", "--size", "32", *args)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
