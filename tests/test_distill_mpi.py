@@ -146,3 +146,33 @@ def test_a_stalled_cloud_is_noticed_within_the_timeout(world, agree):
                 problems.append(f"edge {world.rank}: message {err}")
         idle_barrier(world)
     agree(world, problems)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_stalled_edge_is_noticed_by_the_cloud_within_the_timeout(world, agree):
+    """Every edge answers the set-up, then never asks for a batch: the cloud gives up after ~timeout."""
+    from kd.streaming import EdgeLost
+    from runtime.comm import idle_barrier
+
+    data, timeout_s, problems = tiny(n=48), 2.0, []
+    if world.rank == 0:
+        server = open_cloud(world, 0, _teacher(), data, timeout_s=timeout_s)
+        began = time.monotonic()
+        try:
+            server.serve()
+            problems.append("the cloud served edges that asked for nothing")
+        except EdgeLost as err:
+            waited = time.monotonic() - began
+            if not timeout_s <= waited <= timeout_s + 5:
+                problems.append(f"cloud gave up after {waited:.1f} s (timeout {timeout_s} s)")
+            if "asked for no batch within 2 s" not in str(err):
+                problems.append(f"cloud: message {err}")
+        finally:
+            server.close()
+        idle_barrier(world)
+    else:
+        job = EdgeJob(EdgeConfig("kd", 1, steps=5, batch=8, seed=world.rank), _job(world.rank).train_idx)
+        source = open_edge(world, 0, job, data, timeout_s=timeout_s)
+        idle_barrier(world)  # stalled: never trains
+        source.close()
+    agree(world, problems)
