@@ -73,4 +73,4 @@ def autocast(device: torch.device):
 
 def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
     """A loss scaler, enabled only for float16 autocast (a disabled one passes steps straight through)."""
-    return torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=amp_dtype(device) == torch.float16)
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
