@@ -35,11 +35,14 @@ def add_parser(sub) -> None:
         "prints how many tests ran at each size and exits non-zero if any rank failed.",
     )
     test.add_argument("--sizes", type=positive_int_list, default="2,3,4", help="MPI sizes to run the MPI tests at")
+    test.add_argument("--wide-sizes", type=positive_int_list, default="8",
+                      help="larger MPI sizes at which only the tests marked 'wide' (clusters x stages) run")
     test.add_argument("--timeout", type=positive_int, default=1200, help="seconds before one pytest run is killed")
     test.add_argument("--logs", default="out/test-logs",
                       help="folder for per-rank logs and JUnit XML, relative to the checkout")
     test.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
-    test.set_defaults(func=lambda args: run_suite(args.sizes, args.pytest_args, args.logs, args.timeout))
+    test.set_defaults(func=lambda args: run_suite(args.sizes, args.pytest_args, args.logs, args.timeout,
+                                                   args.wide_sizes))
 
 
 @dataclass
@@ -103,7 +106,32 @@ def _run(cmd: list[str], timeout: int, log: Path | None = None) -> int:
             out.close()
 
 
-def run_suite(sizes: Sequence[int], pytest_args: Sequence[str], logs: str, timeout: int) -> int:
+def _mpi_run(py: str, n: int, marks: str, label: str, logdir: Path, pytest_args: Sequence[str], timeout: int):
+    """One pytest run under ``mpiexec -n n`` of the tests ``marks`` selects: (label, worst rank's counts, exit)."""
+    print(f"== MPI tests under mpiexec -n {n} (pytest --with-mpi -m '{marks}') ==", flush=True)
+    rundir = logdir / f"{label.split()[0]}-n{n}"
+    rundir.mkdir()
+    code = _run([_mpiexec(), "-n", str(n), py, "-m", "mpi4py", "-m", "launch.rank_pytest", str(rundir),
+                 "--with-mpi", "-m", marks, "--color=no", "-q", *pytest_args, "tests"], timeout,
+                log=rundir / "mpiexec.log")
+    per_rank = [read_junit(rundir / f"rank{r}.xml") for r in range(n)]
+    failed_ranks = [r for r, c in enumerate(per_rank) if not c.ok]
+    rank0_log = rundir / "rank0.log"
+    if rank0_log.exists():
+        lines = rank0_log.read_text().splitlines()
+        ok_run = code == 0 and not failed_ranks
+        print(f"rank 0: {lines[-1] if lines else '(empty log)'}" if ok_run else rank0_log.read_text(), flush=True)
+    for r in failed_ranks[:2]:
+        if r != 0:
+            print(f"--- rank {r} log ---\n{(rundir / f'rank{r}.log').read_text()}", flush=True)
+    if code != 0 and not failed_ranks:
+        print((rundir / "mpiexec.log").read_text()[-4000:], flush=True)
+    worst = per_rank[failed_ranks[0]] if failed_ranks else per_rank[0]
+    return label, worst, code
+
+
+def run_suite(sizes: Sequence[int], pytest_args: Sequence[str], logs: str, timeout: int,
+              wide_sizes: Sequence[int] = ()) -> int:
     logdir = (REPO / logs).resolve()
     if logdir.exists():
         shutil.rmtree(logdir)
@@ -117,27 +145,10 @@ def run_suite(sizes: Sequence[int], pytest_args: Sequence[str], logs: str, timeo
                  *pytest_args, "tests"], timeout)
     summary.append(("serial", read_junit(serial_xml), code))
 
-    for n in sizes:
-        print(f"== MPI tests under mpiexec -n {n} (pytest --with-mpi -m mpi) ==", flush=True)
-        rundir = logdir / f"mpi-n{n}"
-        rundir.mkdir()
-        code = _run([_mpiexec(), "-n", str(n), py, "-m", "mpi4py", "-m", "launch.rank_pytest", str(rundir),
-                     "--with-mpi", "-m", "mpi", "--color=no", "-q", *pytest_args, "tests"], timeout,
-                    log=rundir / "mpiexec.log")
-        per_rank = [read_junit(rundir / f"rank{r}.xml") for r in range(n)]
-        failed_ranks = [r for r, c in enumerate(per_rank) if not c.ok]
-        rank0_log = rundir / "rank0.log"
-        if rank0_log.exists():
-            lines = rank0_log.read_text().splitlines()
-            ok_run = code == 0 and not failed_ranks
-            print(f"rank 0: {lines[-1] if lines else '(empty log)'}" if ok_run else rank0_log.read_text(), flush=True)
-        for r in failed_ranks[:2]:
-            if r != 0:
-                print(f"--- rank {r} log ---\n{(rundir / f'rank{r}.log').read_text()}", flush=True)
-        if code != 0 and not failed_ranks:
-            print((rundir / "mpiexec.log").read_text()[-4000:], flush=True)
-        worst = per_rank[failed_ranks[0]] if failed_ranks else per_rank[0]
-        summary.append((f"mpi n={n}", worst, code))
+    # every MPI test at each size; the tests marked ``wide`` (clusters x stages) also at the wide sizes
+    runs = [(n, "mpi", f"mpi n={n}") for n in sizes] + [(n, "mpi and wide", f"wide n={n}") for n in wide_sizes]
+    for n, marks, label in runs:
+        summary.append(_mpi_run(py, n, marks, label, logdir, pytest_args, timeout))
 
     print("\n== summary ==")
     status = 0

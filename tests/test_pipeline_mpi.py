@@ -19,6 +19,8 @@ from runtime.stages import split_layers
 from tests.randomgraphs import random_graph
 from tests.randomnets import random_config
 
+pytestmark = pytest.mark.wide  # also at 8 ranks: 1x8, 2x4, 4x2, 8x1
+
 
 def grids(size: int):
     return [Grid(c, size // c) for c in range(1, size + 1) if size % c == 0]
