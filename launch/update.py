@@ -103,11 +103,13 @@ def add_parser(sub) -> None:
     add.add_argument("--buffer", required=True, help="the buffer file")
     source = add.add_mutually_exclusive_group(required=True)
     source.add_argument("--train-range", metavar="A:B",
-                        help="training images A..B-1 of --dataset, in a seeded order (labels unused)")
+                        help="training images A..B-1 of --dataset, in a seeded order (labels unused) (default: none; give this "
+                        "or --images)")
     source.add_argument("--images", metavar="NPY",
                         help="a .npy file of uint8 images (N, H, W, C); an image already in the buffer (same bytes) "
-                        "is not added again")
-    add.add_argument("--dataset", default=None, help="cifar10, cifar100 or fashion-mnist (with --train-range)")
+                        "is not added again (default: none; give this or --train-range)")
+    add.add_argument("--dataset", default=None,
+                     help="cifar10, cifar100 or fashion-mnist (default: none; needed by --train-range)")
     add.add_argument("--data-root", default=str(options.DATA_ROOT), help="folder with the dataset files")
     add.add_argument("--seed", type=int, default=0, help="seed of the order of the training images")
     add.set_defaults(func=_add)
@@ -127,7 +129,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="images per update: an update starts when this many are pending")
     options.student_options(parser)
     parser.add_argument("--lr", type=options.positive_float, default=EdgeConfig.lr,
-                        help="peak learning rate of each update's one-cycle schedule")
+                        help="peak learning rate of each update's one-cycle schedule (the demo's initial student "
+                        "is trained at train edge's usual rate, whatever this says)")
     parser.add_argument("--seed", type=int, default=EdgeConfig.seed,
                         help="seed of the batches (update g uses seed + g) and of the demo's stream")
     parser.add_argument("--timeout", type=options.positive_float, default=120.0,
@@ -471,7 +474,7 @@ def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:
 
     from kd.datasets import balanced_subset
     from kd.incremental import CloudLink, file_sha256
-    from kd.trainer import train_edge
+    from kd.trainer import EdgeConfig, train_edge
     from models import cloud_net, load_weights, save_atomic
 
     data, out = setup.data, args.out
@@ -481,14 +484,17 @@ def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:
         # Alg. 1 on the edge: the student starts from the cloud net's shared blocks (read here from the
         # same checkpoint the cloud rank holds) and distils on the labelled initial images.
         teacher = load_weights(cloud_net(data.channels, 32, data.classes), options.teacher_path(args))
-        config = replace(_edge_config(args), steps=args.initial_steps or args.steps)
+        # the initial student is 'aflkd train edge' as it stands (its lr); --lr is the updates' own
+        config = replace(_edge_config(args), steps=args.initial_steps or args.steps, lr=EdgeConfig.lr)
         print(f"edge: initial AFLKD student, edge net {args.net}, {args.initial} labelled images, "
               f"{config.steps} steps", flush=True)
         with link.keepalive():  # the cloud rank waits meanwhile: heartbeats tell it the edge lives
             result = train_edge(config, data, initial, teacher=teacher, progress=not args.no_progress,
                                 device=setup.device)
         last = result.history[-1]
-        save_atomic({k: v.detach().cpu() for k, v in result.model.state_dict().items()}, student_path)
+        initial_state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+        save_atomic(initial_state, os.path.join(out, "initial-student.pt"))  # kept: student.pt moves on
+        save_atomic(initial_state, student_path)
         _write_initial_info(out, {"test_acc": result.test_acc, "seconds": round(result.seconds, 2),
                                   "final_T": round(last["T"], 4), "final_frozen": last["frozen"],
                                   "steps": config.steps, "sha256": file_sha256(student_path)})
