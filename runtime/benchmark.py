@@ -23,11 +23,13 @@ Fig. 10 leaves the FC layers out too); scatter, gather and head are in
 
 Head placements (``head``): with ``"split"``, ``"both"`` or ``"auto"`` the
 split-head placement (each rank multiplies its own rows by its columns of
-the first Linear, one Reduce) is built and timed end to end *first*, in a
-process that has held nothing else, and each rank's peak memory is read
-then; it is freed, the peak is reset (``/proc/self/clear_refs``) and the
-gather placement, with the unsplit reference, runs as before.  So neither
-placement's peak counts the other's, nor the unsplit reference.
+the first Linear, one Reduce) is built and run *first*, in a process that has
+held nothing else, and each rank's peak memory is read then; it is freed, the
+peak is reset (``/proc/self/clear_refs``) and the gather placement, with the
+unsplit reference, runs as before and its peak is read.  So neither
+placement's peak counts the other's, and the split's not the unsplit
+reference.  Only then is the split placement built again beside the gather
+one, and both are timed end to end, alternating within every repetition.
 """
 from __future__ import annotations
 
@@ -87,35 +89,43 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _split_head_phase(comm, build, in_shape, *, load, checkpoint, weights, head, batch, repeat, warmup, seed,
-                      progress, net) -> dict:
-    """Build and time the split-head placement end to end, alone; its output on the root and peak memory per rank."""
+def _split_head_build(comm, build, in_shape, *, load, checkpoint, weights, head) -> SplitExecutor:
+    return distribute_model(build, in_shape, comm, weights, load=None if checkpoint else load, checkpoint=checkpoint,
+                            head="auto" if head == "auto" else "split")
+
+
+def _split_head_memory(comm, build, in_shape, *, batch, warmup, seed, **how) -> dict:
+    """The split-head placement alone: built, run (warm-up passes, at least one), its peak memory per rank, freed."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    executor = distribute_model(build, in_shape, comm, weights, load=None if checkpoint else load,
-                                checkpoint=checkpoint, head="auto" if head == "auto" else "split")
+    executor = _split_head_build(comm, build, in_shape, **how)
     plan = executor.plan
-    out = dict(head=plan.head, note=plan.head_note, plan=None)
-    if plan.head != "split":  # the head cannot split, or auto chose gather: the gather phase covers it
-        del executor
-        gc.collect()
-        return out
-    hs = plan.head_split
-    image = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(seed + 1)) if rank == 0 else None
-    times = []
-    bar = tqdm(range(warmup + repeat), desc=f"bench {net} x{size} ranks, split head", leave=False,
-               disable=not progress or rank != 0)
-    for step in bar:
-        mpi.barrier(comm)
-        t = _timed(lambda: executor(image, batch))
-        if step >= warmup:
-            times.append(t)
-    output = executor(image, batch)
-    rss = mpi.gather_objects(comm, peak_rss_mb(), root=0)
-    weight_mb = [hs.weight_bytes(r) / 2**20 for r in range(size)]
-    out.update(e2e=times, output=output, rss=rss, weight_mb=weight_mb)
-    del executor, output
+    out = dict(head=plan.head, note=plan.head_note)
+    if plan.head == "split":  # else the head cannot split, or auto chose gather: the gather placement covers it
+        image = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(seed + 1)) if rank == 0 else None
+        for _ in range(max(1, warmup)):
+            output = executor(image, batch)
+        out.update(output=output, rss=mpi.gather_objects(comm, peak_rss_mb(), root=0),
+                   weight_mb=[plan.head_split.weight_bytes(r) / 2**20 for r in range(size)])
+        del output
+    del executor
     gc.collect()
     return out
+
+
+def _paired_end_to_end(comm, gather: SplitExecutor, split: SplitExecutor, image, batch: int, repeat: int,
+                       warmup: int, progress: bool, label: str) -> dict[str, list]:
+    """End-to-end seconds of both placements, alternating within every repetition (noise hits them alike)."""
+    times: dict[str, list] = {"gather": [], "split": []}
+    bar = tqdm(range(warmup + repeat), desc=f"{label}, gather vs split head", leave=False,
+               disable=not progress or comm.Get_rank() != 0)
+    for step in bar:
+        for which in ("gather", "split") if step % 2 == 0 else ("split", "gather"):
+            executor = gather if which == "gather" else split
+            mpi.barrier(comm)
+            elapsed = _timed(lambda: executor(image, batch))
+            if step >= warmup:
+                times[which].append(elapsed)
+    return times
 
 
 def _host_cores() -> int:
@@ -181,10 +191,9 @@ def bench_layers(
     rank, size = comm.Get_rank(), comm.Get_size()
     split_head = None
     head_notes = []
-    if head != "gather":
-        split_head = _split_head_phase(comm, build, in_shape, load=load, checkpoint=checkpoint, weights=weights,
-                                       head=head, batch=batch, repeat=repeat, warmup=warmup, seed=seed,
-                                       progress=progress, net=net)
+    how = dict(load=load, checkpoint=checkpoint, weights=weights, head=head)
+    if head != "gather":  # first, in a process that has held nothing else: its peak is its own
+        split_head = _split_head_memory(comm, build, in_shape, batch=batch, warmup=warmup, seed=seed, **how)
         if split_head["head"] == "split":
             if checkpoint is None:
                 head_notes.append("split head without a checkpoint: the root built the whole Linear once at "
@@ -274,20 +283,29 @@ def bench_layers(
         },
         root=0,
     )
+    paired = None
+    if split_head is not None and split_head["head"] == "split":
+        # both peaks are read (above and in the split phase): now both placements side by side, timed in turn
+        second = _split_head_build(comm, build, in_shape, **how)
+        paired = _paired_end_to_end(comm, executor, second, image if rank == 0 else None, batch, repeat, warmup,
+                                    progress, f"bench {net} x{size} ranks")
+        del second
     if rank != 0:
         return None
     max_abs_error = float((output - reference).abs().max())
-    heads = [dict(head="gather", end_to_end_ms=1e3 * median(per_rank[0]["e2e"]),
+    gather_e2e = paired["gather"] if paired else per_rank[0]["e2e"]
+    heads = [dict(head="gather", end_to_end_ms=1e3 * median(gather_e2e),
                   peak_rss_mb=[r["rss"] for r in per_rank], max_abs_error=max_abs_error,
-                  weight_mb_per_rank=None)]
+                  weight_mb_per_rank=None, split_over_gather=None)]
     head_note = executor.plan.head_note
     if split_head is not None:
         head_note = split_head["note"]
-        if split_head["head"] == "split":
-            heads.append(dict(head="split", end_to_end_ms=1e3 * median(split_head["e2e"]),
+        if paired:
+            heads.append(dict(head="split", end_to_end_ms=1e3 * median(paired["split"]),
                               peak_rss_mb=split_head["rss"],
                               max_abs_error=float((split_head["output"] - reference).abs().max()),
-                              weight_mb_per_rank=split_head["weight_mb"]))
+                              weight_mb_per_rank=split_head["weight_mb"],
+                              split_over_gather=float(median(np.array(paired["split"]) / np.array(paired["gather"])))))
     split_runs = np.max([r["split"] for r in per_rank], axis=0)
     split_ms = 1e3 * median(split_runs)
     bound_ms = efficiency = None

@@ -115,7 +115,11 @@ class Report:
                            else "all on rank 0")
                 lines.append(f"{h['head']:<15} {h['end_to_end_ms']:>13.3f}   "
                              f"{', '.join(f'{m:.0f}' for m in h['peak_rss_mb']):<26} {weights:<29} "
-                             f"{h['max_abs_error']:.3g}")
+                             f"{h['max_abs_error']:.3g}"
+                             + (f"   split/gather {h['split_over_gather']:.3f} (paired median)"
+                                if h.get("split_over_gather") is not None else ""))
+            lines.append("(end to end: both placements alternated in every repetition; each peak read while the "
+                         "other placement did not exist)")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
