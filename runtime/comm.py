@@ -47,6 +47,7 @@ __all__ = [
     "isend_rows",
     "recv_rows",
     "irecv_rows",
+    "scatter_objects",
 ]
 
 T = TypeVar("T")
@@ -324,3 +325,8 @@ def recv_rows(comm: MPI.Comm, band: torch.Tensor, source: int, tag: int) -> torc
 def irecv_rows(comm: MPI.Comm, band: torch.Tensor, source: int, tag: int):
     """Post a receive into a contiguous rows-first band (e.g. one cluster's rows of the root's full map)."""
     return comm.Irecv(message(band), source=source, tag=tag)
+
+
+def scatter_objects(comm: MPI.Comm, objs: Optional[list], root: int = 0):
+    """One small picklable object per rank from ``root`` (set-up only: e.g. each rank's own weights)."""
+    return comm.scatter(objs, root=root)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ from .plan import check_weights, plan_split
 from .split import SplitExecutor, check_image
 from .stages import Layers, split_layers
 
-__all__ = ["Grid", "PipelineExecutor", "StreamResult", "stage_module", "head_module"]
+__all__ = ["Grid", "PipelineExecutor", "StreamResult", "stage_module", "head_module", "distribute_pipeline"]
 
 #: images in flight per sender before it waits for an old send to finish (bounds memory)
 SEND_SLOTS = 4
@@ -181,6 +181,7 @@ class PipelineExecutor:
         self.out_rows = plan.values[self.out_value].owned[self.cluster]
         self.final_rows = split_rows(layers.cut_shape(n)[1], self.shares)
         self.head = head_module(model, layers).eval() if self.is_root else None
+        self.model_params = list(model.parameters())  # what this rank built (meta where it holds nothing)
         self.model_in_shape = layers.graph.in_shape
 
     def close(self) -> None:
@@ -299,3 +300,70 @@ class PipelineExecutor:
         result.head_seconds += time.perf_counter() - start
         result.outputs.append(output)
         result.latencies.append(time.perf_counter() - started)
+
+
+def _stage_targets(layers: Layers, first: int, stop: int) -> set[str]:
+    """Qualified names of the modules and attributes layers ``first:stop`` use."""
+    names = {n for layer in layers.layers[first:stop] for n in layer.nodes}
+    targets = set()
+    for f in layers.graph.fx.nodes:
+        if f.op == "call_module" and f.name in names:
+            targets.add(f.target)
+        elif f.op == "get_attr" and any(user.name in names for user in f.users):
+            targets.add(f.target)
+    return targets
+
+
+def distribute_pipeline(build: Callable[[], nn.Module], in_shape: tuple[int, int, int], grid: Grid,
+                        bounds: Sequence[int], shares: Optional[Sequence[float]] = None,
+                        comm: MPI.Comm = MPI.COMM_WORLD, load: Optional[Callable[[nn.Module], None]] = None,
+                        speed: float = 1.0, root_model: Optional[nn.Module] = None) -> PipelineExecutor:
+    """A :class:`PipelineExecutor` whose ranks hold only the weights of their own stage.
+
+    Every rank builds ``build()`` on the meta device (structure only); rank 0
+    builds it for real, calls ``load(model)``, keeps it (it runs stage 0 of
+    cluster 0 and the head) and sends every other rank the state of its
+    stage's modules, once, at set-up.  A Pi never holds the head's Linear.
+    ``root_model``: rank 0's model, already built and loaded (then neither
+    ``build`` nor ``load`` runs there again).
+    """
+    with torch.device("meta"):
+        skeleton = build()
+    skeleton.eval()
+    layers = split_layers(trace_model(skeleton, in_shape))
+    rank = comm.Get_rank()
+    model, parts, problem = skeleton, None, None
+    if rank == 0:
+        try:
+            if root_model is not None:
+                model = root_model
+            else:
+                model = build()
+                if load is not None:
+                    load(model)
+            model.eval()
+            state = model.state_dict()
+            parts = []
+            for r in range(comm.Get_size()):
+                _, s = grid.position(r)
+                targets = _stage_targets(layers, bounds[s], bounds[s + 1]) if s + 1 < len(bounds) else set()
+                parts.append({k: v for k, v in state.items() if k.rpartition(".")[0] in targets or k in targets})
+        except UsageError as err:
+            problem = str(err)
+    problem = mpi.bcast_object(comm, problem)
+    if problem is not None:
+        raise UsageError(problem)
+    mine = mpi.scatter_objects(comm, parts)
+    if rank != 0:
+        _, s = grid.position(rank)
+        for target in _stage_targets(layers, bounds[s], bounds[s + 1]):
+            owner_name, _, attr = target.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            if isinstance(getattr(owner, attr, None), nn.Module):
+                getattr(owner, attr).to_empty(device="cpu")
+            elif attr in owner._parameters:
+                owner._parameters[attr] = nn.Parameter(mine[target], requires_grad=False)
+            else:
+                owner._buffers[attr] = mine[target]
+        model.load_state_dict({k: v for k, v in mine.items() if k in model.state_dict()}, strict=False, assign=True)
+    return PipelineExecutor(model, in_shape, grid, bounds, shares, comm, layers=layers, speed=speed)

@@ -28,7 +28,7 @@ from mpi4py import MPI
 from . import comm as mpi
 from .errors import UsageError
 from .graph import trace_model
-from .pipeline import Grid, PipelineExecutor
+from .pipeline import Grid, distribute_pipeline
 from .profile import LayerProfile, profile_layers, read_profile
 from .stages import balance, equal_stages, min_share, partition_stages, split_layers, stage_times
 
@@ -54,9 +54,9 @@ def _one_rank(model: nn.Module, images: list, speed: float) -> float:
         return time.perf_counter() - start
 
 
-def _run_cut(name: str, model, in_shape, grid, bounds, shares, comm, layers, speed, images, latency_repeat,
+def _run_cut(name: str, build, model, in_shape, grid, bounds, shares, comm, speed, images, latency_repeat,
              planned_seconds) -> Optional[dict]:
-    executor = PipelineExecutor(model, in_shape, grid, bounds, shares, comm, layers=layers, speed=speed)
+    executor = distribute_pipeline(build, in_shape, grid, bounds, shares, comm, speed=speed, root_model=model)
     root = comm.Get_rank() == 0
     executor.stream(images[:2] if root else None)  # warm-up: buffers, messages, caches
     timed = executor.stream(images if root else None)
@@ -113,9 +113,10 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
         raise UsageError(f"{grid.clusters} clusters x {grid.stages} stages need {grid.size} ranks but the job has "
                          f"{size}; run mpiexec -n {grid.size}")
     note = progress or (lambda text: None)
+    with torch.device("meta"):
+        layers = split_layers(trace_model(build().eval(), in_shape))
     torch.manual_seed(seed)
-    model = build().eval()
-    layers = split_layers(trace_model(model, in_shape))
+    model = build().eval() if rank == 0 else None  # the others get their stage's weights from rank 0
     if grid.stages > len(layers):
         raise UsageError(f"{grid.stages} stages but {net or 'the net'} has only {len(layers)} layers to share; "
                          f"use at most {len(layers)} devices per cluster")
@@ -156,7 +157,7 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
     for name, bounds, seconds in (("planned", planned.bounds, planned.stage_seconds),
                                   ("equal layers", equal, equal_seconds)):
         note(f"{name} cut {list(bounds)}")
-        runs.append(_run_cut(name, model, in_shape, grid, bounds, planned.shares, comm, layers, speeds[rank],
+        runs.append(_run_cut(name, build, model, in_shape, grid, bounds, planned.shares, comm, speeds[rank],
                              stream, latency_repeat, seconds))
     if rank != 0:
         return None
