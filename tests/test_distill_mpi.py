@@ -100,21 +100,25 @@ def test_smaller_wire_formats_train_close_to_float32(world, agree, wire):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_mismatched_class_count_fails_on_every_rank_with_one_message(world, agree):
-    """Edge rank 1 trains on 4 classes, the teacher has 3: the same one-line error on every rank, no transfer."""
+@pytest.mark.parametrize("edge_data, want", [
+    (dict(classes=4), "the teacher on cloud rank 0 has 3 classes but the student on edge rank 1 has 4"),
+    (dict(channels=1, side=28), "the teacher on cloud rank 0 takes (3, 32, 32) images but edge rank 1 trains on "
+                                "(1, 32, 32)"),
+])
+def test_mismatched_teacher_and_student_fail_on_every_rank_with_one_message(world, agree, edge_data, want):
+    """Edge rank 1's data do not fit the teacher (4 classes; grey 28x28 images): the same one-line error
+    on every rank, before any logits move."""
     problems, message = [], None
     try:
         if world.rank == 0:
             _serve(world, 0, tiny(n=48), timeout_s=30.0)
         else:
-            classes = 4 if world.rank == 1 else 3
             job = _job(world.rank)
-            open_edge(world, 0, job, tiny(classes=classes, n=48), timeout_s=30.0)
+            open_edge(world, 0, job, tiny(n=48, **(edge_data if world.rank == 1 else {})), timeout_s=30.0)
         problems.append(f"rank {world.rank}: no error")
     except UsageError as err:
         message = str(err)
     messages = world.allgather(message)
-    want = "the teacher on cloud rank 0 has 3 classes but the student on edge rank 1 has 4"
     if len(set(messages)) != 1 or want not in (messages[0] or "") or "\n" in (messages[0] or ""):
         problems.append(f"rank {world.rank}: messages {messages}")
     agree(world, problems)
