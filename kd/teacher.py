@@ -241,7 +241,7 @@ def train_teacher(
                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "config": asdict(config)}, state_path)
-        save_atomic(kept.state_dict(), out)
+        save_atomic({k: v.cpu() for k, v in kept.state_dict().items()}, out)  # plain CPU tensors, any device loads them
     return {"dataset": data.name, "epochs": epoch, "test_acc": history[-1]["test_acc"] if history else float("nan"),
             "history": history, "device": device_name(device)}
 
