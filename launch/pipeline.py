@@ -48,7 +48,8 @@ def add_bench_parser(what) -> None:
     )
     _net_options(p)
     p.add_argument("--topology", default=None, metavar="TOML",
-                   help="the rack's topology file (grid and speeds from it); default: --clusters and --speeds")
+                   help="the rack's topology file (grid and speeds from it; default: $AFLKD_TOPOLOGY, which "
+                   "'aflkd launch' sets, else --clusters and --speeds)")
     p.add_argument("--clusters", type=options.positive_int, default=1,
                    help="clusters (stages = ranks / clusters) when no --topology is given")
     p.add_argument("--speeds", type=options.weights, default=None,
@@ -99,17 +100,18 @@ def _build(args):
 def _grid_and_speeds(args, size: int):
     from runtime.pipeline import Grid
 
-    speeds = args.speeds
-    if args.topology:
-        from .topology import check_world_size, load_topology
+    from .topology import check_world_size, load_topology, topology_path_from_env
 
-        topology = load_topology(args.topology)
+    speeds = args.speeds
+    path = args.topology or topology_path_from_env()  # 'aflkd launch' exports the topology it ran
+    if path:
+        topology = load_topology(path)
         check_world_size(topology, size)
         grid = Grid(topology.clusters, topology.stages)
         if speeds is None:
             ranks = topology.ranks()
-            if any(isinstance(r.speed, str) for r in ranks):
-                raise UsageError(f"{args.topology} has speed = \"measure\"; give numbers there or --speeds")
+            if any(r.speed is None for r in ranks):
+                raise UsageError(f"{path} has speed = \"measure\"; give numbers there or --speeds")
             speeds = [float(r.speed) for r in ranks]
         return grid, speeds
     if size % args.clusters:
