@@ -189,6 +189,7 @@ def bench_layers(
     if head not in HEAD_CHOICES:
         raise UsageError(f"head must be one of {', '.join(HEAD_CHOICES)}, got '{head}'")
     rank, size = comm.Get_rank(), comm.Get_size()
+    baseline = mpi.gather_objects(comm, peak_rss_mb(), root=0)  # the interpreter with torch and the runtime
     split_head = None
     head_notes = []
     how = dict(load=load, checkpoint=checkpoint, weights=weights, head=head)
@@ -343,5 +344,5 @@ def bench_layers(
         end_to_end_ms=1e3 * median(per_rank[0]["e2e"]), max_abs_error=max_abs_error,
         peak_rss_mb=[r["rss"] for r in per_rank],
         unsplit_peak_rss_mb=unsplit_memory() if unsplit_memory is not None else None,
-        notes=notes + head_notes, layers=rows, head_note=head_note, heads=heads,
+        notes=notes + head_notes, layers=rows, head_note=head_note, heads=heads, baseline_rss_mb=baseline,
     )

@@ -202,7 +202,7 @@ def distribute_model(
 
 def _distribute_split(build, skeleton: nn.Module, plan, comm: MPI.Comm, load, checkpoint: Optional[str],
                       root: int) -> SplitExecutor:
-    """``head="split"``: the split part everywhere, the rest of the head on the root, columns of the Linear everywhere."""
+    """``head="split"``: the split part everywhere, the rest of the head on the root, Linear columns everywhere."""
     graph, hs = plan.graph, plan.head_split
     key = hs.target + ".weight"
     targets = graph.module_targets(("rows", "all"))

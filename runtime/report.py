@@ -70,6 +70,7 @@ class Report:
     layers: list = field(default_factory=list)
     head_note: str = ""  # which head case applies (gather, split, a global pool's reduce) and why
     heads: list = field(default_factory=list)  # per timed head placement: head, end_to_end_ms, peak_rss_mb, ...
+    baseline_rss_mb: Optional[list] = None  # per rank, before any model: the interpreter, torch, the runtime
 
     def table(self) -> str:
         head = (f"{'node':<28} {'op':<18} {'unsplit ms':>10} {'split ms':>9} {'halo ms':>8} {'bytes':>10} "
@@ -120,6 +121,9 @@ class Report:
                                 if h.get("split_over_gather") is not None else ""))
             lines.append("(end to end: both placements alternated in every repetition; each peak read while the "
                          "other placement did not exist)")
+            if self.baseline_rss_mb:
+                lines.append(f"(of each peak, the interpreter with torch and the runtime before any model: "
+                             f"{', '.join(f'{m:.0f}' for m in self.baseline_rss_mb)} MB per rank)")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
