@@ -226,6 +226,11 @@ def idle_barrier(comm: MPI.Comm, poll_s: float = 0.0005) -> None:
         time.sleep(poll_s)
 
 
+def self_comm() -> MPI.Comm:
+    """This process alone (MPI_COMM_SELF): a self-send/recv times the local cost of a message."""
+    return MPI.COMM_SELF
+
+
 def barrier(comm: MPI.Comm) -> None:
     """A busy barrier: the tightest common start for timing."""
     comm.Barrier()
