@@ -48,7 +48,7 @@ def add_bench_parser(what) -> None:
     )
     _net_options(p)
     p.add_argument("--topology", default=None, metavar="TOML",
-                   help="the rack's topology file (grid and speeds from it; default: $AFLKD_TOPOLOGY, which "
+                   help="the rack's topology file, for the grid and speeds (default: $AFLKD_TOPOLOGY, which "
                    "'aflkd launch' sets, else --clusters and --speeds)")
     p.add_argument("--clusters", type=options.positive_int, default=1,
                    help="clusters (stages = ranks / clusters) when no --topology is given")
@@ -63,9 +63,10 @@ def add_bench_parser(what) -> None:
                    help="per-layer costs from 'aflkd profile' (default: rank 0 measures them first)")
     p.add_argument("--threads", type=options.threads, default=None,
                    help="torch threads per rank (default: this host's cores / ranks on this host)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON (folders are created)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write the report as JSON (default: not written; folders are created)")
     p.add_argument("--plot", default=None, metavar="PNG",
-                   help="draw each stage's planned and measured time for both cuts (folders are created)")
+                   help="draw each stage's planned and measured time for both cuts (default: not drawn; folders are created)")
     p.set_defaults(func=_bench)
 
 
