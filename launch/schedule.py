@@ -1,0 +1,344 @@
+"""``aflkd schedule``: the edge-KD core-allocation planner (paper 002) in simulation, checked, and profiled.
+
+* ``simulate``: the paper's Fig. 5 -- total time of N Comm/Forward/Backward cycles
+  for each core count and Comp:Comm ratio, with the exact planner, priority
+  allocation and random allocation (1000 seeded draws), and the planning time.
+* ``verify``: the planner against exhaustive search over every decision sequence
+  on small random cases; writes each case's gap and ``max_gap``.
+* ``profile``: measures computation and communication times on this machine for
+  each split of the cores, fits f and g (scheduling/costmodel.py) and writes the
+  constants with their fit errors, for ``simulate --constants``.
+
+The decision model and the fits are in docs/scheduling.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+from runtime.errors import UsageError
+
+from . import options
+
+__all__ = ["add_parser", "parse_ratio", "simulate_cases", "verify_cases", "profile_machine"]
+
+EPILOG = """\
+examples:
+  .venv/bin/aflkd schedule simulate --cores 6,8,10,12 --ratio 1:1,2:1 --json out/fig5.json --plot out/fig5.png
+  .venv/bin/aflkd schedule verify --json out/verify.json
+  .venv/bin/aflkd schedule profile --out out/constants.json
+  .venv/bin/aflkd schedule simulate --constants out/constants.json --cores 2 --ratio 1:1
+"""
+
+
+def parse_ratio(text: str) -> tuple[float, float]:
+    """``"2:1"`` -> (2.0, 1.0): Comp (x) : Comm (y), as in the paper's Fig. 5."""
+    parts = text.split(":")
+    try:
+        a, b = (float(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--ratio {text!r}: give Comp:Comm as two positive numbers, e.g. 2:1") from None
+    if not (a > 0 and b > 0):
+        raise UsageError(f"--ratio {text!r}: both parts must be positive, e.g. 2:1")
+    return a, b
+
+
+def _ratios(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UsageError("--ratio: give at least one Comp:Comm ratio, e.g. 1:1,2:1")
+    for item in items:
+        parse_ratio(item)
+    return items
+
+
+def _load_cost(path):
+    from scheduling.costmodel import PAPER_LIKE, CostModel
+    if path is None:
+        return PAPER_LIKE
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--constants {path}: cannot read a JSON file ({err})") from None
+    return CostModel.from_json(data, source=f"fitted, from {path}")
+
+
+def simulate_cases(cost, cores: list[int], ratios: list[str], cycles: int, draws: int = 1000,
+                   seed: int = 0, progress: bool = False) -> list[dict]:
+    """One row per (cores, ratio): planner, priority, random mean/best/worst, plan_ms and the gains."""
+    from tqdm import tqdm
+
+    from scheduling.planner import Workload, plan, priority, random_allocation
+    for c in cores:
+        Workload(cycles, 1.0, 1.0, 1.0, c).check(cost)     # one line before any work
+    rows = []
+    cases = [(c, r) for r in ratios for c in cores]
+    for c, r in tqdm(cases, desc="cases", disable=not progress):
+        a, b = parse_ratio(r)
+        work = Workload(cycles, comm=1.0, forward=a / b, backward=a / b, cores=c)
+        start = time.perf_counter()
+        best = plan(cost, work)
+        plan_ms = 1e3 * (time.perf_counter() - start)
+        prio = priority(cost, work)
+        rnd = random_allocation(cost, work, draws=draws, seed=seed)
+        gain = lambda other: (other - best.total) / other
+        rows.append({"cores": c, "ratio": r, "cycles": cycles, "planner": best.total, "priority": prio,
+                     "random_mean": rnd.mean, "random_best": rnd.best, "random_worst": rnd.worst,
+                     "plan_ms": plan_ms, "gain_vs_priority": gain(prio), "gain_vs_random_mean": gain(rnd.mean),
+                     "gain_vs_random_best": gain(rnd.best), "gain_vs_random_worst": gain(rnd.worst),
+                     "shared_rounds": sum(1 for s in best.steps if s.decision[0] == "pair"),
+                     "rounds": len(best.steps)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("cores", "ratio", "planner", "priority", "rnd mean", "rnd best", "rnd worst",
+            "gain/prio", "gain/mean", "gain/best", "plan ms")
+    lines = ["  ".join(f"{h:>9}" for h in head)]
+    for r in rows:
+        vals = (r["cores"], r["ratio"], f"{r['planner']:.3f}", f"{r['priority']:.3f}", f"{r['random_mean']:.3f}",
+                f"{r['random_best']:.3f}", f"{r['random_worst']:.3f}", f"{100 * r['gain_vs_priority']:.1f}%",
+                f"{100 * r['gain_vs_random_mean']:.1f}%", f"{100 * r['gain_vs_random_best']:.1f}%",
+                f"{r['plan_ms']:.1f}")
+        lines.append("  ".join(f"{str(v):>9}" for v in vals))
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: str, source: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ratios = list(dict.fromkeys(r["ratio"] for r in rows))
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
+    for ax, ratio in zip(axes[0], ratios):
+        sub = [r for r in rows if r["ratio"] == ratio]
+        xs = list(range(len(sub)))
+        w = 0.27
+        ax.bar([x - w for x in xs], [r["planner"] for r in sub], w, label="planner (exact)")
+        ax.bar(xs, [r["priority"] for r in sub], w, label="priority")
+        ax.bar([x + w for x in xs], [r["random_mean"] for r in sub], w, label="random (mean, best..worst)",
+               yerr=[[r["random_mean"] - r["random_best"] for r in sub],
+                     [r["random_worst"] - r["random_mean"] for r in sub]], capsize=3)
+        for x, r in zip(xs, sub):
+            ax.annotate(f"{r['plan_ms']:.0f} ms", (x - w, r["planner"]), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs, [str(r["cores"]) for r in sub])
+        ax.set_xlabel("c_total (cores)")
+        ax.set_ylabel(f"total time of {sub[0]['cycles']} cycles (model units)")
+        ax.set_title(f"x (Comp) : y (Comm) = {ratio}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Fig. 5: planner vs priority and random allocation; constants: {source}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _simulate(args) -> int:
+    options.prepare_output(args.json, "--json")
+    options.prepare_output(args.plot, "--plot")
+    cost = _load_cost(args.constants)
+    rows = simulate_cases(cost, args.cores, args.ratio, args.cycles, draws=args.draws, seed=args.seed,
+                          progress=True)
+    print(f"constants: {cost.source}: a1={cost.comp.a1:.4g} a2={cost.comp.a2:.4g} "
+          f"b1={cost.comm.b1:.4g} b2={cost.comm.b2:.4g} b3={cost.comm.b3:.4g}")
+    print(f"{args.cycles} cycles per case, y (Comm) = 1 per cycle, x (each of Forward, Backward) = ratio; "
+          f"random: {args.draws} draws, seed {args.seed}; gain = (baseline - planner) / baseline")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": args.command_line, "constants": cost.to_json(),
+                                               "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        _plot(rows, args.plot, cost.source)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def verify_cases(cost, max_cycles: int = 6, max_cores: int = 6, per_case: int = 2, seed: int = 0,
+                 budget: int = 3200, progress: bool = False) -> dict:
+    """Planner vs exhaustive search on random workloads for every (N, c_total) with (c_total+1)^N <= budget."""
+    from tqdm import tqdm
+
+    from scheduling.planner import Workload, exhaustive_search, plan
+    rng = random.Random(seed)
+    grid = [(n, c) for n in range(1, max_cycles + 1) for c in range(1, max_cores + 1) if (c + 1) ** n <= budget]
+    skipped = [(n, c) for n in range(1, max_cycles + 1) for c in range(1, max_cores + 1) if (c + 1) ** n > budget]
+    cases = []
+    for n, c in tqdm(grid, desc="cases", disable=not progress):
+        for _ in range(per_case):
+            work = Workload(n, comm=round(rng.uniform(0.2, 3.0), 3), forward=round(rng.uniform(0.2, 3.0), 3),
+                            backward=round(rng.uniform(0.2, 3.0), 3), cores=c)
+            planned = plan(cost, work).total
+            brute, sequences = exhaustive_search(cost, work)
+            cases.append({"cycles": n, "cores": c, "comm": work.comm, "forward": work.forward,
+                          "backward": work.backward, "planner": planned, "exhaustive": brute,
+                          "sequences": sequences, "gap": planned - brute,
+                          "rel_gap": (planned - brute) / brute})
+    return {"cases": cases, "max_gap": max(abs(r["gap"]) for r in cases),
+            "max_rel_gap": max(abs(r["rel_gap"]) for r in cases),
+            "skipped_too_many_sequences": [{"cycles": n, "cores": c} for n, c in skipped]}
+
+
+def _verify(args) -> int:
+    options.prepare_output(args.json, "--json")
+    cost = _load_cost(args.constants)
+    cost.check(args.max_cores)
+    result = verify_cases(cost, args.max_cycles, args.max_cores, args.per_case, args.seed, args.budget,
+                          progress=True)
+    result.update({"command": args.command_line, "constants": cost.to_json()})
+    seqs = sum(r["sequences"] for r in result["cases"])
+    print(f"constants: {cost.source}")
+    print(f"{len(result['cases'])} cases (N <= {args.max_cycles}, c_total <= {args.max_cores}, "
+          f"(c_total+1)^N <= {args.budget}), {seqs} decision sequences enumerated: "
+          f"max_gap {result['max_gap']:.3g} (relative {result['max_rel_gap']:.3g})")
+    if result["skipped_too_many_sequences"]:
+        print("skipped (too many sequences for brute force): "
+              + ", ".join(f"N={s['cycles']} c={s['cores']}" for s in result["skipped_too_many_sequences"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0 if result["max_rel_gap"] <= 1e-9 else 1
+
+
+def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0), repeat: int = 3,
+                    progress: bool = False) -> tuple[dict, dict]:
+    """Measure (workload, comm cores, seconds) for computation and communication on this machine.
+
+    Computation: edge net 3 on 32x32 images, forward + backward + SGD step on a
+    batch of b (workload x = b/64 batches of 64), with ``torch.set_num_threads(cores - c)``
+    for c = 0..cores-1 communication cores.  Communication: a self-send/recv over
+    MPI_COMM_SELF of y MiB of float32 teacher logits (10 classes) plus their decode
+    (temperature softmax), with ``torch.set_num_threads(c)`` for c = 1..cores.  The
+    MPI copy is single-threaded; only the decode can use the c threads.
+    """
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from models.vgg import edge_net
+    from runtime import comm
+
+    old = torch.get_num_threads()
+    torch.manual_seed(0)
+    net = edge_net(3, size=32)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    comp = {"work": [], "cores": [], "seconds": []}
+    link = {"data": [], "cores": [], "seconds": []}
+    jobs = [("comp", c, b) for c in range(cores) for b in batches] + \
+           [("comm", c, m) for c in range(1, cores + 1) for m in megabytes]
+    try:
+        for kind, c, size in tqdm(jobs, desc="profile", disable=not progress):
+            if kind == "comp":
+                torch.set_num_threads(cores - c)
+                images, labels = torch.randn(size, 3, 32, 32), torch.randint(0, 10, (size,))
+
+                def once():
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(net(images), labels).backward()
+                    opt.step()
+                table, amount = comp, size / 64
+            else:
+                torch.set_num_threads(c)
+                rows = int(size * 2 ** 20 / (4 * 10))
+                send, recv = torch.randn(rows, 10), torch.empty(rows, 10)
+
+                def once():
+                    comm.sendrecv(comm.self_comm(), send, 0, recv, 0, tag=7)
+                    torch.softmax(recv / 4.0, dim=1)
+                table, amount = link, size
+            once()   # warm-up
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                once()
+                times.append(time.perf_counter() - start)
+            table["work" if kind == "comp" else "data"].append(amount)
+            table["cores"].append(c)
+            table["seconds"].append(float(np.median(times)))
+    finally:
+        torch.set_num_threads(old)
+    return comp, link
+
+
+def _profile(args) -> int:
+    from scheduling.costmodel import CostModel, fit_f, fit_g
+    options.prepare_output(args.out, "--out")
+    machine = os.cpu_count() or 1
+    cores = args.cores or max(3, machine)
+    if cores < 3:
+        raise UsageError(f"--cores {cores}: g has 3 constants and needs >= 3 distinct communication core "
+                         f"counts (1..--cores); give --cores 3 or more")
+    note = ""
+    if cores > machine:
+        note = (f"this machine has {machine} cores; splits above {machine} oversubscribe (more threads than "
+                f"cores), so the points at c > {machine} measure time-sharing, not extra cores")
+        print(f"note: {note}")
+    comp, link = profile_machine(cores, repeat=args.repeat, progress=True)
+    cost = CostModel(fit_f(comp["work"], comp["cores"], comp["seconds"]),
+                     fit_g(link["data"], link["cores"], link["seconds"]),
+                     source=f"fitted on this machine ({machine} cores, profiled with c_total={cores})")
+    data = cost.to_json()
+    data.update({"command": args.command_line, "machine_cores": machine, "c_total": cores, "note": note,
+                 "units": {"x": "batches of 64 (edge net 3, 32x32, forward+backward+step)",
+                           "y": "MiB of float32 logits (self-send/recv + softmax decode)", "time": "seconds"},
+                 "measurements": {"computation": comp, "communication": link}})
+    Path(args.out).write_text(json.dumps(data, indent=1))
+    print(f"f: a1={cost.comp.a1:.4g} s/batch, a2={cost.comp.a2:.4g}  RMS relative error "
+          f"{100 * cost.comp.rms_rel_error:.1f}% over {cost.comp.points} points")
+    print(f"g: b1={cost.comm.b1:.4g}, b2={cost.comm.b2:.4g}, b3={cost.comm.b3:.4g} (MiB/s)  RMS relative error "
+          f"{100 * cost.comm.rms_rel_error:.1f}% over {cost.comm.points} points")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    sched = sub.add_parser("schedule", help="core allocation between logit reception and training (paper 002)",
+                           description=__doc__, epilog=EPILOG, formatter_class=options.ExamplesFormatter)
+    what = sched.add_subparsers(dest="what", metavar="WHAT", parser_class=options.Parser)
+    sched.set_defaults(func=lambda args: (sched.print_help(), 2)[1])
+
+    sim = what.add_parser("simulate", help="the paper's Fig. 5: planner vs priority and random allocation",
+                          description="Total time of --cycles Comm/Forward/Backward cycles per core count and "
+                          "Comp:Comm ratio: exact planner, priority, random (mean/best/worst of --draws), "
+                          "planning time, gains. Constants: the built-in ones (the paper prints none) or "
+                          "--constants from 'aflkd schedule profile'.", epilog=EPILOG,
+                          formatter_class=options.ExamplesFormatter)
+    sim.add_argument("--cores", type=options.positive_int_list, default=[6, 8, 10, 12],
+                     help="c_total values, comma-separated (default 6,8,10,12)")
+    sim.add_argument("--ratio", type=_ratios, default=["1:1", "2:1"],
+                     help="x (Comp, each of Forward and Backward) : y (Comm) per cycle, comma-separated "
+                     "(default 1:1,2:1)")
+    sim.add_argument("--cycles", type=options.positive_int, default=20, help="N cycles (default 20)")
+    sim.add_argument("--draws", type=options.positive_int, default=1000, help="random allocation draws (1000)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the random draws (0)")
+    sim.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: built-in)")
+    sim.add_argument("--json", default=None, help="write one row per case here")
+    sim.add_argument("--plot", default=None, help="write the Fig. 5 bar chart here (PNG)")
+    sim.set_defaults(func=_simulate)
+
+    ver = what.add_parser("verify", help="the planner against exhaustive search on small random cases",
+                          description="For every N <= --max-cycles and c_total <= --max-cores with "
+                          "(c_total+1)^N <= --budget, --per-case random workloads: the planner's total vs the "
+                          "minimum over every decision sequence. Exit 1 if any relative gap exceeds 1e-9.",
+                          epilog=EPILOG, formatter_class=options.ExamplesFormatter)
+    ver.add_argument("--max-cycles", type=options.positive_int, default=6, help="largest N (6)")
+    ver.add_argument("--max-cores", type=options.positive_int, default=6, help="largest c_total (6)")
+    ver.add_argument("--per-case", type=options.positive_int, default=2, help="random workloads per (N, c) (2)")
+    ver.add_argument("--budget", type=options.positive_int, default=3200,
+                     help="skip (N, c) with (c+1)^N above this: brute force grows that fast (3200)")
+    ver.add_argument("--seed", type=int, default=0, help="seed of the workloads (0)")
+    ver.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: built-in)")
+    ver.add_argument("--json", default=None, help="write the cases, their gaps and max_gap here")
+    ver.set_defaults(func=_verify)
+
+    prof = what.add_parser("profile", help="measure and fit f and g on this machine",
+                           description=profile_machine.__doc__, epilog=EPILOG,
+                           formatter_class=options.ExamplesFormatter)
+    prof.add_argument("--out", required=True, help="write the constants, fit errors and measurements here (JSON)")
+    prof.add_argument("--cores", type=options.positive_int, default=None,
+                      help="c_total to split (default: this machine's cores, at least 3 for g's 3 constants)")
+    prof.add_argument("--repeat", type=options.positive_int, default=3, help="timings per point, median (3)")
+    prof.set_defaults(func=_profile, sets_own_threads=True)
