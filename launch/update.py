@@ -265,8 +265,9 @@ def _agree(setup: _Setup, args, mine: dict) -> dict:
     return theirs
 
 
-def _cloud(setup: _Setup, args) -> int:
-    """Rank 0: the teacher labels the edge's images until the edge says goodbye."""
+def _cloud(setup: _Setup, args):
+    """Rank 0's set-up: load the teacher, agree with the edge (one UsageError on both ranks if anything is
+    wrong); returns the serving loop to run next."""
     import numpy as np
     import torch
 
@@ -292,9 +293,12 @@ def _cloud(setup: _Setup, args) -> int:
         if not args.no_progress:
             print(line, flush=True)
 
-    served = serve_cloud(setup.comm, EDGE, logits_of, args.timeout, log)
-    print(f"cloud: labelled {served} images in all", flush=True)
-    return 0
+    def serve() -> int:
+        served = serve_cloud(setup.comm, EDGE, logits_of, args.timeout, log)
+        print(f"cloud: labelled {served} images in all", flush=True)
+        return 0
+
+    return serve
 
 
 class AflkdUpdate:
@@ -408,7 +412,7 @@ def _run(args) -> int:
     setup = _start(args)
     comm = setup.comm
     if comm.Get_rank() == CLOUD:
-        return _with_peer_errors(comm, lambda: _cloud(setup, args))
+        return _with_peer_errors(comm, _cloud(setup, args))
     buffer, facts = _edge_facts(setup, args, args.buffer, args.student)
     _agree(setup, args, facts)
 
@@ -430,7 +434,7 @@ def _demo(args) -> int:
     setup = _start(args)
     comm = setup.comm
     if comm.Get_rank() == CLOUD:
-        return _with_peer_errors(comm, lambda: _cloud(setup, args))
+        return _with_peer_errors(comm, _cloud(setup, args))
     out = args.out
     buffer_path, student_path = os.path.join(out, "buffer.sqlite"), os.path.join(out, "student.pt")
     facts = {"problem": None, "classes": setup.data.classes, "channels": setup.data.channels}
