@@ -48,6 +48,8 @@ __all__ = [
     "recv_rows",
     "irecv_rows",
     "scatter_objects",
+    "ibcast",
+    "iprobe",
 ]
 
 T = TypeVar("T")
@@ -335,3 +337,14 @@ def irecv_rows(comm: MPI.Comm, band: torch.Tensor, source: int, tag: int):
 def scatter_objects(comm: MPI.Comm, objs: Optional[list], root: int = 0):
     """One small picklable object per rank from ``root`` (set-up only: e.g. each rank's own weights)."""
     return comm.scatter(objs, root=root)
+
+
+# ---------------------------------------------------------------------- the whole system: decisions between images
+def ibcast(comm: MPI.Comm, t: torch.Tensor, root: int = 0) -> MPI.Request:
+    """Non-blocking broadcast of a contiguous tensor (every rank of ``comm`` calls it; wait with a deadline)."""
+    return comm.Ibcast(message(t), root=root)
+
+
+def iprobe(comm: MPI.Comm, source: int, tag: int) -> bool:
+    """Whether a message from ``source`` with ``tag`` is waiting (never blocks)."""
+    return bool(comm.Iprobe(source=source, tag=tag))
