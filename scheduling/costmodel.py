@@ -174,7 +174,7 @@ def fit_f(work: Sequence[float], comm_cores: Sequence[int], times: Sequence[floa
     p0, p1 = _weighted_lstsq(np.stack([np.ones_like(c), c], axis=1), x / t, "fit of f")
     if p0 <= 0:
         raise UsageError(f"fit of f failed: the fitted rate at c=0 is {p0:g} <= 0")
-    model = CompModel(a1=1.0 / p0, a2=-p1 / p0, points=len(x))
+    model = CompModel(a1=float(1.0 / p0), a2=float(-p1 / p0), points=len(x))
     model.check(int(c.max()))
     err = _rms_rel(np.array([model.time(xi, ci) for xi, ci in zip(x, c)]), t)
     return CompModel(model.a1, model.a2, err, len(x))

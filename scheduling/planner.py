@@ -203,7 +203,8 @@ def random_allocation(cost: CostModel, work: Workload, draws: int = 1000, seed: 
         return rng.choice(pairs) if pairs else ds[0]
 
     totals = [run_policy(cost, work, choose) for _ in range(draws)]
-    return RandomStats(sum(totals) / draws, min(totals), max(totals), draws)
+    lo, hi = min(totals), max(totals)
+    return RandomStats(min(max(math.fsum(totals) / draws, lo), hi), lo, hi, draws)   # clamp: rounding
 
 
 def exhaustive_search(cost: CostModel, work: Workload, limit: int = 5_000_000) -> tuple[float, int]:
