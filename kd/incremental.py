@@ -47,7 +47,8 @@ from runtime.errors import UsageError
 
 from .buffer import Buffer
 
-__all__ = ["Fault", "UpdateRecord", "reconcile", "run_updates", "save_student", "read_student", "file_sha256",
+__all__ = ["Fault", "UpdateRecord", "reconcile", "run_updates", "save_student", "read_student", "file_sha256", "HEADER",
+           "TAG_HEADER", "TAG_DATA",
            "CloudLink", "serve_cloud", "KIND_REQUEST", "KIND_HEARTBEAT", "KIND_BYE", "KIND_REPLY"]
 
 #: Called at each step boundary with the step's name (tests kill the process there).

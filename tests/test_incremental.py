@@ -218,10 +218,11 @@ def test_kill_9_at_every_step_and_at_random_moments_loses_and_duplicates_nothing
         buf, student, acked = str(folder / "b.sqlite"), str(folder / "s.pt"), str(folder / "acked")
         _new_student(student)
         for attempt in range(3):  # up to three kills in a row before the clean rerun
-            fault = KillAt(step, nth) if step else None
+            # random moments: each step boundary sleeps 10 ms, so a run lasts about 0.6 s on any machine
+            fault = KillAt(step, nth) if step else (lambda _: time.sleep(0.01))
             child = _run_child(camera_and_edge, (buf, student, acked, rounds, increment, fault))
             if step is None:
-                time.sleep(rng.uniform(0.0, 0.25))
+                time.sleep(rng.uniform(0.0, 0.5))
                 if child.is_alive():
                     os.kill(child.pid, signal.SIGKILL)
             child.join(30)
@@ -232,3 +233,20 @@ def test_kill_9_at_every_step_and_at_random_moments_loses_and_duplicates_nothing
         camera_and_edge(buf, student, acked, rounds, increment)  # the clean rerun: re-sends every frame
         _check_no_loss_no_duplicate(buf, student, acked, every, increment)
     assert kills >= 40  # the test did kill (most random moments land mid-run)
+
+
+def test_keepalive_sends_a_heartbeat_every_quarter_timeout_while_the_edge_trains(self_comm):
+    """The cloud's wait for the edge's next message is bounded by the timeout; an update that trains
+    longer than that must not look like a dead edge: the link beats every timeout/4 meanwhile."""
+    from kd.incremental import HEADER, KIND_HEARTBEAT, TAG_HEADER, CloudLink
+    from runtime import stream
+
+    headers = [torch.zeros(HEADER, dtype=torch.int64) for _ in range(10)]
+    requests = [stream.irecv(self_comm, h, 0, TAG_HEADER) for h in headers]  # the "cloud", posted first
+    link = CloudLink(self_comm, 0, timeout_s=0.4)
+    with link.keepalive():
+        time.sleep(0.55)  # "training" for longer than the timeout
+    got = [h for h, r in zip(headers, requests) if stream.wait_by([r], time.monotonic() + 0.05)]
+    stream.cancel([r for h, r in zip(headers, requests) if not any(h is g for g in got)])
+    kinds = [int(h[0]) for h in got]
+    assert set(kinds) == {KIND_HEARTBEAT} and 3 <= len(kinds) <= 6, kinds  # about 0.55 / 0.1
