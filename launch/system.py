@@ -1,0 +1,342 @@
+"""``aflkd system``: the whole system in one mpiexec job (cloud, training rank, inference ranks).
+
+The topology names the roles: its cloud host is the cloud rank (the last rank), the
+devices of the cluster ``--train-cluster`` (default ``train``, one device) are the
+training rank, and every other device is an inference rank (the height split runs
+over them, cluster order).  ``hostfiles/local-system.toml`` is that layout on one
+host: rank 0 trains, ranks 1-2 serve, rank 3 is the cloud.  The mechanics (and why a
+new student is only ever swapped in between two images) are in :mod:`kd.system`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from runtime.errors import UsageError
+
+from . import options
+
+__all__ = ["add_parser"]
+
+TAG_REPORT_INFER, TAG_REPORT_CLOUD = 7201, 7202
+
+EPILOG = """\
+examples:
+  .venv/bin/mpiexec -n 4 .venv/bin/aflkd system --topology hostfiles/local-system.toml --out out/system
+  .venv/bin/mpiexec -n 4 .venv/bin/aflkd system --topology hostfiles/local-system.toml --dataset cifar10 \\
+      --net 1 --updates 3 --increment 256 --steps 20 --images 300 --out out/system-cifar
+"""
+
+
+def add_parser(sub) -> None:
+    from kd.trainer import EdgeConfig
+
+    p = sub.add_parser("system", help="under mpiexec: cloud + training rank + inference ranks in one job, "
+                       "students swapped in between images",
+                       description="Runs the whole system in one job: the cloud rank labels with the teacher; the "
+                       "training rank appends camera frames (training images in a seeded order) to a durable "
+                       "buffer and runs --updates incremental AFLKD updates of --increment images each; the "
+                       "inference ranks serve a stream of test images with the height-split executor, and every "
+                       "new student is swapped in between two images (never during one). Reports images/s "
+                       "served, test accuracy after each update and the time each update took (table; JSON in "
+                       "OUT/system.json).", epilog=EPILOG, formatter_class=options.ExamplesFormatter)
+    p.add_argument("--topology", required=True, help="topology file with a cloud, a cluster --train-cluster of one "
+                   "device and at least one other device (e.g. hostfiles/local-system.toml)")
+    p.add_argument("--train-cluster", default="train", help="the cluster whose one device is the training rank")
+    p.add_argument("--dataset", default="synthetic",
+                   help="synthetic (tiny, seeded, an untrained seeded teacher: checks the mechanics), cifar10, "
+                   "cifar100 or fashion-mnist (the shipped teacher)")
+    where = str(options.DATA_ROOT).replace("%", "%%")
+    p.add_argument("--data-root", default=str(options.DATA_ROOT), help=f"folder with the dataset files ({where})")
+    p.add_argument("--teacher", default=None, help="cloud net weights (default: checkpoints/cloud-DATASET.pt)")
+    p.add_argument("--net", type=options.edge_net, default=1, help="the student's edge net: 1, 2 or 3")
+    p.add_argument("--student", default=None, help="initial student weights (default: a student seeded with "
+                   "--seed); ignored when OUT/student.pt exists (the run resumes from it)")
+    p.add_argument("--out", required=True, metavar="FOLDER", help="buffer, student and system.json go here")
+    p.add_argument("--updates", type=options.positive_int, default=2, help="incremental updates to run")
+    p.add_argument("--increment", type=options.positive_int, default=64, help="camera images per update")
+    p.add_argument("--steps", type=options.positive_int, default=5, help="optimiser steps of each update")
+    p.add_argument("--lr", type=options.positive_float, default=EdgeConfig.lr, help="peak learning rate of an update")
+    p.add_argument("--images", type=options.positive_int, default=100,
+                   help="serve at least this many images (serving goes on until the last update is swapped in "
+                   "and has served an image)")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds the inference ranks wait between images "
+                   "(a camera's frame interval; 0: as fast as they can)")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="write every served input, output and generation (DIR/served.npz) and each generation's "
+                   "student (DIR/student-gG.pt), for an independent check; one-host runs")
+    p.add_argument("--timeout", type=options.positive_float, default=120.0,
+                   help="seconds a rank waits for a peer in any exchange before it ends the job")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stream order, the synthetic data and students")
+    options.device_option(p, "cloud runs the teacher and the training rank trains")
+    p.add_argument("--threads", type=options.threads, default=None,
+                   help="torch threads per rank (default: this host's cores / ranks on this host)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress lines")
+    p.set_defaults(func=_run, sets_own_threads=True)
+
+
+# ---------------------------------------------------------------------- set-up, the same on every rank
+def _roles(topology, train_cluster: str) -> tuple[int, list[int], int]:
+    """(training rank, inference ranks, cloud rank) from the topology, or one UsageError."""
+    if topology.cloud is None:
+        raise UsageError(f"{topology.path} has no cloud host; 'aflkd system' needs one (role = \"cloud\")")
+    if train_cluster not in topology.cluster_names:
+        raise UsageError(f"{topology.path} has no cluster {train_cluster!r} for the training rank (clusters: "
+                         f"{', '.join(topology.cluster_names)}); add one or pass --train-cluster")
+    trainers = [d.rank for d in topology.devices if topology.cluster_names[d.cluster] == train_cluster]
+    if len(trainers) != 1:
+        raise UsageError(f"{topology.path}: cluster {train_cluster!r} has {len(trainers)} devices; the training "
+                         "cluster is one device")
+    infer = [d.rank for d in topology.devices if d.rank != trainers[0]]
+    if not infer:
+        raise UsageError(f"{topology.path} has no inference device besides the training rank; add a cluster")
+    return trainers[0], infer, topology.cloud_rank
+
+
+def _data(args):
+    from kd.system import synthetic_dataset
+
+    if args.dataset == "synthetic":
+        return synthetic_dataset(args.seed)
+    from kd.datasets import load_dataset
+
+    return load_dataset(args.dataset, args.data_root)
+
+
+def _teacher(args, data, device):
+    import torch
+
+    if args.dataset == "synthetic" and args.teacher is None:
+        from models import cloud_net
+
+        torch.manual_seed(args.seed + 1)
+        return cloud_net(data.channels, 32, data.classes).eval().to(device)
+    from .train import load_teacher
+
+    return load_teacher(args, data, device)
+
+
+def _student(args, data):
+    import torch
+
+    from models import edge_net
+
+    torch.manual_seed(args.seed)
+    return edge_net(args.net, data.channels, 32, data.classes)
+
+
+def _run(args) -> int:
+    from mpi4py import MPI
+
+    from kd.device import pick_device
+    from runtime import comm as mpi
+    from runtime import stream
+
+    from .ranks import default_threads, set_threads
+    from .topology import check_world_size, load_topology
+
+    world = MPI.COMM_WORLD
+    mpi.abort_on_uncaught_exception(world)
+    topology = load_topology(args.topology)
+    check_world_size(topology, world.Get_size(), with_cloud=True)
+    trainer, infer_ranks, cloud = _roles(topology, args.train_cluster)
+    if args.interval < 0:
+        raise UsageError(f"--interval must be >= 0 seconds, got {args.interval:g}")
+    rank = world.Get_rank()
+    out = options.prepare_folder(args.out, "--out") if rank == trainer else None
+    if args.record and rank in (trainer, infer_ranks[0]):
+        options.prepare_folder(args.record, "--record")
+    set_threads(args.threads or default_threads(world))
+    data = _data(args)
+    if data.x_train.shape[1:3] not in ((32, 32), (28, 28)):
+        raise UsageError(f"{args.dataset} images are {data.x_train.shape[1:3]}; the students take 32x32")
+    if args.dataset != "synthetic" and args.updates * args.increment > len(data.x_train):
+        raise UsageError(f"--updates x --increment = {args.updates * args.increment} camera images, more than "
+                         f"the {len(data.x_train)} training images of {args.dataset}")
+    # a problem found on one rank only (a missing teacher or student file) must end every rank: agree first
+    problem = None
+    teacher = None
+    device = None
+    try:
+        if rank in (trainer, cloud):
+            device = pick_device(args.device)
+        if rank == cloud:
+            teacher = _teacher(args, data, device)
+        if rank == trainer and args.student and not os.path.exists(os.path.join(str(out), "student.pt")):
+            from kd.incremental import read_student
+
+            state, _ = read_student(args.student)
+            _student(args, data).load_state_dict(state)
+    except (UsageError, RuntimeError) as err:
+        problem = f"rank {rank}: {err}".splitlines()[0]
+    problems = [p for p in mpi.allgather_objects(world, problem) if p]
+    if problems:
+        raise UsageError(problems[0])
+    link = stream.dup(world)
+    infer = mpi.split_comm(world, 1 if rank in infer_ranks else 0, rank)
+    work = {trainer: lambda: _train(args, data, device, link, trainer, infer_ranks[0], cloud, out),
+            cloud: lambda: _cloud(args, data, device, teacher, link, trainer),
+            }.get(rank, lambda: _infer(args, data, link, infer, trainer, infer_ranks[0]))
+    return _with_peer_errors(world, work)
+
+
+def _with_peer_errors(comm, work) -> int:
+    from runtime import stream
+
+    try:
+        return work()
+    except stream.PeerTimeout as err:
+        print(f"aflkd: error: rank {comm.Get_rank()}: {err}; ending the job", file=sys.stderr, flush=True)
+        stream.abort(comm, 3)
+        return 3
+    except UsageError as err:  # found on this rank only: peers wait in an exchange, so end the job
+        print(f"aflkd: error: rank {comm.Get_rank()}: {err}", file=sys.stderr, flush=True)
+        stream.abort(comm, 2)
+        return 2
+
+
+# ---------------------------------------------------------------------- the roles
+def _cloud(args, data, device, teacher, link, trainer: int) -> int:
+    import torch
+
+    from kd.incremental import serve_cloud
+    from kd.teacher import to_tensor
+    from kd.teacher_source import run_teacher
+    from runtime import stream
+
+    def logits_of(images):
+        x = to_tensor(images, data).to(device)
+        return torch.cat([run_teacher(teacher, x[i : i + 500]) for i in range(0, len(x), 500)]).numpy()
+
+    labelled = serve_cloud(link, trainer, logits_of, args.timeout)
+    stream.wait_by([stream.send_object(link, {"labelled": labelled}, trainer, TAG_REPORT_CLOUD)],
+                   time.monotonic() + args.timeout)
+    return 0
+
+
+def _infer(args, data, link, infer, trainer: int, root_world: int) -> int:
+    import numpy as np
+
+    from kd.system import serve_images
+    from kd.teacher import to_tensor
+    from runtime import stream
+
+    root = infer.Get_rank() == 0
+    images = to_tensor(data.x_test, data).contiguous() if root else None
+    progress = None
+    if root and not args.no_progress:
+        def progress(k: int, generation: int) -> None:
+            if k % 50 == 0:
+                print(f"inference: {k} images served (student generation {generation})", flush=True)
+    served = serve_images(link, infer, trainer, lambda: _student(args, data), (data.channels, 32, 32), images,
+                          data.y_test, args.images, args.timeout, args.interval, bool(args.record),
+                          progress=progress)
+    if not root:
+        return 0
+    if args.record:
+        np.savez(os.path.join(args.record, "served.npz"), inputs=np.concatenate(served.inputs),
+                 outputs=np.concatenate(served.outputs), generations=np.asarray(served.generations))
+    request = stream.send_object(link, served.summary(), trainer, TAG_REPORT_INFER)
+    if not stream.wait_by([request], time.monotonic() + args.timeout):
+        raise stream.PeerTimeout(f"the training rank {trainer} took no report within {args.timeout:g} s")
+    return 0
+
+
+def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -> int:
+    import numpy as np
+    import torch
+
+    from kd.buffer import Buffer
+    from kd.incremental import CloudLink, reconcile, read_student, run_updates, save_student
+    from kd.system import controller_hook, send_done, send_weights
+    from kd.trainer import EdgeConfig
+    from runtime import stream
+
+    from .update import AflkdUpdate
+
+    student_path = str(out / "student.pt")
+    buffer = Buffer(str(out / "buffer.sqlite"), data.x_train.shape[1:])
+    if not os.path.exists(student_path):
+        state = read_student(args.student)[0] if args.student else _student(args, data).state_dict()
+        save_student(student_path, state, {})
+    reconcile(buffer, student_path)
+    start_gen = buffer.latest().generation
+    config = EdgeConfig("aflkd", args.net, steps=args.steps, lr=args.lr, seed=args.seed)
+    update = AflkdUpdate(config, data, device, progress=False)
+    link_cloud = CloudLink(link, cloud, args.timeout)
+    controller = controller_hook()
+    order = np.random.default_rng(args.seed).permutation(len(data.x_train))
+
+    def record_student(generation: int, state: dict) -> None:
+        if args.record:
+            torch.save({k: v.detach().cpu() for k, v in state.items()},
+                       os.path.join(args.record, f"student-g{generation}.pt"))
+
+    state, _ = read_student(student_path)
+    record_student(start_gen, state)
+    send_weights(link, root, start_gen, state, args.timeout)
+    rows = []
+    for u in range(args.updates):
+        at = ((start_gen + u) * args.increment) % len(order)
+        idx = order[np.arange(at, at + args.increment) % len(order)]
+        buffer.append(data.x_train[idx], [f"train:{i}" for i in idx])
+        begin = time.monotonic()
+        sent = {}
+
+        def on_update(record, new_state, info) -> None:
+            sent["generation"], sent["state"], sent["info"] = record.generation, new_state, info
+
+        context = controller() if controller is not None else None
+        if context is not None:
+            with context:
+                run_updates(buffer, student_path, link_cloud, update, args.increment, max_updates=1,
+                            on_update=on_update)
+        else:
+            run_updates(buffer, student_path, link_cloud, update, args.increment, max_updates=1, on_update=on_update)
+        seconds = time.monotonic() - begin
+        if not sent:
+            raise UsageError(f"update {u + 1}: the buffer had fewer than --increment {args.increment} new images "
+                             "(the camera stream repeats frames already used); lower --updates or --increment")
+        record_student(sent["generation"], sent["state"])
+        send_weights(link, root, sent["generation"], sent["state"], args.timeout)
+        rows.append({"generation": sent["generation"], "images": args.increment, "update_s": round(seconds, 3),
+                     "test_acc": sent["info"].get("test_acc"), "train_s": sent["info"].get("seconds")})
+        if not args.no_progress:
+            print(f"trainer: generation {sent['generation']} sent to the inference ranks ({seconds:.2f} s, test acc "
+                  f"{sent['info'].get('test_acc', float('nan')):.2%})", flush=True)
+    send_done(link, root, start_gen + len(rows), args.timeout)
+    link_cloud.close()
+    deadline = time.monotonic() + args.timeout
+    served = stream.recv_object_by(link, root, TAG_REPORT_INFER, deadline,
+                                   f"the inference root (rank {root}) sent no report within {args.timeout:g} s")
+    clouded = stream.recv_object_by(link, cloud, TAG_REPORT_CLOUD, deadline,
+                                    f"the cloud (rank {cloud}) sent no report within {args.timeout:g} s")
+    report = {"command": getattr(args, "command_line", ""), "dataset": args.dataset, "net": args.net,
+              "inference_ranks": link.Get_size() - 2, "updates": rows, "served": served,
+              "cloud_labelled": clouded["labelled"], "controller": controller is not None}
+    with open(out / "system.json", "w") as fh:
+        json.dump(report, fh, indent=2)
+    _print_report(report, out / "system.json")
+    return 0
+
+
+def _print_report(report: dict, path) -> None:
+    served = report["served"]
+    swaps = {s["generation"]: s for s in served["swaps"]}
+    per = served["per_generation"]
+    print(f"{'gen':>4} {'update s':>9} {'test acc':>9} {'swapped at image':>17} {'swap latency s':>15} "
+          f"{'images served':>14} {'served acc':>11}")
+    gens = sorted(set(swaps) | {r["generation"] for r in report["updates"]})
+    by_gen = {r["generation"]: r for r in report["updates"]}
+    for g in gens:
+        r, s, p = by_gen.get(g, {}), swaps.get(g, {}), per.get(g, per.get(str(g), {}))
+        upd = f"{r['update_s']:.2f}" if r else "-"
+        acc = f"{r['test_acc']:.2%}" if r.get("test_acc") is not None else "-"
+        print(f"{g:>4} {upd:>9} {acc:>9} {s.get('image', '-'):>17} "
+              f"{s.get('swap_latency_s', 0):>15.4f} {p.get('images', 0):>14} {p.get('served_acc', 0):>11.2%}")
+    print(f"served {served['images']} images in {served['seconds']:.2f} s: {served['images_per_s']:.1f} images/s on "
+          f"{report['inference_ranks']} inference ranks; {len(report['updates'])} update(s), cloud labelled "
+          f"{report['cloud_labelled']} images; JSON in {path}", flush=True)
