@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from runtime.errors import UsageError
 
-from . import bench, experiment, launcher, options, pipeline, planning, rankcheck, schedule, system, testsuite, train, update
+from . import bench, control, experiment, launcher, options, pipeline, planning, rankcheck, schedule, system, testsuite, train, update
 
 __all__ = ["main", "build_parser"]
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=options.ExamplesFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=options.Parser)
-    for group in (bench, train, experiment, testsuite, pipeline, planning, launcher, rankcheck, update, schedule, system):
+    for group in (bench, train, experiment, testsuite, pipeline, planning, launcher, rankcheck, update, schedule, system,
+                  control):
         group.add_parser(sub)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
     return parser

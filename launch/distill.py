@@ -73,7 +73,37 @@ def add_parser(what) -> None:
     distill.add_argument("--json", default=None, metavar="FILE",
                          help="write the per-edge results as JSON (default: not written; folders are created)")
     distill.add_argument("--no-progress", action="store_true", help="hide the cloud's progress bar")
+    control_options(distill)
     distill.set_defaults(func=_distill, sets_own_threads=True)
+
+
+def control_options(parser) -> None:
+    """--control, --control-cores, --constants: the edge ranks' core allocation (scheduling/controller.py)."""
+    from scheduling.controller import POLICIES
+
+    parser.add_argument("--control", choices=POLICIES, default="none",
+                        help="core allocation on each edge rank between receiving logits and training: planner "
+                        "(the exact plan, re-planned on drift), priority (exclusive, never shared) or none "
+                        "(torch's threads, nothing pinned)")
+    parser.add_argument("--control-cores", type=options.positive_int, default=None,
+                        help="cores the controller divides (default: the cores this rank may use / ranks on host)")
+    parser.add_argument("--constants", default=None, metavar="FILE",
+                        help="f and g constants from 'aflkd schedule profile' for the planner (default: an ideal "
+                        "model: compute scales with its cores; the first re-plan measures the workloads)")
+
+
+def control_cost(args):
+    """The cost model of --constants, or None (the controller's ideal default)."""
+    if not args.constants:
+        return None
+    from pathlib import Path
+
+    from scheduling.costmodel import CostModel
+
+    try:
+        return CostModel.from_json(json.loads(Path(args.constants).read_text()), source=args.constants)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--constants {args.constants}: cannot read a JSON file ({err})") from None
 
 
 def _per_edge(values: list, edges: int, option: str) -> list:
@@ -111,6 +141,7 @@ def _run(comm, args) -> int:
     from kd.trainer import EdgeConfig, train_edge
     from models import save_atomic
     from runtime import stream
+    from scheduling.controller import check_cores, controlled
 
     from .ranks import default_threads, on_root_then_bcast, set_threads
     from .train import load_teacher
@@ -124,6 +155,10 @@ def _run(comm, args) -> int:
     on_root_then_bcast(comm, lambda: (options.prepare_output(args.json, "--json"),
                                       args.out and options.prepare_folder(args.out, "--out")))
     set_threads(args.threads or default_threads(comm))
+    cores = check_cores(args.control_cores or default_threads(comm))  # every rank, before any work
+    cost = control_cost(args)
+    if cost is not None:
+        cost.check(cores)
     data = load_dataset(args.dataset, args.data_root)
     options.check_student_options([args.size], data, "--size")
     began = time.perf_counter()
@@ -147,13 +182,16 @@ def _run(comm, args) -> int:
         idx = balanced_subset(data.y_train, args.size, data.classes, seed=seeds[i])
         job = EdgeJob(config, idx, wires[i], args.run_ahead)
         source = open_edge(comm, cloud, job, data, args.timeout)
-        result = train_edge(config, data, idx, source=source)
+        ctl = controlled(source, args.control, cores, config.steps, cost)
+        result = train_edge(config, data, idx, source=ctl)
         last = result.history[-1] if result.history else {}
         mine = {"rank": rank, "role": "edge", "device": "cpu", "net": nets[i], "seed": seeds[i],
                 "method": args.method, "size": args.size, "steps": args.steps, "wire": str(wires[i]),
                 "bytes_per_batch": source.nbytes, "bytes_received": source.bytes_received,
                 "logit_wait_seconds": round(source.wait_s, 3), "test_acc": result.test_acc,
-                "seconds": result.seconds, "final_T": last.get("T"), "final_frozen": last.get("frozen")}
+                "seconds": result.seconds, "final_T": last.get("T"), "final_frozen": last.get("frozen"),
+                "control": args.control, "control_cores": cores, "replans": len(ctl.ctl.replans),
+                "epoch_seconds": [h["epoch_seconds"] for h in result.history]}
         if args.out:
             path = f"{args.out}/student-rank{rank}.pt"
             save_atomic({k: v.cpu() for k, v in result.model.state_dict().items()}, path)

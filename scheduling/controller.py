@@ -1,0 +1,396 @@
+"""The core-allocation controller on an edge training rank (paper 002, Sec. II-III, Fig. 3), applied for real.
+
+What is pinned, and why
+-----------------------
+On the edge, *communication* (completing the receive of a batch's teacher
+logits and decoding them: ``TeacherSource.start`` + ``logits`` -- for a
+:class:`kd.teacher_source.StreamedTeacher` the Irecv/credit posting, the polled
+wait on the requests and ``wire.decode``) and *computation* (the student's
+forward and backward) compete for the same cores.  :class:`ControlledSource`
+wraps any teacher source and moves every call into it onto one dedicated
+**receive thread**, so the two kinds of work are two sets of OS threads whose
+cores can be set:
+
+* the receive thread (its native thread id) is pinned with
+  ``os.sched_setaffinity(tid, comm_cpus)``;
+* every *other* thread of the process (the main thread running the trainer and
+  torch's intra-op worker threads, found in ``/proc/self/task``) is pinned to
+  ``compute_cpus``, and ``torch.set_num_threads(compute_threads)`` sizes torch's
+  pool to those cores.
+
+All MPI calls of the stream happen on the receive thread (the main thread makes
+none while training), which MPICH allows at ``MPI_THREAD_MULTIPLE`` (mpi4py's
+default request; checked at start).
+
+Phases and what a plan means here
+---------------------------------
+The trainer calls ``start(s)`` before batch s's forward and ``logits(s)``
+before its loss, so the wrapper sees three phases per batch: **Forward_s**
+(``start(s)`` .. ``logits(s)``; the receive thread completes batch s's logits
+meanwhile -- Comm overlaps Forward, Fig. 3), **Wait_s** (inside ``logits(s)``
+while the logits are not there: computation is idle, so the receive thread gets
+every core -- the planner's Comm-alone round) and **Backward_s**
+(``logits(s)`` .. ``start(s+1)``).  Each Forward/Backward phase gets ``c``, the
+cores communication holds during it:
+
+* ``0 < c < c_total``: receive thread on the last ``c`` cores, the rest of the
+  process on the first ``c_total - c`` with as many torch threads (a "pair" round);
+* ``c = 0``: computation alone on every core with ``c_total`` threads, and the
+  receive thread is *held* (it does not touch MPI or decode until the phase ends:
+  a Comp-alone round, as priority allocation demands);
+
+Policies: ``planner`` takes ``c`` for the k-th Comp task (F1, B1, F2, B2, ...)
+from :func:`scheduling.planner.plan` (the rounds whose decision runs a Comp
+task, in order); ``priority`` (the paper's priority allocation) is ``c = 0``
+for every phase: exclusive, never shared; ``none`` applies nothing (torch's
+threads as they were, no pinning, no receive thread).
+
+Known mismatch: the planner's Comm chain runs ahead freely, but this trainer
+starts batch s+1's logits only at ``start(s+1)``, so during Backward_s the
+receive thread has nothing to do; a plan that gives Comm cores in a Backward
+round leaves them idle.  And torch's thread count only changes at phase
+boundaries (not at the round's mid-phase event where the first task finishes).
+
+Re-planning
+-----------
+The plan is made in the cost model's units (``--constants`` from ``aflkd
+schedule profile``, else :func:`ideal_cost`) with workloads per batch.  Every
+finished batch compares the measured Forward, Backward and receive times with
+the model's ``f(x, c)``/``g(y, c)`` for the cores they had; when one is off by
+more than ``tolerance`` (default 20%) for ``patience`` consecutive batches, the
+workloads are re-estimated from those batches (``x = t / f(1, c)``,
+``y = t / g(1, c)``) and the rest of the run is re-planned.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from runtime.errors import UsageError
+
+from .costmodel import CommModel, CompModel, CostModel
+
+__all__ = ["POLICIES", "Allocation", "allocation", "machine_cpus", "check_cores", "ideal_cost", "phase_cores",
+           "Controller", "ControlledSource", "controlled"]
+
+POLICIES = ("planner", "priority", "none")
+
+
+def machine_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask when it started controlling)."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def check_cores(cores: int, available: Optional[int] = None) -> int:
+    """``cores`` if 1 <= cores <= the cores this process may use, else one clear :class:`UsageError`."""
+    available = len(machine_cpus()) if available is None else available
+    if not isinstance(cores, int) or cores < 1:
+        raise UsageError(f"--control-cores must be a positive whole number of cores, got {cores}")
+    if cores > available:
+        raise UsageError(f"--control-cores {cores} is more than the {available} core(s) this process may use; "
+                         f"give 1..{available}")
+    return cores
+
+
+def ideal_cost(cores: int) -> CostModel:
+    """Default constants when none were profiled: compute scales with its cores, receive+decode hardly does.
+
+    f(x, c) = x * c_total / (c_total - c) (a1 = 1, a2 = 1/c_total: the compute rate is proportional to the
+    compute cores); g(y, c) = y / (0.05 c + 0.05 log(e^19 c)) ~ y / (1 + 0.1 c): the receive is one copy
+    plus a small decode, little helped by more cores.
+    """
+    return CostModel(CompModel(a1=1.0, a2=1.0 / (cores + 1e-9)),
+                     CommModel(b1=0.05, b2=0.05, b3=math.exp(19.0)), source="ideal (not profiled)")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Torch threads and the CPUs of the computing threads and of the receive thread; ``hold``: comm waits."""
+    compute_threads: int
+    compute_cpus: tuple[int, ...]
+    comm_cpus: tuple[int, ...]
+    hold: bool = False
+
+
+def allocation(cpus: list[int], comm_cores: int) -> Allocation:
+    """The allocation giving communication ``comm_cores`` of ``cpus`` (0: held; len(cpus): comm alone)."""
+    total = len(cpus)
+    if not 0 <= comm_cores <= total:
+        raise UsageError(f"communication cores must be in 0..{total}, got {comm_cores}")
+    every = tuple(cpus)
+    if comm_cores == 0:
+        return Allocation(total, every, every, hold=True)
+    if comm_cores == total:  # computation is idle (waiting for logits): the receive thread has every core
+        return Allocation(total, every, every)
+    return Allocation(total - comm_cores, every[:total - comm_cores], every[total - comm_cores:])
+
+
+def phase_cores(policy: str, cost: CostModel, cycles: int, cores: int, forward: float, backward: float,
+                comm: float) -> list[int]:
+    """Communication cores for the Comp phases F1, B1, ..., FN, BN (length 2N) under ``policy``."""
+    from .planner import Workload, plan
+
+    if policy == "priority" or cores == 1:
+        return [0] * (2 * cycles)
+    if policy != "planner":
+        raise UsageError(f"no phase plan for policy {policy!r}")
+    steps = plan(cost, Workload(cycles, comm, forward, backward, cores)).steps
+    out = [s.comm_cores if s.decision[0] == "pair" else 0 for s in steps if s.decision[0] != "comm"]
+    assert len(out) == 2 * cycles, (len(out), cycles)
+    return out
+
+
+@dataclass
+class Controller:
+    """Applies allocations to this process and re-plans on drift (see the module doc).
+
+    ``steps`` is the number of batches the trainer will take; ``cost`` the model
+    (default :func:`ideal_cost`); ``workloads`` the initial (forward, backward,
+    comm) per batch in the model's units (default 1, 1, 1: the first re-plan
+    measures them).
+    """
+    policy: str
+    cores: int
+    steps: int
+    cost: Optional[CostModel] = None
+    workloads: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    tolerance: float = 0.2
+    patience: int = 2
+    cpus: list[int] = field(default_factory=list)
+    replans: list[dict] = field(default_factory=list)
+    log: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise UsageError(f"--control {self.policy!r}: choose from {', '.join(POLICIES)}")
+        if self.steps < 1:
+            raise UsageError(f"a controlled run needs at least 1 step, got {self.steps}")
+        if not self.tolerance > 0 or self.patience < 1:
+            raise UsageError(f"drift tolerance must be > 0 and patience >= 1, got {self.tolerance}, {self.patience}")
+        machine = machine_cpus()
+        check_cores(self.cores, len(machine))
+        self.cpus = self.cpus or machine[:self.cores]
+        self.cost = self.cost or ideal_cost(self.cores)
+        self.cost.check(self.cores)
+        self._saved = (torch.get_num_threads(), set(machine))
+        self._comm_tid: Optional[int] = None
+        self._current: Optional[Allocation] = None
+        self._off = 0  # consecutive drifting batches
+        self.plan_from(0)
+
+    # -- the plan ---------------------------------------------------------------------------------------------
+    def plan_from(self, step: int) -> None:
+        """(Re-)plan batches ``step`` .. steps-1 with the current workloads."""
+        if self.policy == "none":
+            self._phases = {}
+            return
+        began = time.perf_counter()
+        f, b, y = self.workloads
+        cs = phase_cores(self.policy, self.cost, self.steps - step, self.cores, f, b, y)
+        self._phases = {(step + i // 2, i % 2): c for i, c in enumerate(cs)}
+        self.plan_ms = 1e3 * (time.perf_counter() - began)
+
+    def comm_cores(self, step: int, phase: int) -> int:
+        """Cores communication holds in batch ``step``'s phase 0 (Forward) or 1 (Backward)."""
+        return self._phases[(step, phase)]
+
+    # -- applying it --------------------------------------------------------------------------------------------
+    def attach(self, comm_tid: int) -> None:
+        self._comm_tid = comm_tid
+
+    def apply(self, alloc: Optional[Allocation]) -> None:
+        """Set torch's threads and both affinities (no-op when unchanged or under policy ``none``)."""
+        if self.policy == "none" or alloc is None or alloc == self._current:
+            return
+        if torch.get_num_threads() != alloc.compute_threads:
+            torch.set_num_threads(alloc.compute_threads)
+        self._pin(set(alloc.compute_cpus), set(alloc.comm_cpus))
+        self._current = alloc
+
+    def _pin(self, compute: set, comm: set) -> None:
+        for name in os.listdir("/proc/self/task"):
+            tid = int(name)
+            try:
+                os.sched_setaffinity(tid, comm if tid == self._comm_tid else compute)
+            except (ProcessLookupError, FileNotFoundError):  # a thread that just ended
+                pass
+
+    def phase(self, step: int, phase: int) -> Optional[Allocation]:
+        if self.policy == "none":
+            return None
+        return allocation(self.cpus, self.comm_cores(step, phase))
+
+    def waiting(self) -> Optional[Allocation]:
+        """Computation waits for logits: the receive thread gets every core."""
+        return None if self.policy == "none" else allocation(self.cpus, self.cores)
+
+    def restore(self) -> None:
+        """Threads and affinity as they were before control."""
+        threads, cpus = self._saved
+        torch.set_num_threads(threads)
+        if self.policy != "none":
+            self._pin(cpus, cpus)
+        self._current = None
+
+    # -- drift ----------------------------------------------------------------------------------------------
+    def predicted(self, step: int) -> tuple[float, float, float]:
+        """Model times of batch ``step``'s Forward, Backward and receive with its planned cores."""
+        f, b, y = self.workloads
+        cf, cb = self.comm_cores(step, 0), self.comm_cores(step, 1)
+        return (self.cost.comp_time(f, cf), self.cost.comp_time(b, cb),
+                self.cost.comm_time(y, cf if cf > 0 else self.cores))
+
+    def observe(self, step: int, forward_s: float, backward_s: float, comm_s: float) -> bool:
+        """Record batch ``step``'s measured times; re-plan the rest after ``patience`` drifting batches (planner)."""
+        row = {"step": step, "forward_s": forward_s, "backward_s": backward_s, "comm_s": comm_s}
+        if self.policy == "none":
+            self.log.append(row)
+            return False
+        pred = self.predicted(step)
+        worst = max(abs(m / p - 1.0) for m, p in zip((forward_s, backward_s, comm_s), pred))
+        row.update(comm_cores=(self.comm_cores(step, 0), self.comm_cores(step, 1)), drift=worst)
+        self.log.append(row)
+        self._off = self._off + 1 if worst > self.tolerance else 0
+        if self.policy != "planner" or self._off < self.patience or step + 1 >= self.steps:
+            return False  # priority's plan does not depend on the workloads
+        recent = self.log[-self.patience:]
+        est = []
+        for key, phase in (("forward_s", 0), ("backward_s", 1)):
+            est.append(sum(r[key] / self.cost.comp_time(1.0, r["comm_cores"][phase]) for r in recent) / len(recent))
+        est.append(sum(r["comm_s"] / self.cost.comm_time(1.0, r["comm_cores"][0] or self.cores)
+                       for r in recent) / len(recent))
+        old = self.workloads
+        self.workloads = tuple(max(v, 1e-9) for v in est)
+        self.plan_from(step + 1)
+        self.replans.append({"after_step": step, "drift": worst, "old": old, "new": self.workloads,
+                             "plan_ms": self.plan_ms})
+        self._off = 0
+        return True
+
+
+_STOP = object()
+
+
+class ControlledSource:
+    """A :class:`kd.teacher_source.TeacherSource` whose calls run on a pinned receive thread, under a controller.
+
+    Pass it to ``train_edge(source=...)`` in place of the source it wraps; the
+    loop does not change.  Policy ``none`` calls the wrapped source directly on
+    the trainer's thread (no receive thread, nothing pinned).
+    """
+
+    def __init__(self, inner, controller: Controller, timeout_s: float = 300.0):
+        self.inner, self.ctl, self.timeout_s = inner, controller, timeout_s
+        self.classes, self.weights = inner.classes, inner.weights
+        self._jobs: queue.Queue = queue.Queue()
+        self._done: dict[int, tuple] = {}
+        self._cond = threading.Condition()
+        self._go = threading.Event()
+        self._go.set()
+        self._thread: Optional[threading.Thread] = None
+        self._marks: dict = {}
+        self.comm_tid: Optional[int] = None
+        if controller.policy != "none":
+            from mpi4py import MPI
+
+            if MPI.Is_initialized() and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+                raise UsageError("the controller's receive thread needs MPI_THREAD_MULTIPLE; this MPI gives less "
+                                 "(use --control none)")
+            ready = threading.Event()
+            self._thread = threading.Thread(target=self._receive, args=(ready,), name="aflkd-receive", daemon=True)
+            self._thread.start()
+            ready.wait()
+            controller.attach(self.comm_tid)
+
+    # the receive thread ---------------------------------------------------------------------------------------
+    def _receive(self, ready: threading.Event) -> None:
+        self.comm_tid = threading.get_native_id()
+        ready.set()
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            step, rows, images = job
+            self._go.wait()  # held while computation has every core
+            began = time.perf_counter()
+            try:
+                self.inner.start(step, rows, images)
+                result = (self.inner.logits(step), None)
+            except BaseException as err:  # handed to the trainer's thread
+                result = (None, err)
+            with self._cond:
+                self._done[step] = result + (time.perf_counter() - began,)
+                self._cond.notify_all()
+
+    # the trainer's calls ---------------------------------------------------------------------------------------
+    def _enter(self, step: int, phase: int) -> None:
+        alloc = self.ctl.phase(step, phase)
+        if alloc is not None and alloc.hold:
+            self._go.clear()
+        else:
+            self._go.set()
+        self.ctl.apply(alloc)
+
+    def start(self, step, sample_idx, images):
+        now = time.perf_counter()
+        self._finish_batch(step - 1, now)
+        if self._thread is None:
+            self.inner.start(step, sample_idx, images)
+            self._marks[step] = [now, None, None, 0.0]
+            return
+        self._enter(step, 0)
+        self._marks[step] = [now, None, None, 0.0]
+        self._jobs.put((step, sample_idx, images))
+
+    def logits(self, step):
+        mark = self._marks[step]
+        mark[1] = time.perf_counter()
+        if self._thread is None:
+            out = self.inner.logits(step)
+            mark[2] = time.perf_counter()
+            mark[3] = mark[2] - mark[1]
+            return out
+        with self._cond:
+            if step not in self._done:
+                self._go.set()
+                self.ctl.apply(self.ctl.waiting())
+                if not self._cond.wait_for(lambda: step in self._done, self.timeout_s):
+                    raise TimeoutError(f"the receive thread gave no logits for step {step} in {self.timeout_s:g} s")
+            out, err, busy = self._done.pop(step)
+        if err is not None:
+            raise err
+        mark[2], mark[3] = time.perf_counter(), busy
+        self._enter(step, 1)
+        return out
+
+    def _finish_batch(self, step: int, now: float) -> None:
+        mark = self._marks.pop(step, None)
+        if mark is None or mark[2] is None:
+            return
+        start, fwd_end, logits_end, comm_s = mark
+        self.ctl.observe(step, fwd_end - start, now - logits_end, comm_s)
+
+    def close(self):
+        self._finish_batch(max(self._marks, default=-1), time.perf_counter())
+        try:
+            if self._thread is not None:
+                self._go.set()
+                self._jobs.put(_STOP)
+                self._thread.join()
+                self._thread = None
+        finally:
+            self.ctl.restore()
+            self.inner.close()
+
+
+def controlled(source, policy: str, cores: int, steps: int, cost: Optional[CostModel] = None,
+               tolerance: float = 0.2, patience: int = 2):
+    """``source`` under a controller with ``policy`` on ``cores`` cores (the wrapper :class:`ControlledSource`)."""
+    return ControlledSource(source, Controller(policy, cores, steps, cost, tolerance=tolerance, patience=patience))
