@@ -189,11 +189,21 @@ def _verify(args) -> int:
     result = verify_cases(cost, args.max_cycles, args.max_cores, args.per_case, args.seed, args.budget,
                           progress=True)
     result.update({"command": args.command_line, "constants": cost.to_json()})
+    from scheduling.planner import Workload, plan
+    start = time.perf_counter()
+    try:    # fitted constants may not extend to 12 cores
+        plan(cost, Workload(100, 1.0, 1.0, 1.0, 12))
+        result["plan_ms_n100_c12"] = 1e3 * (time.perf_counter() - start)
+    except UsageError as err:
+        result["plan_ms_n100_c12"] = None
+        print(f"planner time on N = 100, c_total = 12: not timed ({err})")
     seqs = sum(r["sequences"] for r in result["cases"])
     print(f"constants: {cost.source}")
     print(f"{len(result['cases'])} cases (N <= {args.max_cycles}, c_total <= {args.max_cores}, "
           f"(c_total+1)^N <= {args.budget}), {seqs} decision sequences enumerated: "
           f"max_gap {result['max_gap']:.3g} (relative {result['max_rel_gap']:.3g})")
+    if result["plan_ms_n100_c12"] is not None:
+        print(f"planner time on N = 100, c_total = 12: {result['plan_ms_n100_c12']:.0f} ms")
     if result["skipped_too_many_sequences"]:
         print("skipped (too many sequences for brute force): "
               + ", ".join(f"N={s['cycles']} c={s['cores']}" for s in result["skipped_too_many_sequences"]))
