@@ -5,10 +5,14 @@ step moves a whole batch at once (the cloud's logits for 500 images; those 500
 consumed *and* the student generation that used them).  A transaction does
 exactly that, all or nothing, with no recovery code of our own; append-only files
 would need a log, fsyncs, renames and a replay on every start to get the same.
-The file is opened with the WAL journal and ``synchronous=FULL``, so a commit is
-on disk before it returns: :meth:`Buffer.append` returns only after its commit,
-hence "acknowledged" means "survives kill -9 and power loss".  (stdlib
-``sqlite3``, no server, one file an edge board can copy.)
+The file uses SQLite's rollback journal with ``synchronous=FULL``, so a commit
+is on disk before it returns: :meth:`Buffer.append` returns only after its
+commit, hence "acknowledged" means "survives kill -9 and power loss".  Rollback
+journal rather than WAL: with WAL, committed transactions can live in the
+``-wal`` file, whose replay silently stops at the first damaged frame (dropping
+what follows); with a rollback journal every committed byte is in the one file,
+where the checks below see it.  (stdlib ``sqlite3``, no server, one file an edge
+board can copy.)
 
 States of a sample, each step one transaction::
 
@@ -132,6 +136,7 @@ class Buffer:
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, timeout=60)
+        db.execute("PRAGMA journal_mode = DELETE")  # rollback journal: see the module doc
         db.execute("PRAGMA foreign_keys = ON")
         db.execute("PRAGMA synchronous = FULL")
         return db
@@ -154,9 +159,6 @@ class Buffer:
         problems = [r[0] for r in self._db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise self._corrupt(sqlite3.DatabaseError("; ".join(problems[:3])))
-        mode = self._db.execute("PRAGMA journal_mode").fetchone()[0]
-        if mode.lower() != "wal":
-            raise BufferCorrupt(f"buffer {self.path} is not in WAL mode ({mode}); it was not written by aflkd")
         if self._meta().get("format") != str(FORMAT):
             raise BufferCorrupt(f"buffer {self.path} has format {self._meta().get('format')}, this aflkd reads "
                                 f"format {FORMAT}")
@@ -173,7 +175,6 @@ class Buffer:
         tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.creating"
         try:
             db = self._connect(tmp)
-            db.execute("PRAGMA journal_mode = WAL")  # persistent: recorded in the file's header
             db.execute("BEGIN IMMEDIATE")
             db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
             for statement in _SCHEMA.strip().split(";"):
@@ -183,7 +184,7 @@ class Buffer:
                 ("format", str(FORMAT)), ("shape", ",".join(str(int(v)) for v in shape)),
                 ("uuid", uuid.uuid4().hex), ("created", repr(time.time()))])
             db.execute("COMMIT")
-            db.close()  # checkpoints the WAL into the file and removes it
+            db.close()
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             try:
@@ -196,7 +197,7 @@ class Buffer:
             finally:
                 os.close(fd)
         finally:
-            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+            for leftover in (tmp, tmp + "-journal"):
                 if os.path.exists(leftover):
                     os.remove(leftover)
 

@@ -24,7 +24,7 @@ __all__ = ["add_parser"]
 CLOUD, EDGE = 0, 1
 
 ABOUT = """\
-The edge appends collected, unlabelled images to a durable buffer (one SQLite file, WAL
+The edge appends collected, unlabelled images to a durable buffer (one SQLite file, rollback
 journal, synchronous=FULL: an image is acknowledged only once its transaction is on disk).
 A sample moves pending -> labelled (the cloud's logits stored beside it, one transaction
 per batch) -> consumed (the batch trained the student; one transaction records the batch

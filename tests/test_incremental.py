@@ -89,6 +89,17 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
         Buffer(tmp_path / "none.sqlite", create=False)
 
 
+def test_an_acknowledged_image_is_in_the_buffer_file_itself(tmp_path):
+    """Rollback journal, not WAL: once append returns, the bytes are in the one file the checks read
+    (a WAL would hold them in a side file whose damaged tail SQLite drops without a word)."""
+    path = tmp_path / "b.sqlite"
+    b = Buffer(path, SHAPE)
+    b.append(np.full((3, *SHAPE), 0xC7, np.uint8))
+    assert bytes([0xC7] * 16) in path.read_bytes()  # still open: nothing was checkpointed on close
+    assert not (tmp_path / "b.sqlite-wal").exists()
+    b.close()
+
+
 # ---------------------------------------------------------------------- corrupt files
 def _corrupted(tmp_path, how: str):
     path = tmp_path / "b.sqlite"
@@ -106,7 +117,7 @@ def _corrupted(tmp_path, how: str):
         return path
     b = Buffer(path, SHAPE)
     b.append(np.full((50, *SHAPE), 0xAB, np.uint8))
-    b.close()  # checkpoints the WAL into the file
+    b.close()
     data = bytearray(path.read_bytes())
     if how == "truncated":
         path.write_bytes(data[: len(data) // 2])
