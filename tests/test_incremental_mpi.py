@@ -55,6 +55,7 @@ def _kill_rank_at_random(proc: subprocess.Popen, folder: Path, rank: int, rng: r
     os.kill(int((folder / f"rank{rank}.pid").read_text()), signal.SIGKILL)
 
 
+@pytest.mark.slow  # four mpiexec jobs, mostly importing torch: 60-85 s on the shared, loaded 2-core machine
 @needs_mpiexec
 def test_either_rank_dying_or_stalling_under_mpiexec_loses_and_duplicates_nothing(tmp_path):
     rng = random.Random(15)
