@@ -211,7 +211,9 @@ def _cloud(args, data, device, teacher, link, trainer: int) -> int:
         x = to_tensor(images, data).to(device)
         return torch.cat([run_teacher(teacher, x[i : i + 500]) for i in range(0, len(x), 500)]).numpy()
 
-    labelled = serve_cloud(link, trainer, logits_of, args.timeout)
+    # twice --timeout: the trainer's own waits on the inference root are bounded by --timeout, so when the root
+    # stalls the trainer (which knows who stalled) reports it, not the cloud waiting on the trainer
+    labelled = serve_cloud(link, trainer, logits_of, 2 * args.timeout)
     stream.wait_by([stream.send_object(link, {"labelled": labelled}, trainer, TAG_REPORT_CLOUD)],
                    time.monotonic() + args.timeout)
     return 0

@@ -1,0 +1,101 @@
+"""``aflkd system`` end to end under mpiexec -n 4: cloud, training rank, two inference ranks.
+
+The served outputs are checked against plain torch: each generation's student (as the
+training rank wrote it, not as the inference ranks received it) is rebuilt unsplit
+and run on every image that generation served.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import edge_net
+
+REPO = Path(__file__).parent.parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
+TOPOLOGY = str(REPO / "hostfiles" / "local-system.toml")
+
+
+def aflkd(ranks: int, *args: str, timeout: int = 150) -> subprocess.CompletedProcess:
+    cmd = [str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "launch.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("net", [1, 2])
+def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_path, net):
+    out, rec = tmp_path / "out", tmp_path / "rec"
+    proc = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--record", str(rec), "--net", str(net),
+                 "--images", "40", "--updates", "2", "--increment", "32", "--steps", "2", "--threads", "1",
+                 "--timeout", "60", "--seed", str(net), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = np.load(rec / "served.npz")
+    inputs, outputs, gens = served["inputs"], served["outputs"], served["generations"]
+    assert len(inputs) == len(outputs) == len(gens) >= 40
+    # generations only ever go up, one image at a time; both updates were swapped in, each between two images
+    assert gens[0] == 0 and (np.diff(gens) >= 0).all() and set(gens.tolist()) == {0, 1, 2}
+    first_use = {g: int(np.argmax(gens == g)) for g in (1, 2)}
+    assert 0 < first_use[1] < first_use[2] < len(gens)
+    report = json.loads((out / "system.json").read_text())
+    assert report["served"]["images"] == len(gens)
+    assert {s["generation"]: s["image"] for s in report["served"]["swaps"]} == {0: 0, **first_use}
+    assert [r["generation"] for r in report["updates"]] == [1, 2]
+    assert all(r["update_s"] > 0 and 0 <= r["test_acc"] <= 1 for r in report["updates"])
+    assert report["cloud_labelled"] == 64 and report["served"]["images_per_s"] > 0
+    # every served output equals what the student of that moment gives unsplit (plain torch)
+    worst = 0.0
+    students = {}
+    for g in (0, 1, 2):
+        model = edge_net(net, 3, 32, 10)
+        model.load_state_dict(torch.load(rec / f"student-g{g}.pt", weights_only=True))
+        students[g] = model.eval()
+    with torch.no_grad():
+        for g, model in students.items():
+            mask = gens == g
+            want = model(torch.from_numpy(inputs[mask])).numpy()
+            worst = max(worst, float(np.abs(want - outputs[mask]).max()))
+            # the check can fail: another generation's student gives other outputs on these images
+            other = students[(g + 1) % 3](torch.from_numpy(inputs[mask])).numpy()
+            assert np.abs(other - outputs[mask]).max() > 1e-3
+    assert worst <= 1e-5, worst
+
+
+@needs_mpiexec
+@pytest.mark.parametrize(
+    "ranks, args, message",
+    [
+        (3, ["--topology", TOPOLOGY], "this job has 3 ranks but .*local-system.toml has 4"),
+        (2, ["--topology", str(REPO / "hostfiles" / "local-1x2.toml")], "has no cloud host"),
+        (5, ["--topology", str(REPO / "hostfiles" / "local-2x2.toml")], "has no cluster 'train' for the training rank"),
+        (4, ["--topology", TOPOLOGY, "--student", "/nonexistent/s.pt"], "rank 0: student '/nonexistent/s.pt' does not exist"),
+        (4, ["--topology", TOPOLOGY, "--interval", "-1"], "--interval must be >= 0"),
+    ],
+)
+def test_bad_input_one_line_on_every_rank(tmp_path, ranks, args, message):
+    import re
+
+    proc = aflkd(ranks, "system", "--out", str(tmp_path / "o"), *args, timeout=90)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert re.search(message, lines[0]), lines[0]
+
+
+@needs_mpiexec
+def test_stalled_inference_root_ends_the_job_in_bounded_time(tmp_path):
+    """The inference ranks stall 60 s after their first image; the trainer waits 8 s for them, then ends the job."""
+    proc = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(tmp_path / "o"), "--interval", "60",
+                 "--timeout", "8", "--updates", "1", "--increment", "16", "--steps", "1", "--threads", "1",
+                 "--no-progress", timeout=80)
+    assert proc.returncode != 0
+    assert any("took no weights of generation 1 within 8 s" in line and "died or stalled" in line
+               for line in error_lines(proc)), proc.stderr[-2000:]
