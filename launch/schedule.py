@@ -324,9 +324,9 @@ def add_parser(sub) -> None:
     sim.add_argument("--cycles", type=options.positive_int, default=20, help="N cycles (default 20)")
     sim.add_argument("--draws", type=options.positive_int, default=1000, help="random allocation draws (1000)")
     sim.add_argument("--seed", type=int, default=0, help="seed of the random draws (0)")
-    sim.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: built-in)")
-    sim.add_argument("--json", default=None, help="write one row per case here")
-    sim.add_argument("--plot", default=None, help="write the Fig. 5 bar chart here (PNG)")
+    sim.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: the built-in constants)")
+    sim.add_argument("--json", default=None, help="write one row per case here (default: none)")
+    sim.add_argument("--plot", default=None, help="write the Fig. 5 bar chart here, PNG (default: none)")
     sim.set_defaults(func=_simulate)
 
     ver = what.add_parser("verify", help="the planner against exhaustive search on small random cases",
@@ -340,8 +340,8 @@ def add_parser(sub) -> None:
     ver.add_argument("--budget", type=options.positive_int, default=3200,
                      help="skip (N, c) with (c+1)^N above this: brute force grows that fast (3200)")
     ver.add_argument("--seed", type=int, default=0, help="seed of the workloads (0)")
-    ver.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: built-in)")
-    ver.add_argument("--json", default=None, help="write the cases, their gaps and max_gap here")
+    ver.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: the built-in constants)")
+    ver.add_argument("--json", default=None, help="write the cases, their gaps and max_gap here (default: none)")
     ver.set_defaults(func=_verify)
 
     prof = what.add_parser("profile", help="measure and fit f and g on this machine",
