@@ -88,13 +88,13 @@ def machine_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-def check_cores(cores: int, available: Optional[int] = None) -> int:
+def check_cores(cores: int, available: Optional[int] = None, option: str = "--control-cores") -> int:
     """``cores`` if 1 <= cores <= the cores this process may use, else one clear :class:`UsageError`."""
     available = len(machine_cpus()) if available is None else available
     if not isinstance(cores, int) or cores < 1:
-        raise UsageError(f"--control-cores must be a positive whole number of cores, got {cores}")
+        raise UsageError(f"{option} must be a positive whole number of cores, got {cores}")
     if cores > available:
-        raise UsageError(f"--control-cores {cores} is more than the {available} core(s) this process may use; "
+        raise UsageError(f"{option} {cores} is more than the {available} core(s) this process may use; "
                          f"give 1..{available}")
     return cores
 

@@ -1,0 +1,186 @@
+"""The core-allocation controller (scheduling/controller.py): what it sets is what the OS and torch report,
+drift triggers a re-plan, and control changes timing, not arithmetic (given the thread count)."""
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from kd.teacher_source import PrecomputedLogits, TeacherSource
+from kd.trainer import EdgeConfig, train_edge
+from runtime.errors import UsageError
+from scheduling.controller import Controller, ControlledSource, allocation, check_cores, controlled, machine_cpus
+from tests.test_teacher import tiny
+
+CPUS = machine_cpus()
+two_cores = pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 cores to split")
+
+
+def _logits(data, n=40):
+    return torch.randn(n, data.classes, generator=torch.Generator().manual_seed(0))
+
+
+class Probe(TeacherSource):
+    """Precomputed logits that record which OS thread fetched them and on which CPUs it could run."""
+
+    def __init__(self, rows):
+        self.inner = PrecomputedLogits(rows)
+        self.classes, self.weights = self.inner.classes, None
+        self.seen = []
+
+    def start(self, step, rows, images):
+        self.inner.start(step, rows, images)
+
+    def logits(self, step):
+        self.seen.append((threading.get_native_id(), os.sched_getaffinity(0)))
+        return self.inner.logits(step)
+
+
+@two_cores
+@pytest.mark.parametrize("comm_cores", [0, 1, 2])
+def test_apply_sets_the_threads_and_affinity_it_says(comm_cores):
+    ctl = Controller("planner", 2, steps=3)
+    src = ControlledSource(Probe(torch.zeros(4, 3)), ctl)
+    try:
+        alloc = allocation(ctl.cpus, comm_cores)
+        ctl.apply(alloc)
+        assert torch.get_num_threads() == alloc.compute_threads == (2 if comm_cores in (0, 2) else 1)
+        assert os.sched_getaffinity(0) == set(alloc.compute_cpus)            # the trainer's (main) thread
+        assert os.sched_getaffinity(src.comm_tid) == set(alloc.comm_cpus)    # the receive thread
+        if comm_cores == 1:
+            assert set(alloc.compute_cpus).isdisjoint(alloc.comm_cpus)
+    finally:
+        src.close()
+    assert os.sched_getaffinity(0) == set(CPUS) and torch.get_num_threads() == 1   # restored
+
+
+@two_cores
+@pytest.mark.parametrize("policy", ["planner", "priority"])
+def test_during_training_forward_runs_on_the_compute_cores_and_logits_on_the_receive_thread(policy):
+    torch.set_num_threads(1)
+    data, steps = tiny(n=48), 6
+    student_seen = []
+    config = EdgeConfig("kd", 1, steps=steps, batch=8, seed=3)
+    torch.manual_seed(3)
+    from models import edge_net
+    student = edge_net(1, 3, 32, 3)
+    student[-1].register_forward_hook(lambda *a: student_seen.append((torch.get_num_threads(), os.sched_getaffinity(0))))
+    probe = Probe(_logits(data))
+    src = ControlledSource(probe, Controller(policy, 2, steps))
+    train_edge(config, data, np.arange(40), source=src, student=student)
+    forwards = student_seen[:steps]          # training forwards (evaluation follows, uncontrolled)
+    for row, (threads, cpus) in zip(src.ctl.log, forwards):
+        want = allocation(src.ctl.cpus, row["comm_cores"][0])
+        assert threads == want.compute_threads and cpus == set(want.compute_cpus), row
+    assert all(tid == src.comm_tid != threading.get_native_id() for tid, _ in probe.seen)
+    if policy == "priority":   # computation waits, so the receive thread has every core
+        assert all(cpus == set(CPUS[:2]) for _, cpus in probe.seen)
+    assert os.sched_getaffinity(0) == set(CPUS) and torch.get_num_threads() == 1
+
+
+def test_drift_beyond_tolerance_for_patience_batches_replans_with_measured_workloads():
+    ctl = Controller("planner", 1, steps=10, patience=2, tolerance=0.2)
+    f, b, y = ctl.predicted(0)
+    assert not ctl.observe(0, f * 1.1, b, y)         # within 20%
+    assert not ctl.observe(1, f * 3.0, b, y)         # first drifting batch
+    assert not ctl.observe(2, f, b, y)               # back in: the count restarts
+    assert not ctl.observe(3, f * 3.0, b * 3.0, y)
+    assert ctl.observe(4, f * 3.0, b * 3.0, y)       # second in a row: re-plan
+    assert len(ctl.replans) == 1 and ctl.replans[0]["after_step"] == 4
+    np.testing.assert_allclose(ctl.workloads, (3.0, 3.0, 1.0), rtol=1e-9)   # x = t / f(1, c) from the drift
+    f2, b2, _ = ctl.predicted(5)
+    assert not ctl.observe(5, f2, b2, y)             # the new model fits the new times
+
+
+@two_cores
+def test_priority_weights_equal_uncontrolled_weights_bitwise_at_the_same_threads():
+    data, idx = tiny(n=48), np.arange(40)
+    config = EdgeConfig("kd", 1, steps=6, batch=8, seed=3)
+    torch.set_num_threads(2)
+    alone = train_edge(config, data, idx, source=PrecomputedLogits(_logits(data))).model.state_dict()
+    torch.set_num_threads(1)
+    ctl = train_edge(config, data, idx, source=controlled(PrecomputedLogits(_logits(data)), "priority", 2,
+                                                          6)).model.state_dict()
+    assert all(torch.equal(alone[k], ctl[k]) for k in alone)
+
+
+class PhaseThreads(PrecomputedLogits):
+    """No receive thread, no pinning: only torch's thread count set per phase, as a given list says."""
+
+    def __init__(self, rows, phases):
+        super().__init__(rows)
+        self.phases = phases
+
+    def start(self, step, rows, images):
+        torch.set_num_threads(self.phases[step][0])
+        super().start(step, rows, images)
+
+    def logits(self, step):
+        out = super().logits(step)
+        torch.set_num_threads(self.phases[step][1])
+        return out
+
+
+@two_cores
+def test_planner_weights_equal_a_plain_run_with_the_same_thread_counts_bitwise():
+    """Thread count changes float summation order (1 vs 2 threads give other weights), so the reference
+    sets the controlled run's per-phase thread counts and nothing else."""
+    data, idx = tiny(n=48), np.arange(40)
+    config = EdgeConfig("kd", 1, steps=6, batch=8, seed=3)
+    torch.set_num_threads(1)
+    src = controlled(PrecomputedLogits(_logits(data)), "planner", 2, 6)
+    got = train_edge(config, data, idx, source=src).model.state_dict()
+    threads = [tuple(allocation(src.ctl.cpus, c).compute_threads for c in r["comm_cores"]) for r in src.ctl.log]
+    want = train_edge(config, data, idx, source=PhaseThreads(_logits(data), threads)).model.state_dict()
+    torch.set_num_threads(1)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("cores", [0, -1, len(CPUS) + 1])
+def test_bad_core_counts_are_one_usage_line(cores):
+    with pytest.raises(UsageError) as err:
+        check_cores(cores)
+    assert "\n" not in str(err.value) and "--control-cores" in str(err.value)
+    with pytest.raises(UsageError):
+        Controller("planner", cores, steps=3)
+
+
+def test_unknown_policy_is_one_usage_line():
+    with pytest.raises(UsageError, match="choose from planner, priority, none"):
+        Controller("fastest", 1, steps=3)
+
+
+def test_cli_refuses_more_cores_than_the_machine_in_one_line(capsys):
+    from launch.cli import main
+
+    assert main(["control", "--dataset", "cifar10", "--cores", str(len(CPUS) + 5)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aflkd: error: --cores") and "more than" in err[0]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_streamed_run_under_priority_control_equals_the_in_process_run(world, agree):
+    """Over MPI, the receive thread makes the stream's calls; the student equals the uncontrolled
+    in-process student trained at the thread count priority gives computation."""
+    from kd.streaming import open_cloud, open_edge
+    from tests.test_distill_mpi import _job, _teacher
+
+    cores = min(2, len(CPUS))
+    problems = []
+    if world.rank == 0:
+        server = open_cloud(world, 0, _teacher(), tiny(n=48), timeout_s=60.0)
+        try:
+            server.serve()
+        finally:
+            server.close()
+    else:
+        job = _job(world.rank)
+        data = tiny(n=48)
+        src = controlled(open_edge(world, 0, job, data, timeout_s=60.0), "priority", cores, job.config.steps)
+        got = train_edge(job.config, data, job.train_idx, source=src).model.state_dict()
+        torch.set_num_threads(cores)
+        want = train_edge(job.config, data, job.train_idx, teacher=_teacher()).model.state_dict()
+        torch.set_num_threads(1)
+        problems += [f"edge {world.rank}: {k} differs" for k in want if not torch.equal(want[k], got[k])]
+    agree(world, problems)
