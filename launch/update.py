@@ -344,7 +344,7 @@ def _edge_config(args):
 def _edge_facts(setup: _Setup, args, buffer_path: str, student_path: str, student_check: bool = True):
     """Rank 1's set-up: open the buffer, check the student fits, reconcile them (crash recovery)."""
     from kd.buffer import Buffer
-    from kd.incremental import read_student
+    from kd.incremental import read_student, reconcile
     from models import edge_net, load_weights
 
     data = setup.data
@@ -359,6 +359,9 @@ def _edge_facts(setup: _Setup, args, buffer_path: str, student_path: str, studen
             load_weights(edge_net(args.net, data.channels, 32, data.classes), student_path,
                          f"--student must be edge net {args.net} trained on {data.name} (check --net)")
             facts["classes"] = int(state["fc2.weight"].shape[0]) if "fc2.weight" in state else data.classes
+            _, note = reconcile(buffer, student_path)  # here, so a foreign student is refused on both ranks
+            if note:
+                print(note, flush=True)
     except UsageError as err:
         facts["problem"] = str(err)
     return buffer, facts
