@@ -94,7 +94,8 @@ class Served:
 
     generations: list = field(default_factory=list)
     correct: list = field(default_factory=list)
-    swaps: list = field(default_factory=list)  # (generation, image index it was first used for, seconds from arrival)
+    # (generation, first image it served, seconds from its header's arrival at the root to every rank's new executor)
+    swaps: list = field(default_factory=list)
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
     seconds: float = 0.0
@@ -108,7 +109,7 @@ class Served:
             per[int(g)] = {"images": int(mask.sum()), "served_acc": float(correct[mask].mean())}
         return {"images": len(self.generations), "seconds": self.seconds,
                 "images_per_s": len(self.generations) / self.seconds if self.seconds > 0 else 0.0,
-                "swaps": [{"generation": g, "image": k, "swap_latency_s": s} for g, k, s in self.swaps],
+                "swaps": [{"generation": g, "image": k, "swap_s": s} for g, k, s in self.swaps],
                 "per_generation": per}
 
 

@@ -280,6 +280,7 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     state, _ = read_student(student_path)
     record_student(start_gen, state)
     send_weights(link, root, start_gen, state, args.timeout)
+    initial_acc = _test_accuracy(args, data, state)  # while the inference ranks already serve
     rows = []
     for u in range(args.updates):
         at = ((start_gen + u) * args.increment) % len(order)
@@ -317,7 +318,8 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     clouded = stream.recv_object_by(link, cloud, TAG_REPORT_CLOUD, deadline,
                                     f"the cloud (rank {cloud}) sent no report within {args.timeout:g} s")
     report = {"command": getattr(args, "command_line", ""), "dataset": args.dataset, "net": args.net,
-              "inference_ranks": link.Get_size() - 2, "updates": rows, "served": served,
+              "inference_ranks": link.Get_size() - 2, "initial": {"generation": start_gen, "test_acc": initial_acc},
+              "updates": rows, "served": served,
               "cloud_labelled": clouded["labelled"], "controller": controller is not None}
     with open(out / "system.json", "w") as fh:
         json.dump(report, fh, indent=2)
@@ -325,20 +327,32 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     return 0
 
 
+def _test_accuracy(args, data, state: dict) -> float:
+    """Top-1 accuracy of a student on the whole test split (plain torch, unsplit)."""
+    import torch
+
+    from kd.teacher import evaluate, to_tensor
+
+    model = _student(args, data)
+    model.load_state_dict(state)
+    return evaluate(model, to_tensor(data.x_test, data), torch.from_numpy(data.y_test))
+
+
 def _print_report(report: dict, path) -> None:
     served = report["served"]
     swaps = {s["generation"]: s for s in served["swaps"]}
     per = served["per_generation"]
-    print(f"{'gen':>4} {'update s':>9} {'test acc':>9} {'swapped at image':>17} {'swap latency s':>15} "
+    print(f"{'gen':>4} {'update s':>9} {'test acc':>9} {'swapped at image':>17} {'swap s':>8} "
           f"{'images served':>14} {'served acc':>11}")
     gens = sorted(set(swaps) | {r["generation"] for r in report["updates"]})
     by_gen = {r["generation"]: r for r in report["updates"]}
+    by_gen.setdefault(report["initial"]["generation"], {"test_acc": report["initial"]["test_acc"]})
     for g in gens:
         r, s, p = by_gen.get(g, {}), swaps.get(g, {}), per.get(g, per.get(str(g), {}))
-        upd = f"{r['update_s']:.2f}" if r else "-"
+        upd = f"{r['update_s']:.2f}" if "update_s" in r else "-"
         acc = f"{r['test_acc']:.2%}" if r.get("test_acc") is not None else "-"
         print(f"{g:>4} {upd:>9} {acc:>9} {s.get('image', '-'):>17} "
-              f"{s.get('swap_latency_s', 0):>15.4f} {p.get('images', 0):>14} {p.get('served_acc', 0):>11.2%}")
+              f"{s.get('swap_s', 0):>8.3f} {p.get('images', 0):>14} {p.get('served_acc', 0):>11.2%}")
     print(f"served {served['images']} images in {served['seconds']:.2f} s: {served['images_per_s']:.1f} images/s on "
           f"{report['inference_ranks']} inference ranks; {len(report['updates'])} update(s), cloud labelled "
           f"{report['cloud_labelled']} images; JSON in {path}", flush=True)

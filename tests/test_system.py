@@ -31,6 +31,7 @@ def error_lines(proc) -> list[str]:
 
 
 @needs_mpiexec
+@pytest.mark.slow
 @pytest.mark.parametrize("net", [1, 2])
 def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_path, net):
     out, rec = tmp_path / "out", tmp_path / "rec"
@@ -50,6 +51,7 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
     assert {s["generation"]: s["image"] for s in report["served"]["swaps"]} == {0: 0, **first_use}
     assert [r["generation"] for r in report["updates"]] == [1, 2]
     assert all(r["update_s"] > 0 and 0 <= r["test_acc"] <= 1 for r in report["updates"])
+    assert report["initial"]["generation"] == 0 and 0 <= report["initial"]["test_acc"] <= 1
     assert report["cloud_labelled"] == 64 and report["served"]["images_per_s"] > 0
     # every served output equals what the student of that moment gives unsplit (plain torch)
     worst = 0.0
@@ -91,6 +93,7 @@ def test_bad_input_one_line_on_every_rank(tmp_path, ranks, args, message):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_stalled_inference_root_ends_the_job_in_bounded_time(tmp_path):
     """The inference ranks stall 60 s after their first image; the trainer waits 8 s for them, then ends the job."""
     proc = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(tmp_path / "o"), "--interval", "60",
