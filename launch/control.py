@@ -52,10 +52,11 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=options.non_negative_int, default=0, help="seed of subset, weights and batches")
     p.add_argument("--cores", type=options.positive_int, default=None,
                    help="cores the controller divides on the edge (default: this rank's share of the host)")
-    p.add_argument("--constants", default=None, metavar="FILE", help="f, g constants from 'aflkd schedule profile'")
+    p.add_argument("--constants", default=None, metavar="FILE", help="f, g constants from 'aflkd schedule profile' for the planner (default: the ideal model, "
+                   "calibrated by the first re-plan)")
     p.add_argument("--policies", default="planner,priority,none", help="policies, run in this order")
     p.add_argument("--timeout", type=options.positive_float, default=120.0, help="seconds a rank waits for its peer")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON (default: not written)")
     p.set_defaults(func=_control, sets_own_threads=True)
 
 
