@@ -33,7 +33,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import UsageError
-from .layers import (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, WindowSpec,
+from .layers import (ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, WindowSpec, is_elementwise_function,
                      window_of_function, window_of_module)
 
 __all__ = ["GraphNode", "ModelGraph", "trace_model"]
@@ -232,7 +232,7 @@ class _Classifier:
             if target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d) or getattr(target, "__name__", "") in (
                     "adaptive_max_pool2d", "_adaptive_max_pool2d"):
                 return self.adaptive(n, first, src_shape, shape, "mean" if target is F.adaptive_avg_pool2d else "max")
-            if target in ELEMENTWISE_FUNCTIONS:
+            if is_elementwise_function(target):
                 if getattr(target, "__name__", "") in ("dropout", "stochastic_depth"):
                     at = 2 if target.__name__ == "dropout" else 3
                     training = n.kwargs.get("training", n.args[at] if len(n.args) > at else True)

@@ -22,6 +22,7 @@ __all__ = [
     "window_of_function",
     "ELEMENTWISE_MODULES",
     "ELEMENTWISE_FUNCTIONS",
+    "is_elementwise_function",
     "ELEMENTWISE_METHODS",
 ]
 
@@ -33,21 +34,24 @@ ELEMENTWISE_MODULES: tuple[type, ...] = (
 )
 
 
-def _stochastic_depth():
-    try:
-        from torchvision.ops import stochastic_depth
-    except ImportError:  # torchvision is optional for the runtime
-        return None
-    return stochastic_depth
-
-
 #: Functions that act element by element (broadcasting the other operands).
-ELEMENTWISE_FUNCTIONS: frozenset = frozenset(f for f in (
+ELEMENTWISE_FUNCTIONS: frozenset = frozenset((
     operator.add, operator.mul, operator.sub, operator.truediv, operator.iadd, operator.imul, operator.neg,
     torch.add, torch.mul, torch.sub, torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg,
     F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.hardtanh, F.silu, F.gelu, F.leaky_relu, F.elu, F.sigmoid,
-    F.dropout, F.mish, _stochastic_depth(),
-) if f is not None)
+    F.dropout, F.mish,
+))
+
+
+def is_elementwise_function(target) -> bool:
+    """``target`` acts element by element: one of :data:`ELEMENTWISE_FUNCTIONS`, or torchvision's
+    ``stochastic_depth`` (identity in eval mode), recognised by name so that importing the runtime
+    does not import torchvision (seconds on a Pi)."""
+    if target in ELEMENTWISE_FUNCTIONS:
+        return True
+    return (getattr(target, "__name__", None) == "stochastic_depth"
+            and getattr(target, "__module__", "").startswith("torchvision.ops"))
+
 
 #: Tensor methods that act element by element.
 ELEMENTWISE_METHODS: frozenset = frozenset((

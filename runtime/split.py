@@ -48,7 +48,7 @@ from . import comm as mpi
 from .errors import UsageError
 from .geometry import input_rows_for, merge_ranges, subtract_ranges
 from .graph import trace_model
-from .layers import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES
+from .layers import ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, is_elementwise_function
 from .plan import GraphPlan, check_weights, plan_split
 from .timing import NO_CLOCK, NoClock
 
@@ -129,7 +129,7 @@ def _elementwise(fx_node, module) -> bool:
     if fx_node.op == "call_module":
         return isinstance(module, ELEMENTWISE_MODULES)
     if fx_node.op == "call_function":
-        return fx_node.target in ELEMENTWISE_FUNCTIONS
+        return is_elementwise_function(fx_node.target)
     return fx_node.op == "call_method" and fx_node.target in ELEMENTWISE_METHODS and fx_node.target != "contiguous"
 
 
