@@ -184,3 +184,27 @@ def test_streamed_run_under_priority_control_equals_the_in_process_run(world, ag
         torch.set_num_threads(1)
         problems += [f"edge {world.rank}: {k} differs" for k in want if not torch.equal(want[k], got[k])]
     agree(world, problems)
+
+
+def test_train_distill_with_control_runs_and_bad_cores_are_one_line(tmp_path):
+    """The CLI end to end at 2 ranks (tiny data): --control planner trains and reports; 99 cores is refused."""
+    import json
+
+    from tests.test_distill_cli import MPIEXEC, distill, errors
+
+    if not MPIEXEC.exists():
+        pytest.skip("no mpiexec beside this Python")
+    from models import cloud_net, save_atomic
+
+    teacher = tmp_path / "teacher.pt"
+    save_atomic(cloud_net(3, 32, 3).state_dict(), str(teacher))
+    cores = min(2, len(CPUS))
+    proc = distill(2, "--teacher", str(teacher), "--nets", "1", "--control", "planner", "--control-cores",
+                   str(cores), "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    (edge,) = json.loads((tmp_path / "r.json").read_text())["edges"]
+    assert edge["control"] == "planner" and edge["control_cores"] == cores and len(edge["epoch_seconds"]) == 4
+    proc = distill(2, "--teacher", str(teacher), "--control-cores", str(len(CPUS) + 97), timeout=120)
+    assert proc.returncode == 2
+    (line,) = errors(proc)
+    assert f"--control-cores {len(CPUS) + 97} is more than" in line and "Traceback" not in proc.stderr
