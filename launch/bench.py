@@ -140,6 +140,18 @@ def _check_checkpoint(args) -> None:
     check_checkpoint(model, args.checkpoint, "check --net, --size, --classes and --in-channels")
 
 
+def _head_can_split(args) -> bool:
+    """Whether the net's head splits at all (traced on meta): else no temporary checkpoint is worth writing."""
+    import torch
+
+    from models import build_model
+    from runtime import plan_split, trace_model
+
+    with torch.device("meta"):
+        model = build_model(args.net, args.in_channels, args.size, args.classes).eval()
+    return plan_split(trace_model(model, (args.in_channels, args.size, args.size)), [1.0], head="split").head == "split"
+
+
 def _save_random_weights(args) -> str:
     """The seeded random weights of ``build()`` as a checkpoint in a temporary folder, written by a fresh process
     (so that no rank of the benchmark ever holds the whole model to write them)."""
@@ -185,7 +197,8 @@ def _layers(args) -> int:
     if checkpoint:  # one line naming what does not fit, before any rank builds anything
         on_root_then_bcast(comm, lambda: _check_checkpoint(args))
     if args.head != "gather" and not checkpoint:
-        temporary = checkpoint = on_root_then_bcast(comm, lambda: _save_random_weights(args))
+        temporary = checkpoint = on_root_then_bcast(
+            comm, lambda: _save_random_weights(args) if _head_can_split(args) else None)
     try:
         report = bench_layers(
             comm, _builder(args), (args.in_channels, args.size, args.size), load=_loader(args), net=args.net,
