@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -207,18 +207,6 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
     if root:
         served.seconds = time.monotonic() - start if start is not None else 0.0
     return served
-
-
-def controller_hook() -> Optional[Callable[[], ContextManager]]:
-    """Where the core-allocation controller (scheduling/controller.py, issue 16) wraps each update.
-
-    It had not landed when the system was wired; returns None (no control) until it does.
-    """
-    try:
-        from scheduling import controller  # noqa: F401
-    except ImportError:
-        return None
-    return getattr(controller, "system_hook", None)
 
 
 def synthetic_dataset(seed: int = 0, classes: int = 10, train: int = 512, test: int = 200, size: int = 32):

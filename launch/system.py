@@ -71,6 +71,9 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", type=options.positive_float, default=120.0,
                    help="seconds a rank waits for a peer in any exchange before it ends the job")
     p.add_argument("--seed", type=int, default=0, help="seed of the stream order, the synthetic data and students")
+    from .distill import control_options
+
+    control_options(p)  # --control, --control-cores, --constants: the training rank's core allocation
     options.device_option(p, "cloud runs the teacher and the training rank trains")
     p.add_argument("--threads", type=options.threads, default=None,
                    help="torch threads per rank (default: this host's cores / ranks on this host)")
@@ -150,6 +153,14 @@ def _run(args) -> int:
     if args.record and rank in (trainer, infer_ranks[0]):
         options.prepare_folder(args.record, "--record")
     set_threads(args.threads or default_threads(world))
+    from scheduling.controller import check_cores
+
+    from .distill import control_cost
+
+    args.control_cores = check_cores(args.control_cores or default_threads(world))  # every rank, before any work
+    args.control_model = control_cost(args)
+    if args.control_model is not None:
+        args.control_model.check(args.control_cores)
     data = _data(args)
     if data.x_train.shape[1:3] not in ((32, 32), (28, 28)):
         raise UsageError(f"{args.dataset} images are {data.x_train.shape[1:3]}; the students take 32x32")
@@ -253,11 +264,9 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
 
     from kd.buffer import Buffer
     from kd.incremental import CloudLink, reconcile, read_student, run_updates, save_student
-    from kd.system import controller_hook, send_done, send_weights
+    from kd.system import send_done, send_weights
     from kd.trainer import EdgeConfig
     from runtime import stream
-
-    from .update import AflkdUpdate
 
     student_path = str(out / "student.pt")
     buffer = Buffer(str(out / "buffer.sqlite"), data.x_train.shape[1:])
@@ -267,9 +276,8 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     reconcile(buffer, student_path)
     start_gen = buffer.latest().generation
     config = EdgeConfig("aflkd", args.net, steps=args.steps, lr=args.lr, seed=args.seed)
-    update = AflkdUpdate(config, data, device, progress=False)
+    update = ControlledUpdate(config, data, device, args.control, args.control_cores, args.control_model)
     link_cloud = CloudLink(link, cloud, args.timeout)
-    controller = controller_hook()
     order = np.random.default_rng(args.seed).permutation(len(data.x_train))
 
     def record_student(generation: int, state: dict) -> None:
@@ -292,13 +300,7 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
         def on_update(record, new_state, info) -> None:
             sent["generation"], sent["state"], sent["info"] = record.generation, new_state, info
 
-        context = controller() if controller is not None else None
-        if context is not None:
-            with context:
-                run_updates(buffer, student_path, link_cloud, update, args.increment, max_updates=1,
-                            on_update=on_update)
-        else:
-            run_updates(buffer, student_path, link_cloud, update, args.increment, max_updates=1, on_update=on_update)
+        run_updates(buffer, student_path, link_cloud, update, args.increment, max_updates=1, on_update=on_update)
         seconds = time.monotonic() - begin
         if not sent:
             raise UsageError(f"update {u + 1}: the buffer had fewer than --increment {args.increment} new images "
@@ -306,7 +308,8 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
         record_student(sent["generation"], sent["state"])
         send_weights(link, root, sent["generation"], sent["state"], args.timeout)
         rows.append({"generation": sent["generation"], "images": args.increment, "update_s": round(seconds, 3),
-                     "test_acc": sent["info"].get("test_acc"), "train_s": sent["info"].get("seconds")})
+                     "test_acc": sent["info"].get("test_acc"), "train_s": sent["info"].get("seconds"),
+                     "replans": sent["info"].get("replans")})
         if not args.no_progress:
             print(f"trainer: generation {sent['generation']} sent to the inference ranks ({seconds:.2f} s, test acc "
                   f"{sent['info'].get('test_acc', float('nan')):.2%})", flush=True)
@@ -320,11 +323,50 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     report = {"command": getattr(args, "command_line", ""), "dataset": args.dataset, "net": args.net,
               "inference_ranks": link.Get_size() - 2, "initial": {"generation": start_gen, "test_acc": initial_acc},
               "updates": rows, "served": served,
-              "cloud_labelled": clouded["labelled"], "controller": controller is not None}
+              "cloud_labelled": clouded["labelled"], "control": args.control, "control_cores": args.control_cores}
     with open(out / "system.json", "w") as fh:
         json.dump(report, fh, indent=2)
     _print_report(report, out / "system.json")
     return 0
+
+
+class ControlledUpdate:
+    """One incremental AFLKD update (as :class:`launch.update.AflkdUpdate`) with the cloud's logits fed through the
+    core-allocation controller (:func:`scheduling.controller.controlled`, ``--control``).
+
+    The logits of an increment arrive in one exchange before it trains (:class:`kd.incremental.CloudLink`), so the
+    controller's Comm phase here is the per-batch hand-over of those logits, not a network receive.
+    """
+
+    def __init__(self, config, data, device, policy: str, cores: int, cost=None):
+        self.config, self.data, self.device = config, data, device
+        self.policy, self.cores, self.cost = policy, cores, cost
+
+    def __call__(self, state: dict, images, logits, generation: int):
+        from dataclasses import replace
+
+        import numpy as np
+        import torch
+
+        from kd.datasets import ImageArrays
+        from kd.teacher_source import PrecomputedLogits
+        from kd.trainer import train_edge
+        from models import edge_net
+        from scheduling.controller import controlled
+
+        student = edge_net(self.config.net, self.data.channels, 32, self.data.classes)
+        student.load_state_dict(state)
+        batch = ImageArrays(self.data.name, images, logits.argmax(1).astype(np.int64), self.data.x_test,
+                            self.data.y_test, self.data.classes, self.data.mean, self.data.std)
+        config = replace(self.config, seed=self.config.seed + generation)
+        source = controlled(PrecomputedLogits(torch.from_numpy(logits)), self.policy, self.cores, config.steps,
+                            self.cost)
+        result = train_edge(config, batch, np.arange(len(images)), source=source, progress=False,
+                            device=self.device, student=student)
+        last = result.history[-1]
+        info = {"test_acc": result.test_acc, "seconds": round(result.seconds, 2), "final_T": round(last["T"], 4),
+                "final_frozen": last["frozen"], "steps": config.steps, "replans": len(source.ctl.replans)}
+        return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}, info
 
 
 def _test_accuracy(args, data, state: dict) -> float:

@@ -32,12 +32,12 @@ def error_lines(proc) -> list[str]:
 
 @needs_mpiexec
 @pytest.mark.slow
-@pytest.mark.parametrize("net", [1, 2])
-def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_path, net):
+@pytest.mark.parametrize("net, control", [(1, "none"), (2, "planner")])
+def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_path, net, control):
     out, rec = tmp_path / "out", tmp_path / "rec"
     proc = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--record", str(rec), "--net", str(net),
                  "--images", "40", "--updates", "2", "--increment", "32", "--steps", "2", "--threads", "1",
-                 "--timeout", "60", "--seed", str(net), "--no-progress")
+                 "--timeout", "60", "--seed", str(net), "--control", control, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = np.load(rec / "served.npz")
     inputs, outputs, gens = served["inputs"], served["outputs"], served["generations"]
@@ -52,6 +52,7 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
     assert [r["generation"] for r in report["updates"]] == [1, 2]
     assert all(r["update_s"] > 0 and 0 <= r["test_acc"] <= 1 for r in report["updates"])
     assert report["initial"]["generation"] == 0 and 0 <= report["initial"]["test_acc"] <= 1
+    assert report["control"] == control and all(isinstance(r["replans"], int) for r in report["updates"])
     assert report["cloud_labelled"] == 64 and report["served"]["images_per_s"] > 0
     # every served output equals what the student of that moment gives unsplit (plain torch)
     worst = 0.0
@@ -80,6 +81,7 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
         (5, ["--topology", str(REPO / "hostfiles" / "local-2x2.toml")], "has no cluster 'train' for the training rank"),
         (4, ["--topology", TOPOLOGY, "--student", "/nonexistent/s.pt"], "rank 0: student '/nonexistent/s.pt' does not exist"),
         (4, ["--topology", TOPOLOGY, "--interval", "-1"], "--interval must be >= 0"),
+        (4, ["--topology", TOPOLOGY, "--control-cores", "4096"], "--control-cores 4096 is more than the"),
     ],
 )
 def test_bad_input_one_line_on_every_rank(tmp_path, ranks, args, message):
