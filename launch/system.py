@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
                    "(a camera's frame interval; 0: as fast as they can)")
     p.add_argument("--record", default=None, metavar="DIR",
                    help="write every served input, output and generation (DIR/served.npz) and each generation's "
-                   "student (DIR/student-gG.pt), for an independent check; one-host runs")
+                   "student (DIR/student-gG.pt), for an independent check; one-host runs (default: none, nothing recorded)")
     p.add_argument("--timeout", type=options.positive_float, default=120.0,
                    help="seconds a rank waits for a peer in any exchange before it ends the job")
     p.add_argument("--seed", type=int, default=0, help="seed of the stream order, the synthetic data and students")
