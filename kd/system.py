@@ -27,7 +27,9 @@ Every wait on a peer is bounded by ``timeout_s`` (:class:`runtime.stream.PeerTim
 """
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -38,11 +40,11 @@ from runtime import comm as mpi
 from runtime import stream
 from runtime.errors import UsageError
 
-__all__ = ["flatten_state", "load_flat", "Served", "serve_images", "send_weights", "send_done",
+__all__ = ["flatten_state", "load_flat", "Served", "serve_images", "send_weights", "send_done", "alive",
            "KIND_SERVE", "KIND_SWAP", "KIND_STOP", "KIND_WEIGHTS", "KIND_DONE", "TAG_W_HEAD", "TAG_W_DATA"]
 
 KIND_SERVE, KIND_SWAP, KIND_STOP = 0, 1, 2  # the inference root's decision before an image
-KIND_WEIGHTS, KIND_DONE = 11, 12  # trainer -> inference root headers
+KIND_WEIGHTS, KIND_DONE, KIND_ALIVE = 11, 12, 13  # trainer -> inference root headers
 TAG_W_HEAD, TAG_W_DATA = 7101, 7102  # distinct from kd.incremental's 7001/7002 on the same communicator
 HEAD = 4
 
@@ -85,6 +87,34 @@ def send_done(comm, dest: int, generation: int, timeout_s: float) -> None:
     head = torch.tensor([KIND_DONE, generation, 0, 0], dtype=torch.int64)
     _wait([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
           f"the inference root (rank {dest}) took no end-of-updates message")
+
+
+@contextmanager
+def alive(comm, dest: int, timeout_s: float):
+    """While the trainer works (an update can take longer than ``timeout_s``): an ``[ALIVE]`` header to the
+    inference root every ``timeout_s / 4`` s, so the root can tell a busy trainer from a dead or stalled one."""
+    stop = threading.Event()
+    failed: list = []
+
+    def beat() -> None:
+        while not stop.wait(timeout_s / 4):
+            head = torch.tensor([KIND_ALIVE, 0, 0, 0], dtype=torch.int64)
+            try:
+                _wait([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
+                      f"the inference root (rank {dest}) took no heartbeat")
+            except BaseException as err:  # noqa: BLE001 -- reported by the main thread
+                failed.append(err)
+                return
+
+    thread = threading.Thread(target=beat, name="aflkd-system-alive", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 # ---------------------------------------------------------------------- inference side
@@ -159,6 +189,9 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
                     _wait([stream.irecv(world, flat, trainer, TAG_W_DATA)], timeout_s,
                           f"the training rank {trainer} sent no weights of generation {int(head[1])}")
                     kind, new_gen = KIND_SWAP, int(head[1])
+                elif int(head[0]) == KIND_ALIVE:
+                    if first:  # the first image needs a student: keep waiting for it
+                        continue
                 elif int(head[0]) == KIND_DONE:
                     done = True
                     if first:

@@ -9,7 +9,6 @@ new student is only ever swapped in between two images) are in :mod:`kd.system`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -239,14 +238,12 @@ def _infer(args, data, link, infer, trainer: int, root_world: int) -> int:
 
     root = infer.Get_rank() == 0
     images = to_tensor(data.x_test, data).contiguous() if root else None
-    progress = None
-    if root and not args.no_progress:
-        def progress(k: int, generation: int) -> None:
-            if k % 50 == 0:
-                print(f"inference: {k} images served (student generation {generation})", flush=True)
+    def progress(k: int, generation: int) -> None:
+        if k % 50 == 0:
+            print(f"inference: {k} images served (student generation {generation})", flush=True)
     served = serve_images(link, infer, trainer, lambda: _student(args, data), (data.channels, 32, 32), images,
                           data.y_test, args.images, args.timeout, args.interval, bool(args.record),
-                          progress=progress)
+                          progress=progress if root and not args.no_progress else None)
     if not root:
         return 0
     if args.record:
@@ -264,7 +261,7 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
 
     from kd.buffer import Buffer
     from kd.incremental import CloudLink, reconcile, read_student, run_updates, save_student
-    from kd.system import send_done, send_weights
+    from kd.system import alive, send_done, send_weights
     from kd.trainer import EdgeConfig
     from runtime import stream
 
@@ -288,31 +285,32 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     state, _ = read_student(student_path)
     record_student(start_gen, state)
     send_weights(link, root, start_gen, state, args.timeout)
-    initial_acc = _test_accuracy(args, data, state)  # while the inference ranks already serve
-    rows = []
-    for u in range(args.updates):
-        at = ((start_gen + u) * args.increment) % len(order)
-        idx = order[np.arange(at, at + args.increment) % len(order)]
-        buffer.append(data.x_train[idx], [f"train:{i}" for i in idx])
-        begin = time.monotonic()
-        sent = {}
+    with alive(link, root, args.timeout):  # an update may take longer than --timeout: the root hears we live
+        initial_acc = _test_accuracy(args, data, state)  # while the inference ranks already serve
+        rows = []
+        for u in range(args.updates):
+            at = ((start_gen + u) * args.increment) % len(order)
+            idx = order[np.arange(at, at + args.increment) % len(order)]
+            buffer.append(data.x_train[idx], [f"train:{i}" for i in idx])
+            begin = time.monotonic()
+            sent = {}
 
-        def on_update(record, new_state, info) -> None:
-            sent["generation"], sent["state"], sent["info"] = record.generation, new_state, info
+            def on_update(record, new_state, info) -> None:
+                sent["generation"], sent["state"], sent["info"] = record.generation, new_state, info
 
-        run_updates(buffer, student_path, link_cloud, update, args.increment, max_updates=1, on_update=on_update)
-        seconds = time.monotonic() - begin
-        if not sent:
-            raise UsageError(f"update {u + 1}: the buffer had fewer than --increment {args.increment} new images "
-                             "(the camera stream repeats frames already used); lower --updates or --increment")
-        record_student(sent["generation"], sent["state"])
-        send_weights(link, root, sent["generation"], sent["state"], args.timeout)
-        rows.append({"generation": sent["generation"], "images": args.increment, "update_s": round(seconds, 3),
-                     "test_acc": sent["info"].get("test_acc"), "train_s": sent["info"].get("seconds"),
-                     "replans": sent["info"].get("replans")})
-        if not args.no_progress:
-            print(f"trainer: generation {sent['generation']} sent to the inference ranks ({seconds:.2f} s, test acc "
-                  f"{sent['info'].get('test_acc', float('nan')):.2%})", flush=True)
+            run_updates(buffer, student_path, link_cloud, update, args.increment, max_updates=1, on_update=on_update)
+            seconds = time.monotonic() - begin
+            if not sent:
+                raise UsageError(f"update {u + 1}: the buffer had fewer than --increment {args.increment} new images "
+                                 "(the camera stream repeats frames already used); lower --updates or --increment")
+            record_student(sent["generation"], sent["state"])
+            send_weights(link, root, sent["generation"], sent["state"], args.timeout)
+            rows.append({"generation": sent["generation"], "images": args.increment, "update_s": round(seconds, 3),
+                         "test_acc": sent["info"].get("test_acc"), "train_s": sent["info"].get("seconds"),
+                         "replans": sent["info"].get("replans")})
+            if not args.no_progress:
+                print(f"trainer: generation {sent['generation']} sent to the inference ranks ({seconds:.2f} s, test acc "
+                      f"{sent['info'].get('test_acc', float('nan')):.2%})", flush=True)
     send_done(link, root, start_gen + len(rows), args.timeout)
     link_cloud.close()
     deadline = time.monotonic() + args.timeout

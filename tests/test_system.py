@@ -104,3 +104,16 @@ def test_stalled_inference_root_ends_the_job_in_bounded_time(tmp_path):
     assert proc.returncode != 0
     assert any("took no weights of generation 1 within 8 s" in line and "died or stalled" in line
                for line in error_lines(proc)), proc.stderr[-2000:]
+
+
+@needs_mpiexec
+@pytest.mark.slow
+def test_an_update_longer_than_timeout_is_not_a_stall(tmp_path):
+    """The trainer's heartbeats keep the inference root from taking a long update for a dead trainer."""
+    out = tmp_path / "o"
+    proc = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--images", "30", "--updates", "1",
+                 "--increment", "32", "--steps", "60", "--threads", "1", "--timeout", "4", "--interval", "0.01",
+                 "--no-progress", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "system.json").read_text())
+    assert report["updates"][0]["update_s"] > 4  # longer than --timeout, so the heartbeats were needed
