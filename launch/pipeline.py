@@ -54,6 +54,9 @@ def add_bench_parser(what) -> None:
                    help="clusters (stages = ranks / clusters) when no --topology is given")
     p.add_argument("--speeds", type=options.weights, default=None,
                    help="relative speed per rank in rank order, e.g. 1,0.5 (default: 1 each, or the topology's)")
+    p.add_argument("--head", choices=("gather", "split"), default="gather",
+                   help="gather: rank 0 receives the last stage's rows and runs the head; split: each last-stage "
+                   "rank multiplies its rows by its columns of the first Linear, one Reduce")
     p.add_argument("--images", type=options.positive_int, default=16, help="stream items timed per cut")
     p.add_argument("--latency-repeat", type=options.positive_int, default=5,
                    help="single-image runs for the latency median")
@@ -144,7 +147,7 @@ def _bench(args) -> int:
     report = bench_pipeline(comm, _build(args), (args.in_channels, args.size, args.size), grid, speeds, args.images,
                             args.batch, args.latency_repeat, bandwidth, args.profile, args.net, args.seed,
                             progress=(lambda text: print(f"  {text} ...", file=sys.stderr, flush=True)) if root
-                            else None)
+                            else None, head=args.head)
     if not root:
         return 0
     report["command"] = args.command_line

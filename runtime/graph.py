@@ -417,15 +417,37 @@ def _propagate_shapes(gm: GraphModule, in_shape, lenient: bool = False) -> None:
 
 def _propagate(gm: GraphModule, in_shape, lenient: bool) -> None:
     params = list(gm.parameters()) + list(gm.buffers())
-    on_meta = any(p.is_meta for p in params)
+    on_meta = [p.is_meta for p in params]
     prop = _LenientShapeProp if lenient else ShapeProp
-    if on_meta or not params:
+    if all(on_meta):  # also: no weights at all
         prop(gm).propagate(torch.empty(1, *in_shape, device="meta"))
+        return
+    if any(on_meta):  # some weights real, some not (a rank holding only its part): all on meta for the trace
+        _propagate_on_meta(gm, in_shape, prop)
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     prop(gm, fake_mode=fake).propagate(fake.from_tensor(torch.empty(1, *in_shape)))
+
+
+class _Propagate(nn.Module):
+    """Runs shape propagation as a forward pass, so that ``functional_call`` can swap the weights."""
+
+    def __init__(self, gm: GraphModule, prop) -> None:
+        super().__init__()
+        self.gm, self.prop = gm, prop
+
+    def forward(self, x):
+        return self.prop(self.gm).propagate(x)
+
+
+def _propagate_on_meta(gm: GraphModule, in_shape, prop) -> None:
+    """Shapes for a module whose weights are partly real: every weight replaced by a meta twin meanwhile."""
+    wrapper = _Propagate(gm, prop)
+    twins = {k: torch.empty_like(v, device="meta")
+             for k, v in list(wrapper.named_parameters()) + list(wrapper.named_buffers())}
+    torch.func.functional_call(wrapper, twins, (torch.empty(1, *in_shape, device="meta"),))
 
 
 def _training_matters(module: nn.Module) -> bool:

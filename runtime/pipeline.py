@@ -101,6 +101,25 @@ def stage_module(model: nn.Module, layers: Layers, first: int, stop: int) -> Gra
     return _sub_module(model, layers.graph.fx, names, None if first == 0 else layers.cut_value(first))
 
 
+def tail_module(model: nn.Module, layers: Layers, first: int) -> GraphModule:
+    """Layers ``first:`` and the head, as one module: the last stage when the head is split too."""
+    names = [n for layer in layers.layers[first:] for n in layer.nodes] + list(layers.head)
+    return _sub_module(model, layers.graph.fx, names, None if first == 0 else layers.cut_value(first))
+
+
+def split_head_plan(layers: Layers, shares: Sequence[float]):
+    """The :class:`~runtime.plan.HeadSplit` of the model's head over the clusters, or None (then: gather).
+
+    Pure (shapes only), so every rank reaches the same answer.  The head
+    splits when it is flatten -> Linear on the map after the last cut.
+    """
+    plan = plan_split(layers.graph, check_weights(shares, len(shares)), head="split")
+    hs = plan.head_split
+    if plan.head != "split" or hs is None or hs.value != layers.cut_value(len(layers)):
+        return None, plan.head_note
+    return hs, plan.head_note
+
+
 def head_module(model: nn.Module, layers: Layers) -> GraphModule:
     """What follows the last cut (flatten, classifier), from the gathered map to the model's output."""
     fx_nodes = list(layers.graph.fx.nodes)
@@ -139,7 +158,8 @@ class PipelineExecutor:
 
     def __init__(self, model: nn.Module, in_shape: tuple[int, int, int], grid: Grid, bounds: Sequence[int],
                  shares: Optional[Sequence[float]] = None, comm: MPI.Comm = MPI.COMM_WORLD,
-                 layers: Optional[Layers] = None, speed: float = 1.0) -> None:
+                 layers: Optional[Layers] = None, speed: float = 1.0, head: str = "gather",
+                 head_columns: Optional[torch.Tensor] = None) -> None:
         size = comm.Get_size()
         if grid.size != size:
             raise UsageError(f"the grid has {grid.clusters} clusters x {grid.stages} stages = {grid.size} ranks "
@@ -154,8 +174,14 @@ class PipelineExecutor:
                              f"{grid.stages + 1} entries (at least one layer per stage)")
         if not speed > 0:
             raise UsageError(f"emulated speed must be positive, got {speed}")
+        if head not in ("gather", "split"):
+            raise UsageError(f"head must be 'gather' or 'split', got '{head}'")
         self.grid, self.layers, self.bounds, self.comm = grid, layers, bounds, comm
         self.shares = check_weights(shares, grid.clusters)
+        # split: the last stage's ranks multiply their rows by their columns of the first Linear, one Reduce
+        # over the last stage, and its cluster-0 rank finishes the head (see runtime.plan.HeadSplit)
+        self.head_split, self.head_note = split_head_plan(layers, self.shares) if head == "split" else (None, "")
+        self.split_head = self.head_split is not None
         self.rank = comm.Get_rank()
         self.cluster, self.stage = grid.position(self.rank)
         self.is_root = self.rank == 0
@@ -166,21 +192,32 @@ class PipelineExecutor:
         self.in_shape = layers.cut_shape(first)
         self.out_shape = layers.cut_shape(stop)
         problem = None
+        last = self.stage == grid.stages - 1
         try:
-            self.module = stage_module(model, layers, first, stop).eval()
-            plan = plan_split(trace_model(self.module, self.in_shape), self.shares)
-            self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=False)
+            if last and self.split_head:
+                self.module = tail_module(model, layers, first).eval()
+                plan = plan_split(trace_model(self.module, self.in_shape), self.shares, head="split")
+                self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=True,
+                                              head_columns=head_columns)
+            else:
+                self.module = stage_module(model, layers, first, stop).eval()
+                plan = plan_split(trace_model(self.module, self.in_shape), self.shares)
+                self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=False)
         except UsageError as err:
             problem = f"stage {self.stage} (layers {first}:{stop}): {err}"
         problems = [p for p in mpi.allgather_objects(comm, problem) if p is not None]
         if problems:  # every rank refuses together: none is left waiting in the stream
             self.close()
             raise UsageError(problems[0])
-        self.out_value = plan.graph.nodes[-1].inputs[0]
         self.in_rows = plan.input_rows[self.cluster]
-        self.out_rows = plan.values[self.out_value].owned[self.cluster]
+        if last and self.split_head:
+            self.out_value, self.out_rows = None, None
+        else:
+            self.out_value = plan.graph.nodes[-1].inputs[0]
+            self.out_rows = plan.values[self.out_value].owned[self.cluster]
         self.final_rows = split_rows(layers.cut_shape(n)[1], self.shares)
-        self.head = head_module(model, layers).eval() if self.is_root else None
+        self.out_features = tuple(layers.graph.nodes[-2].shape[1:]) if self.split_head else None
+        self.head = head_module(model, layers).eval() if self.is_root and not self.split_head else None
         self.model_params = list(model.parameters())  # what this rank built (meta where it holds nothing)
         self.model_in_shape = layers.graph.in_shape
 
@@ -199,8 +236,10 @@ class PipelineExecutor:
 
     def _run_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
-        env = self.executor.forward_local(x)
-        out = env[self.out_value]
+        if self.out_value is None:  # the last stage with the split head: the output, on its root only
+            out = self.executor.forward_band(x)
+        else:
+            out = self.executor.forward_local(x)[self.out_value]
         spent = time.perf_counter() - start
         if self.speed != 1.0:
             time.sleep(spent * (1.0 / self.speed - 1.0))
@@ -241,10 +280,14 @@ class PipelineExecutor:
         count, batch = self._check_stream(images)
         grid, result = self.grid, StreamResult()
         last = grid.stages - 1
-        out_channels, _, out_width = self.out_shape
-        slots = [mpi.rows_major(len(self.out_rows), batch, out_channels, out_width) for _ in range(SEND_SLOTS)]
+        split_tail = self.split_head and self.stage == last
+        if split_tail:  # the last stage's root sends the model's output, the others nothing
+            slots = [torch.empty(batch, *self.out_features) for _ in range(SEND_SLOTS)]
+        else:
+            out_channels, _, out_width = self.out_shape
+            slots = [mpi.rows_major(len(self.out_rows), batch, out_channels, out_width) for _ in range(SEND_SLOTS)]
         in_flight: list = [None] * SEND_SLOTS
-        pending: deque = deque()  # root: (t, full map, requests, start time)
+        pending: deque = deque()  # root: (t, full map or output, requests, start time)
         busy = 0.0
         mpi.barrier(self.comm)
         begin = time.perf_counter()
@@ -261,14 +304,22 @@ class PipelineExecutor:
                 mpi.wait([in_flight[slot]])
                 in_flight[slot] = None
             band = slots[slot]
-            band.copy_(out.permute(2, 0, 3, 1))
-            if self.stage < last:
-                in_flight[slot] = mpi.isend_rows(self.cluster_comm, band, self.stage + 1, tag)
-            elif self.is_root:
-                rows = self.final_rows[0]
-                pending[-1][1][rows.start:rows.stop].copy_(band)
-            elif len(self.out_rows):  # the root posts no receive for a cluster without rows
-                in_flight[slot] = mpi.isend_rows(self.comm, band, 0, tag)
+            if split_tail:
+                if out is not None:  # this rank is the last stage's root: it holds the output
+                    if self.is_root:
+                        pending[-1][1].copy_(out)
+                    else:
+                        band.copy_(out)
+                        in_flight[slot] = mpi.isend_rows(self.comm, band, 0, tag)
+            else:
+                band.copy_(out.permute(2, 0, 3, 1))
+                if self.stage < last:
+                    in_flight[slot] = mpi.isend_rows(self.cluster_comm, band, self.stage + 1, tag)
+                elif self.is_root:
+                    rows = self.final_rows[0]
+                    pending[-1][1][rows.start:rows.stop].copy_(band)
+                elif len(self.out_rows):  # the root posts no receive for a cluster without rows
+                    in_flight[slot] = mpi.isend_rows(self.comm, band, 0, tag)
             if self.is_root:
                 while pending and pending[0][0] <= t - last:
                     self._finish(pending.popleft(), result)
@@ -283,6 +334,11 @@ class PipelineExecutor:
         return result
 
     def _post_final(self, t: int, batch: int, started: float):
+        if self.split_head:  # the output itself, from the last stage's root (or computed here when S = 1)
+            output = torch.empty(batch, *self.out_features)
+            source = self.grid.rank(0, self.grid.stages - 1)
+            requests = [] if source == 0 else [mpi.irecv_rows(self.comm, output, source, t % _TAG_LIMIT)]
+            return t, output, requests, started
         channels, height, width = self.layers.cut_shape(len(self.layers))
         full = mpi.rows_major(height, batch, channels, width)
         requests = []
@@ -295,6 +351,10 @@ class PipelineExecutor:
     def _finish(self, item, result: StreamResult) -> None:
         t, full, requests, started = item
         mpi.wait(requests)
+        if self.split_head:
+            result.outputs.append(full)
+            result.latencies.append(time.perf_counter() - started)
+            return
         start = time.perf_counter()
         output = self.head(full.permute(1, 3, 0, 2).contiguous())
         result.head_seconds += time.perf_counter() - start
@@ -314,16 +374,30 @@ def _stage_targets(layers: Layers, first: int, stop: int) -> set[str]:
     return targets
 
 
+def _set_state(model: nn.Module, state: dict) -> None:
+    """Put real tensors at these state-dict keys of a (meta) model; nothing else is allocated."""
+    for key, value in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[attr] = value
+
+
 def distribute_pipeline(build: Callable[[], nn.Module], in_shape: tuple[int, int, int], grid: Grid,
                         bounds: Sequence[int], shares: Optional[Sequence[float]] = None,
                         comm: MPI.Comm = MPI.COMM_WORLD, load: Optional[Callable[[nn.Module], None]] = None,
-                        speed: float = 1.0, root_model: Optional[nn.Module] = None) -> PipelineExecutor:
+                        speed: float = 1.0, root_model: Optional[nn.Module] = None,
+                        head: str = "gather") -> PipelineExecutor:
     """A :class:`PipelineExecutor` whose ranks hold only the weights of their own stage.
 
     Every rank builds ``build()`` on the meta device (structure only); rank 0
     builds it for real, calls ``load(model)``, keeps it (it runs stage 0 of
-    cluster 0 and the head) and sends every other rank the state of its
-    stage's modules, once, at set-up.  A Pi never holds the head's Linear.
+    cluster 0 and, gathering, the head) and sends every other rank the state
+    of its stage's modules, once, at set-up.  A Pi never holds the head's
+    Linear; with ``head="split"`` each last-stage rank gets only its columns
+    of it (and the last stage's root the rest of the head).
     ``root_model``: rank 0's model, already built and loaded (then neither
     ``build`` nor ``load`` runs there again).
     """
@@ -331,39 +405,42 @@ def distribute_pipeline(build: Callable[[], nn.Module], in_shape: tuple[int, int
         skeleton = build()
     skeleton.eval()
     layers = split_layers(trace_model(skeleton, in_shape))
+    weights = check_weights(shares, grid.clusters)
+    head_split = split_head_plan(layers, weights)[0] if head == "split" else None
+    head_targets = {f.target for f in layers.graph.fx.nodes
+                    if f.op in ("call_module", "get_attr") and f.name in set(layers.head)}
     rank = comm.Get_rank()
     model, parts, problem = skeleton, None, None
     if rank == 0:
         try:
-            if root_model is not None:
-                model = root_model
-            else:
-                model = build()
-                if load is not None:
-                    load(model)
+            model = root_model if root_model is not None else build()
+            if root_model is None and load is not None:
+                load(model)
             model.eval()
             state = model.state_dict()
             parts = []
             for r in range(comm.Get_size()):
-                _, s = grid.position(r)
+                c, s = grid.position(r)
                 targets = _stage_targets(layers, bounds[s], bounds[s + 1]) if s + 1 < len(bounds) else set()
-                parts.append({k: v for k, v in state.items() if k.rpartition(".")[0] in targets or k in targets})
+                last = s == grid.stages - 1
+                if head_split is not None and last and c == 0:
+                    targets |= head_targets  # the last stage's root finishes the head
+                part = {k: v for k, v in state.items() if k.rpartition(".")[0] in targets or k in targets}
+                if head_split is not None and last:
+                    weight = part.pop(head_split.target + ".weight", None)
+                    weight = state[head_split.target + ".weight"] if weight is None else weight
+                    blocks = [weight[:, i:j] for i, j in head_split.column_blocks(c)]
+                    part["#head_columns"] = (torch.cat(blocks, dim=1) if blocks
+                                             else weight.new_empty(weight.shape[0], 0)).contiguous()
+                parts.append(part)
         except UsageError as err:
             problem = str(err)
     problem = mpi.bcast_object(comm, problem)
     if problem is not None:
         raise UsageError(problem)
     mine = mpi.scatter_objects(comm, parts)
+    columns = mine.pop("#head_columns", None)
     if rank != 0:
-        _, s = grid.position(rank)
-        for target in _stage_targets(layers, bounds[s], bounds[s + 1]):
-            owner_name, _, attr = target.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
-            if isinstance(getattr(owner, attr, None), nn.Module):
-                getattr(owner, attr).to_empty(device="cpu")
-            elif attr in owner._parameters:
-                owner._parameters[attr] = nn.Parameter(mine[target], requires_grad=False)
-            else:
-                owner._buffers[attr] = mine[target]
-        model.load_state_dict({k: v for k, v in mine.items() if k in model.state_dict()}, strict=False, assign=True)
-    return PipelineExecutor(model, in_shape, grid, bounds, shares, comm, layers=layers, speed=speed)
+        _set_state(model, mine)
+    return PipelineExecutor(model, in_shape, grid, bounds, shares, comm, layers=layers, speed=speed,
+                            head=head, head_columns=columns)

@@ -28,7 +28,7 @@ from mpi4py import MPI
 from . import comm as mpi
 from .errors import UsageError
 from .graph import trace_model
-from .pipeline import Grid, distribute_pipeline
+from .pipeline import Grid, distribute_pipeline, split_head_plan
 from .profile import LayerProfile, profile_layers, read_profile
 from .stages import balance, equal_stages, min_share, partition_stages, split_layers, stage_times
 
@@ -55,8 +55,9 @@ def _one_rank(model: nn.Module, images: list, speed: float) -> float:
 
 
 def _run_cut(name: str, build, model, in_shape, grid, bounds, shares, comm, speed, images, latency_repeat,
-             planned_seconds) -> Optional[dict]:
-    executor = distribute_pipeline(build, in_shape, grid, bounds, shares, comm, speed=speed, root_model=model)
+             planned_seconds, head) -> Optional[dict]:
+    executor = distribute_pipeline(build, in_shape, grid, bounds, shares, comm, speed=speed, root_model=model,
+                                   head=head)
     root = comm.Get_rank() == 0
     executor.stream(images[:2] if root else None)  # warm-up: buffers, messages, caches
     timed = executor.stream(images if root else None)
@@ -93,13 +94,16 @@ def _run_cut(name: str, build, model, in_shape, grid, bounds, shares, comm, spee
 def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tuple[int, int, int], grid: Grid,
                    speeds: Optional[Sequence[float]] = None, images: int = 16, batch: int = 1,
                    latency_repeat: int = 5, bandwidth: float = float("inf"), profile: Optional[str] = None,
-                   net: str = "", seed: int = 0, progress: Optional[Callable[[str], None]] = None) -> Optional[dict]:
+                   net: str = "", seed: int = 0, progress: Optional[Callable[[str], None]] = None,
+                   head: str = "gather") -> Optional[dict]:
     """Run the benchmark on every rank of ``comm``; the report (a dict) on rank 0, None elsewhere.
 
     ``speeds``: one relative speed per rank, scaled so the fastest is 1 (runs
     as is); a rank at 0.5 sleeps as long as it computed, a board half as fast.  ``profile``: a file from
     ``aflkd profile`` for this net and size; without one, rank 0 measures the
-    layers first (the others sleep meanwhile).
+    layers first (the others sleep meanwhile).  ``head``: ``gather`` (rank 0
+    runs the head on the gathered map) or ``split`` (the last stage's ranks
+    multiply their rows by their columns of the first Linear, one Reduce).
     """
     size, rank = comm.Get_size(), comm.Get_rank()
     speeds = [1.0] * size if speeds is None else [float(s) for s in speeds]
@@ -139,11 +143,18 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
         raise UsageError(problem)
     speed_grid = _speed_grid(grid, speeds)
     extra = [[0.0] * grid.stages for _ in range(grid.clusters)]
-    extra[0][0] = prof.head_seconds  # rank 0 runs the head beside its stage
-    planned = partition_stages(prof.seconds, prof.out_bytes, speed_grid, bandwidth, extra,
+    costs = list(prof.seconds)
+    head_split, head_note = split_head_plan(layers, [1.0] * grid.clusters) if head == "split" else (None, "")
+    if head == "split" and head_split is None:
+        raise UsageError(f"--head split: {head_note}; use --head gather")
+    if head_split is None:
+        extra[0][0] = prof.head_seconds  # rank 0 runs the head beside its stage
+    else:
+        costs[-1] += prof.head_seconds  # the last stage's ranks run it, each on its own rows' columns
+    planned = partition_stages(costs, prof.out_bytes, speed_grid, bandwidth, extra,
                                min_share=min_share(layers, grid.clusters))
     equal = equal_stages(len(layers), grid.stages)
-    equal_planned = stage_times(prof.seconds, prof.out_bytes, speed_grid, equal, planned.shares, bandwidth, extra)
+    equal_planned = stage_times(costs, prof.out_bytes, speed_grid, equal, planned.shares, bandwidth, extra)
     equal_seconds = [max(row[s] for row in equal_planned) for s in range(grid.stages)]
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -158,7 +169,7 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
                                   ("equal layers", equal, equal_seconds)):
         note(f"{name} cut {list(bounds)}")
         runs.append(_run_cut(name, build, model, in_shape, grid, bounds, planned.shares, comm, speeds[rank],
-                             stream, latency_repeat, seconds))
+                             stream, latency_repeat, seconds, head))
     if rank != 0:
         return None
     one_rank_ips = images * batch / alone
@@ -169,6 +180,7 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
         "net": net,
         "size": in_shape[1],
         "batch": batch,
+        "head": head,
         "clusters": grid.clusters,
         "stages": grid.stages,
         "ranks": size,

@@ -658,6 +658,15 @@ class SplitExecutor:
             if problem is not None:
                 raise UsageError(problem)
             x = mpi.scatter_rows(self.comm, image, self.plan.input_rows, self.plan.in_shape, batch, root=self.root)
+            return self.forward_band(x, clock)
+
+    def forward_band(self, x: torch.Tensor, clock: NoClock = NO_CLOCK):
+        """This rank's input rows -> the model's output on the root (None elsewhere): split part, then head.
+
+        What :meth:`__call__` runs after its scatter; a pipeline's last stage
+        calls it with the band the previous stage sent.
+        """
+        with torch.no_grad():
             env = self.forward_local(x, clock)
             for step in self._head_steps:
                 step(env, clock)

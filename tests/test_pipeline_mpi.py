@@ -32,11 +32,13 @@ def random_bounds(rng: random.Random, layers: int, stages: int) -> tuple[int, ..
 
 
 def check_stream(comm, model, shape, grid, bounds, shares, batch, images, seed, label, tol=1e-5, relative=False,
-                 layers=None):
+                 layers=None, head="gather"):
     """Problems (empty: none) streaming ``images`` seeded batches through ``grid`` against ``model(x)``."""
     from tests.conftest import compare_outputs
 
-    executor = PipelineExecutor(model, shape, grid, bounds, shares, comm, layers=layers)
+    executor = PipelineExecutor(model, shape, grid, bounds, shares, comm, layers=layers, head=head)
+    if head == "split" and not executor.split_head:
+        return [f"{label}: the head did not split ({executor.head_note})"]
     gen = torch.Generator().manual_seed(seed)
     stream = [torch.randn(batch, *shape, generator=gen) for _ in range(images)]
     result = executor.stream(stream if comm.rank == 0 else None)
@@ -54,7 +56,8 @@ def check_stream(comm, model, shape, grid, bounds, shares, batch, images, seed, 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("net", ["edge1", "edge2", "edge3", "cloud"])
 def test_paper_nets_every_grid(world, agree, net):
-    """Edge nets 1-3 and the cloud net, every grid of this size, random cuts and shares, batch 1 and 2."""
+    """Edge nets 1-3 and the cloud net, every grid of this size, random cuts and shares, batch 1 to 3, the head
+    gathered to rank 0 or split over the last stage (its columns of the first Linear, one Reduce)."""
     problems = []
     rng = random.Random(7)
     for grid in grids(world.size):
@@ -62,12 +65,12 @@ def test_paper_nets_every_grid(world, agree, net):
         torch.manual_seed(size)
         model = randomize_batchnorm(build_net(net, 3, size, 10), torch.Generator().manual_seed(1)).eval()
         layers = split_layers(trace_model(model, (3, size, size)))
-        for batch in (1, 2):
+        for batch, head in ((1, "gather"), (2, "gather"), (1, "split"), (3, "split")):
             bounds = random_bounds(rng, len(layers), grid.stages)
             shares = [rng.choice([1.0, 1.5, 2.0, 3.0]) for _ in range(grid.clusters)]
             problems += check_stream(world, model, (3, size, size), grid, bounds, shares, batch, 3, batch,
-                                     f"{net}@{size} {grid.clusters}x{grid.stages} bounds={bounds} shares={shares}",
-                                     layers=layers)
+                                     f"{net}@{size} {grid.clusters}x{grid.stages} bounds={bounds} shares={shares} "
+                                     f"head={head}", layers=layers, head=head)
     agree(world, problems)
 
 
@@ -143,36 +146,36 @@ def test_bad_bounds_and_sizes_fail_on_every_rank(world):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_distributed_pipeline_holds_only_its_stage(world, agree):
+@pytest.mark.parametrize("head", ["gather", "split"])
+def test_distributed_pipeline_holds_only_its_stage(world, agree, head):
     """Ranks other than 0 build on meta and get only their stage's weights (the executor refuses meta weights
-    on a node it runs, so a missing weight fails); outputs still match."""
+    on a node it runs, so a missing weight fails); with the split head the last stage's ranks get only their
+    columns of the first Linear.  Outputs still match plain torch."""
     from runtime.pipeline import distribute_pipeline
 
     def build():
         torch.manual_seed(3)
         return randomize_batchnorm(build_net("edge2", 3, 32, 10), torch.Generator().manual_seed(1))
 
-    grid = grids(world.size)[0]  # a pure pipeline: 1 x size
     model = build().eval()
     layers = split_layers(trace_model(model, (3, 32, 32)))
-    bounds = random_bounds(random.Random(world.size), len(layers), grid.stages)
-    executor = distribute_pipeline(build, (3, 32, 32), grid, bounds, comm=world)
-    held = sum(p.numel() for p in executor_model_params(executor))
-    images = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    result = executor.stream(images if world.rank == 0 else None)
-    executor.close()
+    total = sum(p.numel() for p in model.parameters())
     problems = []
-    if world.rank == 0:
-        with torch.no_grad():
-            for x, got in zip(images, result.outputs):
-                err = float((model(x) - got).abs().max())
-                if err > 1e-5:
-                    problems.append(f"distributed pipeline: max error {err}")
-    elif held >= sum(p.numel() for p in model.parameters()) // 2:  # the head alone is most of the net
-        problems.append(f"rank {world.rank} holds {held} real weights of {sum(p.numel() for p in model.parameters())}")
+    for grid in grids(world.size)[:2]:  # a pure pipeline, then 2 (or 3) clusters
+        bounds = random_bounds(random.Random(world.size), len(layers), grid.stages)
+        shares = [1.0 + c for c in range(grid.clusters)]
+        executor = distribute_pipeline(build, (3, 32, 32), grid, bounds, shares, comm=world, head=head)
+        held = sum(p.numel() for p in executor.model_params if not p.is_meta)
+        images = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        result = executor.stream(images if world.rank == 0 else None)
+        executor.close()
+        label = f"{grid} head={head}"
+        if world.rank == 0:
+            with torch.no_grad():
+                for x, got in zip(images, result.outputs):
+                    err = float((model(x) - got).abs().max())
+                    if err > 1e-5:
+                        problems.append(f"{label}: max error {err}")
+        elif held >= total // 2:  # the head's first Linear alone is most of the net
+            problems.append(f"{label}: rank {world.rank} holds {held} real weights of {total}")
     agree(world, problems)
-
-
-def executor_model_params(executor):
-    """Real (non-meta) parameters of the whole model a rank built."""
-    return [p for p in executor.model_params if not p.is_meta]
