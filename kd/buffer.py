@@ -5,8 +5,10 @@ step moves a whole batch at once (the cloud's logits for 500 images; those 500
 consumed *and* the student generation that used them).  A transaction does
 exactly that, all or nothing, with no recovery code of our own; append-only files
 would need a log, fsyncs, renames and a replay on every start to get the same.
-The file uses SQLite's rollback journal with ``synchronous=FULL``, so a commit
-is on disk before it returns: :meth:`Buffer.append` returns only after its
+The file uses SQLite's rollback journal with ``synchronous=EXTRA`` (FULL, plus an
+fsync of the folder after the journal is deleted: with FULL alone, a power cut
+just after a commit can bring the deleted journal back, and the next open rolls
+the acknowledged commit back), so a commit is on disk before it returns: :meth:`Buffer.append` returns only after its
 commit, hence "acknowledged" means "survives kill -9 and power loss".  Rollback
 journal rather than WAL: with WAL, committed transactions can live in the
 ``-wal`` file, whose replay silently stops at the first damaged frame (dropping
@@ -52,6 +54,9 @@ __all__ = ["Buffer", "BufferCorrupt", "Generation", "STATES", "FORMAT"]
 STATES = ("pending", "labelled", "consumed")
 FORMAT = 1
 _APPLICATION_ID = 0x41464C4B  # "AFLK": marks the file as an aflkd buffer (PRAGMA application_id)
+#: Seconds after which a ``NAME.*.creating`` file is taken for the leftover of a killed creator and removed.
+STALE_CREATING_S = 600.0
+_SYNCHRONOUS_EXTRA = 3  # what ``PRAGMA synchronous`` reads back once EXTRA is in force
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -138,7 +143,13 @@ class Buffer:
         db = sqlite3.connect(path, isolation_level=None, timeout=60)
         db.execute("PRAGMA journal_mode = DELETE")  # rollback journal: see the module doc
         db.execute("PRAGMA foreign_keys = ON")
-        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA synchronous = EXTRA")  # FULL + fsync the folder after the journal's unlink
+        level = db.execute("PRAGMA synchronous").fetchone()[0]
+        if level != _SYNCHRONOUS_EXTRA:  # an unknown value is ignored silently: check it took
+            db.close()
+            raise UsageError(f"SQLite {sqlite3.sqlite_version} did not apply synchronous=EXTRA (got {level}) to "
+                             f"buffer {path}, so a power cut could undo an acknowledged commit; run aflkd "
+                             "with a Python whose SQLite supports it")
         return db
 
     # ------------------------------------------------------------------ opening, checking
@@ -170,8 +181,12 @@ class Buffer:
             raise UsageError(f"a new buffer needs the image shape (H, W, C), got {shape}")
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        for stale in glob.glob(glob.escape(self.path) + ".*.creating*"):  # a creator killed midway
-            os.remove(stale)
+        for stale in glob.glob(glob.escape(self.path) + ".*.creating*"):  # a creator killed midway...
+            try:  # ...not one still writing (creating takes milliseconds): only files left for minutes
+                if time.time() - os.path.getmtime(stale) > STALE_CREATING_S:
+                    os.remove(stale)
+            except FileNotFoundError:  # its creator, or another, removed it meanwhile
+                pass
         tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.creating"
         try:
             db = self._connect(tmp)

@@ -25,7 +25,8 @@ API of :mod:`runtime.stream`.  Every wait on the peer is bounded (``timeout_s``,
 else :class:`runtime.stream.PeerTimeout`): sizes travel first as a small int64
 header, then the contiguous uint8 images or float32 logits; while the edge trains,
 a thread sends a heartbeat header every ``timeout_s / 4`` s, so the cloud can tell
-"busy" from "dead or stalled".
+"busy" from "dead or stalled"; the cloud does the same to the edge while its teacher
+labels an increment (a CPU teacher on a big increment may take longer than ``timeout_s``).
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ import hashlib
 import io
 import os
 import threading
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -224,8 +224,42 @@ def run_updates(buffer: Buffer, student: str, cloud, update: Update, increment: 
 def _wait(requests: list, timeout_s: float, what: str) -> None:
     from runtime import stream
 
-    if not stream.wait_by(requests, time.monotonic() + timeout_s):
-        raise stream.PeerTimeout(f"{what} within {timeout_s:g} s (--timeout): it died or stalled")
+    stream.wait_or_raise(requests, timeout_s, what)
+
+
+def _send_header(comm, dest: int, timeout_s: float, what: str, *values: int) -> None:
+    from runtime import stream
+
+    header = torch.zeros(HEADER, dtype=torch.int64)
+    header[: len(values)] = torch.tensor(values, dtype=torch.int64)
+    _wait([stream.isend(comm, header, dest, TAG_HEADER)], timeout_s, what)
+
+
+@contextmanager
+def _heartbeats(send_heartbeat: Callable[[], None], timeout_s: float):
+    """While the body runs: ``send_heartbeat()`` every ``timeout_s / 4`` s from a thread, so the peer
+    (whose every wait is bounded by ``timeout_s``) can tell "busy" from "dead".  A failed send is
+    raised here once the body ends."""
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def beat() -> None:
+        while not stop.wait(timeout_s / 4):
+            try:
+                send_heartbeat()
+            except BaseException as err:  # noqa: BLE001 -- reported by the main thread
+                failed.append(err)
+                return
+
+    thread = threading.Thread(target=beat, name="aflkd-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 class CloudLink:
@@ -235,12 +269,7 @@ class CloudLink:
         self.comm, self.cloud, self.timeout_s = comm, cloud_rank, timeout_s
 
     def _send_header(self, *values: int) -> None:
-        from runtime import stream
-
-        header = torch.zeros(HEADER, dtype=torch.int64)
-        header[: len(values)] = torch.tensor(values, dtype=torch.int64)
-        _wait([stream.isend(self.comm, header, self.cloud, TAG_HEADER)], self.timeout_s,
-              f"the cloud rank {self.cloud} took no message")
+        _send_header(self.comm, self.cloud, self.timeout_s, f"the cloud rank {self.cloud} took no message", *values)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         from runtime import stream
@@ -251,8 +280,11 @@ class CloudLink:
         _wait([stream.isend(self.comm, pixels, self.cloud, TAG_DATA)], self.timeout_s,
               f"the cloud rank {self.cloud} took none of {n} images")
         reply = torch.zeros(HEADER, dtype=torch.int64)
-        _wait([stream.irecv(self.comm, reply, self.cloud, TAG_HEADER)], self.timeout_s,
-              f"the cloud rank {self.cloud} sent no logits for {n} images")
+        while True:  # the cloud sends heartbeats while it labels, then the reply
+            _wait([stream.irecv(self.comm, reply, self.cloud, TAG_HEADER)], self.timeout_s,
+                  f"the cloud rank {self.cloud} sent no logits (nor a heartbeat) for {n} images")
+            if int(reply[0]) != KIND_HEARTBEAT:
+                break
         kind, count, classes = (int(v) for v in reply[:3])
         if kind != KIND_REPLY or count != n:
             raise UsageError(f"the cloud rank {self.cloud} answered {reply.tolist()}, not logits of {n} images")
@@ -261,29 +293,9 @@ class CloudLink:
               f"the cloud rank {self.cloud} sent no logits for {n} images")
         return logits.numpy()
 
-    @contextmanager
     def keepalive(self):
         """While the edge trains: a heartbeat header every ``timeout_s / 4`` s, so the cloud waits on."""
-        stop = threading.Event()
-        failed: list[BaseException] = []
-
-        def beat() -> None:
-            while not stop.wait(self.timeout_s / 4):
-                try:
-                    self._send_header(KIND_HEARTBEAT)
-                except BaseException as err:  # noqa: BLE001 -- reported by the main thread
-                    failed.append(err)
-                    return
-
-        thread = threading.Thread(target=beat, name="aflkd-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-        if failed:
-            raise failed[0]
+        return _heartbeats(lambda: self._send_header(KIND_HEARTBEAT), self.timeout_s)
 
     def close(self) -> None:
         self._send_header(KIND_BYE)
@@ -294,7 +306,8 @@ def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarr
     """The cloud rank: answer the edge's requests with ``logits_of(images)`` until it says bye.
 
     Returns the number of images labelled.  Every wait is bounded: the edge sends a
-    request, a heartbeat or bye at least every ``timeout_s / 4`` s while it lives.
+    request, a heartbeat or bye at least every ``timeout_s / 4`` s while it lives, and this
+    rank sends the edge heartbeats while ``logits_of`` runs (the reply header ends them).
     """
     from runtime import stream
 
@@ -314,7 +327,10 @@ def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarr
         pixels = torch.empty(n, h, w, c, dtype=torch.uint8)
         _wait([stream.irecv(comm, pixels, edge_rank, TAG_DATA)], timeout_s,
               f"the edge rank {edge_rank} sent none of the {n} images it announced")
-        logits = torch.from_numpy(np.ascontiguousarray(logits_of(pixels.numpy()), dtype=np.float32))
+        with _heartbeats(lambda: _send_header(comm, edge_rank, timeout_s, f"the edge rank {edge_rank} took no "
+                                              "heartbeat", KIND_HEARTBEAT), timeout_s):  # a slow teacher is not dead
+            labels = logits_of(pixels.numpy())
+        logits = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
         reply = torch.zeros(HEADER, dtype=torch.int64)
         reply[:3] = torch.tensor([KIND_REPLY, n, logits.shape[1]])
         _wait([stream.isend(comm, reply, edge_rank, TAG_HEADER), stream.isend(comm, logits, edge_rank, TAG_DATA)],

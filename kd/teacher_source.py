@@ -169,9 +169,7 @@ class StreamedTeacher(TeacherSource):
     def _wait(self, requests: list, what: str) -> None:
         from runtime import stream
 
-        if not stream.wait_by(requests, time.monotonic() + self.timeout_s):
-            raise CloudLost(f"cloud rank {self.cloud} {what} within {self.timeout_s:g} s "
-                            "(--timeout): it died or stalled")
+        stream.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
 
     def close(self):
         from runtime import stream

@@ -18,7 +18,8 @@ from mpi4py import MPI
 
 from .comm import message
 
-__all__ = ["PeerTimeout", "POLL_S", "dup", "free", "isend", "irecv", "wait_by", "cancel", "send_object",
+__all__ = ["PeerTimeout", "POLL_S", "dup", "free", "isend", "irecv", "wait_by", "wait_or_raise", "cancel",
+           "send_object",
            "recv_object_by", "abort"]
 
 #: Seconds between two polls of a waiting rank: short against a training step, long enough not to spin.
@@ -69,6 +70,18 @@ def cancel(requests: list, grace_s: float = 1.0) -> None:
             continue
         request.Cancel()
         wait_by([request], time.monotonic() + grace_s)
+
+
+def wait_or_raise(requests: list, timeout_s: float, what: str, error: type = PeerTimeout) -> None:
+    """Wait for every request for ``timeout_s`` s; else cancel the ones still open and raise ``error``.
+
+    Cancelling first matters: a receive left posted after the timeout could later
+    write into a buffer its owner has reused or freed, and it keeps MPI_Finalize
+    waiting.  The message is ``"{what} within {timeout_s} s (--timeout): it died or stalled"``.
+    """
+    if not wait_by(requests, time.monotonic() + timeout_s):
+        cancel(requests)
+        raise error(f"{what} within {timeout_s:g} s (--timeout): it died or stalled")
 
 
 def send_object(comm: MPI.Comm, obj, dest: int, tag: int) -> MPI.Request:

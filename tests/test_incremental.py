@@ -133,6 +133,30 @@ def _corrupted(tmp_path, how: str):
     return path
 
 
+def test_the_buffer_fsyncs_the_folder_after_each_commit(tmp_path):
+    """A commit deletes the rollback journal; with synchronous=FULL that unlink is not fsynced, so a
+    power cut can bring the journal back and roll the acknowledged commit back.  EXTRA (3) fsyncs it."""
+    with Buffer(str(tmp_path / "b.sqlite"), SHAPE) as buf:
+        assert buf._db.execute("PRAGMA synchronous").fetchone()[0] == 3  # EXTRA, read back from SQLite
+        assert buf._db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_creating_leaves_a_concurrent_creators_temp_file_alone_and_removes_old_ones(tmp_path):
+    """A ``NAME.*.creating`` file may be another process's buffer being made right now: only one left
+    for minutes (its creator was killed) is removed."""
+    from kd.buffer import STALE_CREATING_S
+
+    path = tmp_path / "b.sqlite"
+    fresh, old = tmp_path / "b.sqlite.aaaa0001.creating", tmp_path / "b.sqlite.bbbb0002.creating-journal"
+    fresh.write_bytes(b"half made")
+    old.write_bytes(b"left by a kill")
+    long_ago = time.time() - STALE_CREATING_S - 60
+    os.utime(old, (long_ago, long_ago))
+    Buffer(str(path), SHAPE).close()
+    assert fresh.exists() and fresh.read_bytes() == b"half made"
+    assert not old.exists()
+
+
 @pytest.mark.parametrize("how", ["garbage", "empty", "other-sqlite", "truncated", "header", "image-byte", "page"])
 def test_corrupt_buffer_is_refused_with_its_path_and_left_as_is(tmp_path, how):
     path = _corrupted(tmp_path, how)
@@ -248,16 +272,27 @@ def test_kill_9_at_every_step_and_at_random_moments_loses_and_duplicates_nothing
 
 def test_keepalive_sends_a_heartbeat_every_quarter_timeout_while_the_edge_trains(self_comm):
     """The cloud's wait for the edge's next message is bounded by the timeout; an update that trains
-    longer than that must not look like a dead edge: the link beats every timeout/4 meanwhile."""
+    longer than that must not look like a dead edge: the link beats every timeout/4 meanwhile.
+
+    Timing-robust on a loaded machine: at least 2 beats, and no silence (start to first beat,
+    beat to beat, last beat to the end) longer than timeout/2, half the peer's patience."""
     from kd.incremental import HEADER, KIND_HEARTBEAT, TAG_HEADER, CloudLink
     from runtime import stream
 
-    headers = [torch.zeros(HEADER, dtype=torch.int64) for _ in range(10)]
+    headers = [torch.zeros(HEADER, dtype=torch.int64) for _ in range(20)]
     requests = [stream.irecv(self_comm, h, 0, TAG_HEADER) for h in headers]  # the "cloud", posted first
-    link = CloudLink(self_comm, 0, timeout_s=0.4)
+    timeout = 0.4
+    link = CloudLink(self_comm, 0, timeout_s=timeout)
+    sent_at: list[float] = []
+    send = link._send_header
+    link._send_header = lambda *values: (send(*values), sent_at.append(time.monotonic()))
+    began = time.monotonic()
     with link.keepalive():
         time.sleep(0.55)  # "training" for longer than the timeout
+    ended = time.monotonic()
     got = [h for h, r in zip(headers, requests) if stream.wait_by([r], time.monotonic() + 0.05)]
     stream.cancel([r for h, r in zip(headers, requests) if not any(h is g for g in got)])
     kinds = [int(h[0]) for h in got]
-    assert set(kinds) == {KIND_HEARTBEAT} and 3 <= len(kinds) <= 6, kinds  # about 0.55 / 0.1
+    assert set(kinds) == {KIND_HEARTBEAT} and len(kinds) >= 2 and len(kinds) == len(sent_at), (kinds, sent_at)
+    gaps = np.diff([began, *sent_at, ended])
+    assert gaps.max() <= timeout / 2, gaps
