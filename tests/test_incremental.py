@@ -296,3 +296,24 @@ def test_keepalive_sends_a_heartbeat_every_quarter_timeout_while_the_edge_trains
     assert set(kinds) == {KIND_HEARTBEAT} and len(kinds) >= 2 and len(kinds) == len(sent_at), (kinds, sent_at)
     gaps = np.diff([began, *sent_at, ended])
     assert gaps.max() <= timeout / 2, gaps
+
+
+def test_a_timed_out_receive_is_cancelled_not_left_posted(self_comm):
+    """After a PeerTimeout the receive must be gone: a late message must not land in a buffer its
+    owner has given up on (and reused), it must stay unmatched."""
+    from runtime import stream
+
+    comm = stream.dup(self_comm)
+    try:
+        stale = torch.zeros(4, dtype=torch.int64)
+        with pytest.raises(stream.PeerTimeout, match="the test peer sent nothing within 0.05 s"):
+            stream.wait_or_raise([stream.irecv(comm, stale, 0, 5)], 0.05, "the test peer sent nothing")
+        late = torch.tensor([7, 7, 7, 7])
+        stream.wait_by([stream.isend(comm, late, 0, 5)], time.monotonic() + 5)
+        assert comm.iprobe(source=0, tag=5)  # unmatched: no receive was left posted
+        assert stale.tolist() == [0, 0, 0, 0]
+        fresh = torch.zeros(4, dtype=torch.int64)
+        assert stream.wait_by([stream.irecv(comm, fresh, 0, 5)], time.monotonic() + 5)
+        assert fresh.tolist() == [7, 7, 7, 7]
+    finally:
+        stream.free(comm)
