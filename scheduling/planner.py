@@ -207,31 +207,87 @@ def random_allocation(cost: CostModel, work: Workload, draws: int = 1000, seed: 
     return RandomStats(min(max(math.fsum(totals) / draws, lo), hi), lo, hi, draws)   # clamp: rounding
 
 
-def exhaustive_search(cost: CostModel, work: Workload, limit: int = 5_000_000) -> tuple[float, int]:
+def _event_round(cost: CostModel, cores: int, rem_comm: float, rem_comp: float, c: int) -> float:
+    """One round simulated as events with the tasks' rates (work per second), not f and g's closed forms.
+
+    ``rem_comm``/``rem_comp``: the round's work (0 = absent); ``c``: Comm's cores while both run.
+    """
+    comp_rate = lambda cc: 1.0 / cost.comp_time(1.0, cc)       # work per second with cc comm cores
+    comm_rate = lambda cc: 1.0 / cost.comm_time(1.0, cc)
+    t = 0.0
+    while rem_comm > 0 or rem_comp > 0:
+        if rem_comm > 0 and rem_comp > 0:
+            rm, rp = comm_rate(c), comp_rate(c)
+        else:
+            rm, rp = comm_rate(cores), comp_rate(0)
+        dt = min(rem_comm / rm if rem_comm > 0 else math.inf, rem_comp / rp if rem_comp > 0 else math.inf)
+        t += dt
+        rem_comm = 0.0 if rem_comm <= rm * dt * (1 + 1e-12) else rem_comm - rm * dt
+        rem_comp = 0.0 if rem_comp <= rp * dt * (1 + 1e-12) else rem_comp - rp * dt
+    return t
+
+
+def exhaustive_search(cost: CostModel, work: Workload, limit: int = 50_000_000) -> tuple[float, int]:
     """Brute force: the minimum over EVERY decision sequence of the round model, and how many there were.
 
     Independent of :func:`plan` and :func:`round_time`: rounds are simulated as
-    events with the tasks' rates (work per second), not with f and g's closed forms.
+    events with the tasks' rates (:func:`_event_round`), and nothing is minimised
+    before the end.  Every partial sequence is carried forward as its own elapsed
+    time in numpy arrays per state, states are visited in order of i + j + k
+    (each round raises it), and the arrays reaching (N, N, N) hold the total of every
+    complete sequence (14,491,441 of them at N = 6, c_total = 6): the answer is their
+    minimum and their count.  ``limit`` caps the partial sequences held at once (memory).
+    """
+    import numpy as np
+
+    work.check(cost)
+    n, cores = work.cycles, work.cores
+    lone_comm = _event_round(cost, cores, work.comm, 0.0, cores)
+    lone = {True: _event_round(cost, cores, 0.0, work.forward, 0),       # on Forward?
+            False: _event_round(cost, cores, 0.0, work.backward, 0)}
+    pair = {fw: [_event_round(cost, cores, work.comm, x, c) for c in range(1, cores)]
+            for fw, x in ((True, work.forward), (False, work.backward))}
+    frontier: dict[tuple[int, int, int], list] = {(0, 0, 0): [np.zeros(1)]}
+    carried, best, count = 1, math.inf, 0
+    for level in range(3 * n):       # i + j + k of the states expanded now
+        for state in sorted(s for s in frontier if sum(s) == level):
+            chunks = frontier.pop(state)
+            here = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+            del chunks
+            i, j, k = state
+            on_forward = j == k
+            comm_ok = i < n
+            comp_ok = j < n if on_forward else i >= j
+            nj, nk = (j + 1, k) if on_forward else (j, k + 1)
+            nexts = []
+            if comm_ok:
+                nexts.append(((i + 1, j, k), [lone_comm]))
+            if comp_ok:
+                nexts.append(((i, nj, nk), [lone[on_forward]]))
+            if comm_ok and comp_ok:
+                nexts.append(((i + 1, nj, nk), pair[on_forward]))
+            for nxt, times in nexts:
+                for t in times:
+                    totals = here + t
+                    if nxt == (n, n, n):    # complete sequences: only their minimum and count are kept
+                        best, count = min(best, float(totals.min())), count + totals.size
+                    else:
+                        frontier.setdefault(nxt, []).append(totals)
+                        carried += totals.size
+            carried -= here.size
+            if carried > limit:
+                raise UsageError(f"exhaustive search over more than {limit} sequences; use fewer cycles or cores")
+    return best, int(count)
+
+
+def _exhaustive_search_recursive(cost: CostModel, work: Workload, limit: int = 5_000_000) -> tuple[float, int]:
+    """The same brute force one sequence at a time by depth-first search (slow: about 55k sequences/s).
+
+    Kept as a reference for :func:`exhaustive_search` on small cases.
     """
     work.check(cost)
     n, cores = work.cycles, work.cores
-    comp_rate = lambda c: 1.0 / cost.comp_time(1.0, c)       # work per second with c comm cores
-    comm_rate = lambda c: 1.0 / cost.comm_time(1.0, c)
     best, count = [math.inf], [0]
-
-    def simulate(rem_comm: float, rem_comp: float, c: int) -> float:
-        """Run the two tasks (remaining work; 0 = absent) from one split until both finish."""
-        t = 0.0
-        while rem_comm > 0 or rem_comp > 0:
-            if rem_comm > 0 and rem_comp > 0:
-                rm, rp = comm_rate(c), comp_rate(c)
-            else:
-                rm, rp = comm_rate(cores), comp_rate(0)
-            dt = min(rem_comm / rm if rem_comm > 0 else math.inf, rem_comp / rp if rem_comp > 0 else math.inf)
-            t += dt
-            rem_comm = 0.0 if rem_comm <= rm * dt * (1 + 1e-12) else rem_comm - rm * dt
-            rem_comp = 0.0 if rem_comp <= rp * dt * (1 + 1e-12) else rem_comp - rp * dt
-        return t
 
     def walk(i: int, j: int, k: int, elapsed: float) -> None:
         if count[0] > limit:
@@ -246,12 +302,12 @@ def exhaustive_search(cost: CostModel, work: Workload, limit: int = 5_000_000) -
         x = work.forward if on_forward else work.backward
         nj, nk = (j + 1, k) if on_forward else (j, k + 1)
         if comm_ok:
-            walk(i + 1, j, k, elapsed + simulate(work.comm, 0.0, cores))
+            walk(i + 1, j, k, elapsed + _event_round(cost, cores, work.comm, 0.0, cores))
         if comp_ok:
-            walk(i, nj, nk, elapsed + simulate(0.0, x, 0))
+            walk(i, nj, nk, elapsed + _event_round(cost, cores, 0.0, x, 0))
         if comm_ok and comp_ok:
             for c in range(1, cores):
-                walk(i + 1, nj, nk, elapsed + simulate(work.comm, x, c))
+                walk(i + 1, nj, nk, elapsed + _event_round(cost, cores, work.comm, x, c))
 
     old = sys.getrecursionlimit()
     sys.setrecursionlimit(max(old, 20 * n + 100))
