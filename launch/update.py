@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Optional
 
 from runtime.errors import UsageError
 
@@ -217,12 +218,17 @@ def _status(args) -> int:
 @dataclass
 class _Setup:
     comm: object
-    data: object  # the dataset (ImageArrays)
+    data: object  # the dataset (ImageArrays); None if ``problem``
     device: object
+    problem: Optional[str] = None  # set-up failed on this rank: told to the peer by _agree, not raised here
 
 
 def _start(args, need_edge_data: bool = True) -> _Setup:
-    """Both ranks: check the job, load what each needs; one UsageError on every rank before any transfer."""
+    """Both ranks: check the job, load what each needs; one UsageError on every rank before any transfer.
+
+    A device or dataset this rank cannot use is kept in ``problem``, not raised: the peer
+    would wait for our set-up facts until --timeout and then abort; :func:`_agree` tells it.
+    """
     from mpi4py import MPI
 
     from kd.datasets import load_dataset
@@ -237,20 +243,32 @@ def _start(args, need_edge_data: bool = True) -> _Setup:
         raise UsageError(f"'aflkd update {args.what}' runs on 2 ranks (rank 0 the cloud, rank 1 the edge), got "
                          f"{comm.Get_size()}; start it with 'mpiexec -n 2'")
     set_threads(args.threads or default_threads(comm))
-    device = pick_device(args.device)
-    data = load_dataset(args.dataset, args.data_root)
+    try:
+        device = pick_device(args.device)
+        data = load_dataset(args.dataset, args.data_root)
+    except UsageError as err:
+        role = "the cloud" if comm.Get_rank() == CLOUD else "the edge"
+        return _Setup(comm, None, None, f"rank {comm.Get_rank()} ({role}): {err}")
     return _Setup(comm, data, device)
 
 
 def _agree(setup: _Setup, args, mine: dict) -> dict:
-    """Swap set-up facts with the peer (bounded by --timeout); raise the same UsageError on both if any is wrong."""
+    """Swap set-up facts with the peer (bounded by --timeout); raise the same UsageError on both if any is wrong.
+
+    A peer that sends nothing in time ends the job in one line (exit 3), as a peer lost later does.
+    """
     from runtime import stream
 
     comm = setup.comm
     peer = EDGE if comm.Get_rank() == CLOUD else CLOUD
     request = stream.send_object(comm, mine, peer, 71)
-    theirs = stream.recv_object_by(comm, peer, 71, time.monotonic() + args.timeout,
-                                   f"rank {peer} sent no set-up within {args.timeout:g} s (--timeout)")
+    try:
+        theirs = stream.recv_object_by(comm, peer, 71, time.monotonic() + args.timeout,
+                                       f"rank {peer} sent no set-up within {args.timeout:g} s (--timeout)")
+    except stream.PeerTimeout as err:
+        print(f"aflkd: error: rank {comm.Get_rank()}: {err}; it died or stalled", file=sys.stderr, flush=True)
+        stream.abort(comm, 3)
+        raise
     stream.wait_by([request], time.monotonic() + args.timeout)
     cloud, edge = (mine, theirs) if comm.Get_rank() == CLOUD else (theirs, mine)
     problem = cloud.get("problem") or edge.get("problem")
@@ -277,12 +295,15 @@ def _cloud(setup: _Setup, args):
 
     from .train import load_teacher
 
-    facts = {"problem": None, "classes": setup.data.classes, "channels": setup.data.channels}
     teacher = None
-    try:
-        teacher = load_teacher(args, setup.data, setup.device)
-    except UsageError as err:
-        facts["problem"] = str(err)
+    if setup.problem is not None:
+        facts = {"problem": setup.problem}
+    else:
+        facts = {"problem": None, "classes": setup.data.classes, "channels": setup.data.channels}
+        try:
+            teacher = load_teacher(args, setup.data, setup.device)
+        except UsageError as err:
+            facts["problem"] = str(err)
     _agree(setup, args, facts)
 
     def logits_of(images: np.ndarray) -> np.ndarray:
@@ -347,6 +368,8 @@ def _edge_facts(setup: _Setup, args, buffer_path: str, student_path: str, studen
     from kd.incremental import read_student, reconcile
     from models import edge_net, load_weights
 
+    if setup.problem is not None:
+        return None, {"problem": setup.problem}
     data = setup.data
     facts = {"problem": None, "classes": data.classes, "channels": data.channels}
     buffer = None
@@ -440,6 +463,8 @@ def _demo(args) -> int:
         return _with_peer_errors(comm, _cloud(setup, args))
     out = args.out
     buffer_path, student_path = os.path.join(out, "buffer.sqlite"), os.path.join(out, "student.pt")
+    if setup.problem is not None:
+        _agree(setup, args, {"problem": setup.problem})  # raises it on both ranks
     facts = {"problem": None, "classes": setup.data.classes, "channels": setup.data.channels}
     buffer = None
     try:

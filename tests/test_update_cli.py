@@ -1,6 +1,7 @@
 """``aflkd update``: the AFLKD update step, the buffer tools, and bad input in one line (under mpiexec too)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,4 +72,41 @@ def test_a_student_of_another_net_is_one_line_on_every_rank_before_any_transfer(
     lines = [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "does not match the net" in lines[0] and "check --net" in lines[0]
+    assert "Traceback" not in proc.stderr and "MPI_Abort" not in proc.stderr  # refused, not aborted
+
+
+# run by mpiexec below: rank FAIL_RANK cannot load its dataset (as if its --data-root were wrong), the other can
+_ONE_RANK_WITHOUT_DATA = """
+import os, sys
+from mpi4py import MPI
+import kd.datasets
+from launch.cli import main
+
+if MPI.COMM_WORLD.Get_rank() == int(os.environ["FAIL_RANK"]):
+    def load_dataset(name, root, download=False):
+        raise kd.datasets.DatasetNotFound(f"dataset '{name}' not found under /nowhere/on/this/rank")
+    kd.datasets.load_dataset = load_dataset
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not (MPIEXEC.exists() and HAVE_CIFAR10), reason="needs mpiexec and ../shared/data/cifar10")
+@pytest.mark.parametrize("fail_rank", [1, 0])
+def test_a_set_up_error_on_one_rank_only_is_one_line_and_exit_2_on_both(tmp_path, fail_rank):
+    """Before: the failing rank raised before the set-up exchange, so the other timed out or was
+    aborted (a traceback, MPI_Abort) and the failing rank's own message was lost."""
+    student = tmp_path / "s.pt"
+    torch.save(edge_net(1, 3, 32, 10).state_dict(), student)
+    script = tmp_path / "one_rank_without_data.py"
+    script.write_text(_ONE_RANK_WITHOUT_DATA)
+    cmd = [str(MPIEXEC), "-n", "2", "-env", "FAIL_RANK", str(fail_rank), sys.executable, str(script), "update", "run",
+           "--buffer", str(tmp_path / "b.sqlite"), "--student", str(student), "--net", "1", "--dataset", "cifar10",
+           "--device", "cpu", "--timeout", "60"]
+    root = Path(__file__).parent.parent
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    role = "the edge" if fail_rank == 1 else "the cloud"
+    assert f"rank {fail_rank} ({role})" in lines[0] and "not found under /nowhere/on/this/rank" in lines[0], lines
     assert "Traceback" not in proc.stderr and "MPI_Abort" not in proc.stderr  # refused, not aborted
