@@ -42,7 +42,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from models.checkpoint import write_atomic
+from models.checkpoint import read_saved, write_atomic
 from runtime.errors import UsageError
 
 from .buffer import Buffer
@@ -119,17 +119,8 @@ def save_student(path: str, state: dict, update: dict, fault: Fault = _no_fault)
 
 def read_student(path: str) -> tuple[dict, Optional[dict]]:
     """``(state dict, update metadata or None)`` of a student file (a plain state dict has none)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"student '{path}' does not exist; train one first ('aflkd train edge --out {path}')")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for corrupt files
-        raise UsageError(f"student '{path}' cannot be read ({type(err).__name__}); is it a torch .pt file?") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return obj["model"], obj.get("update")
-    if isinstance(obj, dict):
-        return obj, None
-    raise UsageError(f"student '{path}' holds a {type(obj).__name__}, not a state dict")
+    state, rest = read_saved(path, what="student", absent=f"train one first ('aflkd train edge --out {path}')")
+    return state, rest.get("update")
 
 
 def _remove_stale_temps(path: str) -> None:

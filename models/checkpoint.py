@@ -9,7 +9,55 @@ import torch.nn as nn
 
 from runtime.errors import UsageError
 
-__all__ = ["load_weights", "save_atomic", "write_atomic"]
+__all__ = ["load_weights", "read_saved", "read_state", "check_state", "save_atomic", "write_atomic"]
+
+
+def read_saved(path: str, mmap: bool = False, what: str = "checkpoint",
+               absent: str = "pass the path of a saved .pt file") -> tuple[dict, dict]:
+    """``(state dict, the rest)`` of a file holding a state dict or ``{"model": state, ...}``
+    (the rest: that dict's other entries, ``{}`` for a plain state dict); one-line UsageErrors.
+
+    ``mmap``: tensors stay memory-mapped, read from the file only where touched (zip-format
+    files only).  ``what`` names the file in the messages, ``absent`` says what to do if it
+    does not exist.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} '{path}' does not exist; {absent}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises several unrelated types for corrupt or legacy files
+        how = ("cannot be memory-mapped", ".pt file written by torch.save (zip format)") if mmap else \
+            ("cannot be read", "torch .pt file")
+        raise UsageError(f"{what} '{path}' {how[0]} ({type(err).__name__}); is it a {how[1]}?") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+        return loaded["model"], {k: v for k, v in loaded.items() if k != "model"}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{what} '{path}' holds a {type(loaded).__name__}, not a state dict")
+    return loaded, {}
+
+
+def read_state(path: str, mmap: bool = False) -> dict:
+    """The state dict of a checkpoint (a state dict, or a dict with a ``"model"`` state dict); see :func:`read_saved`."""
+    return read_saved(path, mmap)[0]
+
+
+def check_state(model: nn.Module, state: dict, path: str, hint: str = "") -> None:
+    """Raise one-line :class:`UsageError` unless ``state`` (read from ``path``) fits ``model`` (real or meta):
+    same keys, same shapes.  ``hint`` ends the line: the options that decide the net's shape."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)} "
+                     f"vs net {tuple(own[wrong[0]].shape)}")
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
+    if parts:
+        raise UsageError(f"checkpoint '{path}' does not match the net ({'; '.join(parts)})" + (f"; {hint}" if hint else ""))
 
 
 def load_weights(model: nn.Module, path: str,
@@ -19,32 +67,8 @@ def load_weights(model: nn.Module, path: str,
     ``hint`` ends the one-line error for a checkpoint that does not fit: the options
     of the calling command that decide the net's shape.
     """
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint '{path}' does not exist; pass the path of a saved .pt file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for corrupt files
-        raise UsageError(f"checkpoint '{path}' cannot be read ({type(err).__name__}); is it a torch .pt file?") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise UsageError(f"checkpoint '{path}' holds a {type(state).__name__}, not a state dict")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or extra or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} vs net {tuple(own[k].shape)}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
-        raise UsageError(
-            f"checkpoint '{path}' does not match the net ({'; '.join(parts)}); {hint}"
-        )
+    state = read_state(path)
+    check_state(model, state, path, hint)
     model.load_state_dict(state)
     return model
 

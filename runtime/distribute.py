@@ -19,7 +19,6 @@ for what it runs:
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -58,24 +57,11 @@ def _materialise(model: nn.Module, modules: set[str], attrs: set[str], state: di
     model.load_state_dict({k: v for k, v in state.items() if k not in attrs}, strict=False, assign=True)
 
 
-def _state_of(loaded, path: str) -> dict:
-    if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
-        loaded = loaded["model"]
-    if not isinstance(loaded, dict):
-        raise UsageError(f"checkpoint '{path}' holds a {type(loaded).__name__}, not a state dict")
-    return loaded
-
-
 def _mapped_state(path: str) -> dict:
     """The checkpoint's state dict memory-mapped: tensors read from the file only where touched."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint '{path}' does not exist; pass the path of a saved .pt file")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several unrelated types for corrupt or legacy files
-        raise UsageError(f"checkpoint '{path}' cannot be memory-mapped ({type(err).__name__}); is it a .pt file "
-                         "written by torch.save (zip format)?") from None
-    return _state_of(loaded, path)
+    from models.checkpoint import read_state  # here: models.checkpoint imports runtime (a cycle at import time)
+
+    return read_state(path, mmap=True)
 
 
 def check_checkpoint(model: nn.Module, path: str, hint: str = "") -> None:
@@ -84,21 +70,9 @@ def check_checkpoint(model: nn.Module, path: str, hint: str = "") -> None:
 
 
 def _check_state(state: dict, model: nn.Module, path: str, hint: str = "") -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    parts = []
-    if wrong:
-        parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)} "
-                     f"vs net {tuple(own[wrong[0]].shape)}")
-    if missing:
-        parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-    if extra:
-        parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
-    if parts:
-        raise UsageError(f"checkpoint '{path}' does not match the net ({'; '.join(parts)})"
-                         + (f"; {hint}" if hint else ""))
+    from models.checkpoint import check_state
+
+    check_state(model, state, path, hint)
 
 
 def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
