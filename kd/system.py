@@ -70,6 +70,8 @@ def load_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
 
 
 def _wait(requests: list, timeout_s: float, what: str) -> None:
+    """Bounded wait on a collective (``Ibcast``): MPI cannot cancel one, so unlike
+    :func:`runtime.stream.wait_or_raise` (used for every point-to-point wait here) it only raises."""
     if not stream.wait_by(requests, time.monotonic() + timeout_s):
         raise stream.PeerTimeout(f"{what} within {timeout_s:g} s (--timeout): it died or stalled")
 
@@ -79,14 +81,15 @@ def send_weights(comm, dest: int, generation: int, state: dict, timeout_s: float
     """The trainer: one header ``[KIND_WEIGHTS, generation, n]`` then the flat weights (bounded)."""
     flat = flatten_state(state).contiguous()
     head = torch.tensor([KIND_WEIGHTS, generation, flat.numel(), 0], dtype=torch.int64)
-    _wait([stream.isend(comm, head, dest, TAG_W_HEAD), stream.isend(comm, flat, dest, TAG_W_DATA)], timeout_s,
+    stream.wait_or_raise([stream.isend(comm, head, dest, TAG_W_HEAD), stream.isend(comm, flat, dest, TAG_W_DATA)],
+                         timeout_s,
           f"the inference root (rank {dest}) took no weights of generation {generation}")
 
 
 def send_done(comm, dest: int, generation: int, timeout_s: float) -> None:
     head = torch.tensor([KIND_DONE, generation, 0, 0], dtype=torch.int64)
-    _wait([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
-          f"the inference root (rank {dest}) took no end-of-updates message")
+    stream.wait_or_raise([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
+                         f"the inference root (rank {dest}) took no end-of-updates message")
 
 
 @contextmanager
@@ -100,8 +103,8 @@ def alive(comm, dest: int, timeout_s: float):
         while not stop.wait(timeout_s / 4):
             head = torch.tensor([KIND_ALIVE, 0, 0, 0], dtype=torch.int64)
             try:
-                _wait([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
-                      f"the inference root (rank {dest}) took no heartbeat")
+                stream.wait_or_raise([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
+                                     f"the inference root (rank {dest}) took no heartbeat")
             except BaseException as err:  # noqa: BLE001 -- reported by the main thread
                 failed.append(err)
                 return
@@ -146,8 +149,8 @@ class Served:
 def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.Module], in_shape: tuple,
                  images: Optional[torch.Tensor], labels: Optional[np.ndarray], min_images: int, timeout_s: float,
                  interval_s: float = 0.0, record: bool = False,
-                 executor_of: Optional[Callable] = None, progress: Optional[Callable[[int, int], None]] = None
-                 ) -> Optional[Served]:
+                 executor_of: Optional[Callable] = None, progress: Optional[Callable[[int, int], None]] = None,
+                 serving: Optional[Callable[[int], None]] = None) -> Optional[Served]:
     """Every inference rank: serve images one at a time, swapping students only between two images.
 
     ``world``: the communicator shared with the trainer (``trainer`` its rank there);
@@ -156,11 +159,18 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
     serves at least ``min_images`` and stops once the trainer has said it is done and
     the last swapped-in student has served at least one image.  Returns the root's
     :class:`Served` (None on the other ranks).
+
+    ``serving(k)`` is called at the root every ``timeout_s / 4`` s once the trainer is
+    done (the trainer then waits for the root's report while the root serves the
+    remaining images, which may take longer than ``timeout_s``).  The other ranks wait
+    ``2.25 x timeout_s`` for each decision: the root itself may wait ``timeout_s`` for a
+    header and another ``timeout_s`` for the weights before it decides, and the
+    training rank, which knows who stalled, should be the one to report it.
     """
     from runtime.split import SplitExecutor
 
     build = executor_of or (lambda model: SplitExecutor.build(model, in_shape, infer))
-    root = infer.Get_rank() == 0
+    root = mpi.rank(infer) == 0
     model = make_model().eval()
     flat = None
     executor = None
@@ -169,7 +179,8 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
     done = False
     used_since_swap = 0
     arrived = 0.0
-    last_heard = time.monotonic()
+    last_heard = last_beat = time.monotonic()
+    decision_s = timeout_s if root else 2.25 * timeout_s
     k = 0
     decision = torch.zeros(HEAD, dtype=torch.int64)
     start = None
@@ -180,20 +191,21 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
             # between images only: is a message from the trainer waiting? (the first image must have weights)
             if first or (not done and mpi.iprobe(world, trainer, TAG_W_HEAD)):
                 head = torch.zeros(HEAD, dtype=torch.int64)
-                _wait([stream.irecv(world, head, trainer, TAG_W_HEAD)], timeout_s,
-                      f"the training rank {trainer} sent no student")
+                stream.wait_or_raise([stream.irecv(world, head, trainer, TAG_W_HEAD)], timeout_s,
+                                     f"the training rank {trainer} sent no student")
                 arrived = time.monotonic()
                 last_heard = arrived
                 if int(head[0]) == KIND_WEIGHTS:
                     flat = torch.empty(int(head[2]), dtype=torch.float64)
-                    _wait([stream.irecv(world, flat, trainer, TAG_W_DATA)], timeout_s,
-                          f"the training rank {trainer} sent no weights of generation {int(head[1])}")
+                    stream.wait_or_raise([stream.irecv(world, flat, trainer, TAG_W_DATA)], timeout_s,
+                                         f"the training rank {trainer} sent no weights of generation {int(head[1])}")
                     kind, new_gen = KIND_SWAP, int(head[1])
                 elif int(head[0]) == KIND_ALIVE:
                     if first:  # the first image needs a student: keep waiting for it
                         continue
                 elif int(head[0]) == KIND_DONE:
                     done = True
+                    last_beat = time.monotonic()
                     if first:
                         raise UsageError("the training rank ended before it sent a student")
                 else:
@@ -203,8 +215,12 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
                                          "it died or stalled")
             if kind == KIND_SERVE and done and k >= min_images and used_since_swap > 0:
                 kind = KIND_STOP
+            elif done and serving is not None and time.monotonic() - last_beat > timeout_s / 4:
+                serving(k)
+                last_beat = time.monotonic()
             decision[:] = torch.tensor([k, kind, new_gen, flat.numel() if kind == KIND_SWAP else 0])
-        _wait([mpi.ibcast(infer, decision, 0)], timeout_s, "the inference root sent no decision before the next image")
+        _wait([mpi.ibcast(infer, decision, 0)], decision_s,
+              "the inference root sent no decision before the next image")
         kind = int(decision[1])
         if kind == KIND_STOP:
             break

@@ -131,8 +131,6 @@ def _student(args, data):
 
 
 def _run(args) -> int:
-    from mpi4py import MPI
-
     from kd.device import pick_device
     from runtime import comm as mpi
     from runtime import stream
@@ -140,37 +138,39 @@ def _run(args) -> int:
     from .ranks import default_threads, set_threads
     from .topology import check_world_size, load_topology
 
-    world = MPI.COMM_WORLD
+    world = mpi.world()
     mpi.abort_on_uncaught_exception(world)
+    # the same on every rank: each raises the same UsageError, no exchange needed
     topology = load_topology(args.topology)
-    check_world_size(topology, world.Get_size(), with_cloud=True)
+    check_world_size(topology, mpi.size(world), with_cloud=True)
     trainer, infer_ranks, cloud = _roles(topology, args.train_cluster)
     if args.interval < 0:
         raise UsageError(f"--interval must be >= 0 seconds, got {args.interval:g}")
-    rank = world.Get_rank()
-    out = options.prepare_folder(args.out, "--out") if rank == trainer else None
-    if args.record and rank in (trainer, infer_ranks[0]):
-        options.prepare_folder(args.record, "--record")
-    set_threads(args.threads or default_threads(world))
-    from scheduling.controller import check_cores
-
-    from .distill import control_cost
-
-    args.control_cores = check_cores(args.control_cores or default_threads(world))  # every rank, before any work
-    args.control_model = control_cost(args)
-    if args.control_model is not None:
-        args.control_model.check(args.control_cores)
-    data = _data(args)
-    if data.x_train.shape[1:3] not in ((32, 32), (28, 28)):
-        raise UsageError(f"{args.dataset} images are {data.x_train.shape[1:3]}; the students take 32x32")
-    if args.dataset != "synthetic" and args.updates * args.increment > len(data.x_train):
-        raise UsageError(f"--updates x --increment = {args.updates * args.increment} camera images, more than "
-                         f"the {len(data.x_train)} training images of {args.dataset}")
-    # a problem found on one rank only (a missing teacher or student file) must end every rank: agree first
+    rank = mpi.rank(world)
+    threads = default_threads(world)  # a collective (ranks on this host): every rank, outside the try below
+    # a problem found on one rank only (a folder, a missing teacher or student file, a dataset) must end every
+    # rank with the same one line: every rank-local check runs here and the ranks agree before any exchange
     problem = None
-    teacher = None
-    device = None
+    teacher = device = data = out = None
     try:
+        out = options.prepare_folder(args.out, "--out") if rank == trainer else None
+        if args.record and rank in (trainer, infer_ranks[0]):
+            options.prepare_folder(args.record, "--record")
+        set_threads(args.threads or threads)
+        from scheduling.controller import check_cores
+
+        from .distill import control_cost
+
+        args.control_cores = check_cores(args.control_cores or threads)
+        args.control_model = control_cost(args)
+        if args.control_model is not None:
+            args.control_model.check(args.control_cores)
+        data = _data(args)
+        if data.x_train.shape[1:3] not in ((32, 32), (28, 28)):
+            raise UsageError(f"{args.dataset} images are {data.x_train.shape[1:3]}; the students take 32x32")
+        if args.updates * args.increment > len(data.x_train):
+            raise UsageError(f"--updates x --increment = {args.updates * args.increment} camera images, more than "
+                             f"the {len(data.x_train)} training images of {args.dataset}")
         if rank in (trainer, cloud):
             device = pick_device(args.device)
         if rank == cloud:
@@ -180,7 +180,7 @@ def _run(args) -> int:
 
             state, _ = read_student(args.student)
             _student(args, data).load_state_dict(state)
-    except (UsageError, RuntimeError) as err:
+    except (UsageError, RuntimeError, OSError) as err:
         problem = f"rank {rank}: {err}".splitlines()[0]
     problems = [p for p in mpi.allgather_objects(world, problem) if p]
     if problems:
@@ -194,16 +194,17 @@ def _run(args) -> int:
 
 
 def _with_peer_errors(comm, work) -> int:
+    from runtime import comm as mpi
     from runtime import stream
 
     try:
         return work()
     except stream.PeerTimeout as err:
-        print(f"aflkd: error: rank {comm.Get_rank()}: {err}; ending the job", file=sys.stderr, flush=True)
+        print(f"aflkd: error: rank {mpi.rank(comm)}: {err}; ending the job", file=sys.stderr, flush=True)
         stream.abort(comm, 3)
         return 3
     except UsageError as err:  # found on this rank only: peers wait in an exchange, so end the job
-        print(f"aflkd: error: rank {comm.Get_rank()}: {err}", file=sys.stderr, flush=True)
+        print(f"aflkd: error: rank {mpi.rank(comm)}: {err}", file=sys.stderr, flush=True)
         stream.abort(comm, 2)
         return 2
 
@@ -234,23 +235,29 @@ def _infer(args, data, link, infer, trainer: int, root_world: int) -> int:
 
     from kd.system import serve_images
     from kd.teacher import to_tensor
+    from runtime import comm as mpi
     from runtime import stream
 
-    root = infer.Get_rank() == 0
+    root = mpi.rank(infer) == 0
+    beats = []  # once the trainer is done it waits for our report: it hears we still serve every --timeout / 4
+
+    def serving(k: int) -> None:
+        beats.append(stream.send_object(link, {"serving": k}, trainer, TAG_REPORT_INFER))
+
     images = to_tensor(data.x_test, data).contiguous() if root else None
     def progress(k: int, generation: int) -> None:
         if k % 50 == 0:
             print(f"inference: {k} images served (student generation {generation})", flush=True)
     served = serve_images(link, infer, trainer, lambda: _student(args, data), (data.channels, 32, 32), images,
                           data.y_test, args.images, args.timeout, args.interval, bool(args.record),
-                          progress=progress if root and not args.no_progress else None)
+                          progress=progress if root and not args.no_progress else None, serving=serving)
     if not root:
         return 0
     if args.record:
         np.savez(os.path.join(args.record, "served.npz"), inputs=np.concatenate(served.inputs),
                  outputs=np.concatenate(served.outputs), generations=np.asarray(served.generations))
     request = stream.send_object(link, served.summary(), trainer, TAG_REPORT_INFER)
-    if not stream.wait_by([request], time.monotonic() + args.timeout):
+    if not stream.wait_by([*beats, request], time.monotonic() + args.timeout):
         raise stream.PeerTimeout(f"the training rank {trainer} took no report within {args.timeout:g} s")
     return 0
 
@@ -263,6 +270,7 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     from kd.incremental import CloudLink, reconcile, read_student, run_updates, save_student
     from kd.system import alive, send_done, send_weights
     from kd.trainer import EdgeConfig
+    from runtime import comm as mpi
     from runtime import stream
 
     student_path = str(out / "student.pt")
@@ -307,19 +315,20 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
             send_weights(link, root, sent["generation"], sent["state"], args.timeout)
             rows.append({"generation": sent["generation"], "images": args.increment, "update_s": round(seconds, 3),
                          "test_acc": sent["info"].get("test_acc"), "train_s": sent["info"].get("seconds"),
-                         "replans": sent["info"].get("replans")})
+                         "replans": sent["info"].get("replans"), "comm_cores": sent["info"].get("comm_cores")})
             if not args.no_progress:
                 print(f"trainer: generation {sent['generation']} sent to the inference ranks ({seconds:.2f} s, test acc "
                       f"{sent['info'].get('test_acc', float('nan')):.2%})", flush=True)
     send_done(link, root, start_gen + len(rows), args.timeout)
     link_cloud.close()
-    deadline = time.monotonic() + args.timeout
-    served = stream.recv_object_by(link, root, TAG_REPORT_INFER, deadline,
-                                   f"the inference root (rank {root}) sent no report within {args.timeout:g} s")
-    clouded = stream.recv_object_by(link, cloud, TAG_REPORT_CLOUD, deadline,
+    clouded = stream.recv_object_by(link, cloud, TAG_REPORT_CLOUD, time.monotonic() + args.timeout,
                                     f"the cloud (rank {cloud}) sent no report within {args.timeout:g} s")
+    served = {"serving": 0}
+    while "serving" in served:  # the root serves until --images: each "serving" message restarts the deadline
+        served = stream.recv_object_by(link, root, TAG_REPORT_INFER, time.monotonic() + args.timeout,
+                                       f"the inference root (rank {root}) sent no report within {args.timeout:g} s")
     report = {"command": getattr(args, "command_line", ""), "dataset": args.dataset, "net": args.net,
-              "inference_ranks": link.Get_size() - 2, "initial": {"generation": start_gen, "test_acc": initial_acc},
+              "inference_ranks": mpi.size(link) - 2, "initial": {"generation": start_gen, "test_acc": initial_acc},
               "updates": rows, "served": served,
               "cloud_labelled": clouded["labelled"], "control": args.control, "control_cores": args.control_cores}
     with open(out / "system.json", "w") as fh:
@@ -363,7 +372,8 @@ class ControlledUpdate:
                             device=self.device, student=student)
         last = result.history[-1]
         info = {"test_acc": result.test_acc, "seconds": round(result.seconds, 2), "final_T": round(last["T"], 4),
-                "final_frozen": last["frozen"], "steps": config.steps, "replans": len(source.ctl.replans)}
+                "final_frozen": last["frozen"], "steps": config.steps, "replans": len(source.ctl.replans),
+                "cores": self.cores, "comm_cores": [list(r["comm_cores"]) for r in source.ctl.log if "comm_cores" in r]}
         return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}, info
 
 

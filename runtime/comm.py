@@ -348,3 +348,16 @@ def ibcast(comm: MPI.Comm, t: torch.Tensor, root: int = 0) -> MPI.Request:
 def iprobe(comm: MPI.Comm, source: int, tag: int) -> bool:
     """Whether a message from ``source`` with ``tag`` is waiting (never blocks)."""
     return bool(comm.Iprobe(source=source, tag=tag))
+
+
+def world() -> MPI.Comm:
+    """The job's world communicator (so callers need not import mpi4py)."""
+    return MPI.COMM_WORLD
+
+
+def rank(comm: MPI.Comm) -> int:
+    return comm.Get_rank()
+
+
+def size(comm: MPI.Comm) -> int:
+    return comm.Get_size()

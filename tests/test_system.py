@@ -37,7 +37,8 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
     out, rec = tmp_path / "out", tmp_path / "rec"
     proc = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--record", str(rec), "--net", str(net),
                  "--images", "40", "--updates", "2", "--increment", "32", "--steps", "2", "--threads", "1",
-                 "--timeout", "60", "--seed", str(net), "--control", control, "--no-progress")
+                 "--timeout", "60", "--seed", str(net), "--control", control, "--control-cores", "2",
+                 "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = np.load(rec / "served.npz")
     inputs, outputs, gens = served["inputs"], served["outputs"], served["generations"]
@@ -53,6 +54,13 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
     assert all(r["update_s"] > 0 and 0 <= r["test_acc"] <= 1 for r in report["updates"])
     assert report["initial"]["generation"] == 0 and 0 <= report["initial"]["test_acc"] <= 1
     assert report["control"] == control and all(isinstance(r["replans"], int) for r in report["updates"])
+    # the controller's log: under the planner some phase really split the 2 cores (comm 1, compute 1); under
+    # "none" nothing is allocated
+    phases = [c for r in report["updates"] for step in r["comm_cores"] for c in step]
+    assert report["control_cores"] == 2 and len(phases) == (2 * 2 * 2 if control == "planner" else 0)
+    if control == "planner":  # 2 updates x 2 steps x (Forward, Backward)
+        assert any(0 < c < 2 for c in phases), phases
+
     assert report["cloud_labelled"] == 64 and report["served"]["images_per_s"] > 0
     # every served output equals what the student of that moment gives unsplit (plain torch)
     worst = 0.0
@@ -82,6 +90,8 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
         (4, ["--topology", TOPOLOGY, "--student", "/nonexistent/s.pt"], "rank 0: student '/nonexistent/s.pt' does not exist"),
         (4, ["--topology", TOPOLOGY, "--interval", "-1"], "--interval must be >= 0"),
         (4, ["--topology", TOPOLOGY, "--control-cores", "4096"], "--control-cores 4096 is more than the"),
+        (4, ["--topology", TOPOLOGY, "--updates", "9", "--increment", "64"], "--updates x --increment = 576 camera "
+         "images, more than the 512 training images of synthetic"),
     ],
 )
 def test_bad_input_one_line_on_every_rank(tmp_path, ranks, args, message):
@@ -92,6 +102,31 @@ def test_bad_input_one_line_on_every_rank(tmp_path, ranks, args, message):
     lines = error_lines(proc)
     assert len(lines) == 1, proc.stderr[-2000:]
     assert re.search(message, lines[0]), lines[0]
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("option, trainer_first, rank", [("--out", True, 0), ("--out", False, 1),
+                                                         ("--record", True, 0), ("--record", False, 0)])
+def test_an_output_folder_that_is_a_file_is_one_line_on_every_rank(tmp_path, option, trainer_first, rank):
+    """--out is checked on the training rank only, --record on it and the inference root: the other ranks must
+    not hang, and the job prints one line (rank 0 prints it, even when another rank found it), exit 2."""
+    topology = Path(TOPOLOGY)
+    if not trainer_first:  # the training rank is rank 1, the inference root rank 0
+        text = topology.read_text()
+        trainer = text[text.index('[[host]]\nname = "trainer"'):text.index('[[host]]\nname = "infer-0"')]
+        topology = tmp_path / "infer-first.toml"
+        topology.write_text(text.replace(trainer, "").replace('[[host]]\nname = "infer-1"', trainer + '[[host]]\nname = "infer-1"'))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    folders = {"--out": str(tmp_path / "o"), "--record": str(tmp_path / "r")}
+    folders[option] = str(blocker / "sub")
+    proc = aflkd(4, "system", "--topology", str(topology), "--out", folders["--out"], "--record",
+                 folders["--record"], "--no-progress", timeout=90)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"aflkd: error: rank {rank}: {option} {blocker / 'sub'}: cannot create the folder"), lines[0]
+    assert "is a file" in lines[0], lines[0]
 
 
 @needs_mpiexec
@@ -117,3 +152,19 @@ def test_an_update_longer_than_timeout_is_not_a_stall(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "system.json").read_text())
     assert report["updates"][0]["update_s"] > 4  # longer than --timeout, so the heartbeats were needed
+
+
+@needs_mpiexec
+@pytest.mark.slow
+def test_serving_longer_than_timeout_after_the_last_update_is_not_a_stall(tmp_path):
+    """After "done" the trainer waits for the root's report while the root serves up to --images: the root's
+    "serving" messages keep it from taking a long tail of images for a dead root."""
+    out = tmp_path / "o"
+    proc = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--images", "300", "--updates", "1",
+                 "--increment", "16", "--steps", "1", "--threads", "1", "--timeout", "4", "--interval", "0.05",
+                 "--no-progress", timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = json.loads((out / "system.json").read_text())["served"]
+    swapped = {s["generation"]: s["image"] for s in served["swaps"]}[1]
+    assert served["images"] == 300
+    assert (300 - swapped) * 0.05 > 4  # the tail after the last update took longer than --timeout
