@@ -3,7 +3,8 @@
 ``python tests/incremental_mpi_worker.py FOLDER [--cloud-dies-at N] [--edge-dies-at STEP] [--cloud-stalls]
 [--timeout S] [--pace S]``: each rank writes ``FOLDER/rankR.pid`` once it is ready, so a test can kill either
 at a random moment; the flags kill a rank at a chosen point instead (cloud: inside its Nth request,
-after the images arrived and before the logits went back).  The edge uses the same buffer and
+after the images arrived and before the logits went back; --cloud-stalls: the cloud process
+freezes there, SIGSTOP, so its heartbeats stop too).  The edge uses the same buffer and
 counting student as the single-process kill test (``tests/incremental_harness.py``).
 """
 from __future__ import annotations
@@ -47,8 +48,8 @@ def main() -> int:
                 calls[0] += 1
                 if calls[0] == args.cloud_dies_at:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if args.cloud_stalls:
-                    time.sleep(3600)
+                if args.cloud_stalls:  # the whole process freezes (heartbeat thread too), as on a hung machine;
+                    os.kill(os.getpid(), signal.SIGSTOP)  # a teacher that is merely slow keeps beating instead
                 return h.cloud_logits(images)
 
             serve_cloud(comm, 1, logits_of, args.timeout)
