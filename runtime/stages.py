@@ -165,7 +165,9 @@ def stage_times(costs: Sequence[float], out_bytes: Sequence[float], speeds: Sequ
 
     Compute scales with the cluster's share of the rows and the device's
     speed; a stage that is not the last also sends its share of its output
-    at ``bandwidth`` bytes/s.  ``extra[c][k]`` adds fixed work (the root's head).
+    at ``bandwidth`` bytes/s, which overlaps the next image's compute
+    (non-blocking sends), so the stage takes the longer of the two.
+    ``extra[c][k]`` adds fixed work (the root's head).
     """
     prefix = [0.0, *accumulate(costs)]
     total = sum(shares)
@@ -176,8 +178,8 @@ def stage_times(costs: Sequence[float], out_bytes: Sequence[float], speeds: Sequ
         for k, speed in enumerate(row):
             i, j = bounds[k], bounds[k + 1]
             t = (share * (prefix[j] - prefix[i]) + (extra[c][k] if extra else 0.0)) / speed
-            if k < len(row) - 1:
-                t += share * out_bytes[j - 1] / bandwidth
+            if k < len(row) - 1:  # the send overlaps the next image's compute: the link is its own stage
+                t = max(t, share * out_bytes[j - 1] / bandwidth)
             times.append(t)
         out.append(tuple(times))
     return tuple(out)
@@ -199,7 +201,7 @@ def _best_bounds(costs, out_bytes, speeds, shares, bandwidth, extra) -> tuple[in
             share = shares[c] / share_sum
             t = (share * (prefix[j] - prefix[i]) + (extra[c][k] if extra else 0.0)) / row[k]
             if k < stages - 1:
-                t += share * out_bytes[j - 1] / bandwidth
+                t = max(t, share * out_bytes[j - 1] / bandwidth)
             worst = max(worst, t)
         return worst
 
@@ -236,25 +238,27 @@ def _best_bounds(costs, out_bytes, speeds, shares, bandwidth, extra) -> tuple[in
 def _balanced_shares(costs, out_bytes, speeds, bounds, bandwidth, extra, min_share) -> tuple[float, ...]:
     """Row shares (summing to 1) that equalise the clusters' slowest stages for a given cut.
 
-    Cluster ``c``'s stage ``k`` takes ``share * a[c][k] + e[c][k]`` (compute
-    and send scale with the rows; the head does not), so for a target time
-    ``T`` the most rows a cluster can take is ``min_k (T - e) / a``; the
-    smallest ``T`` whose shares add up to 1 is found by bisection.  Every
+    Cluster ``c``'s stage ``k`` takes ``max(share * a[c][k] + e[c][k], share * b[c][k])``
+    (compute scales with the rows, the head does not; the send to the next
+    stage scales with the rows and overlaps compute), so for a target time
+    ``T`` the most rows a cluster can take is ``min_k min((T - e) / a, T / b)``;
+    the smallest ``T`` whose shares add up to 1 is found by bisection.  Every
     cluster keeps at least ``min_share`` (a row of every map).
     """
     stages = len(speeds[0])
     prefix = [0.0, *accumulate(costs)]
-    a, e = [], []
+    a, b, e = [], [], []
     for c, row in enumerate(speeds):
-        a.append([(prefix[bounds[k + 1]] - prefix[bounds[k]]) / row[k]
-                  + (out_bytes[bounds[k + 1] - 1] / bandwidth if k < stages - 1 else 0.0) for k in range(stages)])
+        a.append([(prefix[bounds[k + 1]] - prefix[bounds[k]]) / row[k] for k in range(stages)])
+        b.append([out_bytes[bounds[k + 1] - 1] / bandwidth if k < stages - 1 else 0.0 for k in range(stages)])
         e.append([(extra[c][k] if extra else 0.0) / row[k] for k in range(stages)])
 
     def most(c, target):
-        return max(min_share, min(((target - e[c][k]) / a[c][k] if a[c][k] > 0 else math.inf)
+        return max(min_share, min(min((target - e[c][k]) / a[c][k] if a[c][k] > 0 else math.inf,
+                                      target / b[c][k] if b[c][k] > 0 else math.inf)
                                   for k in range(stages)))
 
-    lo, hi = 0.0, max(max(ec) for ec in e) + max(max(ac) for ac in a) + 1e-12
+    lo, hi = 0.0, max(max(ec) for ec in e) + max(max(ac) for ac in a) + max(max(bc) for bc in b) + 1e-12
     if any(math.isinf(most(c, hi)) for c in range(len(speeds))):  # a cluster with no work: share by speed
         return tuple(sum(row) / sum(map(sum, speeds)) for row in speeds)
     for _ in range(100):
