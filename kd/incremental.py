@@ -34,8 +34,7 @@ import glob
 import hashlib
 import io
 import os
-import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -226,31 +225,11 @@ def _send_header(comm, dest: int, timeout_s: float, what: str, *values: int) -> 
     _wait([stream.isend(comm, header, dest, TAG_HEADER)], timeout_s, what)
 
 
-@contextmanager
 def _heartbeats(send_heartbeat: Callable[[], None], timeout_s: float):
-    """While the body runs: ``send_heartbeat()`` every ``timeout_s / 4`` s from a thread, so the peer
-    (whose every wait is bounded by ``timeout_s``) can tell "busy" from "dead".  A failed send is
-    raised here once the body ends."""
-    stop = threading.Event()
-    failed: list[BaseException] = []
+    """:func:`runtime.stream.heartbeats` (kept under this name for the tests and callers here)."""
+    from runtime import stream
 
-    def beat() -> None:
-        while not stop.wait(timeout_s / 4):
-            try:
-                send_heartbeat()
-            except BaseException as err:  # noqa: BLE001 -- reported by the main thread
-                failed.append(err)
-                return
-
-    thread = threading.Thread(target=beat, name="aflkd-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-    if failed:
-        raise failed[0]
+    return stream.heartbeats(send_heartbeat, timeout_s)
 
 
 class CloudLink:

@@ -27,9 +27,7 @@ Every wait on a peer is bounded by ``timeout_s`` (:class:`runtime.stream.PeerTim
 """
 from __future__ import annotations
 
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -92,32 +90,14 @@ def send_done(comm, dest: int, generation: int, timeout_s: float) -> None:
                          f"the inference root (rank {dest}) took no end-of-updates message")
 
 
-@contextmanager
 def alive(comm, dest: int, timeout_s: float):
     """While the trainer works (an update can take longer than ``timeout_s``): an ``[ALIVE]`` header to the
     inference root every ``timeout_s / 4`` s, so the root can tell a busy trainer from a dead or stalled one."""
-    stop = threading.Event()
-    failed: list = []
-
     def beat() -> None:
-        while not stop.wait(timeout_s / 4):
-            head = torch.tensor([KIND_ALIVE, 0, 0, 0], dtype=torch.int64)
-            try:
-                stream.wait_or_raise([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
-                                     f"the inference root (rank {dest}) took no heartbeat")
-            except BaseException as err:  # noqa: BLE001 -- reported by the main thread
-                failed.append(err)
-                return
-
-    thread = threading.Thread(target=beat, name="aflkd-system-alive", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-    if failed:
-        raise failed[0]
+        head = torch.tensor([KIND_ALIVE, 0, 0, 0], dtype=torch.int64)
+        stream.wait_or_raise([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
+                             f"the inference root (rank {dest}) took no heartbeat")
+    return stream.heartbeats(beat, timeout_s, name="aflkd-system-alive")
 
 
 # ---------------------------------------------------------------------- inference side

@@ -11,8 +11,10 @@ peer that never answered instead of hanging.
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Optional
 
 import torch
 from mpi4py import MPI
@@ -115,3 +117,30 @@ def abort(comm: MPI.Comm, code: int) -> None:
     sys.stderr.flush()
     time.sleep(ABORT_GRACE_S)
     comm.Abort(code)
+
+
+@contextmanager
+def heartbeats(send_beat: Callable[[], None], timeout_s: float, name: str = "aflkd-heartbeat"):
+    """While the body runs: ``send_beat()`` every ``timeout_s / 4`` s from a thread, so a peer whose
+    every wait is bounded by ``timeout_s`` can tell "busy" from "dead".  A failed send is raised here
+    once the body ends.  (The beats' MPI calls come from a second thread: MPI_THREAD_MULTIPLE.)"""
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def beat() -> None:
+        while not stop.wait(timeout_s / 4):
+            try:
+                send_beat()
+            except BaseException as err:  # noqa: BLE001 -- reported by the caller's thread
+                failed.append(err)
+                return
+
+    thread = threading.Thread(target=beat, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise failed[0]
