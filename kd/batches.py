@@ -52,6 +52,10 @@ class BatchStream:
             self._order = (epoch, torch.randperm(len(self.x), generator=generator))
         return self._order[1][b * self.batch : (b + 1) * self.batch]
 
+    def keys(self, step: int, rows: torch.Tensor) -> torch.Tensor:
+        """What a teacher source indexes its logits by for these rows: the rows themselves."""
+        return rows
+
     def images(self, step: int, rows: torch.Tensor) -> torch.Tensor:
         """The augmented images of ``rows`` at ``step`` (random crop and flip, seeded by ``(seed, step)``)."""
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "augment", step))

@@ -22,13 +22,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from models.checkpoint import write_atomic
 from runtime.errors import UsageError
 
-__all__ = ["ImageArrays", "DATASETS", "DatasetNotFound", "load_dataset", "balanced_subset"]
+__all__ = ["ImageArrays", "DATASETS", "DatasetNotFound", "load_dataset", "balanced_subset", "validation_indices"]
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -157,17 +158,44 @@ def load_dataset(name: str, root: str | os.PathLike, download: bool = False) -> 
     return ImageArrays(name, *arrays, classes=classes, mean=mean, std=std)
 
 
-def balanced_subset(labels: np.ndarray, size: int, classes: int, seed: int = 0) -> np.ndarray:
+def balanced_subset(labels: np.ndarray, size: int, classes: int, seed: int = 0,
+                    exclude: Optional[np.ndarray] = None) -> np.ndarray:
     """Indices of ``size`` training images, class-balanced, fixed by ``seed``, and nested.
 
     Each class's images are shuffled once (by ``seed``); the subset takes the
     first ``size // classes`` of each class (the remainder from the first classes),
     so the 1000-image subset contains the 500-image one, like an incremental stream.
+    ``exclude`` (e.g. the validation slice) is never picked.
     """
-    if size < classes or size > len(labels):
-        raise UsageError(f"subset size {size} must be between {classes} and {len(labels)}")
+    pool = np.ones(len(labels), dtype=bool)
+    if exclude is not None:
+        pool[np.asarray(exclude, dtype=np.int64)] = False
+    if size < classes or size > int(pool.sum()):
+        raise UsageError(f"subset size {size} must be between {classes} and {int(pool.sum())}"
+                         + (" (the training split less the validation slice)" if exclude is not None else ""))
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(classes)]
+    per_class = [idx[pool[idx]] for idx in per_class]
     base, extra = divmod(size, classes)
+    short = [c for c, idx in enumerate(per_class) if len(idx) < base + (1 if c < extra else 0)]
+    if short:
+        raise UsageError(f"subset size {size} needs more images of class {short[0]} than the pool has; "
+                         f"ask for fewer images")
     picked = [idx[: base + (1 if c < extra else 0)] for c, idx in enumerate(per_class)]
     return np.sort(np.concatenate(picked))
+
+
+VALIDATION_SEED = 20261125  # fixed for every grid and teacher: the slice never moves
+
+
+def validation_indices(labels: np.ndarray, classes: int, size: int) -> np.ndarray:
+    """A fixed, seeded, class-balanced slice of the training split, held out for every choice.
+
+    The offline CIFAR files are sorted by class, so "the last N images" would be
+    one class; this takes ``size // classes`` random images of each class.  Edge
+    subsets exclude it (``balanced_subset(..., exclude=...)``); the test split is
+    then read only for the final numbers.
+    """
+    if size == 0:
+        return np.empty(0, dtype=np.int64)
+    return balanced_subset(labels, size, classes, seed=VALIDATION_SEED)

@@ -12,20 +12,27 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 from collections import defaultdict
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional
 
+import numpy as np
 from tqdm import tqdm
 
+from runtime.errors import UsageError
+
 from .datasets import ImageArrays, balanced_subset
+from .grid_report import markdown_table, plot_accuracy
 from .trainer import EdgeConfig, train_edge
 
-__all__ = ["FIELDS", "file_digest", "check_settings", "missing_cells", "run_grid", "read_results", "markdown_table", "plot_accuracy", "epoch_time_by_frozen"]
+__all__ = ["FIELDS", "MODES", "GridOptions", "file_digest", "check_settings", "missing_cells", "run_grid",
+           "read_results", "markdown_table", "plot_accuracy", "epoch_time_by_frozen"]
 
-FIELDS = ["dataset", "net", "size", "method", "seed", "test_acc", "seconds", "final_T", "final_frozen", "device"]
+FIELDS = ["dataset", "net", "size", "method", "seed", "mode", "test_acc", "val_acc", "steps", "epochs", "train_images",
+          "seconds", "final_T", "final_frozen", "device"]
 
 
 def read_results(path: str) -> list[dict]:
@@ -58,12 +65,20 @@ def _add_missing_columns(path: str) -> None:
 
 
 def _key(row) -> tuple:
-    return (row["dataset"], int(row["net"]), int(row["size"]), row["method"], int(row["seed"]))
+    return (row["dataset"], int(row["net"]), int(row["size"]), row["method"], int(row["seed"]),
+            row.get("mode") or "static")
 
 
-def _settings(base: EdgeConfig) -> dict:
-    """What every cell of one results file shares (all but the cell's own method, net and seed)."""
-    return {k: v for k, v in asdict(base).items() if k not in ("method", "net", "seed")}
+def _settings(base: EdgeConfig, options: Optional["GridOptions"] = None) -> dict:
+    """What every cell of one results file shares (all but the cell's own method, net and seed).
+
+    With an epoch budget the fixed ``steps`` is not used, so it is not kept.
+    """
+    options = options or GridOptions()
+    kept = {k: v for k, v in asdict(base).items() if k not in ("method", "net", "seed")}
+    if options.epochs is not None:
+        kept.pop("steps")
+    return {**kept, **options.settings()}
 
 
 def file_digest(path: str) -> str:
@@ -75,7 +90,8 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "") -> Optional[dict]:
+def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "",
+                   options: Optional["GridOptions"] = None) -> Optional[dict]:
     """Refuse to mix cells trained with other settings into ``csv_path``.
 
     Finished cells are skipped by key (dataset, net, size, method, seed), so a rerun
@@ -86,15 +102,14 @@ def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "") ->
     one it is given.  Returns the settings to write with the first cell when the
     CSV holds no cell yet (nothing is written before a cell is finished), else None.
     """
-    from runtime.errors import UsageError
-
     path = Path(csv_path).with_suffix(".settings.json")
-    wanted = {**_settings(base), "teacher_sha256": teacher_sha256}
+    wanted = {**_settings(base, options), "teacher_sha256": teacher_sha256}
     if not read_results(csv_path):
         return wanted  # no cell yet: settings left by a run that finished none do not bind
     if path.exists():
         kept = json.loads(path.read_text())
-        changed = {k: (kept.get(k), v) for k, v in wanted.items() if k != "teacher_sha256" and kept.get(k) != v}
+        keys = [k for k in wanted if k != "teacher_sha256"] + [k for k in kept if k not in wanted and k != "steps"]
+        changed = {k: (kept.get(k), wanted.get(k)) for k in keys if kept.get(k) != wanted.get(k)}
         old_teacher = kept.get("teacher_sha256", "")
         if teacher_sha256 and old_teacher and old_teacher != teacher_sha256:
             changed["teacher_sha256"] = (old_teacher, teacher_sha256)
@@ -107,12 +122,235 @@ def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "") ->
     return None  # (a CSV from before settings were recorded has nothing to compare with)
 
 
+@dataclass(frozen=True)
+class GridOptions:
+    """How a grid trains its cells, beyond the :class:`EdgeConfig` they share.
+
+    ``epochs`` (when set) replaces the fixed ``steps`` of the config: a cell of N
+    images runs ``max(min_steps, ceil(epochs * N // batch))`` steps, so a 5000-image
+    cell gets ten times the steps of a 500-image one instead of the same 200.
+    ``views`` > 0 shows every image as one of that many fixed views and computes
+    the teacher's logits once per view (:mod:`kd.views`); 0 augments afresh every
+    step and runs the teacher every step.  ``val_size`` > 0 holds out a fixed,
+    class-balanced validation slice of the training split (no edge subset draws
+    from it) and records each cell's accuracy there.  ``mode``: ``static`` trains
+    each size from its start; ``incremental`` trains size s from the student of
+    the previous size, on all s images (the accumulated stream); ``incremental-new``
+    likewise on the new images only; both carry T (so Eq. 17's n) over.
+    ``workers`` > 1 trains cells in that many processes of ``threads`` threads each.
+    """
+
+    epochs: Optional[float] = None
+    min_steps: int = 0
+    views: int = 0
+    val_size: int = 0
+    mode: str = "static"
+    workers: int = 1
+    threads: Optional[int] = None
+
+    def steps_for(self, base: EdgeConfig, images: int) -> int:
+        if self.epochs is None:
+            return base.steps
+        per_epoch = max(1, images // min(base.batch, images))
+        return max(self.min_steps, math.ceil(self.epochs * per_epoch))
+
+    def settings(self) -> dict:
+        """The options that change what a cell computes, as kept in ``.settings.json`` (only when not the default,
+        so grids made before they existed still compare equal)."""
+        out = {}
+        if self.epochs is not None:
+            out.update(epochs=self.epochs, min_steps=self.min_steps)
+        if self.views:
+            out["views"] = self.views
+        if self.val_size:
+            out["val_size"] = self.val_size
+        return out
+
+
+MODES = ("static", "incremental", "incremental-new")
+
+
 def missing_cells(dataset: str, nets: Iterable[int], sizes: Iterable[int], methods: Iterable[str],
-                  seeds: Iterable[int], csv_path: str) -> list[tuple]:
-    """The grid's cells (net, size, method, seed) not yet in ``csv_path``, in run order."""
+                  seeds: Iterable[int], csv_path: str, mode: str = "static") -> list[tuple]:
+    """The grid's cells (net, size, method, seed) not yet in ``csv_path`` for ``mode``, in run order."""
     done = {_key(r) for r in read_results(csv_path)}
     return [(n, s, m, seed) for n in nets for s in sizes for m in methods for seed in seeds
-            if (dataset, n, s, m, seed) not in done]
+            if (dataset, n, s, m, seed, mode) not in done]
+
+
+def _tasks(cells: list[tuple], mode: str) -> list[tuple]:
+    """Units of work for the workers: one cell each, or (incremental) one chain of sizes per (net, method, seed)."""
+    if mode == "static":
+        return [("cell", cell) for cell in cells]
+    chains = defaultdict(list)
+    for net, size, method, seed in cells:
+        chains[(net, method, seed)].append(size)
+    return [("chain", (key, sorted(sizes))) for key, sizes in chains.items()]
+
+
+class _Context:
+    """What every cell of one grid needs: the data, the teacher (or its logits per view), the options."""
+
+    def __init__(self, data, teacher_state, base, options, chain_dir, device_name_, val_idx, sizes):
+        self.data, self.base, self.options, self.chain_dir = data, base, options, chain_dir
+        self.sizes = sizes  # every size of the grid: an incremental chain passes through them all
+        self.teacher_state, self.val_idx, self.view_cache = teacher_state, val_idx, None
+        self.device_name = device_name_
+        self._teacher = None
+        self.table = None
+        if options.views:
+            from .views import ViewTable
+
+            self.table = ViewTable(len(data.y_train), options.views)
+
+    def device(self):
+        import torch
+
+        return torch.device(self.device_name)
+
+    def teacher(self):
+        if self._teacher is None and self.teacher_state is not None:
+            from models import cloud_net
+
+            model = cloud_net(self.data.channels, 32, self.data.classes)
+            model.load_state_dict(self.teacher_state)
+            self._teacher = model.eval().to(self.device())
+        return self._teacher
+
+    def source(self, method: str, train_idx):
+        """The teacher source of a cell: its views' logits from the cache, or the teacher run every step."""
+        if self.teacher_state is None:
+            return None, None
+        if self.table is None:
+            return None, self.teacher()
+        import torch
+
+        from .teacher_source import PrecomputedLogits
+
+        rows = self.view_cache.rows_of(train_idx)  # (N, K, classes)
+        return PrecomputedLogits(torch.from_numpy(rows.reshape(-1, rows.shape[-1])), self.teacher_state), None
+
+    def subset(self, size: int, seed: int):
+        return balanced_subset(self.data.y_train, size, self.data.classes, seed=seed, exclude=self.val_idx)
+
+
+def _train(ctx: _Context, method: str, net: int, seed: int, train_idx, student=None, temperature=None):
+    config = replace(ctx.base, method=method, net=net, seed=seed, steps=ctx.options.steps_for(ctx.base, len(train_idx)))
+    if temperature is not None:
+        config = replace(config, temperature=min(max(temperature, config.t_min), config.t_max))
+    source, teacher = ctx.source(method, train_idx)
+    result = train_edge(config, ctx.data, train_idx, teacher=teacher, source=source, device=ctx.device(),
+                        student=student, views=ctx.table, val_idx=ctx.val_idx)
+    return config, result
+
+
+def _row(ctx: _Context, net, size, method, seed, config, result, train_images) -> dict:
+    last = result.history[-1] if result.history else {}
+    return {"dataset": ctx.data.name, "net": net, "size": size, "method": method, "seed": seed,
+            "mode": ctx.options.mode, "test_acc": f"{result.test_acc:.4f}",
+            "val_acc": "" if result.val_acc is None else f"{result.val_acc:.4f}",
+            "steps": config.steps, "epochs": f"{config.steps * min(config.batch, train_images) / train_images:.1f}",
+            "train_images": train_images, "seconds": f"{result.seconds:.1f}",
+            "final_T": f"{last.get('T', float('nan')):.3f}", "final_frozen": last.get("frozen", 0),
+            "device": ctx.device_name}
+
+
+def _run_task(ctx: _Context, task, done_sizes=frozenset()):
+    """Train one task; returns its rows (a chain returns one row per size not yet done)."""
+    kind, spec = task
+    if kind == "cell":
+        net, size, method, seed = spec
+        idx = ctx.subset(size, seed)
+        config, result = _train(ctx, method, net, seed, idx)
+        return [_row(ctx, net, size, method, seed, config, result, len(idx))]
+    return _run_chain(ctx, spec)
+
+
+def _run_chain(ctx: _Context, spec) -> list[dict]:
+    """Sizes in order, each from the previous size's student (and T); checkpoints let a rerun resume mid-chain."""
+    import torch
+
+    (net, method, seed), wanted = spec
+    all_sizes = [s for s in sorted(set(wanted) | set(ctx.sizes)) if s <= max(wanted)]
+    rows, student, temperature, previous = [], None, None, np.empty(0, dtype=np.int64)
+    for size in all_sizes:
+        idx = ctx.subset(size, seed)
+        saved = ctx.chain_dir / f"{ctx.data.name}-{ctx.options.mode}-net{net}-{method}-seed{seed}-{size}.pt"
+        if size not in wanted and saved.exists():  # done in an earlier run: continue from its student
+            state = torch.load(saved, map_location="cpu", weights_only=True)
+            from models import edge_net
+
+            student = edge_net(net, ctx.data.channels, 32, ctx.data.classes)
+            student.load_state_dict(state["model"])
+            temperature, previous = state["T"], idx
+            continue
+        train_idx = np.setdiff1d(idx, previous) if ctx.options.mode == "incremental-new" and len(previous) else idx
+        config, result = _train(ctx, method, net, seed, train_idx, student=student, temperature=temperature)
+        student = result.model.cpu()
+        temperature = result.history[-1]["T"] if method in ("aflkd", "ctkd") and result.history else None
+        from models.checkpoint import save_atomic
+
+        ctx.chain_dir.mkdir(parents=True, exist_ok=True)
+        save_atomic({"model": student.state_dict(), "T": temperature}, str(saved))
+        if size in wanted:
+            rows.append(_row(ctx, net, size, method, seed, config, result, len(train_idx)))
+        previous = idx
+    return rows
+
+
+_WORKER: Optional[_Context] = None
+
+
+def _init_worker(ctx: _Context, threads: int) -> None:
+    import torch
+
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = ctx
+
+
+def _worker_task(task):
+    return _run_task(_WORKER, task)
+
+
+class ViewLogitCache:
+    """The teacher's logits of every view of the training images a grid uses, computed once.
+
+    Kept as ``OUT/teacher-views-DIGEST-kK.npz`` (training-split indices and
+    ``(N, K, classes)`` float32 logits) when the teacher is named by a file digest,
+    so a resumed grid and later grids with the same teacher reuse it.
+    """
+
+    def __init__(self, idx: np.ndarray, logits: np.ndarray):
+        self.idx, self.logits = idx, logits
+        self._where = {int(g): i for i, g in enumerate(idx)}
+
+    def rows_of(self, train_idx) -> np.ndarray:
+        return self.logits[[self._where[int(g)] for g in train_idx]]
+
+    @classmethod
+    def build(cls, teacher, data, needed: np.ndarray, table, path: Optional[Path], progress: bool):
+        from .teacher import to_tensor
+        from .views import view_logits
+
+        idx, logits = np.empty(0, dtype=np.int64), np.empty((0, table.views, data.classes), dtype=np.float32)
+        if path is not None and path.exists():
+            kept = np.load(path)
+            idx, logits = kept["idx"], kept["logits"]
+        missing = np.setdiff1d(needed, idx)
+        if len(missing):
+            with tqdm(total=len(missing), desc=f"teacher logits, {table.views} views", unit="image",
+                      disable=not progress) as bar:
+                new = view_logits(teacher, to_tensor(data.x_train[missing], data), missing, table, progress=bar)
+            idx = np.concatenate([idx, missing])
+            logits = np.concatenate([logits, new.numpy()])
+            order = np.argsort(idx)
+            idx, logits = idx[order], logits[order]
+            if path is not None:
+                from models.checkpoint import write_atomic
+
+                write_atomic(str(path), lambda fh: np.savez(fh, idx=idx, logits=logits))
+        return cls(idx, logits)
 
 
 def run_grid(
@@ -127,11 +365,13 @@ def run_grid(
     progress: bool = True,
     teacher_sha256: str = "",
     device=None,
+    options: Optional[GridOptions] = None,
 ) -> list[dict]:
     """Run every missing cell and append it to ``csv_path``; return all rows.
 
     ``device`` (a ``torch.device``; default the CPU) trains each student there and is
-    recorded in the ``device`` column.
+    recorded in the ``device`` column.  ``options`` (:class:`GridOptions`) sets the
+    budget rule, views, validation slice, mode and worker processes.
 
     ``teacher_sha256`` (see :func:`file_digest`) is recorded with the settings.
     The CSV header and the settings are written with the first finished cell, so
@@ -139,90 +379,90 @@ def run_grid(
     """
     import torch
 
+    from .datasets import validation_indices
     from .device import device_name
 
+    options = options or GridOptions()
+    nets, sizes, methods, seeds = list(nets), sorted(sizes), list(methods), list(seeds)
+    if options.mode not in MODES:
+        raise UsageError(f"unknown mode '{options.mode}'; choose from {', '.join(MODES)}")
     device = torch.device("cpu") if device is None else device
-    pending_settings = check_settings(csv_path, base, teacher_sha256)
-    cells = missing_cells(data.name, nets, sizes, methods, seeds, csv_path)
-    fh = writer = None
+    pending_settings = check_settings(csv_path, base, teacher_sha256, options)
+    cells = missing_cells(data.name, nets, sizes, methods, seeds, csv_path, options.mode)
+    if not cells:
+        return read_results(csv_path)
+    val_idx = validation_indices(data.y_train, data.classes, options.val_size)
+    uses_teacher = any(m != "baseline" for m in methods)
+    if uses_teacher and teacher is None:
+        raise UsageError(f"methods {', '.join(m for m in methods if m != 'baseline')} need a cloud teacher (--teacher)")
+    state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()} if uses_teacher else None
+    cache = None
+    ctx = _Context(data, state, base, options, Path(csv_path).parent / "chains", device_name(device), val_idx, sizes)
+    if options.views and uses_teacher:
+        needed = np.unique(np.concatenate([ctx.subset(max(sizes), seed) for seed in seeds]))
+        path = (Path(csv_path).parent / f"teacher-views-{teacher_sha256}-k{options.views}.npz") if teacher_sha256 else None
+        cache = ViewLogitCache.build(teacher.eval().to(device), data, needed, ctx.table, path, progress)
+        ctx.view_cache = cache
+    tasks = _tasks(cells, options.mode)
+    writer = _RowWriter(csv_path, pending_settings)
     try:
-        for net, size, method, seed in tqdm(cells, desc=f"{data.name} grid", disable=not progress):
-            idx = balanced_subset(data.y_train, size, data.classes, seed=seed)
-            config = replace(base, method=method, net=net, seed=seed)
-            result = train_edge(config, data, idx, teacher, device=device)
-            last = result.history[-1] if result.history else {}
-            if fh is None:
-                Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-                fresh = pending_settings is not None  # no cell yet (perhaps a header-only file): start it over
-                if not fresh:
-                    _add_missing_columns(csv_path)
-                fh = open(csv_path, "w" if fresh else "a", newline="")
-                writer = csv.DictWriter(fh, fieldnames=FIELDS)
-                if fresh:
-                    Path(csv_path).with_suffix(".settings.json").write_text(json.dumps(pending_settings, indent=1)
-                                                                            + "\n")
-                    writer.writeheader()
-            writer.writerow({"dataset": data.name, "net": net, "size": size, "method": method, "seed": seed,
-                             "test_acc": f"{result.test_acc:.4f}", "seconds": f"{result.seconds:.1f}",
-                             "final_T": f"{last.get('T', float('nan')):.3f}", "final_frozen": last.get("frozen", 0),
-                             "device": device_name(device)})
-            fh.flush()
+        with tqdm(total=len(cells), desc=f"{data.name} grid", unit="cell", disable=not progress) as bar:
+            if options.workers <= 1:
+                for task in tasks:
+                    for row in _run_task(ctx, task):
+                        writer.write(row)
+                        bar.update()
+            else:
+                _run_parallel(ctx, tasks, options, writer, bar)
     finally:
-        if fh is not None:
-            fh.close()
+        writer.close()
     return read_results(csv_path)
 
 
-def _means(rows: list[dict]) -> dict:
-    acc = defaultdict(list)
-    for r in rows:
-        acc[(r["dataset"], r["method"], int(r["net"]), int(r["size"]))].append(float(r["test_acc"]))
-    return {k: sum(v) / len(v) for k, v in acc.items()}
+def _run_parallel(ctx, tasks, options, writer, bar) -> None:
+    """Tasks in ``options.workers`` spawned processes (fresh interpreters: no OpenMP state shared over fork)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
+    with ProcessPoolExecutor(options.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(ctx, threads)) as pool:
+        futures = [pool.submit(_worker_task, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                for row in future.result():
+                    writer.write(row)
+                    bar.update()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
-def markdown_table(rows: list[dict], dataset: str) -> str:
-    """Rows ``Method (Edge network k)``, columns sizes; test accuracy in %, mean over seeds."""
-    means = _means([r for r in rows if r["dataset"] == dataset])
-    sizes = sorted({k[3] for k in means})
-    lines = [f"| {dataset} | " + " | ".join(str(s) for s in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]
-    methods = sorted({k[1] for k in means}, key=lambda m: ["baseline", "sslf", "kd", "ctkd", "aflkd"].index(m)
-                     if m in ("baseline", "sslf", "kd", "ctkd", "aflkd") else 9)
-    for method in methods:
-        for net in sorted({k[2] for k in means if k[1] == method}):
-            cells = [f"{100 * means[(dataset, method, net, s)]:.1f}" if (dataset, method, net, s) in means else "–"
-                     for s in sizes]
-            lines.append(f"| {method.upper() if method != 'baseline' else 'Baseline'} (Edge network{net}) | "
-                         + " | ".join(cells) + " |")
-    return "\n".join(lines)
+class _RowWriter:
+    """Appends finished rows to the CSV at once (header and settings with the first), flushed per row."""
 
+    def __init__(self, csv_path: str, pending_settings: Optional[dict]):
+        self.path, self.pending = csv_path, pending_settings
+        self.fh = self.writer = None
 
-def plot_accuracy(rows: list[dict], dataset: str, path: str, title: Optional[str] = None) -> None:
-    """Accuracy against training-set size, one line per method and net (like Fig. 7)."""
-    import matplotlib
+    def write(self, row: dict) -> None:
+        if self.fh is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            fresh = self.pending is not None  # no cell yet (perhaps a header-only file): start it over
+            if not fresh:
+                _add_missing_columns(self.path)
+            self.fh = open(self.path, "w" if fresh else "a", newline="")
+            self.writer = csv.DictWriter(self.fh, fieldnames=FIELDS)
+            if fresh:
+                Path(self.path).with_suffix(".settings.json").write_text(json.dumps(self.pending, indent=1) + "\n")
+                self.writer.writeheader()
+        self.writer.writerow(row)
+        self.fh.flush()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    means = _means([r for r in rows if r["dataset"] == dataset])
-    fig, ax = plt.subplots(figsize=(9, 5))
-    styles = {1: ":", 2: "--", 3: "-"}  # line style says the net, colour says the method
-    colours = {"baseline": "tab:gray", "sslf": "tab:blue", "kd": "tab:green", "ctkd": "tab:purple",
-               "aflkd": "tab:red"}
-    order = [m for m in colours if m in {k[1] for k in means}] + sorted({k[1] for k in means} - set(colours))
-    for method in order:
-        for net in sorted({k[2] for k in means if k[1] == method}):
-            points = sorted((k[3], v) for k, v in means.items() if k[1] == method and k[2] == net)
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], styles.get(net, "-"), marker="o",
-                    color=colours.get(method), label=f"{method} (edge net {net})")
-    ax.set_xlabel("training images")
-    ax.set_ylabel("test accuracy (%), full test split")
-    ax.set_title(title or f"{dataset}: edge accuracy against training-set size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
 
 
 def epoch_time_by_frozen(data: ImageArrays, teacher, net: int, size: int, steps: int, base: EdgeConfig,

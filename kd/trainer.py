@@ -76,6 +76,7 @@ class EdgeResult:
     seconds: float
     history: list = field(default_factory=list)  # per epoch: step, T, frozen, epoch seconds
     model: Optional[nn.Module] = None
+    val_acc: Optional[float] = None  # on the validation slice, when one was given
 
 
 def _student(config: EdgeConfig, data: ImageArrays) -> nn.Sequential:
@@ -102,6 +103,8 @@ def train_edge(
     progress: bool = False,
     device: Optional[torch.device] = None,
     student: Optional[nn.Sequential] = None,
+    views=None,
+    val_idx: Optional[np.ndarray] = None,
 ) -> EdgeResult:
     """Train student ``config.net`` on ``data.x_train[train_idx]``; accuracy on the full test split.
 
@@ -109,6 +112,10 @@ def train_edge(
     (wrapped in a :class:`LocalTeacher`).  ``student`` continues training a given
     student instead of starting one as the method says (incremental updates).
     ``device`` trains there (default: the CPU); the source's logits are moved to it.
+    ``views`` (a :class:`kd.views.ViewTable`) shows each image as one of its fixed
+    views; the source is then indexed by ``row * K + view`` (see :mod:`kd.views`).
+    ``val_idx`` (training-split indices, disjoint from ``train_idx``) also measures
+    accuracy there, for choices that must not look at the test split.
     """
     device = torch.device("cpu") if device is None else device
     method = make_method(config).to(device)
@@ -134,7 +141,12 @@ def train_edge(
     optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     schedule = one_cycle(optimizer, [config.lr] + [g["lr"] for g in extra], config.steps, pct_start=0.2)
     scaler = grad_scaler(device)
-    batches = BatchStream(x_train, config.batch, config.seed)
+    if views is None:
+        batches = BatchStream(x_train, config.batch, config.seed)
+    else:
+        from .views import ViewBatchStream
+
+        batches = ViewBatchStream(x_train, train_idx, views, config.batch, config.seed)
     history, step, start = [], 0, time.perf_counter()
     bar = tqdm(total=config.steps, desc=f"{config.method} edge net {config.net}", unit="step", disable=not progress)
     try:
@@ -148,7 +160,7 @@ def train_edge(
                 rows = batches.rows(step)
                 xb, yb = batches.images(step, rows), y_train[rows].to(device)
                 if method.distils:
-                    source.start(step, rows, xb)  # the cloud computes while the student runs forward
+                    source.start(step, batches.keys(step, rows), xb)  # the cloud computes while the student runs forward
                 with autocast(device):
                     logits = _forward(student, xb.to(device, non_blocking=True), prefix)
                 teacher_logits = source.logits(step).to(device) if method.distils else None
@@ -170,4 +182,8 @@ def train_edge(
             source.close()
     x_test, y_test = to_tensor(data.x_test, data), torch.from_numpy(data.y_test)
     accuracy = evaluate(student, x_test, y_test, eval_batch)
-    return EdgeResult(accuracy, time.perf_counter() - start, history, student)
+    val_acc = None
+    if val_idx is not None and len(val_idx):
+        val_acc = evaluate(student, to_tensor(data.x_train[val_idx], data), torch.from_numpy(data.y_train[val_idx]),
+                           eval_batch)
+    return EdgeResult(accuracy, time.perf_counter() - start, history, student, val_acc)

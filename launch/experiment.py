@@ -42,13 +42,28 @@ def add_parser(sub) -> None:
                      help="training-subset sizes (images)")
     acc.add_argument("--methods", type=_methods, default="baseline,sslf,aflkd,kd", help="methods to compare")
     acc.add_argument("--seeds", type=options.int_list, default="0", help="seeds (one cell per seed)")
-    options.student_options(acc)
+    _budget_options(acc)
     acc.add_argument("--out", required=True, metavar="FOLDER",
                      help="folder for accuracy-DATASET.csv/.md/.png (created if missing; required)")
-    acc.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
-    options.device_option(acc, "students train and the teacher runs")
-    acc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _run_options(acc)
     acc.set_defaults(func=_accuracy)
+
+    conv = what.add_parser(
+        "converge",
+        help="the convergence check: the grid at --epochs and at twice that, side by side",
+        description="Trains the grid twice, at --epochs (and --min-steps) and at double both, into OUT/epochs-E and "
+        "OUT/epochs-2E (each resumable), and writes OUT/convergence-DATASET.md: every cell's mean test accuracy at "
+        "both budgets and the largest change. A schedule that has converged moves no cell by more than a point.",
+    )
+    options.data_options(conv, teacher=True)
+    conv.add_argument("--nets", type=options.edge_nets, default="1,3", help="edge nets")
+    conv.add_argument("--sizes", type=options.int_list, default="500,2000", help="training-subset sizes (images)")
+    conv.add_argument("--methods", type=_methods, default="baseline,sslf,aflkd", help="methods")
+    conv.add_argument("--seeds", type=options.int_list, default="0", help="seeds")
+    _budget_options(conv)
+    conv.add_argument("--out", required=True, metavar="FOLDER", help="folder for both grids and the table (required)")
+    _run_options(conv)
+    conv.set_defaults(func=_converge)
 
     ft = what.add_parser(
         "frozen-time",
@@ -68,41 +83,116 @@ def add_parser(sub) -> None:
     ft.set_defaults(func=_frozen_time)
 
 
+def _budget_options(parser) -> None:
+    """Student settings, the training budget and how cells run: shared by ``accuracy`` and ``converge``."""
+    options.student_options(parser)
+    parser.add_argument("--epochs", type=options.positive_float, default=None,
+                        help="train each cell this many epochs over its images instead of a fixed --steps "
+                        "(a cell of N images runs max(--min-steps, epochs * N // 64) steps)")
+    parser.add_argument("--min-steps", type=options.non_negative_int, default=0,
+                        help="with --epochs: the fewest steps any cell runs (tiny subsets)")
+    parser.add_argument("--views", type=options.non_negative_int, default=0,
+                        help="fixed augmented views per image; the teacher's logits are computed once per view "
+                        "and looked up (0: fresh crops and flips every step, the teacher run every step)")
+    parser.add_argument("--val", type=options.non_negative_int, default=0, metavar="N",
+                        help="hold out a fixed class-balanced slice of N training images: no cell trains on it, "
+                        "every cell reports accuracy there (val_acc) for choices that must not look at test")
+    parser.add_argument("--mode", default="static", choices=["static", "incremental", "incremental-new"],
+                        help="static: each size trained from the start; incremental: size s from the student of "
+                        "the previous size on all s images, T carried over (the paper's Alg. 1-2); "
+                        "incremental-new: the same on the new images only")
+
+
+def _run_options(parser) -> None:
+    parser.add_argument("--workers", type=options.positive_int, default=1,
+                        help="train cells in this many processes at once (each with --threads threads)")
+    parser.add_argument("--threads", type=options.threads, default=None,
+                        help="torch threads per process (default: the cores divided among --workers)")
+    options.device_option(parser, "students train and the teacher runs")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _grid_options(args):
+    from kd.experiments import GridOptions
+
+    if args.epochs is None and args.min_steps:
+        raise UsageError("--min-steps needs --epochs (with a fixed --steps every cell runs exactly that many)")
+    return GridOptions(epochs=args.epochs, min_steps=args.min_steps, views=args.views, val_size=args.val,
+                       mode=args.mode, workers=args.workers, threads=args.threads)
+
+
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
 
 
-def _accuracy(args) -> int:
+def _run_grid(args, folder, grid_options) -> tuple[list, str]:
+    """One grid into ``folder``: refused settings and bad sizes before any training; returns (rows, CSV stem)."""
     from kd.datasets import load_dataset
     from kd.device import pick_device
-    from kd.experiments import (check_settings, file_digest, markdown_table, missing_cells, plot_accuracy,
-                                read_results, run_grid)
+    from kd.experiments import check_settings, file_digest, missing_cells, read_results, run_grid
     from kd.trainer import EdgeConfig
 
-    folder = options.prepare_folder(args.out, "--out")
     data = load_dataset(args.dataset, args.data_root)
-    options.check_student_options(args.sizes, data, "--sizes")
+    options.check_student_options([s + grid_options.val_size for s in args.sizes], data,
+                                  "--sizes (plus --val)" if grid_options.val_size else "--sizes")
     teacher = load_teacher(args, data) if any(m != "baseline" for m in args.methods) else None
     base = EdgeConfig("baseline", 1, steps=args.steps, t_rule=args.t_rule, unit=args.unit)
     stem = str(folder / f"accuracy-{args.dataset}")
     digest = file_digest(options.teacher_path(args)) if teacher is not None else ""
-    check_settings(stem + ".csv", base, digest)  # refused here, before the plan is printed
-    todo = missing_cells(data.name, args.nets, args.sizes, args.methods, args.seeds, stem + ".csv")
+    check_settings(stem + ".csv", base, digest, grid_options)  # refused here, before the plan is printed
+    todo = missing_cells(data.name, args.nets, args.sizes, args.methods, args.seeds, stem + ".csv", grid_options.mode)
     device = pick_device(args.device)
     teacher = teacher.to(device) if teacher is not None else None
-    print(f"{len(todo)} cell(s) to train, {len(read_results(stem + '.csv'))} already in {stem}.csv "
-          f"({args.steps} steps each)", flush=True)
+    budget = (f"{args.steps} steps each" if grid_options.epochs is None else
+              ", ".join(f"{s} images: {grid_options.steps_for(base, s)} steps" for s in args.sizes))
+    print(f"{len(todo)} cell(s) to train ({grid_options.mode}), {len(read_results(stem + '.csv'))} already in "
+          f"{stem}.csv; {budget}", flush=True)
     rows = run_grid(data, teacher, args.nets, args.sizes, args.methods, args.seeds, stem + ".csv", base,
-                    progress=not args.no_progress, teacher_sha256=digest, device=device)
+                    progress=not args.no_progress, teacher_sha256=digest, device=device, options=grid_options)
     if not rows:
         raise UsageError(f"no cells in {stem}.csv")
-    table = markdown_table(rows, data.name)
+    return rows, stem
+
+
+def _accuracy(args) -> int:
+    from kd.grid_report import markdown_table, ordering_report, plot_accuracy
+
+    folder = options.prepare_folder(args.out, "--out")
+    grid_options = _grid_options(args)
+    rows, stem = _run_grid(args, folder, grid_options)
+    text = []
+    for mode in sorted({r.get("mode") or "static" for r in rows}):
+        text += [f"### {args.dataset}, {mode}: test accuracy %, mean ± sd over seeds (the paper's figure)", "",
+                 markdown_table(rows, args.dataset, mode), "", "Orderings on means:", "",
+                 ordering_report(rows, args.dataset, mode), ""]
     with open(stem + ".md", "w") as fh:
-        fh.write(table + "\n")
-    plot_accuracy(rows, data.name, stem + ".png")
-    print(table)
+        fh.write("\n".join(text))
+    plot_accuracy(rows, args.dataset, stem + ".png", mode=grid_options.mode)
+    print("\n".join(text))
     print(f"wrote {stem}.csv, {stem}.md, {stem}.png")
+    return 0
+
+
+def _converge(args) -> int:
+    """The grid at --epochs and at twice that, side by side: a schedule has converged if doubling moves no cell much."""
+    from dataclasses import replace
+
+    from kd.grid_report import budget_comparison
+
+    if args.epochs is None:
+        raise UsageError("experiment converge needs --epochs (the budget to double)")
+    folder = options.prepare_folder(args.out, "--out")
+    grid_options = _grid_options(args)
+    doubled = replace(grid_options, epochs=2 * grid_options.epochs, min_steps=2 * grid_options.min_steps)
+    rows, _ = _run_grid(args, folder / f"epochs-{args.epochs:g}", grid_options)
+    rows2, _ = _run_grid(args, folder / f"epochs-{2 * args.epochs:g}", doubled)
+    table, worst = budget_comparison(rows, rows2, args.dataset)
+    text = (f"{args.dataset}: test accuracy % at {args.epochs:g} epochs (min {args.min_steps} steps) and at twice "
+            f"that, mean over seeds {','.join(map(str, args.seeds))}\n\n{table}\n\nlargest change: {worst:.1f} points\n")
+    path = folder / f"convergence-{args.dataset}.md"
+    path.write_text(text)
+    print(text + f"wrote {path}")
     return 0
 
 
