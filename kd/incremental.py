@@ -46,7 +46,7 @@ from runtime.errors import UsageError
 
 from .buffer import Buffer
 
-__all__ = ["Fault", "UpdateRecord", "reconcile", "run_updates", "save_student", "read_student", "file_sha256", "HEADER",
+__all__ = ["Fault", "UpdateRecord", "reconcile", "run_updates", "update_student", "save_student", "read_student", "file_sha256", "HEADER",
            "TAG_HEADER", "TAG_DATA",
            "CloudLink", "serve_cloud", "KIND_REQUEST", "KIND_HEARTBEAT", "KIND_BYE", "KIND_REPLY"]
 
@@ -211,6 +211,40 @@ def run_updates(buffer: Buffer, student: str, cloud, update: Update, increment: 
 
 
 # ---------------------------------------------------------------------- the exchange over MPI
+def update_student(config, data, state: dict, images: np.ndarray, logits: np.ndarray, generation: int,
+                   device=None, progress: bool = False, wrap_source: Optional[Callable] = None):
+    """One incremental update: the student in ``state`` trained on cloud-labelled ``images``.
+
+    The cloud's argmax is the label (the paper takes the cloud's output as the true
+    label) and its logits the soft target; T is learnt and Eq. 17 freezes as in the
+    initial training.  ``wrap_source(source, config)`` may wrap the logits' source
+    (the whole system's core-allocation controller).  Returns the new state (CPU
+    tensors), a summary, and the source used.
+    """
+    from dataclasses import replace
+
+    from models import edge_net
+
+    from .datasets import ImageArrays
+    from .teacher_source import PrecomputedLogits
+    from .trainer import train_edge
+
+    student = edge_net(config.net, data.channels, 32, data.classes)
+    student.load_state_dict(state)
+    batch = ImageArrays(data.name, images, logits.argmax(1).astype(np.int64), data.x_test, data.y_test,
+                        data.classes, data.mean, data.std)
+    config = replace(config, seed=config.seed + generation)
+    source = PrecomputedLogits(torch.from_numpy(logits))
+    if wrap_source is not None:
+        source = wrap_source(source, config)
+    result = train_edge(config, batch, np.arange(len(images)), source=source, progress=progress, device=device,
+                        student=student)
+    last = result.history[-1]
+    info = {"test_acc": result.test_acc, "seconds": round(result.seconds, 2), "final_T": round(last["T"], 4),
+            "final_frozen": last["frozen"], "steps": config.steps}
+    return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}, info, source
+
+
 def _wait(requests: list, timeout_s: float, what: str) -> None:
     from runtime import stream
 

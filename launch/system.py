@@ -350,31 +350,17 @@ class ControlledUpdate:
         self.policy, self.cores, self.cost = policy, cores, cost
 
     def __call__(self, state: dict, images, logits, generation: int):
-        from dataclasses import replace
-
-        import numpy as np
-        import torch
-
-        from kd.datasets import ImageArrays
-        from kd.teacher_source import PrecomputedLogits
-        from kd.trainer import train_edge
-        from models import edge_net
+        from kd.incremental import update_student
         from scheduling.controller import controlled
 
-        student = edge_net(self.config.net, self.data.channels, 32, self.data.classes)
-        student.load_state_dict(state)
-        batch = ImageArrays(self.data.name, images, logits.argmax(1).astype(np.int64), self.data.x_test,
-                            self.data.y_test, self.data.classes, self.data.mean, self.data.std)
-        config = replace(self.config, seed=self.config.seed + generation)
-        source = controlled(PrecomputedLogits(torch.from_numpy(logits)), self.policy, self.cores, config.steps,
-                            self.cost)
-        result = train_edge(config, batch, np.arange(len(images)), source=source, progress=False,
-                            device=self.device, student=student)
-        last = result.history[-1]
-        info = {"test_acc": result.test_acc, "seconds": round(result.seconds, 2), "final_T": round(last["T"], 4),
-                "final_frozen": last["frozen"], "steps": config.steps, "replans": len(source.ctl.replans),
-                "cores": self.cores, "comm_cores": [list(r["comm_cores"]) for r in source.ctl.log if "comm_cores" in r]}
-        return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}, info
+        def wrap(source, config):
+            return controlled(source, self.policy, self.cores, config.steps, self.cost)
+
+        state, info, source = update_student(self.config, self.data, state, images, logits, generation,
+                                             device=self.device, wrap_source=wrap)
+        info.update(replans=len(source.ctl.replans), cores=self.cores,
+                    comm_cores=[list(r["comm_cores"]) for r in source.ctl.log if "comm_cores" in r])
+        return state, info
 
 
 def _test_accuracy(args, data, state: dict) -> float:

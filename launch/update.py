@@ -334,25 +334,11 @@ class AflkdUpdate:
         self.config, self.data, self.device, self.progress = config, data, device, progress
 
     def __call__(self, state: dict, images, logits, generation: int):
-        import numpy as np
-        import torch
+        from kd.incremental import update_student
 
-        from kd.datasets import ImageArrays
-        from kd.teacher_source import PrecomputedLogits
-        from kd.trainer import train_edge
-        from models import edge_net
-
-        student = edge_net(self.config.net, self.data.channels, 32, self.data.classes)
-        student.load_state_dict(state)
-        batch = ImageArrays(self.data.name, images, logits.argmax(1).astype(np.int64), self.data.x_test,
-                            self.data.y_test, self.data.classes, self.data.mean, self.data.std)
-        config = replace(self.config, seed=self.config.seed + generation)
-        result = train_edge(config, batch, np.arange(len(images)), source=PrecomputedLogits(torch.from_numpy(logits)),
-                            progress=self.progress, device=self.device, student=student)
-        last = result.history[-1]
-        info = {"test_acc": result.test_acc, "seconds": round(result.seconds, 2), "final_T": round(last["T"], 4),
-                "final_frozen": last["frozen"], "steps": config.steps}
-        return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}, info
+        state, info, _ = update_student(self.config, self.data, state, images, logits, generation,
+                                        device=self.device, progress=self.progress)
+        return state, info
 
 
 def _edge_config(args):
