@@ -1,4 +1,4 @@
-"""``aflkd schedule``: the edge-KD core-allocation planner (paper 002) in simulation, checked, and profiled.
+"""``aflkd schedule``: the edge-KD core-allocation planner (the edge-KD paper) in simulation, checked, and profiled.
 
 * ``simulate``: the paper's Fig. 5 -- total time of N Comm/Forward/Backward cycles
   for each core count and Comp:Comm ratio, with the exact planner, priority
@@ -326,7 +326,7 @@ def _profile(args) -> int:
 
 
 def add_parser(sub) -> None:
-    sched = sub.add_parser("schedule", help="core allocation between logit reception and training (paper 002)",
+    sched = sub.add_parser("schedule", help="core allocation between logit reception and training (the edge-KD paper)",
                            description=__doc__, epilog=EPILOG, formatter_class=options.ExamplesFormatter)
     what = sched.add_subparsers(dest="what", metavar="WHAT", parser_class=options.Parser)
     sched.set_defaults(func=lambda args: (sched.print_help(), 2)[1])

@@ -26,7 +26,7 @@ CLOUD, EDGE = 0, 1
 
 ABOUT = """\
 The edge appends collected, unlabelled images to a durable buffer (one SQLite file, rollback
-journal, synchronous=FULL: an image is acknowledged only once its transaction is on disk).
+journal, synchronous=EXTRA: an image is acknowledged only once its transaction is on disk).
 A sample moves pending -> labelled (the cloud's logits stored beside it, one transaction
 per batch) -> consumed (the batch trained the student; one transaction records the batch
 consumed together with the student's generation number and sha256). When the buffer holds

@@ -1,1 +1,1 @@
-"""Cost models and core-allocation planners for edge KD (paper 002)."""
+"""Cost models and core-allocation planners for edge KD (the edge-KD paper)."""

@@ -1,4 +1,4 @@
-"""The core-allocation controller on an edge training rank (paper 002, Sec. II-III, Fig. 3), applied for real.
+"""The core-allocation controller on an edge training rank (the edge-KD paper, Sec. II-III, Fig. 3), applied for real.
 
 What is pinned, and why
 -----------------------

@@ -1,7 +1,7 @@
 """The paper's cost models f (computation) and g (communication), Eq. 3-4, and their fits.
 
 In both functions ``c`` is the number of cores given to *communication*
-(paper 002, Sec. III-A): the rest of the ``c_total`` cores compute.
+(the edge-KD paper, Sec. III-A): the rest of the ``c_total`` cores compute.
 
 * ``f(x, c) = a1*x / (1 - a2*c)``: time to compute workload ``x`` (e.g. batches of
   forward or backward) while ``c`` cores are taken by communication; ``c = 0``

@@ -1,4 +1,4 @@
-"""Exact core-allocation planner for N cycles of Comm, Forward, Backward (paper 002, Sec. III-IV).
+"""Exact core-allocation planner for N cycles of Comm, Forward, Backward (the edge-KD paper, Sec. III-IV).
 
 Decision model ("rounds", the paper's Eq. 5 and Eq. 13 made precise)
 ---------------------------------------------------------------------
