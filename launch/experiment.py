@@ -88,7 +88,7 @@ def _budget_options(parser) -> None:
     options.student_options(parser)
     parser.add_argument("--epochs", type=options.positive_float, default=None,
                         help="train each cell this many epochs over its images instead of a fixed --steps "
-                        "(a cell of N images runs max(--min-steps, epochs * N // 64) steps)")
+                        "(a cell of N images runs max(--min-steps, epochs * N // 64) steps) (default: none, --steps per cell)")
     parser.add_argument("--min-steps", type=options.non_negative_int, default=0,
                         help="with --epochs: the fewest steps any cell runs (tiny subsets)")
     parser.add_argument("--views", type=options.non_negative_int, default=0,
@@ -97,10 +97,11 @@ def _budget_options(parser) -> None:
     parser.add_argument("--val", type=options.non_negative_int, default=0, metavar="N",
                         help="hold out a fixed class-balanced slice of N training images: no cell trains on it, "
                         "every cell reports accuracy there (val_acc) for choices that must not look at test")
-    parser.add_argument("--mode", default="static", choices=["static", "incremental", "incremental-new"],
-                        help="static: each size trained from the start; incremental: size s from the student of "
-                        "the previous size on all s images, T carried over (the paper's Alg. 1-2); "
-                        "incremental-new: the same on the new images only")
+    parser.add_argument("--mode", default="incremental", choices=["incremental", "incremental-new", "static"],
+                        help="incremental (the paper's experiment: 500 initial images, then updates as data "
+                        "arrives): size s trains from the student of the previous size, on all s images, with T "
+                        "(so Eq. 17's n) carried over; incremental-new: the same on the new images only (Alg. 2 "
+                        "read literally); static: every size trained from its start")
 
 
 def _run_options(parser) -> None:
@@ -188,7 +189,7 @@ def _converge(args) -> int:
     rows, _ = _run_grid(args, folder / f"epochs-{args.epochs:g}", grid_options)
     rows2, _ = _run_grid(args, folder / f"epochs-{2 * args.epochs:g}", doubled)
     table, worst = budget_comparison(rows, rows2, args.dataset)
-    text = (f"{args.dataset}: test accuracy % at {args.epochs:g} epochs (min {args.min_steps} steps) and at twice "
+    text = (f"{args.dataset}: accuracy % (validation slice where the grid holds one) at {args.epochs:g} epochs (min {args.min_steps} steps) and at twice "
             f"that, mean over seeds {','.join(map(str, args.seeds))}\n\n{table}\n\nlargest change: {worst:.1f} points\n")
     path = folder / f"convergence-{args.dataset}.md"
     path.write_text(text)

@@ -199,7 +199,7 @@ def test_grid_with_five_steps_and_no_header_only_csv_on_failure(tiny_data, teach
                  "--sizes", "30", "--methods", "baseline,aflkd", "--steps", "5", "--out", str(out),
                  "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "2 cell(s) to train, 0 already in" in text
+    assert "2 cell(s) to train (incremental), 0 already in" in text
     assert len((out / "accuracy-cifar10.csv").read_text().splitlines()) == 3
 
 

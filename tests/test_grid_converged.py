@@ -158,4 +158,9 @@ def test_budget_comparison_reports_the_largest_change():
     b = _rows([(1, 500, "aflkd", 0, 0.505), (1, 500, "baseline", 0, 0.43)])
     table, worst = budget_comparison(a, b, "cifar10")
     assert worst == pytest.approx(3.0)
-    assert "| baseline (1) | 500 | 10 | 40.0 | 10 | 43.0 | +3.0 |" in table
+    assert "| baseline (1) | 500 | 10 | 40.0 | 10 | 43.0 | +3.0 | +3.0 |" in table
+    for r, v in zip(a + b, (0.52, 0.41, 0.52, 0.40)):  # with a validation slice it is judged there
+        r["val_acc"] = str(v)
+    table, worst = budget_comparison(a, b, "cifar10")
+    assert worst == pytest.approx(1.0) and "| validation % |" in table
+    assert "| baseline (1) | 500 | 10 | 41.0 | 10 | 40.0 | -1.0 | +3.0 |" in table
