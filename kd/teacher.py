@@ -302,20 +302,25 @@ def step_throughput(model: nn.Module, shape: tuple[int, int, int], classes: int,
             "median_s": median, "images_per_s": batch / median}
 
 
+SELECTED_BY_NONE = "none: the command's last epoch, the test split read once after training"
+
+
 def record_teacher(csv_path: str, dataset: str, test_acc: float, epochs: Optional[int], command: str,
-                   device: str = "") -> None:
+                   device: str = "", selected_by: str = SELECTED_BY_NONE) -> None:
     """Add or replace the row for ``dataset`` in ``results/teachers.csv`` (``epochs`` None: left blank).
 
-    ``device`` says what made the row (rows from before the column existed keep it blank)."""
+    ``device`` says what made the row (rows from before the column existed keep it blank);
+    ``selected_by`` how the checkpoint was chosen (a command's own output involves no choice)."""
     path = Path(csv_path)
     rows = []
     if path.exists():
         with open(path, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r["dataset"] != dataset]
     rows.append({"dataset": dataset, "test_acc": f"{test_acc:.4f}", "epochs": "" if epochs is None else str(epochs),
-                 "command": command, "device": device})
+                 "command": command, "device": device, "selected_by": selected_by})
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["dataset", "test_acc", "epochs", "command", "device"])
+        writer = csv.DictWriter(fh, fieldnames=["dataset", "test_acc", "epochs", "command", "device", "selected_by"],
+                                restval="")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["dataset"]))

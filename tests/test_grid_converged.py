@@ -164,3 +164,22 @@ def test_budget_comparison_reports_the_largest_change():
     table, worst = budget_comparison(a, b, "cifar10")
     assert worst == pytest.approx(1.0) and "| validation % |" in table
     assert "| baseline (1) | 500 | 10 | 41.0 | 10 | 40.0 | -1.0 | +3.0 |" in table
+
+
+def test_teachers_csv_says_how_each_teacher_was_selected(tmp_path):
+    from kd.teacher import SELECTED_BY_NONE, record_teacher
+
+    path = tmp_path / "teachers.csv"
+    record_teacher(str(path), "cifar10", 0.9, 18, "aflkd train cloud ...", selected_by="validation slice: epoch 17")
+    record_teacher(str(path), "cifar100", 0.7, 30, "aflkd train cloud ...")
+    rows = {r["dataset"]: r for r in csv.DictReader(open(path))}
+    assert rows["cifar10"]["selected_by"] == "validation slice: epoch 17"
+    assert rows["cifar100"]["selected_by"] == SELECTED_BY_NONE
+
+
+def test_the_shipped_teachers_selection_is_stated():
+    from pathlib import Path
+
+    rows = list(csv.DictReader(open(Path(__file__).resolve().parents[1] / "results" / "teachers.csv")))
+    assert {r["dataset"] for r in rows} == {"cifar10", "cifar100", "fashion-mnist"}
+    assert all(r["selected_by"] for r in rows)
