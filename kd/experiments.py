@@ -276,13 +276,15 @@ def _run_chain(ctx: _Context, spec) -> list[dict]:
     for size in all_sizes:
         idx = ctx.subset(size, seed)
         saved = ctx.chain_dir / f"{ctx.data.name}-{ctx.options.mode}-net{net}-{method}-seed{seed}-{size}.pt"
-        if size not in wanted and saved.exists():  # done in an earlier run: continue from its student
+        if saved.exists():  # trained in an earlier run (perhaps cut off before its row reached the CSV): go on from it
             state = torch.load(saved, map_location="cpu", weights_only=True)
             from models import edge_net
 
             student = edge_net(net, ctx.data.channels, 32, ctx.data.classes)
             student.load_state_dict(state["model"])
             temperature, previous = state["T"], idx
+            if size in wanted:
+                rows.append(json.loads(state["row"]))
             continue
         train_idx = np.setdiff1d(idx, previous) if ctx.options.mode == "incremental-new" and len(previous) else idx
         config, result = _train(ctx, method, net, seed, train_idx, student=student, temperature=temperature)
@@ -290,10 +292,11 @@ def _run_chain(ctx: _Context, spec) -> list[dict]:
         temperature = result.history[-1]["T"] if method in ("aflkd", "ctkd") and result.history else None
         from models.checkpoint import save_atomic
 
+        row = _row(ctx, net, size, method, seed, config, result, len(train_idx))
         ctx.chain_dir.mkdir(parents=True, exist_ok=True)
-        save_atomic({"model": student.state_dict(), "T": temperature}, str(saved))
+        save_atomic({"model": student.state_dict(), "T": temperature, "row": json.dumps(row)}, str(saved))
         if size in wanted:
-            rows.append(_row(ctx, net, size, method, seed, config, result, len(train_idx)))
+            rows.append(row)
         previous = idx
     return rows
 

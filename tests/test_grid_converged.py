@@ -107,6 +107,8 @@ def test_incremental_chain_carries_the_student_and_resumes(tmp_path, monkeypatch
         writer = csv.DictWriter(fh, fieldnames=experiments.FIELDS)
         writer.writeheader()
         writer.writerows(kept)
+    for last in (tmp_path / "chains").glob("*-60.pt"):  # cut off while training the last size
+        last.unlink()
     calls = []
     real = experiments.train_edge
 
@@ -183,3 +185,12 @@ def test_the_shipped_teachers_selection_is_stated():
     rows = list(csv.DictReader(open(Path(__file__).resolve().parents[1] / "results" / "teachers.csv")))
     assert {r["dataset"] for r in rows} == {"cifar10", "cifar100", "fashion-mnist"}
     assert all(r["selected_by"] for r in rows)
+
+
+def test_a_chain_cut_off_before_its_rows_were_written_resumes_without_retraining(tmp_path, monkeypatch):
+    options = GridOptions(mode="incremental", views=2)
+    rows = _grid(tmp_path, options, sizes=(30, 45), methods=("aflkd",))
+    (tmp_path / "acc.csv").unlink()  # the rows are lost, the chain's saved students are not
+    monkeypatch.setattr(experiments, "train_edge", lambda *a, **k: pytest.fail("trained again"))
+    again = _grid(tmp_path, options, sizes=(30, 45), methods=("aflkd",))
+    assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
