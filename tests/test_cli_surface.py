@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from launch.cli import build_parser, main
+from tests.signals import sigint_as_from_a_terminal
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -278,7 +279,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         "sys.exit(main(['bench', 'train-step', '--steps', '1']))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+                          preexec_fn=sigint_as_from_a_terminal)
     assert proc.returncode == 130, proc.stderr  # 128 + SIGINT, the shell's convention
     assert proc.stderr.strip() == "aflkd: interrupted"
 
@@ -316,7 +318,8 @@ def test_ctrl_c_during_aflkd_test_stops_the_run_it_started(tmp_path):
         "    sys.exit(130)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=REPO, env=env,
+                          preexec_fn=sigint_as_from_a_terminal)
     assert proc.returncode == 130, proc.stderr
     child = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
+from tests.signals import sigint_as_from_a_terminal
 from launch.hostfile import check_hostfile, read_hostfile
 from launch.launcher import (detect_flavour, flavour_from_version, inner_command, local_only, mpiexec_argv,
                              venv_bin)
@@ -190,7 +191,8 @@ def test_ctrl_c_ends_mpiexec_and_exits_130(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "launch", "--topology",
                              str(HOSTFILES / "local-2x1.toml"), "--mpi", "mpich", "--mpiexec", fake,
                              "--hostfile-dir", str(tmp_path), "--", "aflkd", "ranks"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=sigint_as_from_a_terminal)
     assert proc.stdout.readline().strip() == "started"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
