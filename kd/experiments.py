@@ -217,7 +217,7 @@ class _Context:
             self._teacher = model.eval().to(self.device())
         return self._teacher
 
-    def source(self, method: str, train_idx):
+    def source(self, train_idx):
         """The teacher source of a cell: its views' logits from the cache, or the teacher run every step."""
         if self.teacher_state is None:
             return None, None
@@ -238,7 +238,7 @@ def _train(ctx: _Context, method: str, net: int, seed: int, train_idx, student=N
     config = replace(ctx.base, method=method, net=net, seed=seed, steps=ctx.options.steps_for(ctx.base, len(train_idx)))
     if temperature is not None:
         config = replace(config, temperature=min(max(temperature, config.t_min), config.t_max))
-    source, teacher = ctx.source(method, train_idx)
+    source, teacher = ctx.source(train_idx)
     result = train_edge(config, ctx.data, train_idx, teacher=teacher, source=source, device=ctx.device(),
                         student=student, views=ctx.table, val_idx=ctx.val_idx)
     return config, result
@@ -255,7 +255,7 @@ def _row(ctx: _Context, net, size, method, seed, config, result, train_images) -
             "device": ctx.device_name}
 
 
-def _run_task(ctx: _Context, task, done_sizes=frozenset()):
+def _run_task(ctx: _Context, task):
     """Train one task; returns its rows (a chain returns one row per size not yet done)."""
     kind, spec = task
     if kind == "cell":
