@@ -169,9 +169,13 @@ def _accuracy(args) -> int:
                  ordering_report(rows, args.dataset, mode), ""]
     with open(stem + ".md", "w") as fh:
         fh.write("\n".join(text))
-    plot_accuracy(rows, args.dataset, stem + ".png", mode=grid_options.mode)
+    modes = sorted({r.get("mode") or "static" for r in rows})
+    plot_accuracy(rows, args.dataset, stem + ".png", mode=grid_options.mode if len(modes) > 1 else None)
+    for mode in modes if len(modes) > 1 else []:  # a folder holding several modes: one plot each as well
+        plot_accuracy(rows, args.dataset, f"{stem}-{mode}.png", mode=mode,
+                      title=f"{args.dataset}, {mode}: edge accuracy against training-set size")
     print("\n".join(text))
-    print(f"wrote {stem}.csv, {stem}.md, {stem}.png")
+    print(f"wrote {stem}.csv, {stem}.md, {stem}.png" + "".join(f", {stem}-{m}.png" for m in modes if len(modes) > 1))
     return 0
 
 
