@@ -192,7 +192,11 @@ def _converge(args) -> int:
     doubled = replace(grid_options, epochs=2 * grid_options.epochs, min_steps=2 * grid_options.min_steps)
     rows, _ = _run_grid(args, folder / f"epochs-{args.epochs:g}", grid_options)
     rows2, _ = _run_grid(args, folder / f"epochs-{2 * args.epochs:g}", doubled)
-    table, worst = budget_comparison(rows, rows2, args.dataset)
+    def this_grid(row_list):  # the folder may hold other seeds, modes or cells (a larger grid): compare these only
+        return [r for r in row_list if int(r["seed"]) in args.seeds and (r.get("mode") or "static") == args.mode
+                and int(r["net"]) in args.nets and int(r["size"]) in args.sizes and r["method"] in args.methods]
+
+    table, worst = budget_comparison(this_grid(rows), this_grid(rows2), args.dataset)
     text = (f"{args.dataset}: accuracy % (validation slice where the grid holds one) at {args.epochs:g} epochs (min {args.min_steps} steps) and at twice "
             f"that, mean over seeds {','.join(map(str, args.seeds))}\n\n{table}\n\nlargest change: {worst:.1f} points\n")
     path = folder / f"convergence-{args.dataset}.md"

@@ -2,6 +2,7 @@
 incremental chains, worker processes, and the mean ± sd report -- each against an independent computation."""
 import csv
 import math
+import re
 
 import numpy as np
 import pytest
@@ -194,3 +195,29 @@ def test_a_chain_cut_off_before_its_rows_were_written_resumes_without_retraining
     monkeypatch.setattr(experiments, "train_edge", lambda *a, **k: pytest.fail("trained again"))
     again = _grid(tmp_path, options, sizes=(30, 45), methods=("aflkd",))
     assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
+
+
+def test_converge_compares_only_its_own_cells(tmp_path, monkeypatch, capsys):
+    """Regression: the budget folder also held other seeds and modes, and they were averaged in."""
+    import kd.datasets
+    from launch.cli import main
+    from models import save_atomic
+
+    from dataclasses import replace
+
+    monkeypatch.setattr(kd.datasets, "load_dataset", lambda name, root, download=False: replace(tiny(n=90), name=name))
+    teacher = tmp_path / "t.pt"
+    save_atomic(cloud_net(3, 32, 3).state_dict(), str(teacher))
+    common = ["--dataset", "cifar10", "--teacher", str(teacher), "--nets", "1", "--sizes", "30", "--methods",
+              "baseline", "--epochs", "1", "--min-steps", "2", "--mode", "static", "--no-progress"]
+    assert main(["experiment", "accuracy", *common, "--seeds", "1", "--out", str(tmp_path / "c" / "epochs-1")]) == 0
+    first = tmp_path / "c" / "epochs-1" / "accuracy-cifar10.csv"
+    first.write_text(re.sub(r",static,0\.\d+,", ",static,0.9900,", first.read_text()))  # seed 1: far from seed 0
+    assert main(["experiment", "converge", *common, "--seeds", "0", "--out", str(tmp_path / "c")]) == 0
+    rows = {(r["seed"]): r for r in read_results(str(tmp_path / "c" / "epochs-1" / "accuracy-cifar10.csv"))}
+    doubled = read_results(str(tmp_path / "c" / "epochs-2" / "accuracy-cifar10.csv"))
+    assert set(rows) == {"0", "1"} and len(doubled) == 1 and rows["1"]["test_acc"] == "0.9900"
+    text = (tmp_path / "c" / "convergence-cifar10.md").read_text()
+    seed0 = 100 * float(rows["0"]["test_acc"])
+    row = next(line for line in text.splitlines() if line.startswith("| baseline (1) |"))
+    assert row.split(" | ")[3] == f"{seed0:.1f}"  # the seed-0 cell alone, not the mean with seed 1
