@@ -270,6 +270,9 @@ def _run_chain(ctx: _Context, spec) -> list[dict]:
     """Sizes in order, each from the previous size's student (and T); checkpoints let a rerun resume mid-chain."""
     import torch
 
+    from models import edge_net
+    from models.checkpoint import save_atomic
+
     (net, method, seed), wanted = spec
     all_sizes = [s for s in sorted(set(wanted) | set(ctx.sizes)) if s <= max(wanted)]
     rows, student, temperature, previous = [], None, None, np.empty(0, dtype=np.int64)
@@ -278,8 +281,6 @@ def _run_chain(ctx: _Context, spec) -> list[dict]:
         saved = ctx.chain_dir / f"{ctx.data.name}-{ctx.options.mode}-net{net}-{method}-seed{seed}-{size}.pt"
         if saved.exists():  # trained in an earlier run (perhaps cut off before its row reached the CSV): go on from it
             state = torch.load(saved, map_location="cpu", weights_only=True)
-            from models import edge_net
-
             student = edge_net(net, ctx.data.channels, 32, ctx.data.classes)
             student.load_state_dict(state["model"])
             temperature, previous = state["T"], idx
@@ -290,8 +291,6 @@ def _run_chain(ctx: _Context, spec) -> list[dict]:
         config, result = _train(ctx, method, net, seed, train_idx, student=student, temperature=temperature)
         student = result.model.cpu()
         temperature = result.history[-1]["T"] if method in ("aflkd", "ctkd") and result.history else None
-        from models.checkpoint import save_atomic
-
         row = _row(ctx, net, size, method, seed, config, result, len(train_idx))
         ctx.chain_dir.mkdir(parents=True, exist_ok=True)
         save_atomic({"model": student.state_dict(), "T": temperature, "row": json.dumps(row)}, str(saved))
@@ -325,11 +324,10 @@ class ViewLogitCache:
     """
 
     def __init__(self, idx: np.ndarray, logits: np.ndarray):
-        self.idx, self.logits = idx, logits
-        self._where = {int(g): i for i, g in enumerate(idx)}
+        self.idx, self.logits = idx, logits  # idx sorted: a lookup is a binary search
 
     def rows_of(self, train_idx) -> np.ndarray:
-        return self.logits[[self._where[int(g)] for g in train_idx]]
+        return self.logits[np.searchsorted(self.idx, train_idx)]
 
     @classmethod
     def build(cls, teacher, data, needed: np.ndarray, table, path: Optional[Path], progress: bool):
