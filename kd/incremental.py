@@ -21,8 +21,8 @@ student file that is none of these (replaced by hand, another buffer's) is refus
 
 The cloud is anything with ``logits(images) -> (n, classes) float32``; over MPI it is
 :class:`CloudLink` (edge side) and :func:`serve_cloud` (cloud side), on the buffer
-API of :mod:`runtime.stream`.  Every wait on the peer is bounded (``timeout_s``,
-else :class:`runtime.stream.PeerTimeout`): sizes travel first as a small int64
+API of :mod:`runtime.transport`.  Every wait on the peer is bounded (``timeout_s``,
+else :class:`runtime.transport.PeerTimeout`): sizes travel first as a small int64
 header, then the contiguous uint8 images or float32 logits; while the edge trains,
 a thread sends a heartbeat header every ``timeout_s / 4`` s, so the cloud can tell
 "busy" from "dead or stalled"; the cloud does the same to the edge while its teacher
@@ -246,24 +246,24 @@ def update_student(config, data, state: dict, images: np.ndarray, logits: np.nda
 
 
 def _wait(requests: list, timeout_s: float, what: str) -> None:
-    from runtime import stream
+    from runtime import transport
 
-    stream.wait_or_raise(requests, timeout_s, what)
+    transport.wait_or_raise(requests, timeout_s, what)
 
 
 def _send_header(comm, dest: int, timeout_s: float, what: str, *values: int) -> None:
-    from runtime import stream
+    from runtime import transport
 
     header = torch.zeros(HEADER, dtype=torch.int64)
     header[: len(values)] = torch.tensor(values, dtype=torch.int64)
-    _wait([stream.isend(comm, header, dest, TAG_HEADER)], timeout_s, what)
+    _wait([transport.isend(comm, header, dest, TAG_HEADER)], timeout_s, what)
 
 
 def _heartbeats(send_heartbeat: Callable[[], None], timeout_s: float):
-    """:func:`runtime.stream.heartbeats` (kept under this name for the tests and callers here)."""
-    from runtime import stream
+    """:func:`runtime.transport.heartbeats` (kept under this name for the tests and callers here)."""
+    from runtime import transport
 
-    return stream.heartbeats(send_heartbeat, timeout_s)
+    return transport.heartbeats(send_heartbeat, timeout_s)
 
 
 class CloudLink:
@@ -276,16 +276,16 @@ class CloudLink:
         _send_header(self.comm, self.cloud, self.timeout_s, f"the cloud rank {self.cloud} took no message", *values)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        from runtime import stream
+        from runtime import transport
 
         n, h, w, c = images.shape
         self._send_header(KIND_REQUEST, n, h, w, c)
         pixels = torch.from_numpy(np.ascontiguousarray(images))
-        _wait([stream.isend(self.comm, pixels, self.cloud, TAG_DATA)], self.timeout_s,
+        _wait([transport.isend(self.comm, pixels, self.cloud, TAG_DATA)], self.timeout_s,
               f"the cloud rank {self.cloud} took none of {n} images")
         reply = torch.zeros(HEADER, dtype=torch.int64)
         while True:  # the cloud sends heartbeats while it labels, then the reply
-            _wait([stream.irecv(self.comm, reply, self.cloud, TAG_HEADER)], self.timeout_s,
+            _wait([transport.irecv(self.comm, reply, self.cloud, TAG_HEADER)], self.timeout_s,
                   f"the cloud rank {self.cloud} sent no logits (nor a heartbeat) for {n} images")
             if int(reply[0]) != KIND_HEARTBEAT:
                 break
@@ -293,7 +293,7 @@ class CloudLink:
         if kind != KIND_REPLY or count != n:
             raise UsageError(f"the cloud rank {self.cloud} answered {reply.tolist()}, not logits of {n} images")
         logits = torch.empty(count, classes, dtype=torch.float32)
-        _wait([stream.irecv(self.comm, logits, self.cloud, TAG_DATA)], self.timeout_s,
+        _wait([transport.irecv(self.comm, logits, self.cloud, TAG_DATA)], self.timeout_s,
               f"the cloud rank {self.cloud} sent no logits for {n} images")
         return logits.numpy()
 
@@ -313,12 +313,12 @@ def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarr
     request, a heartbeat or bye at least every ``timeout_s / 4`` s while it lives, and this
     rank sends the edge heartbeats while ``logits_of`` runs (the reply header ends them).
     """
-    from runtime import stream
+    from runtime import transport
 
     served = 0
     while True:
         header = torch.zeros(HEADER, dtype=torch.int64)
-        _wait([stream.irecv(comm, header, edge_rank, TAG_HEADER)], timeout_s,
+        _wait([transport.irecv(comm, header, edge_rank, TAG_HEADER)], timeout_s,
               f"the edge rank {edge_rank} sent no request, heartbeat or goodbye")
         kind = int(header[0])
         if kind == KIND_HEARTBEAT:
@@ -329,7 +329,7 @@ def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarr
             raise UsageError(f"the edge rank {edge_rank} sent an unknown message {header.tolist()}")
         n, h, w, c = (int(v) for v in header[1:5])
         pixels = torch.empty(n, h, w, c, dtype=torch.uint8)
-        _wait([stream.irecv(comm, pixels, edge_rank, TAG_DATA)], timeout_s,
+        _wait([transport.irecv(comm, pixels, edge_rank, TAG_DATA)], timeout_s,
               f"the edge rank {edge_rank} sent none of the {n} images it announced")
         with _heartbeats(lambda: _send_header(comm, edge_rank, timeout_s, f"the edge rank {edge_rank} took no "
                                               "heartbeat", KIND_HEARTBEAT), timeout_s):  # a slow teacher is not dead
@@ -337,7 +337,7 @@ def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarr
         logits = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
         reply = torch.zeros(HEADER, dtype=torch.int64)
         reply[:3] = torch.tensor([KIND_REPLY, n, logits.shape[1]])
-        _wait([stream.isend(comm, reply, edge_rank, TAG_HEADER), stream.isend(comm, logits, edge_rank, TAG_DATA)],
+        _wait([transport.isend(comm, reply, edge_rank, TAG_HEADER), transport.isend(comm, logits, edge_rank, TAG_DATA)],
               timeout_s, f"the edge rank {edge_rank} took no logits")
         served += n
         log(f"cloud: labelled {n} images for the edge rank {edge_rank}")

@@ -88,7 +88,7 @@ def open_edge(comm, cloud: int, job: EdgeJob, data: ImageArrays, timeout_s: floa
     to every rank as the job's :class:`UsageError`.
     """
     from models import edge_net
-    from runtime import stream
+    from runtime import transport
 
     _check_ranks(comm, cloud)
     config = job.config
@@ -105,18 +105,18 @@ def open_edge(comm, cloud: int, job: EdgeJob, data: ImageArrays, timeout_s: floa
              "classes": data.classes, "shape": _input_shape(data), "train_idx": np.asarray(job.train_idx),
              "digest": subset_digest(data, job.train_idx), "layers": layers, "wire": str(job.wire),
              "run_ahead": job.run_ahead, "batches": batches}
-    private = stream.dup(comm)
+    private = transport.dup(comm)
     try:
-        request = stream.send_object(private, hello, cloud, HELLO)
-        verdict = stream.recv_object_by(private, cloud, VERDICT, time.monotonic() + timeout_s,
+        request = transport.send_object(private, hello, cloud, HELLO)
+        verdict = transport.recv_object_by(private, cloud, VERDICT, time.monotonic() + timeout_s,
                                         f"cloud rank {cloud} answered no set-up message within {timeout_s:g} s "
                                         "(--timeout): it died or stalled")
         request.wait()
     except BaseException:
-        stream.free(private)
+        transport.free(private)
         raise
     if verdict["problem"] is not None:
-        stream.free(private)
+        transport.free(private)
         raise UsageError(verdict["problem"])
     batch = min(config.batch, len(job.train_idx))  # as BatchStream: full batches only
     source = StreamedTeacher(private, cloud, config.steps, batch, data.classes, job.wire, job.run_ahead,
@@ -153,14 +153,14 @@ def open_cloud(comm, cloud: int, teacher: Optional[nn.Module], data: Optional[Im
     dataset the edges draw their subsets from.  ``problem`` (a teacher that
     would not load, say) becomes every rank's :class:`UsageError`.
     """
-    from runtime import stream
+    from runtime import transport
 
     _check_ranks(comm, cloud)
-    private = stream.dup(comm)
+    private = transport.dup(comm)
     try:
         edges = [r for r in range(comm.Get_size()) if r != cloud]
         deadline = time.monotonic() + timeout_s
-        hellos = [stream.recv_object_by(private, r, HELLO, deadline,
+        hellos = [transport.recv_object_by(private, r, HELLO, deadline,
                                         f"edge rank {r} sent no set-up message within {timeout_s:g} s "
                                         "(--timeout): it died or stalled") for r in edges]
         classes = shape = None
@@ -185,14 +185,14 @@ def open_cloud(comm, cloud: int, teacher: Optional[nn.Module], data: Optional[Im
             if weights is not None:
                 layers = set(h["layers"])
                 mine = {k: v for k, v in weights.items() if k.split(".")[0] in layers}
-            requests.append(stream.send_object(private, {"problem": problem, "weights": mine}, h["rank"], VERDICT))
-        if not stream.wait_by(requests, time.monotonic() + timeout_s):
+            requests.append(transport.send_object(private, {"problem": problem, "weights": mine}, h["rank"], VERDICT))
+        if not transport.wait_by(requests, time.monotonic() + timeout_s):
             raise EdgeLost(f"an edge rank took no set-up answer within {timeout_s:g} s (--timeout): it died or stalled")
     except BaseException:
-        stream.free(private)
+        transport.free(private)
         raise
     if problem is not None:
-        stream.free(private)
+        transport.free(private)
         raise UsageError(problem)
     return Cloud(private, cloud, LocalTeacher(teacher), data, hellos, timeout_s)
 
@@ -230,11 +230,11 @@ class Cloud:
 
     def serve(self, progress: bool = False) -> list[dict]:
         """Answer credits until every edge has all its batches; per edge: rank, steps, bytes sent, wire."""
-        from runtime import stream
+        from runtime import transport
 
         active = [e for e in self.edges if e.steps > 0]
         for e in active:
-            e.credit_request = stream.irecv(self.comm, e.credit, e.rank, CREDIT)
+            e.credit_request = transport.irecv(self.comm, e.credit, e.rank, CREDIT)
         bar = tqdm(total=sum(e.steps for e in self.edges), desc=f"cloud rank {self.rank}", unit="batch",
                    disable=not progress)
         deadline = time.monotonic() + self.timeout_s
@@ -246,7 +246,7 @@ class Cloud:
                         continue
                     self._answer(e, int(e.credit[0]))
                     if e.served < e.steps:
-                        e.credit_request = stream.irecv(self.comm, e.credit, e.rank, CREDIT)
+                        e.credit_request = transport.irecv(self.comm, e.credit, e.rank, CREDIT)
                     else:
                         e.credit_request = None
                         active.remove(e)
@@ -259,9 +259,9 @@ class Cloud:
                     raise EdgeLost(f"edge rank(s) {ranks} asked for no batch within {self.timeout_s:g} s "
                                    "(--timeout): died or stalled")
                 else:
-                    time.sleep(stream.POLL_S)
+                    time.sleep(transport.POLL_S)
             pending = [r for e in self.edges for r in e.sends if r is not None]
-            if not stream.wait_by(pending, time.monotonic() + self.timeout_s):
+            if not transport.wait_by(pending, time.monotonic() + self.timeout_s):
                 raise EdgeLost(f"an edge rank took no logits within {self.timeout_s:g} s (--timeout): "
                                "died or stalled")
         finally:
@@ -271,12 +271,12 @@ class Cloud:
 
     def _answer(self, edge: _Edge, step: int) -> None:
         """Rebuild ``edge``'s batch ``step``, run the teacher, send the encoded logits."""
-        from runtime import stream
+        from runtime import transport
 
         if step != edge.served:
             raise RuntimeError(f"edge rank {edge.rank} asked for batch {step}, expected {edge.served}")
         slot = step % edge.run_ahead
-        if edge.sends[slot] is not None and not stream.wait_by([edge.sends[slot]],
+        if edge.sends[slot] is not None and not transport.wait_by([edge.sends[slot]],
                                                                time.monotonic() + self.timeout_s):
             raise EdgeLost(f"edge rank {edge.rank} took no logits within {self.timeout_s:g} s (--timeout): "
                            "died or stalled")
@@ -286,13 +286,13 @@ class Cloud:
         logits = self.teacher.logits(step)
         self.teacher_s += time.perf_counter() - began
         edge.slots[slot].copy_(edge.wire.encode(logits))
-        edge.sends[slot] = stream.isend(self.comm, edge.slots[slot], edge.rank, LOGITS)
+        edge.sends[slot] = transport.isend(self.comm, edge.slots[slot], edge.rank, LOGITS)
         edge.served += 1
         edge.bytes_sent += edge.nbytes
 
     def close(self) -> None:
-        from runtime import stream
+        from runtime import transport
 
-        stream.cancel([e.credit_request for e in self.edges if e.credit_request is not None])
-        stream.cancel([r for e in self.edges for r in e.sends if r is not None])
-        stream.free(self.comm)
+        transport.cancel([e.credit_request for e in self.edges if e.credit_request is not None])
+        transport.cancel([r for e in self.edges for r in e.sends if r is not None])
+        transport.free(self.comm)

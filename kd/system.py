@@ -23,7 +23,7 @@ executor and only then enters image ``k``'s split pass; a pass is one synchronou
 call that no message can interrupt.  So all inference ranks serve image ``k`` with
 the same generation, images ``< k`` with the old one.
 
-Every wait on a peer is bounded by ``timeout_s`` (:class:`runtime.stream.PeerTimeout`).
+Every wait on a peer is bounded by ``timeout_s`` (:class:`runtime.transport.PeerTimeout`).
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from runtime import comm as mpi
-from runtime import stream
+from runtime import transport as mpi
+from runtime import transport
 from runtime.errors import UsageError
 
 __all__ = ["flatten_state", "load_flat", "Served", "serve_images", "send_weights", "send_done", "alive",
@@ -69,9 +69,9 @@ def load_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
 
 def _wait(requests: list, timeout_s: float, what: str) -> None:
     """Bounded wait on a collective (``Ibcast``): MPI cannot cancel one, so unlike
-    :func:`runtime.stream.wait_or_raise` (used for every point-to-point wait here) it only raises."""
-    if not stream.wait_by(requests, time.monotonic() + timeout_s):
-        raise stream.PeerTimeout(f"{what} within {timeout_s:g} s (--timeout): it died or stalled")
+    :func:`runtime.transport.wait_or_raise` (used for every point-to-point wait here) it only raises."""
+    if not transport.wait_by(requests, time.monotonic() + timeout_s):
+        raise transport.PeerTimeout(f"{what} within {timeout_s:g} s (--timeout): it died or stalled")
 
 
 # ---------------------------------------------------------------------- trainer side
@@ -79,14 +79,14 @@ def send_weights(comm, dest: int, generation: int, state: dict, timeout_s: float
     """The trainer: one header ``[KIND_WEIGHTS, generation, n]`` then the flat weights (bounded)."""
     flat = flatten_state(state).contiguous()
     head = torch.tensor([KIND_WEIGHTS, generation, flat.numel(), 0], dtype=torch.int64)
-    stream.wait_or_raise([stream.isend(comm, head, dest, TAG_W_HEAD), stream.isend(comm, flat, dest, TAG_W_DATA)],
+    transport.wait_or_raise([transport.isend(comm, head, dest, TAG_W_HEAD), transport.isend(comm, flat, dest, TAG_W_DATA)],
                          timeout_s,
           f"the inference root (rank {dest}) took no weights of generation {generation}")
 
 
 def send_done(comm, dest: int, generation: int, timeout_s: float) -> None:
     head = torch.tensor([KIND_DONE, generation, 0, 0], dtype=torch.int64)
-    stream.wait_or_raise([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
+    transport.wait_or_raise([transport.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
                          f"the inference root (rank {dest}) took no end-of-updates message")
 
 
@@ -95,9 +95,9 @@ def alive(comm, dest: int, timeout_s: float):
     inference root every ``timeout_s / 4`` s, so the root can tell a busy trainer from a dead or stalled one."""
     def beat() -> None:
         head = torch.tensor([KIND_ALIVE, 0, 0, 0], dtype=torch.int64)
-        stream.wait_or_raise([stream.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
+        transport.wait_or_raise([transport.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
                              f"the inference root (rank {dest}) took no heartbeat")
-    return stream.heartbeats(beat, timeout_s, name="aflkd-system-alive")
+    return transport.heartbeats(beat, timeout_s, name="aflkd-system-alive")
 
 
 # ---------------------------------------------------------------------- inference side
@@ -171,13 +171,13 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
             # between images only: is a message from the trainer waiting? (the first image must have weights)
             if first or (not done and mpi.iprobe(world, trainer, TAG_W_HEAD)):
                 head = torch.zeros(HEAD, dtype=torch.int64)
-                stream.wait_or_raise([stream.irecv(world, head, trainer, TAG_W_HEAD)], timeout_s,
+                transport.wait_or_raise([transport.irecv(world, head, trainer, TAG_W_HEAD)], timeout_s,
                                      f"the training rank {trainer} sent no student")
                 arrived = time.monotonic()
                 last_heard = arrived
                 if int(head[0]) == KIND_WEIGHTS:
                     flat = torch.empty(int(head[2]), dtype=torch.float64)
-                    stream.wait_or_raise([stream.irecv(world, flat, trainer, TAG_W_DATA)], timeout_s,
+                    transport.wait_or_raise([transport.irecv(world, flat, trainer, TAG_W_DATA)], timeout_s,
                                          f"the training rank {trainer} sent no weights of generation {int(head[1])}")
                     kind, new_gen = KIND_SWAP, int(head[1])
                 elif int(head[0]) == KIND_ALIVE:
@@ -191,7 +191,7 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
                 else:
                     raise UsageError(f"the training rank sent an unknown header {head.tolist()}")
             elif not done and time.monotonic() - last_heard > timeout_s:
-                raise stream.PeerTimeout(f"the training rank {trainer} sent nothing for {timeout_s:g} s (--timeout): "
+                raise transport.PeerTimeout(f"the training rank {trainer} sent nothing for {timeout_s:g} s (--timeout): "
                                          "it died or stalled")
             if kind == KIND_SERVE and done and k >= min_images and used_since_swap > 0:
                 kind = KIND_STOP

@@ -143,17 +143,17 @@ class StreamedTeacher(TeacherSource):
         self.owns_comm = False  # free ``comm`` on close (it was made for this stream)
 
     def start(self, step, sample_idx, images):
-        from runtime import stream
+        from runtime import transport
 
         if step != self._taken:
             raise ValueError(f"streamed logits are taken in step order: expected step {self._taken}, got {step}")
         while self._next < min(step + self.run_ahead, self.steps):
             s, slot = self._next, self._next % self.run_ahead
-            self._recv[s] = stream.irecv(self.comm, self._slots[slot], self.cloud, self.LOGITS)
+            self._recv[s] = transport.irecv(self.comm, self._slots[slot], self.cloud, self.LOGITS)
             if self._credit_req[slot] is not None:  # a one-integer eager send: long done
                 self._wait([self._credit_req[slot]], f"took no request for step {s - self.run_ahead}")
             self._credits[slot][0] = s
-            self._credit_req[slot] = stream.isend(self.comm, self._credits[slot], self.cloud, self.CREDIT)
+            self._credit_req[slot] = transport.isend(self.comm, self._credits[slot], self.cloud, self.CREDIT)
             self._next += 1
 
     def logits(self, step):
@@ -167,16 +167,16 @@ class StreamedTeacher(TeacherSource):
         return self.wire.decode(self._slots[step % self.run_ahead], self.batch, self.classes)
 
     def _wait(self, requests: list, what: str) -> None:
-        from runtime import stream
+        from runtime import transport
 
-        stream.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
+        transport.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
 
     def close(self):
-        from runtime import stream
+        from runtime import transport
 
-        stream.cancel(list(self._recv.values()))
-        stream.cancel([r for r in self._credit_req if r is not None])
+        transport.cancel(list(self._recv.values()))
+        transport.cancel([r for r in self._credit_req if r is not None])
         self._recv.clear()
         if self.owns_comm:
             self.owns_comm = False
-            stream.free(self.comm)
+            transport.free(self.comm)

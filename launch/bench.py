@@ -55,6 +55,7 @@ def add_parser(sub) -> None:
     layers.add_argument("--plot", default=None, metavar="PNG",
                         help="draw per-layer bars, split vs unsplit (default: not drawn; folders are created)")
     layers.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    options.deadline_option(layers)
     layers.set_defaults(func=_layers, sets_own_threads=True)
 
     step = what.add_parser(
@@ -178,19 +179,45 @@ def _save_random_weights(args) -> str:
     return path
 
 
+def deployment_fingerprint(args, ranks: int, *files: str) -> str:
+    """A digest of what a rank's plan is made from: the options that shape it, the rank count, torch's
+    version and the content of the files it reads (a topology, a profile, a checkpoint).  Equal on every
+    rank, or the job refuses (:func:`runtime.transport.agree_on`)."""
+    import hashlib
+
+    import torch
+
+    fields = {k: v for k, v in sorted(vars(args).items())
+              if k not in ("func", "command_line", "json", "csv", "plot", "no_progress", "threads", "deadline")
+              and isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+    digest = hashlib.sha256(repr((fields, ranks, torch.__version__)).encode())
+    for path in files:
+        if path:
+            try:
+                with open(path, "rb") as fh:
+                    digest.update(hashlib.sha256(fh.read()).digest())
+            except OSError as err:
+                digest.update(f"unreadable {path}: {err.strerror}".encode())
+    return digest.hexdigest()[:16]
+
+
 def _layers(args) -> int:
     from mpi4py import MPI
 
     from runtime.benchmark import bench_layers
-    from runtime.comm import abort_on_uncaught_exception
+    from runtime.transport import abort_on_uncaught_exception
 
     from .ranks import default_threads, on_root_then_bcast, set_threads
+
+    from runtime import transport
 
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exception(comm)
     options.check_weights(args.weights, comm.Get_size())
     outputs = (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot))
     on_root_then_bcast(comm, lambda: [options.prepare_output(path, option) for option, path in outputs])
+    # what every rank builds from its own files and torch must be the same: checked before any image moves
+    transport.agree_on(comm, deployment_fingerprint(args, comm.Get_size()), "deployment (net, options, torch)")
     threads = args.threads or default_threads(comm)
     set_threads(threads)
     checkpoint, temporary = args.checkpoint, None

@@ -5,9 +5,11 @@ Each group lives in its own module (``bench``, ``train``, ``experiment``,
 shared defaults and checks live in :mod:`launch.options`.  Run MPI commands
 under ``mpiexec -n P aflkd ...``; every rank parses the same arguments, rank 0
 prints.  Bad input prints one ``aflkd: error: ...`` line and every rank exits
-with status 2; Ctrl-C prints ``aflkd: interrupted`` and exits with 130; an
-unexpected exception on any rank of an MPI command aborts the whole job (no
-rank waits forever for a dead peer).
+with status 2, also when only one rank found it (a file missing on one board);
+a peer that died or stalled past ``--deadline``, or a message of the wrong
+size, is one line and status 3; Ctrl-C prints ``aflkd: interrupted`` and exits
+with 130; an unexpected exception on any rank of an MPI command aborts the
+whole job with its traceback (no rank waits forever for a dead peer).
 """
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ import argparse
 import os
 import shlex
 import sys
+import time
 from typing import Optional, Sequence
-
-from runtime.errors import UsageError
 
 from . import bench, control, experiment, launcher, options, pipeline, planning, rankcheck, schedule, system, testsuite, train, update
 
@@ -49,35 +50,77 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from runtime.errors import UsageError
+
     try:
         args = build_parser().parse_args(argv)
         # recorded beside results as the command that made them
         args.command_line = "aflkd " + shlex.join(sys.argv[1:] if argv is None else argv)
         options.apply_threads(args)
+        options.apply_deadline(args)
         return args.func(args)
     except UsageError as err:
-        if options.rank() == 0:
-            print(f"aflkd: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return _refuse(err, 2)
     except KeyboardInterrupt:
         if options.rank() == 0:
             print("aflkd: interrupted", file=sys.stderr, flush=True)
         _leave_mpi_job(130)
         return 130
+    except Exception as err:  # noqa: BLE001 -- only the transport's faults; anything else is re-raised
+        transport = sys.modules.get("runtime.transport")
+        if transport is not None and isinstance(err, transport.TransportError):
+            return _refuse(err, 3)
+        raise
 
 
-def _leave_mpi_job(code: int) -> None:
+#: seconds a rank other than 0 waits before printing a fault that every rank may have hit at once:
+#: rank 0 prints first and leaves, and the launcher ends the others before they add a second line
+_NON_ROOT_DELAY_S = 1.0
+
+
+def _refuse(err: Exception, code: int) -> int:
+    """One line for the whole job, then a non-zero exit on every rank.
+
+    An error every rank raised together (validation before MPI starts, or an
+    :class:`~runtime.transport.AgreedError`) is printed by rank 0 and every rank
+    exits normally.  Any other error in a running MPI job may be this rank's
+    alone, with its peers waiting for it in an exchange: it prints the line
+    (naming itself) and leaves without ``MPI_Finalize``, so the launcher ends
+    every other rank at once (MPICH and Open MPI both do on an abnormal exit).
+    """
+    transport = sys.modules.get("runtime.transport")
+    running = transport is not None and transport.is_running_job()
+    agreed = transport is not None and isinstance(err, transport.AgreedError)
+    if not running or agreed:
+        if options.rank() == 0:
+            print(f"aflkd: error: {err}", file=sys.stderr, flush=True)
+        return code
+    text = str(err)
+    rank = options.rank()
+    if rank != 0:
+        time.sleep(_NON_ROOT_DELAY_S)
+    if isinstance(err, transport.TransportError) or text.startswith("rank "):
+        print(f"aflkd: error: {text}", file=sys.stderr, flush=True)
+    else:
+        print(f"aflkd: error: {transport.me()}: {text}", file=sys.stderr, flush=True)
+    _leave_mpi_job(code, grace_s=transport.ABORT_GRACE_S)
+    return code
+
+
+def _leave_mpi_job(code: int, grace_s: float = 0.0) -> None:
     """Exit now, without MPI_Finalize, if this process is one rank of several.
 
     A peer may be blocked in an exchange with this rank, where it never sees its
-    own Ctrl-C; finalizing would wait for it forever.  Leaving at once lets
-    mpiexec end the others.
+    own error or Ctrl-C; finalizing would wait for it forever.  Leaving at once
+    lets mpiexec end the others.  ``grace_s`` lets the launcher forward the
+    last line first.
     """
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() == 1:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    time.sleep(grace_s)
     os._exit(code)
 
 

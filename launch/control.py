@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
 def _control(args) -> int:
     from mpi4py import MPI
 
-    from runtime.comm import abort_on_uncaught_exception
+    from runtime.transport import abort_on_uncaught_exception
 
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exception(comm)
@@ -113,11 +113,11 @@ def _run(comm, args) -> int:
                      "epoch_seconds": epochs, "median_epoch_s": statistics.median(epochs),
                      "train_s": sum(epochs), "logit_wait_s": source.wait_s,
                      "replans": len(ctl.ctl.replans), "test_acc": result.test_acc})
-    from runtime import stream
+    from runtime import transport
     if comm.Get_rank() == 1:
-        stream.send_object(comm, rows, 0, 78).wait()
+        transport.send_object(comm, rows, 0, 78).wait()
         return 0
-    rows = stream.recv_object_by(comm, 1, 78, None, "")
+    rows = transport.recv_object_by(comm, 1, 78, None, "")
     print(f"edge rank 1: {args.net and f'edge net {args.net}'}, {args.steps} steps, {cores} core(s) divided, "
           f"threads before control {threads}")
     print(f"{'policy':>9} {'epochs':>6} {'median epoch s':>14} {'train s':>8} {'logit wait s':>12} {'replans':>7} "

@@ -119,16 +119,16 @@ def _distill(args) -> int:
 
     from kd.streaming import EdgeLost
     from kd.teacher_source import CloudLost
-    from runtime import stream
-    from runtime.comm import abort_on_uncaught_exception
+    from runtime import transport
+    from runtime.transport import abort_on_uncaught_exception
 
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exception(comm)
     try:
         return _run(comm, args)
-    except (CloudLost, EdgeLost, stream.PeerTimeout) as err:
+    except (CloudLost, EdgeLost, transport.PeerTimeout) as err:
         print(f"aflkd: error: rank {comm.Get_rank()}: {err}", file=sys.stderr, flush=True)
-        stream.abort(comm, 3)  # the stalled peer never sees an error: end the whole job
+        transport.abort(comm, 3)  # the stalled peer never sees an error: end the whole job
         return 3
 
 
@@ -140,7 +140,7 @@ def _run(comm, args) -> int:
     from kd.streaming import EdgeJob, _check_ranks, open_cloud, open_edge
     from kd.trainer import EdgeConfig, train_edge
     from models import save_atomic
-    from runtime import stream
+    from runtime import transport
     from scheduling.controller import check_cores, controlled
 
     from .ranks import default_threads, on_root_then_bcast, set_threads
@@ -204,12 +204,12 @@ def _run(comm, args) -> int:
 
 def _collect(comm, mine: dict):
     """Every rank's row on rank 0 (point to point, polled: rank 0 may wait on an edge's evaluation)."""
-    from runtime import stream
+    from runtime import transport
 
     if comm.Get_rank() != 0:
-        stream.send_object(comm, mine, 0, 77).wait()
+        transport.send_object(comm, mine, 0, 77).wait()
         return None
-    rows = [mine] + [stream.recv_object_by(comm, r, 77, None, "") for r in range(1, comm.Get_size())]
+    rows = [mine] + [transport.recv_object_by(comm, r, 77, None, "") for r in range(1, comm.Get_size())]
     return sorted(rows, key=lambda r: r["rank"])
 
 

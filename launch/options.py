@@ -278,6 +278,23 @@ def check_student_options(sizes: Sequence[int], data, size_option: str) -> None:
                          f"got {', '.join(map(str, bad_sizes))}")
 
 
+def deadline_option(parser: argparse.ArgumentParser) -> None:
+    """--deadline, shared by the inference commands that run under mpiexec (see runtime/transport.py)."""
+    parser.add_argument("--deadline", type=positive_float, default=None, metavar="S",
+                        help="seconds any rank waits for another before the job ends with one line naming the "
+                        "rank that died or stalled (default: $AFLKD_DEADLINE, else 30; phases where rank 0 "
+                        "works alone, such as profiling, may last 20 deadlines)")
+
+
+def apply_deadline(args) -> None:
+    """Set the transport's deadline once, for commands that were given --deadline."""
+    value = getattr(args, "deadline", None)
+    if value is not None:
+        from runtime.transport import set_deadline
+
+        set_deadline(value)
+
+
 def apply_threads(args) -> None:
     """Set torch's thread count once, for single-process commands that were given --threads."""
     value = getattr(args, "threads", None)

@@ -70,6 +70,7 @@ def add_bench_parser(what) -> None:
                    help="write the report as JSON (default: not written; folders are created)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="draw each stage's planned and measured time for both cuts (default: not drawn; folders are created)")
+    options.deadline_option(p)
     p.set_defaults(func=_bench)
 
 
@@ -128,7 +129,7 @@ def _bench(args) -> int:
     import torch
     from mpi4py import MPI
 
-    from runtime.comm import abort_on_uncaught_exception, ranks_on_this_host
+    from runtime.transport import abort_on_uncaught_exception, ranks_on_this_host
     from runtime.pipeline_bench import bench_pipeline
 
     comm = MPI.COMM_WORLD
@@ -139,9 +140,26 @@ def _bench(args) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_this_host(comm)))
     else:
         torch.set_num_threads(args.threads)
-    options.prepare_output(args.json, "--json")
-    options.prepare_output(args.plot, "--plot")
-    grid, speeds = _grid_and_speeds(args, comm.Get_size())
+    from runtime import transport
+
+    from .bench import deployment_fingerprint
+    from .topology import topology_path_from_env
+
+    def set_up():  # on every rank, from its own files: a problem on one board is agreed before any image moves
+        options.prepare_output(args.json, "--json")
+        options.prepare_output(args.plot, "--plot")
+        return _grid_and_speeds(args, comm.Get_size())
+
+    problem, grid, speeds = None, None, None
+    try:
+        grid, speeds = set_up()
+    except UsageError as err:
+        problem = str(err)
+    transport.agree(comm, problem, "set-up")
+    topology = args.topology or topology_path_from_env()
+    # the profile is read on rank 0 only; the topology by every rank, so its content must agree
+    transport.agree_on(comm, deployment_fingerprint(args, comm.Get_size(), topology or ""),
+                       "deployment (topology, options, torch)")
     root = comm.Get_rank() == 0
     bandwidth = float("inf") if args.bandwidth is None else args.bandwidth * 1e6
     report = bench_pipeline(comm, _build(args), (args.in_channels, args.size, args.size), grid, speeds, args.images,

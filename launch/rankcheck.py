@@ -58,7 +58,7 @@ def placement_problems(expected: list[str], landed: list[tuple[str, str | None]]
 def _ranks(args) -> int:
     from mpi4py import MPI
 
-    from runtime.comm import abort_on_uncaught_exception, bcast_object, gather_objects
+    from runtime.transport import abort_on_uncaught_exception, bcast_object, gather_objects
 
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exception(comm)

@@ -19,7 +19,7 @@ def default_threads(comm) -> int:
     On a rack of boards each rank has its board to itself; on one host running
     several ranks, oversubscribing the cores would only measure contention.
     """
-    from runtime.comm import ranks_on_this_host
+    from runtime.transport import ranks_on_this_host
 
     local = ranks_on_this_host(comm)
     try:
@@ -39,8 +39,8 @@ def on_root_then_bcast(comm, work: Callable[[], T]) -> T:
 
     A :class:`UsageError` on rank 0 is re-raised on every rank, so all ranks
     exit cleanly together instead of the others waiting for a dead root.  The
-    MPI calls are the runtime's (:func:`runtime.comm.share_from_root`).
+    MPI calls are the runtime's (:func:`runtime.transport.share_from_root`).
     """
-    from runtime.comm import share_from_root
+    from runtime.transport import share_from_root
 
     return share_from_root(comm, work, 0, UsageError)

@@ -250,7 +250,7 @@ def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0),
     from tqdm import tqdm
 
     from models.vgg import edge_net
-    from runtime import comm
+    from runtime import transport as comm
 
     old = torch.get_num_threads()
     torch.manual_seed(0)

@@ -132,8 +132,8 @@ def _student(args, data):
 
 def _run(args) -> int:
     from kd.device import pick_device
-    from runtime import comm as mpi
-    from runtime import stream
+    from runtime import transport as mpi
+    from runtime import transport
 
     from .ranks import default_threads, set_threads
     from .topology import check_world_size, load_topology
@@ -184,8 +184,8 @@ def _run(args) -> int:
         problem = f"rank {rank}: {err}".splitlines()[0]
     problems = [p for p in mpi.allgather_objects(world, problem) if p]
     if problems:
-        raise UsageError(problems[0])
-    link = stream.dup(world)
+        raise mpi.AgreedError(problems[0])
+    link = transport.dup(world)
     infer = mpi.split_comm(world, 1 if rank in infer_ranks else 0, rank)
     work = {trainer: lambda: _train(args, data, device, link, trainer, infer_ranks[0], cloud, out),
             cloud: lambda: _cloud(args, data, device, teacher, link, trainer),
@@ -194,18 +194,18 @@ def _run(args) -> int:
 
 
 def _with_peer_errors(comm, work) -> int:
-    from runtime import comm as mpi
-    from runtime import stream
+    from runtime import transport as mpi
+    from runtime import transport
 
     try:
         return work()
-    except stream.PeerTimeout as err:
+    except transport.PeerTimeout as err:
         print(f"aflkd: error: rank {mpi.rank(comm)}: {err}; ending the job", file=sys.stderr, flush=True)
-        stream.abort(comm, 3)
+        transport.abort(comm, 3)
         return 3
     except UsageError as err:  # found on this rank only: peers wait in an exchange, so end the job
         print(f"aflkd: error: rank {mpi.rank(comm)}: {err}", file=sys.stderr, flush=True)
-        stream.abort(comm, 2)
+        transport.abort(comm, 2)
         return 2
 
 
@@ -216,7 +216,7 @@ def _cloud(args, data, device, teacher, link, trainer: int) -> int:
     from kd.incremental import serve_cloud
     from kd.teacher import to_tensor
     from kd.teacher_source import run_teacher
-    from runtime import stream
+    from runtime import transport
 
     def logits_of(images):
         x = to_tensor(images, data).to(device)
@@ -225,7 +225,7 @@ def _cloud(args, data, device, teacher, link, trainer: int) -> int:
     # twice --timeout: the trainer's own waits on the inference root are bounded by --timeout, so when the root
     # stalls the trainer (which knows who stalled) reports it, not the cloud waiting on the trainer
     labelled = serve_cloud(link, trainer, logits_of, 2 * args.timeout)
-    stream.wait_by([stream.send_object(link, {"labelled": labelled}, trainer, TAG_REPORT_CLOUD)],
+    transport.wait_by([transport.send_object(link, {"labelled": labelled}, trainer, TAG_REPORT_CLOUD)],
                    time.monotonic() + args.timeout)
     return 0
 
@@ -235,14 +235,14 @@ def _infer(args, data, link, infer, trainer: int, root_world: int) -> int:
 
     from kd.system import serve_images
     from kd.teacher import to_tensor
-    from runtime import comm as mpi
-    from runtime import stream
+    from runtime import transport as mpi
+    from runtime import transport
 
     root = mpi.rank(infer) == 0
     beats = []  # once the trainer is done it waits for our report: it hears we still serve every --timeout / 4
 
     def serving(k: int) -> None:
-        beats.append(stream.send_object(link, {"serving": k}, trainer, TAG_REPORT_INFER))
+        beats.append(transport.send_object(link, {"serving": k}, trainer, TAG_REPORT_INFER))
 
     images = to_tensor(data.x_test, data).contiguous() if root else None
     def progress(k: int, generation: int) -> None:
@@ -256,9 +256,9 @@ def _infer(args, data, link, infer, trainer: int, root_world: int) -> int:
     if args.record:
         np.savez(os.path.join(args.record, "served.npz"), inputs=np.concatenate(served.inputs),
                  outputs=np.concatenate(served.outputs), generations=np.asarray(served.generations))
-    request = stream.send_object(link, served.summary(), trainer, TAG_REPORT_INFER)
-    if not stream.wait_by([*beats, request], time.monotonic() + args.timeout):
-        raise stream.PeerTimeout(f"the training rank {trainer} took no report within {args.timeout:g} s")
+    request = transport.send_object(link, served.summary(), trainer, TAG_REPORT_INFER)
+    if not transport.wait_by([*beats, request], time.monotonic() + args.timeout):
+        raise transport.PeerTimeout(f"the training rank {trainer} took no report within {args.timeout:g} s")
     return 0
 
 
@@ -270,8 +270,8 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     from kd.incremental import CloudLink, reconcile, read_student, run_updates, save_student
     from kd.system import alive, send_done, send_weights
     from kd.trainer import EdgeConfig
-    from runtime import comm as mpi
-    from runtime import stream
+    from runtime import transport as mpi
+    from runtime import transport
 
     student_path = str(out / "student.pt")
     buffer = Buffer(str(out / "buffer.sqlite"), data.x_train.shape[1:])
@@ -321,11 +321,11 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
                       f"{sent['info'].get('test_acc', float('nan')):.2%})", flush=True)
     send_done(link, root, start_gen + len(rows), args.timeout)
     link_cloud.close()
-    clouded = stream.recv_object_by(link, cloud, TAG_REPORT_CLOUD, time.monotonic() + args.timeout,
+    clouded = transport.recv_object_by(link, cloud, TAG_REPORT_CLOUD, time.monotonic() + args.timeout,
                                     f"the cloud (rank {cloud}) sent no report within {args.timeout:g} s")
     served = {"serving": 0}
     while "serving" in served:  # the root serves until --images: each "serving" message restarts the deadline
-        served = stream.recv_object_by(link, root, TAG_REPORT_INFER, time.monotonic() + args.timeout,
+        served = transport.recv_object_by(link, root, TAG_REPORT_INFER, time.monotonic() + args.timeout,
                                        f"the inference root (rank {root}) sent no report within {args.timeout:g} s")
     report = {"command": getattr(args, "command_line", ""), "dataset": args.dataset, "net": args.net,
               "inference_ranks": mpi.size(link) - 2, "initial": {"generation": start_gen, "test_acc": initial_acc},

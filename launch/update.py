@@ -233,7 +233,7 @@ def _start(args, need_edge_data: bool = True) -> _Setup:
 
     from kd.datasets import load_dataset
     from kd.device import pick_device
-    from runtime.comm import abort_on_uncaught_exception
+    from runtime.transport import abort_on_uncaught_exception
 
     from .ranks import default_threads, set_threads
 
@@ -257,19 +257,19 @@ def _agree(setup: _Setup, args, mine: dict) -> dict:
 
     A peer that sends nothing in time ends the job in one line (exit 3), as a peer lost later does.
     """
-    from runtime import stream
+    from runtime import transport
 
     comm = setup.comm
     peer = EDGE if comm.Get_rank() == CLOUD else CLOUD
-    request = stream.send_object(comm, mine, peer, 71)
+    request = transport.send_object(comm, mine, peer, 71)
     try:
-        theirs = stream.recv_object_by(comm, peer, 71, time.monotonic() + args.timeout,
+        theirs = transport.recv_object_by(comm, peer, 71, time.monotonic() + args.timeout,
                                        f"rank {peer} sent no set-up within {args.timeout:g} s (--timeout)")
-    except stream.PeerTimeout as err:
+    except transport.PeerTimeout as err:
         print(f"aflkd: error: rank {comm.Get_rank()}: {err}; it died or stalled", file=sys.stderr, flush=True)
-        stream.abort(comm, 3)
+        transport.abort(comm, 3)
         raise
-    stream.wait_by([request], time.monotonic() + args.timeout)
+    transport.wait_by([request], time.monotonic() + args.timeout)
     cloud, edge = (mine, theirs) if comm.Get_rank() == CLOUD else (theirs, mine)
     problem = cloud.get("problem") or edge.get("problem")
     if problem is None and cloud["classes"] != edge["classes"]:
@@ -378,18 +378,18 @@ def _edge_facts(setup: _Setup, args, buffer_path: str, student_path: str, studen
 
 def _with_peer_errors(comm, work) -> int:
     """Run a rank's part after set-up: a lost peer, or bad input found by one rank only, ends the job in one line."""
-    from runtime import stream
+    from runtime import transport
 
     try:
         return work()
-    except stream.PeerTimeout as err:
+    except transport.PeerTimeout as err:
         print(f"aflkd: error: rank {comm.Get_rank()}: {err}; the buffer keeps every acknowledged image, rerun to "
               "resume", file=sys.stderr, flush=True)
-        stream.abort(comm, 3)
+        transport.abort(comm, 3)
         return 3
     except UsageError as err:  # found on this rank only: the peer waits in an exchange, so end the job
         print(f"aflkd: error: {err}", file=sys.stderr, flush=True)
-        stream.abort(comm, 2)
+        transport.abort(comm, 2)
         return 2
 
 

@@ -43,10 +43,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from mpi4py import MPI
 from tqdm import tqdm
 
-from . import comm as mpi
+from . import transport as mpi
 from .distribute import distribute_model
 from .errors import UsageError
 from .graph import trace_model
@@ -154,11 +153,11 @@ def _bound_executor(build, model, in_shape, rows: int, full_split: set) -> tuple
             and n.name in full_split]
     if lost:
         return None, f"node '{lost[0]}' does not run on {rows} rows"
-    return SplitExecutor(plan, model, MPI.COMM_SELF, head=False), ""
+    return SplitExecutor(plan, model, mpi.COMM_SELF, head=False), ""
 
 
 def bench_layers(
-    comm: MPI.Comm,
+    comm: mpi.Comm,
     build: Callable[[], nn.Module],
     in_shape: tuple[int, int, int],
     *,
@@ -225,7 +224,7 @@ def bench_layers(
         worst = next(r for r in reasons if r)
         notes.append(f"no bound: a rank's own {min(len(r) for r in plan.input_rows)} input rows alone do not "
                      f"run through the net ({worst})")
-    single = SplitExecutor(plan_split(graph, [1.0]), model, MPI.COMM_SELF) if rank == 0 else None
+    single = SplitExecutor(plan_split(graph, [1.0]), model, mpi.COMM_SELF) if rank == 0 else None
 
     image = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(seed + 1)) if rank == 0 else None
     full = image.contiguous(memory_format=torch.channels_last) if rank == 0 else None
@@ -257,7 +256,7 @@ def bench_layers(
                     times["torch"].append(t_torch)
                     times["unsplit_all"].append(t_unsplit_all)
                     times["torch_all"].append(t_torch_all)
-            mpi.idle_barrier(comm)
+            mpi.idle_barrier(comm, "the unsplit timing on rank 0", timeout_s=mpi.long_wait_s())
             for phase in ("split", "bound") if step % 2 == 0 else ("bound", "split"):
                 x = local.clone(memory_format=torch.channels_last)
                 mpi.barrier(comm)

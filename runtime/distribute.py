@@ -23,17 +23,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from mpi4py import MPI
 
-from . import comm as mpi
-from .comm import share_from_root
+from . import transport as mpi
+from .transport import share_from_root
 from .errors import UsageError
 from .graph import trace_model
 from .plan import check_weights, plan_split
 from .split import SplitExecutor
 
 _BLOCK_BYTES = 16 << 20  # rows of the Linear's weight copied (and mapped) at a time on the root
-_COLUMNS_TAG = 7
+_COLUMNS_TAG = mpi.TAG_COLUMNS
 
 __all__ = ["distribute_model", "load_checkpoint", "check_checkpoint"]
 
@@ -84,7 +83,7 @@ def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
-def _send_columns(comm: MPI.Comm, plan, columns: torch.Tensor, rows_of: Optional[Callable], root: int) -> None:
+def _send_columns(comm: mpi.Comm, plan, columns: torch.Tensor, rows_of: Optional[Callable], root: int) -> None:
     """Every rank's columns of the split Linear into ``columns``: the root reads blocks of rows, sends parts."""
     hs = plan.head_split
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -114,7 +113,7 @@ def _send_columns(comm: MPI.Comm, plan, columns: torch.Tensor, rows_of: Optional
 def distribute_model(
     build: Callable[[], nn.Module],
     in_shape: tuple[int, int, int],
-    comm: MPI.Comm = MPI.COMM_WORLD,
+    comm: mpi.Comm = mpi.COMM_WORLD,
     weights: Optional[Sequence[float]] = None,
     *,
     load: Optional[Callable[[nn.Module], None]] = None,
@@ -174,7 +173,7 @@ def distribute_model(
     return SplitExecutor(plan, model, comm, root)
 
 
-def _distribute_split(build, skeleton: nn.Module, plan, comm: MPI.Comm, load, checkpoint: Optional[str],
+def _distribute_split(build, skeleton: nn.Module, plan, comm: mpi.Comm, load, checkpoint: Optional[str],
                       root: int) -> SplitExecutor:
     """``head="split"``: the split part everywhere, the rest of the head on the root, Linear columns everywhere."""
     graph, hs = plan.graph, plan.head_split

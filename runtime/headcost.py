@@ -22,9 +22,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from mpi4py import MPI
 
-from . import comm as mpi
+from . import transport as mpi
 from .graph import ModelGraph
 from .plan import GraphPlan, plan_split
 
@@ -47,7 +46,7 @@ def measure_matvec(out_features: int, in_features: int, batch: int = 1, repeat: 
     return best / (out_features * k)
 
 
-def measure_link(comm: MPI.Comm, root: int = 0, nbytes: int = 1 << 20, repeat: int = 3) -> float:
+def measure_link(comm: mpi.Comm, root: int = 0, nbytes: int = 1 << 20, repeat: int = 3) -> float:
     """Bytes per second between the root and the slowest other rank (ping-pong, best of ``repeat``)."""
     rank, size = comm.Get_rank(), comm.Get_size()
     buf = torch.zeros(nbytes // 4)
@@ -60,11 +59,11 @@ def measure_link(comm: MPI.Comm, root: int = 0, nbytes: int = 1 << 20, repeat: i
             mpi.barrier(comm)
             start = perf_counter()
             if rank == root:
-                mpi.sendrecv(comm, buf, peer, None, None, 900 + k)
-                mpi.sendrecv(comm, None, None, buf, peer, 900 + k)
+                mpi.sendrecv(comm, buf, peer, None, None, mpi.TAG_LINK + k)
+                mpi.sendrecv(comm, None, None, buf, peer, mpi.TAG_LINK + k)
             elif rank == peer:
-                mpi.sendrecv(comm, None, None, buf, root, 900 + k)
-                mpi.sendrecv(comm, buf, root, None, None, 900 + k)
+                mpi.sendrecv(comm, None, None, buf, root, mpi.TAG_LINK + k)
+                mpi.sendrecv(comm, buf, root, None, None, mpi.TAG_LINK + k)
             best = min(best, perf_counter() - start)
         if rank == root:
             slowest = min(slowest, 2 * nbytes / best)
@@ -88,7 +87,7 @@ def head_costs(plan: GraphPlan, per_weight_s: Sequence[float], link_bps: float, 
                 split_weights=max(hs.out_features * hs.columns(r) for r in range(ranks)))
 
 
-def choose_head(graph: ModelGraph, weights: Sequence[float], comm: MPI.Comm, root: int = 0,
+def choose_head(graph: ModelGraph, weights: Sequence[float], comm: mpi.Comm, root: int = 0,
                 batch: int = 1) -> GraphPlan:
     """The plan with the cheaper head placement; ``plan.head_note`` says which and why (same on every rank)."""
     split = plan_split(graph, weights, head="split")

@@ -33,10 +33,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from mpi4py import MPI
 from torch.fx import Graph, GraphModule
 
-from . import comm as mpi
+from . import transport as mpi
 from .errors import UsageError
 from .geometry import split_rows
 from .graph import trace_model
@@ -48,7 +47,7 @@ __all__ = ["Grid", "PipelineExecutor", "StreamResult", "stage_module", "head_mod
 
 #: images in flight per sender before it waits for an old send to finish (bounds memory)
 SEND_SLOTS = 4
-_TAG_LIMIT = 32767
+_TAG_LIMIT = mpi.TAG_PASSES  # the image counter's tags, below the fixed ones
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ class PipelineExecutor:
     """
 
     def __init__(self, model: nn.Module, in_shape: tuple[int, int, int], grid: Grid, bounds: Sequence[int],
-                 shares: Optional[Sequence[float]] = None, comm: MPI.Comm = MPI.COMM_WORLD,
+                 shares: Optional[Sequence[float]] = None, comm: mpi.Comm = mpi.COMM_WORLD,
                  layers: Optional[Layers] = None, speed: float = 1.0, head: str = "gather",
                  head_columns: Optional[torch.Tensor] = None) -> None:
         size = comm.Get_size()
@@ -208,7 +207,7 @@ class PipelineExecutor:
         problems = [p for p in mpi.allgather_objects(comm, problem) if p is not None]
         if problems:  # every rank refuses together: none is left waiting in the stream
             self.close()
-            raise UsageError(problems[0])
+            raise mpi.AgreedError(problems[0])
         self.in_rows = plan.input_rows[self.cluster]
         if last and self.split_head:
             self.out_value, self.out_rows = None, None
@@ -273,7 +272,7 @@ class PipelineExecutor:
                 problem = str(err)
         count, batch, problem = mpi.bcast_object(self.comm, (count, batch, problem))
         if problem is not None:
-            raise UsageError(problem)
+            raise mpi.AgreedError(problem)
         return count, batch
 
     def _stream(self, images, count, batch) -> StreamResult:
@@ -387,7 +386,7 @@ def _set_state(model: nn.Module, state: dict) -> None:
 
 def distribute_pipeline(build: Callable[[], nn.Module], in_shape: tuple[int, int, int], grid: Grid,
                         bounds: Sequence[int], shares: Optional[Sequence[float]] = None,
-                        comm: MPI.Comm = MPI.COMM_WORLD, load: Optional[Callable[[nn.Module], None]] = None,
+                        comm: mpi.Comm = mpi.COMM_WORLD, load: Optional[Callable[[nn.Module], None]] = None,
                         speed: float = 1.0, root_model: Optional[nn.Module] = None,
                         head: str = "gather") -> PipelineExecutor:
     """A :class:`PipelineExecutor` whose ranks hold only the weights of their own stage.
@@ -437,7 +436,7 @@ def distribute_pipeline(build: Callable[[], nn.Module], in_shape: tuple[int, int
             problem = str(err)
     problem = mpi.bcast_object(comm, problem)
     if problem is not None:
-        raise UsageError(problem)
+        raise mpi.AgreedError(problem)
     mine = mpi.scatter_objects(comm, parts)
     columns = mine.pop("#head_columns", None)
     if rank != 0:

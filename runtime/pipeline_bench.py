@@ -23,9 +23,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from mpi4py import MPI
 
-from . import comm as mpi
+from . import transport as mpi
 from .errors import UsageError
 from .graph import trace_model
 from .pipeline import Grid, distribute_pipeline, split_head_plan
@@ -91,7 +90,7 @@ def _run_cut(name: str, build, model, in_shape, grid, bounds, shares, comm, spee
     }
 
 
-def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tuple[int, int, int], grid: Grid,
+def bench_pipeline(comm: mpi.Comm, build: Callable[[], nn.Module], in_shape: tuple[int, int, int], grid: Grid,
                    speeds: Optional[Sequence[float]] = None, images: int = 16, batch: int = 1,
                    latency_repeat: int = 5, bandwidth: float = float("inf"), profile: Optional[str] = None,
                    net: str = "", seed: int = 0, progress: Optional[Callable[[str], None]] = None,
@@ -137,10 +136,10 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
             prof = measure()
         except UsageError as err:
             problem = str(err)
-    mpi.idle_barrier(comm)  # the others sleep while rank 0 times the layers, instead of spinning on a core
+    mpi.idle_barrier(comm, "the layer profile on rank 0", timeout_s=mpi.long_wait_s())  # the others sleep while rank 0 times the layers, instead of spinning on a core
     prof, problem = mpi.bcast_object(comm, (prof, problem))
     if problem is not None:
-        raise UsageError(problem)
+        raise mpi.AgreedError(problem)
     speed_grid = _speed_grid(grid, speeds)
     extra = [[0.0] * grid.stages for _ in range(grid.clusters)]
     costs = list(prof.seconds)
@@ -163,7 +162,7 @@ def bench_pipeline(comm: MPI.Comm, build: Callable[[], nn.Module], in_shape: tup
     alone = None
     if rank == 0:
         alone = _one_rank(model, stream, speeds[0])
-    mpi.idle_barrier(comm)
+    mpi.idle_barrier(comm, "the one-rank run on rank 0", timeout_s=mpi.long_wait_s())
     runs = []
     for name, bounds, seconds in (("planned", planned.bounds, planned.stage_seconds),
                                   ("equal layers", equal, equal_seconds)):

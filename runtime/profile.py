@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from mpi4py import MPI
+from . import transport
 
 from .errors import UsageError
 from .graph import trace_model
@@ -61,7 +61,7 @@ def profile_layers(model: nn.Module, layers: Layers, net: str = "", batch: int =
             # the layer as a stage runs it: the split executor on a one-rank communicator (same code path)
             module = stage_module(model, layers, k, k + 1).eval()
             plan = plan_split(trace_model(module, layers.cut_shape(k)), [1.0])
-            executor = SplitExecutor(plan, module, MPI.COMM_SELF, head=False)
+            executor = SplitExecutor(plan, module, transport.COMM_SELF, head=False)
             out = plan.graph.nodes[-1].inputs[0]
             times = []
             for i in range(warmup + repeat):

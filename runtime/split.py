@@ -41,10 +41,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mpi4py import MPI
 from torch.fx.node import map_arg
 
-from . import comm as mpi
+from . import transport as mpi
 from .errors import UsageError
 from .geometry import input_rows_for, merge_ranges, subtract_ranges
 from .graph import trace_model
@@ -145,7 +144,7 @@ class SplitExecutor:
     the executor is built: build a new executor after changing the weights.
     """
 
-    def __init__(self, plan: GraphPlan, model: nn.Module, comm: MPI.Comm = MPI.COMM_WORLD, root: int = 0,
+    def __init__(self, plan: GraphPlan, model: nn.Module, comm: mpi.Comm = mpi.COMM_WORLD, root: int = 0,
                  head: bool = True, head_columns: Optional[torch.Tensor] = None) -> None:
         size = comm.Get_size()
         if plan.ranks != size:
@@ -206,7 +205,7 @@ class SplitExecutor:
         return columns.detach().contiguous(), bias
 
     @classmethod
-    def build(cls, model: nn.Module, in_shape: tuple[int, int, int], comm: MPI.Comm = MPI.COMM_WORLD,
+    def build(cls, model: nn.Module, in_shape: tuple[int, int, int], comm: mpi.Comm = mpi.COMM_WORLD,
               weights=None, root: int = 0, head: str = "gather") -> "SplitExecutor":
         """Trace, plan and build in one call, for a model every rank holds whole (tests, small nets).
 
@@ -656,7 +655,7 @@ class SplitExecutor:
                     problem = str(err)
             batch, problem = mpi.bcast_object(self.comm, (batch, problem), self.root)
             if problem is not None:
-                raise UsageError(problem)
+                raise mpi.AgreedError(problem)
             x = mpi.scatter_rows(self.comm, image, self.plan.input_rows, self.plan.in_shape, batch, root=self.root)
             return self.forward_band(x, clock)
 

@@ -69,7 +69,7 @@ def test_exception_on_one_rank_ends_the_job(tmp_path):
     script = tmp_path / "die.py"
     script.write_text(
         "from mpi4py import MPI\n"
-        "from runtime.comm import abort_on_uncaught_exception\n"
+        "from runtime.transport import abort_on_uncaught_exception\n"
         "abort_on_uncaught_exception()\n"
         "if MPI.COMM_WORLD.rank == 1:\n"
         "    raise RuntimeError('boom on rank 1')\n"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import comm as mpi
+from runtime import transport as mpi
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -41,8 +41,11 @@ def test_scatter_gather_and_reduce_on_one_rank(self_comm):
 
 
 def test_tags_are_unique_per_pass_and_node():
-    tags = {mpi.tag_for(p, n, 50) for p in range(2 * 655) for n in range(50)}
-    assert len(tags) == 50 * (32767 // 50) and max(tags) < 32767
+    window = mpi.TAG_PASSES // 50
+    tags = {mpi.tag_for(p, n, 50) for p in range(2 * window) for n in range(50)}
+    assert len(tags) == 50 * window and max(tags) < mpi.TAG_PASSES
+    fixed = {mpi.TAG_COLUMNS, mpi.TAG_LINK, mpi.TAG_SIZE_CHECK}
+    assert min(fixed) >= mpi.TAG_PASSES and max(fixed) + 100 <= mpi.TAG_LIMIT  # the two kinds never meet
     with pytest.raises(ValueError):
         mpi.tag_for(0, 50, 50)
 

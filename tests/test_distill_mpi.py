@@ -127,7 +127,7 @@ def test_mismatched_teacher_and_student_fail_on_every_rank_with_one_message(worl
 @pytest.mark.mpi(min_size=2)
 def test_a_stalled_cloud_is_noticed_within_the_timeout(world, agree):
     """The cloud answers the set-up, then never serves a batch: each edge gives up after ~timeout, not never."""
-    from runtime.comm import idle_barrier
+    from runtime.transport import idle_barrier
 
     data, timeout_s, problems = tiny(n=48), 2.0, []
     if world.rank == 0:
@@ -156,7 +156,7 @@ def test_a_stalled_cloud_is_noticed_within_the_timeout(world, agree):
 def test_a_stalled_edge_is_noticed_by_the_cloud_within_the_timeout(world, agree):
     """Every edge answers the set-up, then never asks for a batch: the cloud gives up after ~timeout."""
     from kd.streaming import EdgeLost
-    from runtime.comm import idle_barrier
+    from runtime.transport import idle_barrier
 
     data, timeout_s, problems = tiny(n=48), 2.0, []
     if world.rank == 0:

@@ -277,10 +277,10 @@ def test_keepalive_sends_a_heartbeat_every_quarter_timeout_while_the_edge_trains
     Timing-robust on a loaded machine: at least 2 beats, and no silence (start to first beat,
     beat to beat, last beat to the end) longer than timeout/2, half the peer's patience."""
     from kd.incremental import HEADER, KIND_HEARTBEAT, TAG_HEADER, CloudLink
-    from runtime import stream
+    from runtime import transport
 
     headers = [torch.zeros(HEADER, dtype=torch.int64) for _ in range(20)]
-    requests = [stream.irecv(self_comm, h, 0, TAG_HEADER) for h in headers]  # the "cloud", posted first
+    requests = [transport.irecv(self_comm, h, 0, TAG_HEADER) for h in headers]  # the "cloud", posted first
     timeout = 0.4
     link = CloudLink(self_comm, 0, timeout_s=timeout)
     sent_at: list[float] = []
@@ -290,8 +290,8 @@ def test_keepalive_sends_a_heartbeat_every_quarter_timeout_while_the_edge_trains
     with link.keepalive():
         time.sleep(0.55)  # "training" for longer than the timeout
     ended = time.monotonic()
-    got = [h for h, r in zip(headers, requests) if stream.wait_by([r], time.monotonic() + 0.05)]
-    stream.cancel([r for h, r in zip(headers, requests) if not any(h is g for g in got)])
+    got = [h for h, r in zip(headers, requests) if transport.wait_by([r], time.monotonic() + 0.05)]
+    transport.cancel([r for h, r in zip(headers, requests) if not any(h is g for g in got)])
     kinds = [int(h[0]) for h in got]
     assert set(kinds) == {KIND_HEARTBEAT} and len(kinds) >= 2 and len(kinds) == len(sent_at), (kinds, sent_at)
     gaps = np.diff([began, *sent_at, ended])
@@ -301,19 +301,19 @@ def test_keepalive_sends_a_heartbeat_every_quarter_timeout_while_the_edge_trains
 def test_a_timed_out_receive_is_cancelled_not_left_posted(self_comm):
     """After a PeerTimeout the receive must be gone: a late message must not land in a buffer its
     owner has given up on (and reused), it must stay unmatched."""
-    from runtime import stream
+    from runtime import transport
 
-    comm = stream.dup(self_comm)
+    comm = transport.dup(self_comm)
     try:
         stale = torch.zeros(4, dtype=torch.int64)
-        with pytest.raises(stream.PeerTimeout, match="the test peer sent nothing within 0.05 s"):
-            stream.wait_or_raise([stream.irecv(comm, stale, 0, 5)], 0.05, "the test peer sent nothing")
+        with pytest.raises(transport.PeerTimeout, match="the test peer sent nothing within 0.05 s"):
+            transport.wait_or_raise([transport.irecv(comm, stale, 0, 5)], 0.05, "the test peer sent nothing")
         late = torch.tensor([7, 7, 7, 7])
-        stream.wait_by([stream.isend(comm, late, 0, 5)], time.monotonic() + 5)
+        transport.wait_by([transport.isend(comm, late, 0, 5)], time.monotonic() + 5)
         assert comm.iprobe(source=0, tag=5)  # unmatched: no receive was left posted
         assert stale.tolist() == [0, 0, 0, 0]
         fresh = torch.zeros(4, dtype=torch.int64)
-        assert stream.wait_by([stream.irecv(comm, fresh, 0, 5)], time.monotonic() + 5)
+        assert transport.wait_by([transport.irecv(comm, fresh, 0, 5)], time.monotonic() + 5)
         assert fresh.tolist() == [7, 7, 7, 7]
     finally:
-        stream.free(comm)
+        transport.free(comm)

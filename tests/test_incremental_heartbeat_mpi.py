@@ -13,9 +13,9 @@ import pytest
 def _exchange(world, teacher_s: float, timeout_s: float) -> list[str]:
     """Rank 0 serves one request with a teacher that takes ``teacher_s`` s; rank 1 asks for it.  Problems found."""
     from kd.incremental import CloudLink, serve_cloud
-    from runtime import stream
+    from runtime import transport
 
-    comm = stream.dup(world)  # private: nothing else matches these messages
+    comm = transport.dup(world)  # private: nothing else matches these messages
     problems: list[str] = []
     images = np.arange(3 * 4 * 4 * 3, dtype=np.uint8).reshape(3, 4, 4, 3)
     try:
@@ -28,7 +28,7 @@ def _exchange(world, teacher_s: float, timeout_s: float) -> list[str]:
                 served = serve_cloud(comm, 1, slow_teacher, timeout_s)
                 if served != 3:
                     problems.append(f"cloud served {served} images, not 3")
-            except stream.PeerTimeout as err:
+            except transport.PeerTimeout as err:
                 problems.append(f"cloud: {err}")
         elif world.rank == 1:
             link = CloudLink(comm, 0, timeout_s)
@@ -41,11 +41,11 @@ def _exchange(world, teacher_s: float, timeout_s: float) -> list[str]:
                     problems.append(f"edge got logits {logits.tolist()}, not {want.tolist()}")
                 if time.monotonic() - began < teacher_s:
                     problems.append("the edge had its logits before the teacher finished")
-            except stream.PeerTimeout as err:
+            except transport.PeerTimeout as err:
                 problems.append(f"edge: {err}")
     finally:
         world.Barrier()
-        stream.free(comm)
+        transport.free(comm)
     return problems
 
 
