@@ -63,6 +63,9 @@ ROLES = ("cloud", "master", "worker")
 TOPOLOGY_ENV = "AFLKD_TOPOLOGY"
 """Environment variable ``aflkd launch`` sets on every rank: the topology file's absolute path."""
 
+#: The most ranks one host entry may hold: a 16-core board with a rank per core is far below it.
+MAX_SLOTS = 1024
+
 _HOST_KEYS = {"name", "role", "cluster", "speed", "slots", "address"}
 _TOP_KEYS = {"description", "host"}
 MEASURE = "measure"
@@ -270,6 +273,9 @@ def _host(path: str, index: int, entry: dict) -> Host:
     slots = entry.get("slots", 1)
     if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
         raise UsageError(f"{where}: slots must be an integer >= 1 (devices on this host), got {slots!r}")
+    if slots > MAX_SLOTS:  # checked before any list of ranks is built: 10**20 slots would fill the memory
+        raise UsageError(f"{where}: slots = {slots} is more devices than one host holds (at most {MAX_SLOTS}); "
+                         "give one [[host]] per board")
     speed = entry.get("speed", 1.0)
     if speed == MEASURE:
         speed = None

@@ -20,7 +20,6 @@ no MPI.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Optional, Sequence
@@ -267,9 +266,7 @@ def _balanced_shares(costs, out_bytes, speeds, bounds, bandwidth, extra, min_sha
             hi = mid
         else:
             lo = mid
-    shares = [most(c, hi) for c in range(len(speeds))]
-    total = sum(shares)
-    return tuple(s / total for s in shares)
+    return clamp_shares([most(c, hi) for c in range(len(speeds))], min_share)
 
 
 def partition_stages(costs: Sequence[float], out_bytes: Sequence[float], speeds: Sequence[Sequence[float]],
@@ -324,11 +321,30 @@ def _starting_shares(speeds, min_share: float) -> list[tuple[float, ...]]:
     if clusters == 2:
         starts += [(i / 10, 1 - i / 10) for i in range(1, 10)]
     else:
-        rng = random.Random(0)  # the same starts on every rank and every run
-        for _ in range(12):
-            draw = [rng.expovariate(1.0) for _ in range(clusters)]
+        # a spread of starts from additions, products and remainders only (IEEE-exact everywhere, unlike
+        # libm's log in random.expovariate): every board computes the very same plan
+        for i in range(1, 13):
+            draw = [0.05 + ((i * (c + 1) * 0.6180339887498949) % 1.0) for c in range(clusters)]
             starts.append(tuple(d / sum(draw) for d in draw))
-    return [tuple(max(min_share, s) for s in start) for start in starts]
+    return [clamp_shares(start, min_share) for start in starts]
+
+
+def clamp_shares(shares: Sequence[float], min_share: float) -> tuple[float, ...]:
+    """Shares summing to 1 with none below ``min_share``: the clamped ones fixed at it, the others
+    scaled down to make room (clamping alone would leave a sum above 1 and skew the plan)."""
+    total = float(sum(shares))
+    shares = [s / total for s in shares]
+    if min_share * len(shares) >= 1.0:
+        return tuple(1.0 / len(shares) for _ in shares)
+    fixed: set[int] = set()
+    while True:
+        free = [i for i in range(len(shares)) if i not in fixed]
+        room = 1.0 - min_share * len(fixed)
+        scale = room / sum(shares[i] for i in free)
+        low = {i for i in free if shares[i] * scale < min_share}
+        if not low:
+            return tuple(min_share if i in fixed else shares[i] * scale for i in range(len(shares)))
+        fixed |= low
 
 
 def equal_stages(layers: int, stages: int) -> tuple[int, ...]:

@@ -176,6 +176,8 @@ M, W = host_toml("j0", "master", 0), host_toml("p0", "worker", 0)
     (M + host_toml("j1", "master", 0), r"bad.toml: cluster 0 has 2 masters \(j0, j1\); a cluster has exactly one"),
     (M + host_toml("p", "worker", 0, slots=0), r"bad.toml, host #2 \('p'\): slots must be an integer >= 1.*got 0"),
     (M + host_toml("p", "worker", 0, slots="true").replace('"true"', "true"), r"host #2 \('p'\): slots must be"),
+    (M + host_toml("p", "worker", 0, slots=99999999999999999999), r"host #2 \(.p.\): slots = 99999999999999999999 is more"),
+    (M + host_toml("p", "worker", 0, slots=1025), r"slots = 1025 is more devices than one host holds \(at most 1024\)"),
     (M + host_toml("j0", "worker", 0), r"bad.toml: host name 'j0' is used by host #1 and host #2; names must be unique"),
     (M + host_toml("p", "worker", 0, speed=0), r"bad.toml, host #2 \('p'\): speed must be a number > 0 or \"measure\""),
     (M + host_toml("p", "worker", 0, speed=-1.5), r"speed must be a number > 0"),
