@@ -136,7 +136,9 @@ def _check_checkpoint(args) -> None:
     from models import build_model
     from runtime.distribute import check_checkpoint
 
-    with torch.device("meta"):
+    from runtime.skeleton import empty_weights
+
+    with empty_weights():
         model = build_model(args.net, args.in_channels, args.size, args.classes)
     check_checkpoint(model, args.checkpoint, "check --net, --size, --classes and --in-channels")
 
@@ -148,7 +150,9 @@ def _head_can_split(args) -> bool:
     from models import build_model
     from runtime import plan_split, trace_model
 
-    with torch.device("meta"):
+    from runtime.skeleton import empty_weights
+
+    with empty_weights():
         model = build_model(args.net, args.in_channels, args.size, args.classes).eval()
     return plan_split(trace_model(model, (args.in_channels, args.size, args.size)), [1.0], head="split").head == "split"
 

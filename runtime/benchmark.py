@@ -46,6 +46,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import transport as mpi
+from .skeleton import empty_weights
 from .distribute import distribute_model
 from .errors import UsageError
 from .graph import trace_model
@@ -143,7 +144,7 @@ def _timed(work: Callable[[], object]) -> float:
 def _bound_executor(build, model, in_shape, rows: int, full_split: set) -> tuple[Optional[SplitExecutor], str]:
     """The split part on ``rows`` rows as a whole image, on COMM_SELF; None and why when it does not fit."""
     channels, _, width = in_shape
-    with torch.device("meta"):
+    with empty_weights():
         skeleton = build().eval()
     try:
         plan = plan_split(trace_model(skeleton, (channels, rows, width), split_part_only=True), [1.0])
@@ -293,6 +294,8 @@ def bench_layers(
     if rank != 0:
         return None
     max_abs_error = float((output - reference).abs().max())
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    max_relative_error = max_abs_error / scale if scale > 0 else max_abs_error
     gather_e2e = paired["gather"] if paired else per_rank[0]["e2e"]
     heads = [dict(head="gather", end_to_end_ms=1e3 * median(gather_e2e),
                   peak_rss_mb=[r["rss"] for r in per_rank], max_abs_error=max_abs_error,
@@ -341,6 +344,7 @@ def bench_layers(
         torch_all_cores_ms=1e3 * median(times["torch_all"]), split_ms=split_ms, bound_ms=bound_ms,
         efficiency=efficiency, speedup=unsplit_ms / split_ms, speedup_all_cores=unsplit_all_ms / split_ms,
         end_to_end_ms=1e3 * median(per_rank[0]["e2e"]), max_abs_error=max_abs_error,
+        max_relative_error=max_relative_error,
         peak_rss_mb=[r["rss"] for r in per_rank],
         unsplit_peak_rss_mb=unsplit_memory() if unsplit_memory is not None else None,
         notes=notes + head_notes, layers=rows, head_note=head_note, heads=heads, baseline_rss_mb=baseline,

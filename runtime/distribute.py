@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import transport as mpi
+from .skeleton import empty_weights
 from .transport import share_from_root
 from .errors import UsageError
 from .graph import trace_model
@@ -136,7 +137,7 @@ def distribute_model(
     """
     if checkpoint is not None and load is not None:
         raise UsageError("give either checkpoint= or load=, not both")
-    with torch.device("meta"):
+    with empty_weights():
         skeleton = build()
     skeleton.eval()
     graph = trace_model(skeleton, in_shape)

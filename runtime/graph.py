@@ -225,9 +225,8 @@ class _Classifier:
 
         target = n.target
         if n.op == "call_function":
-            if target in (F.max_pool2d, F.avg_pool2d) or getattr(target, "__name__", "") in ("_max_pool2d",):
-                window = window_of_function(n.name, F.max_pool2d if "max" in target.__name__ else target,
-                                            n.args, dict(n.kwargs))
+            window = window_of_function(n.name, target, n.args, dict(n.kwargs))
+            if window is not None:
                 return self.window(n, window, first, src_shape)
             if target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d) or getattr(target, "__name__", "") in (
                     "adaptive_max_pool2d", "_adaptive_max_pool2d"):
@@ -246,13 +245,18 @@ class _Classifier:
             if target is getattr:  # x.shape differs by rank; dtype or device do not
                 return dict(role="plain", kind="local" if n.args[1] == "shape" else "all")
             if target is operator.getitem:
-                return self.getitem(n, first)
+                return self.getitem(n, first, src_shape)
             if target in _VIEWS_FUNCTIONS:
                 return self.reshape(n, first, src_shape, shape)
             if target in (torch.transpose, torch.permute):
                 return self.permute(n, first, src_shape, shape)
-            if target is torch.mean or target is torch.amax:
-                return self.mean(n, first, src_shape, "mean" if target is torch.mean else "max")
+            if target is torch.mean or target is torch.amax or target is torch.sum:
+                return self.mean(n, first, src_shape, {torch.mean: "mean", torch.amax: "max"}.get(target, "sum"))
+            if target is F.batch_norm:  # functional BatchNorm (timm's norm + activation layers)
+                training = n.kwargs.get("training", n.args[5] if len(n.args) > 5 else False)
+                if training is not False:
+                    raise self.refuse(n, "functional batch_norm in training mode; call model.eval() first")
+                return self.rowwise(n, split, shape)
             if getattr(target, "__name__", "") in ("interpolate", "upsample", "scaled_dot_product_attention"):
                 raise self.refuse(n, "it mixes rows (resampling or attention across the height)")
         elif n.op == "call_method":
@@ -268,8 +272,8 @@ class _Classifier:
                 return self.permute(n, first, src_shape, shape)
             if target in ("chunk", "split"):
                 return self.chunk(n, first, src_shape)
-            if target in ("mean", "amax"):
-                return self.mean(n, first, src_shape, "mean" if target == "mean" else "max")
+            if target in ("mean", "amax", "sum"):
+                return self.mean(n, first, src_shape, {"mean": "mean", "amax": "max"}.get(target, "sum"))
         raise self.refuse(n, "an operation the split does not know on a split feature map (it may mix rows)")
 
     def _shape(self, name: str):
@@ -334,10 +338,14 @@ class _Classifier:
             raise self.refuse(n, "it splits along the height")
         return dict(role="rowwise", kind="rows_tuple", hdim=hdim)
 
-    def getitem(self, n: Node, first: str) -> dict:
-        if self.kind[first] != "rows_tuple" or not isinstance(n.args[1], int):
-            raise self.refuse(n, "indexing a split feature map (only items of a channel chunk/split are supported)")
-        return dict(role="rowwise", kind="rows", hdim=self.hdim[first])
+    def getitem(self, n: Node, first: str, src_shape=None) -> dict:
+        if self.kind[first] == "rows_tuple" and isinstance(n.args[1], int):
+            return dict(role="rowwise", kind="rows", hdim=self.hdim[first])
+        if self.kind[first] == "rows" and src_shape is not None and _slices_keep_height(n.args[1], len(src_shape),
+                                                                                        self.hdim[first]):
+            return dict(role="rowwise", kind="rows", hdim=self.hdim[first])  # x[:, a:b]: a channel slice
+        raise self.refuse(n, "indexing a split feature map (supported: slices that keep every row, such as "
+                          "x[:, a:b], and items of a channel chunk/split)")
 
     def reshape(self, n: Node, first: str, src_shape, shape) -> dict:
         hdim = self.hdim[first]
@@ -377,11 +385,27 @@ class _Classifier:
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         dims = _dims(dim, ndim) if dim is not None else set(range(ndim))
         keepdim = bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
-        if hdim not in dims:
-            return self.rowwise(n, [first], _fx_shape(n.meta.get("tensor_meta")))
+        if hdim not in dims:  # over channels or a channel-group dim (split attention): row-local
+            return dict(role="rowwise", kind="rows", hdim=hdim if keepdim else hdim - sum(d < hdim for d in dims))
+        if op == "sum":
+            raise self.refuse(n, "a sum over the height")
         if ndim == 4 and hdim == 2 and dims == {2, 3}:
             return dict(role="reduce", kind="all", reduce=op, keepdim=keepdim)
         raise self.refuse(n, f"a {op} over the height together with other dims than the width")
+
+
+def _slices_keep_height(index, ndim: int, hdim: int) -> bool:
+    """Whether ``x[index]`` keeps every dimension and every row: slices (and one Ellipsis) only, the
+    height's a literal full ``:`` (the other bounds may be computed, e.g. from ``x.shape[1]``: only the
+    height differs between ranks)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(not (isinstance(i, slice) or i is Ellipsis) for i in items) or sum(i is Ellipsis for i in items) > 1:
+        return False
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + [slice(None)] * (ndim - len(items) + 1) + items[at + 1:]
+    items += [slice(None)] * (ndim - len(items))
+    return len(items) == ndim and items[hdim] == slice(None)
 
 
 class _Unknown:

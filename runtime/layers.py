@@ -138,19 +138,53 @@ def window_of_module(name: str, module: nn.Module) -> Optional[WindowSpec]:
     return None
 
 
+#: torch's own parameter order of the functional pools (``F.avg_pool2d`` is a builtin without a Python
+#: signature and ``F.max_pool2d`` a dispatch wrapper whose signature hides it, so neither can be inspected).
+_POOL_PARAMETERS = {
+    "max_pool2d": (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False),
+                   ("return_indices", False)),
+    "avg_pool2d": (("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+                   ("count_include_pad", True), ("divisor_override", None)),
+}
+
+
+def _pool_function_name(function) -> Optional[str]:
+    """``max_pool2d`` or ``avg_pool2d`` for the functional pools (and their builtins); None otherwise."""
+    if function in (F.max_pool2d, getattr(F, "_max_pool2d", None), torch.max_pool2d):
+        return "max_pool2d"
+    if function in (F.avg_pool2d, getattr(torch._C._nn, "avg_pool2d", None), torch.avg_pool2d
+                    if hasattr(torch, "avg_pool2d") else None):
+        return "avg_pool2d"
+    return None
+
+
+def _bind_pool(name: str, kind: str, args: tuple, kwargs: dict) -> dict:
+    parameters = _POOL_PARAMETERS[kind]
+    if len(args) > 1 + len(parameters):
+        raise _refuse(name, kind, f"{len(args)} positional arguments")
+    bound = {key: default for key, default in parameters}
+    for (key, _), value in zip(parameters, args[1:]):
+        bound[key] = value
+    for key, value in kwargs.items():
+        if key == "input":
+            continue
+        if key not in bound:
+            raise _refuse(name, kind, f"unknown argument '{key}'")
+        bound[key] = value
+    if bound["kernel_size"] is None:
+        raise _refuse(name, kind, "no kernel_size")
+    return bound
+
+
 def window_of_function(name: str, function, args: tuple, kwargs: dict) -> Optional[WindowSpec]:
     """The window of ``F.max_pool2d``/``F.avg_pool2d`` called with literal geometry; None otherwise."""
-    import inspect
-
-    if function not in (F.max_pool2d, F.avg_pool2d):
+    kind = _pool_function_name(function)
+    if kind is None:
         return None
-    bound = inspect.signature(function).bind(*args, **kwargs)
-    bound.apply_defaults()
-    a = dict(bound.arguments)
-    a.pop("input", None)
+    a = _bind_pool(name, kind, args, kwargs)
     if any(hasattr(v, "op") for v in a.values()):  # an fx Node: geometry computed at run time
-        raise _refuse(name, function.__name__, "pool geometry computed at run time; give literal integers")
-    if function is F.max_pool2d:
+        raise _refuse(name, kind, "pool geometry computed at run time; give literal integers")
+    if kind == "max_pool2d":
         return _pool(name, "maxpool", a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"],
                      return_indices=a["return_indices"])
     return _pool(name, "avgpool", a["kernel_size"], a["stride"], a["padding"], 1, a["ceil_mode"],

@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.fx import Graph, GraphModule
 
 from . import transport as mpi
+from .skeleton import empty_weights
 from .errors import UsageError
 from .geometry import split_rows
 from .graph import trace_model
@@ -400,7 +401,7 @@ def distribute_pipeline(build: Callable[[], nn.Module], in_shape: tuple[int, int
     ``root_model``: rank 0's model, already built and loaded (then neither
     ``build`` nor ``load`` runs there again).
     """
-    with torch.device("meta"):
+    with empty_weights():
         skeleton = build()
     skeleton.eval()
     layers = split_layers(trace_model(skeleton, in_shape))

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import transport as mpi
+from .skeleton import empty_weights
 from .errors import UsageError
 from .graph import trace_model
 from .pipeline import Grid, distribute_pipeline, split_head_plan
@@ -116,8 +117,9 @@ def bench_pipeline(comm: mpi.Comm, build: Callable[[], nn.Module], in_shape: tup
         raise UsageError(f"{grid.clusters} clusters x {grid.stages} stages need {grid.size} ranks but the job has "
                          f"{size}; run mpiexec -n {grid.size}")
     note = progress or (lambda text: None)
-    with torch.device("meta"):
-        layers = split_layers(trace_model(build().eval(), in_shape))
+    with empty_weights():
+        skeleton = build().eval()
+    layers = split_layers(trace_model(skeleton, in_shape))
     torch.manual_seed(seed)
     model = build().eval() if rank == 0 else None  # the others get their stage's weights from rank 0
     if grid.stages > len(layers):

@@ -70,6 +70,7 @@ class Report:
     layers: list = field(default_factory=list)
     head_note: str = ""  # which head case applies (gather, split, a global pool's reduce) and why
     heads: list = field(default_factory=list)  # per timed head placement: head, end_to_end_ms, peak_rss_mb, ...
+    max_relative_error: Optional[float] = None  # max_abs_error / max |unsplit output| (random nets: huge outputs)
     baseline_rss_mb: Optional[list] = None  # per rank, before any model: the interpreter, torch, the runtime
 
     def table(self) -> str:
@@ -101,7 +102,8 @@ class Report:
             f"   speedup {self.speedup:.2f}x vs 1 thread, {self.speedup_all_cores:.2f}x vs all cores",
             f"bound: own rows only, no exchange     : {bound}",
             f"end to end (scatter+split+gather+head): {self.end_to_end_ms:.3f} ms",
-            f"max |split - unsplit| of the net's output: {self.max_abs_error:.3g}",
+            f"max |split - unsplit| of the net's output: {self.max_abs_error:.3g}"
+            + (f" ({self.max_relative_error:.3g} of max |output|)" if self.max_relative_error is not None else ""),
             f"peak resident memory per rank (MB): {', '.join(f'{m:.0f}' for m in self.peak_rss_mb)}"
             + (f"   (unsplit model alone in one process: {self.unsplit_peak_rss_mb:.0f} MB)"
                if self.unsplit_peak_rss_mb is not None else ""),
