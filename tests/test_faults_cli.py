@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside
 BENCH = ["bench", "pipeline", "--net", "edge3", "--size", "48", "--latency-repeat", "1", "--threads", "1"]
 
 
-def on_rank1(mode: str, *values: str, args: list[str], timeout: int = 90):
-    cmd = [str(MPIEXEC), "-n", "2", sys.executable, str(REPO / "tests" / "one_rank_fault.py"), mode, *values, "--",
-           *args]
+def on_rank1(mode: str, *values: str, args: list[str], timeout: int = 90, rank: int = 1):
+    cmd = [str(MPIEXEC), "-n", "2", "-genv", "FAULT_RANK", str(rank), sys.executable,
+           str(REPO / "tests" / "one_rank_fault.py"), mode, *values, "--", *args]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     return proc, time.monotonic() - start
@@ -89,3 +89,27 @@ def test_a_rank_killed_mid_stream_ends_the_job():
     assert proc.returncode != 0
     assert "max abs error" not in proc.stdout
     assert took < 45
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_checkpoint_missing_on_one_rank(tmp_path, rank):
+    """Only rank 0 reads --checkpoint (it sends every rank its part): missing there, one line on every rank;
+    missing on rank 1 only, nothing is wrong and the split still equals the unsplit model."""
+    import torch
+
+    from models import build_model, save_atomic
+
+    torch.manual_seed(0)
+    path = tmp_path / "edge3.pt"
+    save_atomic(build_model("edge3", 3, 32, 10).state_dict(), str(path))
+    proc, _ = on_rank1("hide", str(path), rank=rank,
+                       args=["bench", "layers", "--net", "edge3", "--size", "32", "--repeat", "1", "--warmup", "0",
+                             "--threads", "1", "--no-progress", "--checkpoint", str(path)])
+    if rank == 0:
+        assert proc.returncode == 2, proc.stderr
+        lines = errors(proc)
+        assert len(lines) == 1 and "edge3.pt" in lines[0], proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        error = [line for line in proc.stdout.splitlines() if line.startswith("max |split - unsplit|")]
+        assert error and float(error[0].split(":")[1].split()[0]) <= 1e-5, proc.stdout
