@@ -88,6 +88,11 @@ def _type(name: str, convert: Callable[[str], object]) -> Callable[[str], object
     return parse
 
 
+def as_type(name: str, convert: Callable[[str], object]) -> Callable[[str], object]:
+    """``convert`` as an argparse type: its :class:`UsageError` is argparse's one-line error, with the reason."""
+    return _type(name, convert)
+
+
 def _edge_net(text: str) -> int:
     value = text.strip().lower()
     value = value[4:] if value.startswith("edge") else value

@@ -339,7 +339,7 @@ def add_parser(sub) -> None:
                           formatter_class=options.ExamplesFormatter)
     sim.add_argument("--cores", type=options.positive_int_list, default=[6, 8, 10, 12],
                      help="c_total values, comma-separated (default 6,8,10,12)")
-    sim.add_argument("--ratio", type=_ratios, default=["1:1", "2:1"],
+    sim.add_argument("--ratio", type=options.as_type("ratio", _ratios), default=["1:1", "2:1"],
                      help="x (Comp, each of Forward and Backward) : y (Comm) per cycle, comma-separated "
                      "(default 1:1,2:1)")
     sim.add_argument("--cycles", type=options.positive_int, default=20, help="N cycles (default 20)")

@@ -90,6 +90,11 @@ def _run(cmd: list[str], timeout: int, log: Path | None = None) -> int:
     out = open(log, "w") if log else None
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT if out else None,
                             start_new_session=True)
+    def end_children(signum, frame):  # SIGTERM reaches only us: the run's own session would go on without us
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, end_children)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -102,6 +107,7 @@ def _run(cmd: list[str], timeout: int, log: Path | None = None) -> int:
         proc.wait()
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if out:
             out.close()
 
