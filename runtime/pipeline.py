@@ -226,13 +226,24 @@ class PipelineExecutor:
         mpi.free_comm(self.cluster_comm)
 
     # ------------------------------------------------------------------ one image through this rank's stage
-    def _band_in(self, t: int, image: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+    def _band_in(self, t: int, image: Optional[torch.Tensor], batch: int, count: int) -> torch.Tensor:
+        """Image ``t``'s input rows of this stage.  A later stage waits for the band it posted a receive
+        for one image earlier, then posts the receive of image ``t + 1`` into the other of its two
+        buffers before computing: the previous stage's send finds its receive already posted."""
         if self.stage == 0:
             return mpi.scatter_rows(self.stage_comm, image, self.executor.plan.input_rows, self.in_shape, batch)
-        channels, _, width = self.in_shape
-        band = mpi.rows_major(len(self.in_rows), batch, channels, width)
-        mpi.recv_rows(self.cluster_comm, band, self.stage - 1, t % _TAG_LIMIT)
+        if t == 0:
+            channels, _, width = self.in_shape
+            self._in_bands = [mpi.rows_major(len(self.in_rows), batch, channels, width) for _ in range(2)]
+            self._in_posted = self._post_band_in(0)
+        band, posted = self._in_bands[t % 2], self._in_posted
+        mpi.wait(posted, "the band of rows from the previous stage")
+        self._in_posted = self._post_band_in(t + 1) if t + 1 < count else None
         return band.permute(1, 3, 0, 2)
+
+    def _post_band_in(self, t: int):
+        return mpi.irecv_rows(self.cluster_comm, self._in_bands[t % 2], self.stage - 1, t % _TAG_LIMIT,
+                              "the band of rows from the previous stage")
 
     def _run_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
@@ -296,7 +307,7 @@ class PipelineExecutor:
             started = time.perf_counter()
             if self.is_root:
                 pending.append(self._post_final(t, batch, started))
-            x = self._band_in(t, images[t] if self.is_root and self.stage == 0 else None, batch)
+            x = self._band_in(t, images[t] if self.is_root and self.stage == 0 else None, batch, count)
             out, spent = self._run_stage(x)
             busy += spent
             slot = t % SEND_SLOTS
