@@ -653,9 +653,11 @@ class SplitExecutor:
                     batch = image.shape[0]
                 except UsageError as err:
                     problem = str(err)
-            batch, problem = mpi.bcast_object(self.comm, (batch, problem), self.root)
-            if problem is not None:
-                raise mpi.AgreedError(problem)
+            # per image: two integers, not a pickle; the problem's text travels only when there is one
+            batch, failed = mpi.bcast_ints(self.comm, (batch if problem is None else 0, problem is not None),
+                                           self.root, "the image's batch size")
+            if failed:
+                raise mpi.AgreedError(mpi.bcast_object(self.comm, problem, self.root))
             x = mpi.scatter_rows(self.comm, image, self.plan.input_rows, self.plan.in_shape, batch, root=self.root)
             return self.forward_band(x, clock)
 

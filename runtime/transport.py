@@ -467,6 +467,13 @@ def bcast_object(comm: MPI.Comm, obj, root: int = 0, what: str = "a set-up broad
     return obj if comm.Get_rank() == root else pickle.loads(buf.tobytes())
 
 
+def bcast_ints(comm: MPI.Comm, values: Sequence[int], root: int = 0, what: str = "a broadcast") -> tuple[int, ...]:
+    """A few integers from ``root`` to every rank in one non-blocking broadcast (per-image control, no pickle)."""
+    buf = np.array([int(v) for v in values], dtype=np.int64)
+    _collective(comm, comm.Ibcast([buf, MPI.INT64_T], root=root), what)
+    return tuple(int(v) for v in buf)
+
+
 def gather_objects(comm: MPI.Comm, obj, root: int = 0, what: str = "a gather of results"):
     """Small control data (pickled) from every rank onto ``root``; None elsewhere."""
     data = _bytes_of(obj)
