@@ -23,7 +23,7 @@ import torch
 
 from runtime.errors import UsageError
 
-__all__ = ["DEVICES", "FALLBACK_NOTE", "pick_device", "autocast", "amp_dtype", "grad_scaler", "device_name"]
+__all__ = ["DEVICES", "FALLBACK_NOTE", "pick_device", "autocast", "amp_dtype", "grad_scaler", "device_name", "tune"]
 
 DEVICES = ("auto", "cpu", "cuda")
 FALLBACK_NOTE = "aflkd: no CUDA device visible to torch; running on the CPU"
@@ -74,3 +74,10 @@ def autocast(device: torch.device):
 def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
     """A loss scaler, enabled only for float16 autocast (a disabled one passes steps straight through)."""
     return torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+
+
+def tune(device: torch.device) -> None:
+    """Process-wide speed settings for training on ``device``: cuDNN's autotuner on CUDA (the shapes
+    repeat every step); nothing on the CPU, whose runs stay as they were."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True

@@ -191,11 +191,12 @@ def _tasks(cells: list[tuple], mode: str) -> list[tuple]:
 class _Context:
     """What every cell of one grid needs: the data, the teacher (or its logits per view), the options."""
 
-    def __init__(self, data, teacher_state, base, options, chain_dir, device_name_, val_idx, sizes):
+    def __init__(self, data, teacher_state, base, options, chain_dir, device_name_, val_idx, sizes, device="cpu"):
         self.data, self.base, self.options, self.chain_dir = data, base, options, chain_dir
         self.sizes = sizes  # every size of the grid: an incremental chain passes through them all
         self.teacher_state, self.val_idx, self.view_cache = teacher_state, val_idx, None
-        self.device_name = device_name_
+        self.device_name = device_name_  # what the CSV records: "cpu" or "cuda:<GPU name>"
+        self.device_spec = str(device)  # what torch.device takes: "cpu", "cuda", "cuda:0" (not the GPU's name)
         self._teacher = None
         self.table = None
         if options.views:
@@ -206,7 +207,7 @@ class _Context:
     def device(self):
         import torch
 
-        return torch.device(self.device_name)
+        return torch.device(self.device_spec)
 
     def teacher(self):
         if self._teacher is None and self.teacher_state is not None:
@@ -398,7 +399,8 @@ def run_grid(
         raise UsageError(f"methods {', '.join(m for m in methods if m != 'baseline')} need a cloud teacher (--teacher)")
     state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()} if uses_teacher else None
     cache = None
-    ctx = _Context(data, state, base, options, Path(csv_path).parent / "chains", device_name(device), val_idx, sizes)
+    ctx = _Context(data, state, base, options, Path(csv_path).parent / "chains", device_name(device), val_idx, sizes,
+                   device)
     if options.views and uses_teacher:
         needed = np.unique(np.concatenate([ctx.subset(max(sizes), seed) for seed in seeds]))
         path = (Path(csv_path).parent / f"teacher-views-{teacher_sha256}-k{options.views}.npz") if teacher_sha256 else None

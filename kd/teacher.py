@@ -21,6 +21,14 @@ only on ``(seed, e)`` and the dropout RNG state is saved too, so a run
 cut off and resumed continues bit for bit (at the same thread count: another
 count changes the order of float sums, so a resumed run then differs in the last
 bits, though it continues the same schedule).
+
+``val`` > 0 trains on the training split less the fixed validation slice of
+``val`` images (:func:`kd.datasets.validation_indices`, the slice the student
+grids hold out with ``--val``) and records the accuracy there (``val_acc``) every
+epoch, so checkpoints can be chosen without reading the test split
+(:func:`select_teacher`).  On CUDA the (normalised) training images stay on the
+GPU and each batch is cropped and flipped there, from offsets drawn on the CPU
+from the same generator in the same order, so the batches are the CPU's.
 """
 from __future__ import annotations
 
@@ -42,11 +50,12 @@ from tqdm import tqdm
 from models import cloud_net, load_weights, save_atomic
 from runtime.errors import UsageError
 
-from .datasets import ImageArrays
-from .device import autocast, device_name, grad_scaler
+from .datasets import ImageArrays, validation_indices
+from .device import autocast, device_name, grad_scaler, tune
 from .schedule import one_cycle
 
-__all__ = ["TeacherConfig", "to_tensor", "augment", "evaluate", "train_teacher", "average_teachers", "step_throughput"]
+__all__ = ["TeacherConfig", "to_tensor", "augment", "evaluate", "train_teacher", "average_teachers", "step_throughput",
+           "split_training", "evaluate_weights", "select_teacher", "record_teacher", "selected_by_val"]
 
 CL = torch.channels_last
 
@@ -63,8 +72,11 @@ class TeacherConfig:
     init: str = ""  # weights to start from ("" = random initialisation)
     swa_epochs: int = 0  # the last epochs average weights at a constant swa_lr (0 = plain one-cycle)
     swa_lr: float = 0.01
+    val: int = 0  # images of the training split held out as the validation slice (0 = none: train on all)
 
     def __post_init__(self):  # checked on construction, so the CLI refuses before loading any data
+        if self.val < 0:
+            raise UsageError(f"--val must be >= 0, got {self.val}")
         if not 0 <= self.swa_epochs <= self.epochs:
             raise UsageError(f"--swa-epochs must be between 0 and --epochs ({self.epochs}), got {self.swa_epochs}")
         if self.swa_epochs and not self.swa_lr > 0:
@@ -85,16 +97,37 @@ def to_tensor(images: np.ndarray, data: ImageArrays, size: int = 32) -> torch.Te
 
 def augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True, pad: int = 4) -> torch.Tensor:
     """Random crop (zero padding ``pad``) and optional horizontal flip, for a whole batch at once."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
+    return crop_flip(x, *draw_augment(len(x), generator, flip, pad), pad=pad)
+
+
+def draw_augment(n: int, generator: torch.Generator, flip: bool = True, pad: int = 4):
+    """The random part of :func:`augment` for ``n`` images: crop offsets ``dy, dx`` and the flip mask (None: no flip).
+
+    Drawn in :func:`augment`'s order (``dy``, ``dx``, then the flips), so drawing
+    them ahead (on the CPU) and cropping elsewhere (on a GPU) gives the same images.
+    """
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
-    idx_n = torch.arange(n).view(n, 1, 1)
+    mask = torch.rand(n, generator=generator) < 0.5 if flip else None
+    return dy, dx, mask
+
+
+def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mask: Optional[torch.Tensor],
+              pad: int = 4, where: bool = False) -> torch.Tensor:
+    """Crop each image of ``x`` at ``(dy, dx)`` in its zero-padded copy and flip where ``mask``, on ``x``'s device.
+
+    ``where`` selects the flipped images with ``torch.where`` instead of boolean
+    indexing (the same values; on a GPU it needs no wait for the mask's count).
+    """
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # (n, w)
+    idx_n = torch.arange(n, device=x.device).view(n, 1, 1)
     out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
-    if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
+    if mask is not None and where:
+        out = torch.where(mask.view(n, 1, 1, 1), out.flip(2), out)
+    elif mask is not None:
         out[mask] = out[mask].flip(2)
     return out.permute(0, 3, 1, 2).contiguous(memory_format=CL)
 
@@ -140,6 +173,25 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.
     return loss
 
 
+RESIDENT = ("cuda",)
+"""Device types whose training images are copied there once and cropped there (see the module doc)."""
+
+
+def split_training(data: ImageArrays, val: int) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """``(training indices, validation indices)`` of ``data``'s training split for a slice of ``val`` images.
+
+    ``val`` 0: ``(None, [])``, i.e. the whole training split, untouched.  Otherwise the
+    fixed slice of :func:`kd.datasets.validation_indices` and every other index.
+    """
+    if val == 0:
+        return None, np.empty(0, dtype=np.int64)
+    if not data.classes <= val < len(data.y_train):
+        raise UsageError(f"--val must be 0 or between {data.classes} (one image per class) and "
+                         f"{len(data.y_train) - 1} (less than the training split), got {val}")
+    val_idx = validation_indices(data.y_train, data.classes, val)
+    return np.setdiff1d(np.arange(len(data.y_train)), val_idx), val_idx
+
+
 def train_teacher(
     data: ImageArrays,
     out: str,
@@ -152,10 +204,12 @@ def train_teacher(
     """Train (or resume) the cloud net on ``data``'s training split; return the final state summary.
 
     ``out`` gets the model weights; ``out + '.state'`` the resumable state (both
-    load on either device: tensors are read onto the CPU, then moved).  Images are
-    augmented on the CPU (the same batches on every device) and moved to ``device``.
-    ``limit_batches`` (tests) stops each epoch early; ``stop_after`` stops after that
-    many epochs in all, as if the session had been cut off.
+    load on either device: tensors are read onto the CPU, then moved).  Augmentation
+    is drawn on the CPU (the same batches on every device); on CUDA the images are
+    cropped there (see the module doc).  ``config.val`` holds out the validation
+    slice and reports ``val_acc`` on it.  ``limit_batches`` (tests) stops each epoch
+    early; ``stop_after`` stops after that many epochs in all, as if the session had
+    been cut off.
     """
     state_path = out + ".state"
     torch.manual_seed(config.seed)
@@ -163,8 +217,10 @@ def train_teacher(
     if config.init:
         load_weights(model, config.init, f"--init must be a cloud net trained on {data.name}")
     device = torch.device("cpu") if device is None else device
+    tune(device)
     model = model.to(device=device, memory_format=CL)
-    steps_per_epoch = math.ceil(len(data.x_train) / config.batch)
+    train_idx, val_idx = split_training(data, config.val)
+    steps_per_epoch = math.ceil((len(data.x_train) if train_idx is None else len(train_idx)) / config.batch)
     if limit_batches:
         steps_per_epoch = min(steps_per_epoch, limit_batches)
     optimizer = _sgd(model, config)
@@ -194,8 +250,17 @@ def train_teacher(
         torch.set_rng_state(state["torch_rng"])  # dropout draws continue where they stopped
         if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on the GPU draws from its RNG
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-    x_train, y_train = to_tensor(data.x_train, data, config.size), torch.from_numpy(data.y_train)
+    if train_idx is None:
+        x_train, y_train = to_tensor(data.x_train, data, config.size), torch.from_numpy(data.y_train)
+    else:
+        x_train, y_train = to_tensor(data.x_train[train_idx], data, config.size), torch.from_numpy(data.y_train[train_idx])
     x_test, y_test = to_tensor(data.x_test, data, config.size), torch.from_numpy(data.y_test)
+    x_val = to_tensor(data.x_train[val_idx], data, config.size) if len(val_idx) else None
+    y_val = torch.from_numpy(data.y_train[val_idx]) if len(val_idx) else None
+    resident = device.type in RESIDENT
+    if resident:  # images copied once; evaluation reads them there too
+        x_train, y_train, x_test = x_train.to(device), y_train.to(device), x_test.to(device)
+        x_val = x_val.to(device) if x_val is not None else None
     flip = True  # horizontal flips keep the class for CIFAR and for Fashion-MNIST's garments
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     while epoch < config.epochs and (stop_after is None or epoch < stop_after):
@@ -207,32 +272,58 @@ def train_teacher(
             for group in optimizer.param_groups:
                 group["lr"] = config.swa_lr
         start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        if resident:  # the epoch's crops and flips, drawn as augment() would draw them, moved over at once
+            batches = [order[s * config.batch : (s + 1) * config.batch] for s in range(steps_per_epoch)]
+            draws = [draw_augment(len(b), generator, flip) for b in batches]
+            order_dev = torch.cat(batches).to(device)
+            dy, dx = (torch.cat([d[i] for d in draws]).to(device) for i in (0, 1))
+            mask = torch.cat([d[2] for d in draws]).to(device) if flip else None
+            loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per step
         bar = tqdm(range(steps_per_epoch), desc=f"{data.name} epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False)
         for step in bar:
             idx = order[step * config.batch : (step + 1) * config.batch]
-            xb = augment(x_train[idx], generator, flip=flip).to(device, non_blocking=True)
-            loss = _train_step(model, optimizer, loss_fn, xb, y_train[idx].to(device, non_blocking=True), scaler)
+            if resident:
+                lo, hi = seen, seen + len(idx)
+                rows = order_dev[lo:hi]
+                xb = crop_flip(x_train[rows], dy[lo:hi], dx[lo:hi], mask[lo:hi] if flip else None, where=True)
+                loss = _train_step(model, optimizer, loss_fn, xb, y_train[rows], scaler)
+            else:
+                xb = augment(x_train[idx], generator, flip=flip).to(device, non_blocking=True)
+                loss = _train_step(model, optimizer, loss_fn, xb, y_train[idx].to(device, non_blocking=True), scaler)
             if not averaging:
                 schedule.step()
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            if resident:
+                loss_acc += loss.detach().double() * len(idx)
+                bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            else:
+                loss_sum += loss.item() * len(idx)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if resident:
+            loss_sum = loss_acc.item()
         elapsed = time.perf_counter() - start
         accuracy = evaluate(model, x_test, y_test)
+        val_accuracy = evaluate(model, x_val, y_val) if x_val is not None else None
         epoch += 1
         record = {"epoch": epoch, "train_loss": loss_sum / seen, "test_acc": accuracy,
                   "seconds": elapsed, "images_per_s": seen / elapsed, "device": device_name(device)}
+        if val_accuracy is not None:
+            record["val_acc"] = val_accuracy
         kept = model
         if averaging:  # OUT gets the average; its accuracy is the run's, the last iterate's is kept beside it
             averaged.update_parameters(model)
             kept = averaged.module
             record.update(sgd_test_acc=accuracy, test_acc=evaluate(kept, x_test, y_test),
                           averaged=int(averaged.n_averaged))
+            if val_accuracy is not None:
+                record.update(sgd_val_acc=val_accuracy, val_acc=evaluate(kept, x_val, y_val))
         history.append(record)
-        swa_note = (f" (average of {record['averaged']}; last iterate {accuracy:.2%})" if averaging else "")
+        swa_note = (f" (average of {record['averaged']}; last iterate {accuracy:.2%}"
+                    + (f", val {val_accuracy:.2%}" if val_accuracy is not None else "") + ")" if averaging else "")
+        val_note = f", val acc {record['val_acc']:.2%}" if val_accuracy is not None else ""
         print(f"{data.name} epoch {epoch}/{config.epochs}: loss {loss_sum / seen:.4f}, "
-              f"test acc {record['test_acc']:.2%}{swa_note}, {seen / elapsed:.0f} img/s", flush=True)
+              f"test acc {record['test_acc']:.2%}{val_note}{swa_note}, {seen / elapsed:.0f} img/s", flush=True)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict() if schedule is not None else None,
                      "averaged": averaged.state_dict() if averaged is not None else None,
@@ -243,11 +334,12 @@ def train_teacher(
                      "config": asdict(config)}, state_path)
         save_atomic({k: v.cpu() for k, v in kept.state_dict().items()}, out)  # plain CPU tensors, any device loads them
     return {"dataset": data.name, "epochs": epoch, "test_acc": history[-1]["test_acc"] if history else float("nan"),
+            "val": config.val, "val_acc": history[-1].get("val_acc") if history else None,
             "history": history, "device": device_name(device)}
 
 
 def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 32,
-                     device: Optional[torch.device] = None) -> float:
+                     device: Optional[torch.device] = None, val: int = 0):
     """Average saved cloud nets (weights and BatchNorm statistics, equal weight) into ``out``; return its test accuracy.
 
     Stochastic weight averaging with a cyclical schedule (Izmailov et al., 2018)
@@ -255,10 +347,12 @@ def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 
     restarts (``train cloud --init``) are exactly such points, so averaging them
     needs no further training.  The files must be nets of one basin (one chain):
     nets trained from different random starts have their units in another
-    order, so their average is not expected to work.
+    order, so their average is not expected to work.  ``val`` > 0: returns
+    ``(test accuracy, accuracy on the validation slice of val images)`` instead.
     """
     if len(paths) < 2:
         raise UsageError(f"give at least two weights files to average, got {len(paths)}")
+    _, val_idx = split_training(data, val)  # refused before any work
     model = cloud_net(data.channels, size, data.classes)
     averaged = None
     for path in paths:
@@ -270,7 +364,66 @@ def average_teachers(data: ImageArrays, paths: list[str], out: str, size: int = 
     save_atomic(net.state_dict(), out)  # from the CPU: the file is the same whatever device tests it
     net = net.to(device or torch.device("cpu"))
     accuracy = evaluate(net, to_tensor(data.x_test, data, size), torch.from_numpy(data.y_test))
-    return accuracy
+    if not val:
+        return accuracy
+    return accuracy, evaluate(net, to_tensor(data.x_train[val_idx], data, size), torch.from_numpy(data.y_train[val_idx]))
+
+
+def evaluate_weights(data: ImageArrays, path: str, split: str, val: int = 0, size: int = 32,
+                     device: Optional[torch.device] = None) -> float:
+    """Top-1 accuracy of the cloud net saved in ``path`` on ``split``: ``"val"`` (the validation slice of ``val``
+    training images) or ``"test"`` (the full test split)."""
+    model = load_weights(cloud_net(data.channels, size, data.classes), path,
+                         f"every candidate must be a cloud net trained on {data.name}")
+    model = model.to(device=device or torch.device("cpu"), memory_format=CL)
+    if split == "test":
+        return evaluate(model, to_tensor(data.x_test, data, size), torch.from_numpy(data.y_test))
+    _, val_idx = split_training(data, val)
+    if not len(val_idx):
+        raise UsageError("--val must be > 0: the candidates are compared on the validation slice")
+    return evaluate(model, to_tensor(data.x_train[val_idx], data, size), torch.from_numpy(data.y_train[val_idx]))
+
+
+def _trained_val(path: str) -> Optional[int]:
+    """The ``--val`` a ``train cloud`` output was trained with, read from its ``.state`` (None: no state kept)."""
+    state_path = path + ".state"
+    if not os.path.exists(state_path):
+        return None
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    return int(state.get("config", {}).get("val", 0))
+
+
+def select_teacher(data: ImageArrays, paths: list[str], out: str, val: int,
+                   device: Optional[torch.device] = None) -> dict:
+    """Copy the candidate with the best accuracy on the validation slice of ``val`` images to ``out``.
+
+    Only the validation slice is read to choose (the first of equals wins); the
+    chosen file is then evaluated once on the test split.  A candidate whose
+    ``.state`` says it trained on another slice (another ``--val``, e.g. 0: on the
+    slice itself) is refused: its validation accuracy would not be held out.
+    Returns ``{"val_acc": {path: acc}, "chosen": path, "test_acc", "chosen_val_acc"}``.
+    """
+    import shutil
+
+    from models.checkpoint import write_atomic
+
+    if not paths:
+        raise UsageError("give at least one candidate weights file")
+    if len(set(paths)) != len(paths):
+        raise UsageError("a candidate is given twice")
+    if os.path.abspath(out) in {os.path.abspath(p) for p in paths}:
+        raise UsageError(f"--out {out} is one of the candidates; give another file")
+    for path in paths:
+        trained = _trained_val(path)
+        if trained is not None and trained != val:
+            raise UsageError(f"{path} was trained with --val {trained}, not {val}: the validation slice of {val} "
+                             "images is not held out from it")
+    scores = {path: evaluate_weights(data, path, "val", val, device=device) for path in paths}
+    chosen = max(paths, key=lambda p: scores[p])  # max keeps the first of equals
+    with open(chosen, "rb") as src:
+        write_atomic(out, lambda fh: shutil.copyfileobj(src, fh))
+    test_acc = evaluate_weights(data, out, "test", device=device)
+    return {"val_acc": scores, "chosen": chosen, "chosen_val_acc": scores[chosen], "test_acc": test_acc}
 
 
 def step_throughput(model: nn.Module, shape: tuple[int, int, int], classes: int, batch: int = 128,
@@ -305,22 +458,30 @@ def step_throughput(model: nn.Module, shape: tuple[int, int, int], classes: int,
 SELECTED_BY_NONE = "none: the command's last epoch, the test split read once after training"
 
 
+def selected_by_val(val: int) -> str:
+    """``selected_by`` of a command's own output (no choice) when it trained without the validation slice."""
+    return (f"none: the command's own output, trained on the training split less the validation slice of {val} "
+            f"(val_acc there); the test split read once after training")
+
+
 def record_teacher(csv_path: str, dataset: str, test_acc: float, epochs: Optional[int], command: str,
-                   device: str = "", selected_by: str = SELECTED_BY_NONE) -> None:
+                   device: str = "", selected_by: str = SELECTED_BY_NONE, val_acc: Optional[float] = None) -> None:
     """Add or replace the row for ``dataset`` in ``results/teachers.csv`` (``epochs`` None: left blank).
 
     ``device`` says what made the row (rows from before the column existed keep it blank);
-    ``selected_by`` how the checkpoint was chosen (a command's own output involves no choice)."""
+    ``selected_by`` how the checkpoint was chosen (a command's own output involves no choice);
+    ``val_acc`` the accuracy on the validation slice (blank: none held out, and for older rows)."""
     path = Path(csv_path)
     rows = []
     if path.exists():
         with open(path, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r["dataset"] != dataset]
     rows.append({"dataset": dataset, "test_acc": f"{test_acc:.4f}", "epochs": "" if epochs is None else str(epochs),
-                 "command": command, "device": device, "selected_by": selected_by})
+                 "command": command, "device": device, "selected_by": selected_by,
+                 "val_acc": "" if val_acc is None else f"{val_acc:.4f}"})
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["dataset", "test_acc", "epochs", "command", "device", "selected_by"],
-                                restval="")
+        writer = csv.DictWriter(fh, fieldnames=["dataset", "test_acc", "epochs", "command", "device", "selected_by",
+                                                "val_acc"], restval="")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["dataset"]))

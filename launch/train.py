@@ -1,4 +1,5 @@
-"""``aflkd train``: ``cloud`` (a teacher, resumable), ``average`` (SWA of saved teachers), ``edge`` (one student)."""
+"""``aflkd train``: ``cloud`` (a teacher, resumable), ``average`` (SWA of saved teachers), ``select`` (the best
+of saved teachers on the validation slice), ``edge`` (one student)."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,10 @@ def add_parser(sub) -> None:
                        "holds the equal-weight average of the weights and BatchNorm statistics at the end of each")
     cloud.add_argument("--swa-lr", type=options.positive_float, default=TeacherConfig.swa_lr,
                        help="learning rate of the averaging epochs")
+    cloud.add_argument("--val", type=options.non_negative_int, default=TeacherConfig.val, metavar="N",
+                       help="hold out the fixed class-balanced validation slice of N training images (the one "
+                       "'experiment accuracy --val N' holds out): train on the rest and report accuracy there (val_acc) "
+                       "every epoch, for choosing checkpoints without the test split (0: train on the whole split)")
     cloud.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
     cloud.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
                        help="where to record the test accuracy")
@@ -65,12 +70,35 @@ def add_parser(sub) -> None:
     options.data_options(average)
     average.add_argument("weights", nargs="+", metavar="PT", help="cloud net weights files (two or more)")
     average.add_argument("--out", required=True, help="weights file of the average")
+    average.add_argument("--val", type=options.non_negative_int, default=0, metavar="N",
+                         help="also report the average's accuracy on the validation slice of N training images "
+                         "(the one 'train cloud --val N' held out)")
     average.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
     average.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
                          help="where to record the test accuracy")
     average.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     options.device_option(average, "average is tested")
     average.set_defaults(func=_average)
+
+    select = what.add_parser(
+        "select",
+        help="copy the best of saved cloud nets on the validation slice to OUT; the test split read once",
+        description="Evaluate each candidate cloud net on the validation slice of N training images (and on "
+        "nothing else), copy the best (the first of equals) to OUT, evaluate OUT once on the test split and record "
+        "it in results/teachers.csv with how it was selected. The candidates must not have trained on the slice: "
+        "train them with 'train cloud --val N' (a candidate whose .state says another --val is refused).",
+    )
+    options.data_options(select)
+    select.add_argument("weights", nargs="+", metavar="PT", help="candidate cloud net weights files")
+    select.add_argument("--val", type=options.positive_int, required=True, metavar="N",
+                        help="size of the validation slice the candidates were trained without")
+    select.add_argument("--out", required=True, help="where the chosen weights are copied")
+    select.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
+    select.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
+                        help="where to record the test accuracy")
+    select.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    options.device_option(select, "candidates are evaluated")
+    select.set_defaults(func=_select)
 
     edge = what.add_parser(
         "edge",
@@ -104,14 +132,14 @@ def _help(parser: argparse.ArgumentParser) -> int:
 def _cloud(args) -> int:
     from kd.datasets import DatasetNotFound, load_dataset
     from kd.device import pick_device
-    from kd.teacher import TeacherConfig, record_teacher, train_teacher
+    from kd.teacher import SELECTED_BY_NONE, TeacherConfig, record_teacher, selected_by_val, train_teacher
 
     out = args.out or str(options.REPO / "checkpoints" / f"cloud-{args.dataset}.pt")
     if os.path.exists(out) and not os.path.exists(out + ".state") and not args.force:
         raise UsageError(f"{out} exists and there is no {out}.state to resume from; training would overwrite it "
                          "(a shipped teacher, by default): pass --out NEW.pt, or --force to overwrite")
     config = TeacherConfig(epochs=args.epochs, batch=args.batch, max_lr=args.max_lr, seed=args.seed,
-                           init=args.init, swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
+                           init=args.init, swa_epochs=args.swa_epochs, swa_lr=args.swa_lr, val=args.val)
     options.prepare_output(out, "--out")
     options.prepare_output(args.results, "--results")
     try:
@@ -120,17 +148,19 @@ def _cloud(args) -> int:
         raise UsageError(f"{err}, or pass --download to fetch it") from None
     device = pick_device(args.device)
     summary = train_teacher(data, out, config, progress=not args.no_progress, device=device)
-    print(f"{args.dataset}: test accuracy {summary['test_acc']:.2%} after {summary['epochs']} epochs "
+    val_note = f", validation accuracy {summary['val_acc']:.2%} ({args.val} held out)" if args.val else ""
+    print(f"{args.dataset}: test accuracy {summary['test_acc']:.2%}{val_note} after {summary['epochs']} epochs "
           f"on {summary['device']} -> {out}")
     record_teacher(args.results, args.dataset, summary["test_acc"], summary["epochs"], args.command_line,
-                   summary["device"])
+                   summary["device"], selected_by_val(args.val) if args.val else SELECTED_BY_NONE,
+                   summary["val_acc"] if args.val else None)
     return 0
 
 
 def _average(args) -> int:
     from kd.datasets import load_dataset
     from kd.device import device_name, pick_device
-    from kd.teacher import average_teachers, record_teacher
+    from kd.teacher import SELECTED_BY_NONE, average_teachers, record_teacher, selected_by_val
 
     if len(args.weights) < 2:
         raise UsageError(f"give at least two weights files to average, got {len(args.weights)}")
@@ -140,10 +170,42 @@ def _average(args) -> int:
     options.prepare_output(args.results, "--results")
     data = load_dataset(args.dataset, args.data_root)
     device = pick_device(args.device)
-    accuracy = average_teachers(data, args.weights, args.out, device=device)
-    print(f"{args.dataset}: average of {len(args.weights)} nets, test accuracy {accuracy:.2%} -> {args.out}")
+    val_acc = None
+    if args.val:
+        accuracy, val_acc = average_teachers(data, args.weights, args.out, device=device, val=args.val)
+    else:
+        accuracy = average_teachers(data, args.weights, args.out, device=device)
+    val_note = f", validation accuracy {val_acc:.2%} ({args.val} held out)" if args.val else ""
+    print(f"{args.dataset}: average of {len(args.weights)} nets, test accuracy {accuracy:.2%}{val_note} -> {args.out}")
     record_teacher(args.results, args.dataset, accuracy, None, args.command_line,  # the chain's epochs: not known
-                   device_name(device))
+                   device_name(device), selected_by_val(args.val) if args.val else SELECTED_BY_NONE, val_acc)
+    return 0
+
+
+def _select(args) -> int:
+    from kd.datasets import load_dataset
+    from kd.device import device_name, pick_device
+    from kd.teacher import record_teacher, select_teacher
+
+    if os.path.exists(args.out) and not args.force:
+        raise UsageError(f"{args.out} exists (a shipped teacher?); pass another --out, or --force to overwrite it")
+    missing = [p for p in args.weights if not os.path.isfile(p)]
+    if missing:
+        raise UsageError(f"candidate '{missing[0]}' does not exist")
+    options.prepare_output(args.out, "--out")
+    options.prepare_output(args.results, "--results")
+    data = load_dataset(args.dataset, args.data_root)
+    device = pick_device(args.device)
+    result = select_teacher(data, args.weights, args.out, args.val, device=device)
+    for path, acc in result["val_acc"].items():
+        print(f"{args.dataset}: {path}: validation accuracy {acc:.2%}" + ("  <- chosen" if path == result["chosen"] else ""))
+    print(f"{args.dataset}: chose {result['chosen']} (validation {result['chosen_val_acc']:.2%} on {args.val} held-out "
+          f"images), test accuracy {result['test_acc']:.2%} -> {args.out}")
+    names = ", ".join(f"{os.path.basename(p)} {a:.4f}" for p, a in result["val_acc"].items())
+    selected_by = (f"validation slice of {args.val}, best of {len(args.weights)} candidates: {names}; "
+                   f"chose {os.path.basename(result['chosen'])}; the test split read once, after the choice")
+    record_teacher(args.results, args.dataset, result["test_acc"], None, args.command_line, device_name(device),
+                   selected_by, result["chosen_val_acc"])
     return 0
 
 
