@@ -68,12 +68,15 @@ def subset_digest(data: ImageArrays, train_idx: np.ndarray) -> str:
 
 
 def _check_ranks(comm, cloud: int) -> None:
+    """Every rank checks the same options against the same size: the same error everywhere (agreed)."""
+    from runtime.transport import AgreedError
+
     size = comm.Get_size()
     if size < 2:
         raise UsageError(f"streamed distillation needs a cloud rank and at least one edge rank; run it under "
                          f"'mpiexec -n 2' or more (got {size} rank)")
     if not 0 <= cloud < size:
-        raise UsageError(f"--cloud-rank must be between 0 and {size - 1} for {size} ranks, got {cloud}")
+        raise AgreedError(f"--cloud-rank must be between 0 and {size - 1} for {size} ranks, got {cloud}")
 
 
 def _input_shape(data: ImageArrays) -> tuple[int, int, int]:
@@ -117,7 +120,9 @@ def open_edge(comm, cloud: int, job: EdgeJob, data: ImageArrays, timeout_s: floa
         raise
     if verdict["problem"] is not None:
         transport.free(private)
-        raise UsageError(verdict["problem"])
+        from runtime.transport import AgreedError  # every rank of the stream raises it
+
+        raise AgreedError(verdict["problem"])
     batch = min(config.batch, len(job.train_idx))  # as BatchStream: full batches only
     source = StreamedTeacher(private, cloud, config.steps, batch, data.classes, job.wire, job.run_ahead,
                              timeout_s, verdict["weights"])
@@ -193,7 +198,9 @@ def open_cloud(comm, cloud: int, teacher: Optional[nn.Module], data: Optional[Im
         raise
     if problem is not None:
         transport.free(private)
-        raise UsageError(problem)
+        from runtime.transport import AgreedError  # every rank of the stream raises it
+
+        raise AgreedError(problem)
     return Cloud(private, cloud, LocalTeacher(teacher), data, hellos, timeout_s)
 
 

@@ -279,7 +279,9 @@ def _agree(setup: _Setup, args, mine: dict) -> dict:
         problem = (f"the teacher takes {cloud['channels']}-channel images but the buffer holds "
                    f"{edge['channels']}-channel ones; use a buffer of this dataset")
     if problem is not None:
-        raise UsageError(problem)
+        from runtime.transport import AgreedError  # every rank of the stream raises it
+
+        raise AgreedError(problem)
     return theirs
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mpi4py import MPI  # noqa: E402
 
 from kd.incremental import CloudLink, serve_cloud  # noqa: E402
-from runtime.stream import PeerTimeout  # noqa: E402
+from runtime.transport import PeerTimeout  # noqa: E402
 from tests import incremental_harness as h  # noqa: E402
 
 ROUNDS = [list(range(r * 7, r * 7 + 7)) for r in range(6)]

@@ -78,7 +78,8 @@ def test_another_torch_version_on_one_rank_is_refused():
 
 def test_a_rank_stopped_mid_stream_ends_the_job_within_the_deadline():
     proc, took = on_rank1("stop", "20", args=[*BENCH, "--images", "40", "--deadline", "3"])
-    assert proc.returncode == 3, proc.stderr
+    # 3 from the rank that found it, or 9 when mpiexec reports the stopped rank it had to kill
+    assert proc.returncode in (3, 9), proc.stderr
     lines = errors(proc)
     assert len(lines) == 1 and "rank 1 (" in lines[0] and "within 3 s" in lines[0], proc.stderr
     assert took < 45  # set-up and the one-rank run take about 10 s here; then the deadline
