@@ -23,7 +23,7 @@ setup(
     extras_require={
         # MPI from PyPI (no system MPI needed); leave it out on boards with a system MPI.
         "mpich": ["mpich"],
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "hypothesis>=6", "pytest-xdist>=3"],
     },
     entry_points={"console_scripts": ["aflkd = launch.cli:main"]},
 )

@@ -118,7 +118,7 @@ def _mpi_run(py: str, n: int, marks: str, label: str, logdir: Path, pytest_args:
     rundir = logdir / f"{label.split()[0]}-n{n}"
     rundir.mkdir()
     code = _run([_mpiexec(), "-n", str(n), py, "-m", "mpi4py", "-m", "launch.rank_pytest", str(rundir),
-                 "--with-mpi", "-m", marks, "--color=no", "-q", *pytest_args, "tests"], timeout,
+                 "--with-mpi", "-m", marks, "--color=no", "-q", *pytest_args, *mpi_test_files()], timeout,
                 log=rundir / "mpiexec.log")
     per_rank = [read_junit(rundir / f"rank{r}.xml") for r in range(n)]
     failed_ranks = [r for r, c in enumerate(per_rank) if not c.ok]
@@ -136,6 +136,24 @@ def _mpi_run(py: str, n: int, marks: str, label: str, logdir: Path, pytest_args:
     return label, worst, code
 
 
+def mpi_test_files() -> list[str]:
+    """The test files that hold MPI tests: each rank of an MPI run collects only these (collecting every file
+    costs each rank seconds of imports)."""
+    files = sorted(p for p in (REPO / "tests").glob("test_*.py") if "mark.mpi" in p.read_text())
+    return [str(p.relative_to(REPO)) for p in files] or ["tests"]
+
+
+def serial_workers() -> list[str]:
+    """pytest-xdist's options for the serial run: one worker more than cores (many tests wait on a
+    subprocess), none where xdist is missing or there is one core."""
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ["-n", str(cores + 1)] if cores > 1 else []
+
+
 def run_suite(sizes: Sequence[int], pytest_args: Sequence[str], logs: str, timeout: int,
               wide_sizes: Sequence[int] = ()) -> int:
     logdir = (REPO / logs).resolve()
@@ -147,7 +165,7 @@ def run_suite(sizes: Sequence[int], pytest_args: Sequence[str], logs: str, timeo
 
     print("== serial tests (pytest -m 'not mpi') ==", flush=True)
     serial_xml = logdir / "serial.xml"
-    code = _run([py, "-m", "pytest", "-m", "not mpi", "--color=no", f"--junitxml={serial_xml}",
+    code = _run([py, "-m", "pytest", "-m", "not mpi", "--color=no", f"--junitxml={serial_xml}", *serial_workers(),
                  *pytest_args, "tests"], timeout)
     summary.append(("serial", read_junit(serial_xml), code))
 

@@ -50,3 +50,14 @@ def test_unknown_head_is_one_line():
     assert "--head: invalid choice: 'rows'" in line
 
 
+
+
+@needs_mpiexec
+def test_head_split_headline_figures_are_the_splits(tmp_path):
+    proc = aflkd(2, "bench", "layers", "--net", "edge2", "--size", "32", "--repeat", "2", "--warmup", "1",
+                 "--head", "split", "--json", str(tmp_path / "r.json"), "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    heads = {h["head"]: h for h in report["heads"]}
+    assert report["end_to_end_ms"] == heads["split"]["end_to_end_ms"] != heads["gather"]["end_to_end_ms"]
+    assert report["peak_rss_mb"] == heads["split"]["peak_rss_mb"]

@@ -16,10 +16,18 @@ from tests.randomnets import random_config
 TV_NETS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "googlenet", "alexnet")
 
 
+def one_block_above_two_ranks(world, block: int, blocks: int) -> None:
+    """Every block at 2 ranks; one block per larger size, another at each (CI's 2 cores run 3 and 4 ranks
+    oversubscribed: this keeps the suite's time, and the sizes together still cover every block)."""
+    if world.size > 2 and block != world.size % blocks:
+        pytest.skip(f"block {block} runs at 2 ranks; at {world.size} ranks block {world.size % blocks} runs")
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("block", range(3))
 def test_random_stacks_match_unsplit(world, split_check, agree, block):
     """600 random stacks: kernels 1-7, strides 1/2, paddings 0-3, dilations 1/2, pools, batch 1-3, uneven weights."""
+    one_block_above_two_ranks(world, block, 3)
     problems = []
     for seed in range(200 * block, 200 * (block + 1)):
         model, shape, batch, weights = random_config(10_000 + seed, world.size)
@@ -32,6 +40,7 @@ def test_random_stacks_match_unsplit(world, split_check, agree, block):
 def test_random_graphs_match_unsplit(world, split_check, agree, block):
     """300 random DAGs: residual add/mul, channel cat/chunk/shuffle, squeeze-excitation, ceil-mode and depthwise
     convs, global-pool or flatten heads, batch 1-3, uneven weights."""
+    one_block_above_two_ranks(world, block, 2)
     problems = []
     for seed in range(150 * block, 150 * (block + 1)):
         model, shape, batch, weights = random_graph(20_000 + seed, world.size)
