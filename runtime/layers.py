@@ -57,6 +57,7 @@ def is_elementwise_function(target) -> bool:
 ELEMENTWISE_METHODS: frozenset = frozenset((
     "add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
     "tanh", "tanh_", "clamp", "clamp_", "clamp_min", "clamp_min_", "neg", "contiguous", "float",
+    "expand_as",  # y.expand_as(x): a per-channel y broadcast to x's own (local) shape (timm's ECA gate)
 ))
 
 
