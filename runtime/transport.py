@@ -70,8 +70,10 @@ DEFAULT_DEADLINE_S = 30.0
 LONG_WAIT_FACTOR = 20
 #: Seconds between two polls of a waiting rank once the spin is over: short against a layer, not spinning.
 POLL_S = 0.0005
-#: Seconds a wait spins (no sleep) before it starts sleeping: halo exchanges finish within it.
-SPIN_S = 0.002
+#: Seconds a hot-path wait (halo rows, a band, the per-image scatter and gather) spins before it starts
+#: sleeping: as MPICH's own Waitall, so no poll interval is added to any exchange on the image path;
+#: only a peer late by more than this lets the waiting rank's core rest.
+HOT_SPIN_S = 1.0
 
 
 def _deadline_from_env() -> float:
@@ -239,12 +241,13 @@ def _peers_text(peers: Sequence[tuple]) -> str:
 
 
 def _poll(requests: list, statuses: Optional[list], timeout_s: float, on_timeout: Callable[[], str],
-          on_error: Callable[[MPI.Exception], str], sleep_s: Optional[float] = None) -> None:
-    """Test ``requests`` until all complete; a short spin, then sleeps; raise at the deadline."""
+          on_error: Callable[[MPI.Exception], str], spin_s: float = HOT_SPIN_S) -> None:
+    """Test ``requests`` until all complete: spin for ``spin_s``, then sleep :data:`POLL_S` between
+    tests; raise at the deadline."""
     start = time.monotonic()
     end = start + timeout_s
-    spin_end = start + (0.0 if sleep_s is not None else SPIN_S)
-    pause = POLL_S if sleep_s is None else sleep_s
+    spin_end = start + spin_s
+    pause = POLL_S
     while True:
         try:
             done = MPI.Request.Testall(requests, statuses) if statuses is not None else MPI.Request.Testall(requests)
@@ -355,8 +358,9 @@ def long_wait_s() -> float:
 
 
 def _collective(comm: MPI.Comm, request: MPI.Request, what: str, busy: bool = False,
-                timeout_s: Optional[float] = None) -> None:
-    """Wait for one collective request within the deadline (``busy``: never sleep, for timing)."""
+                timeout_s: Optional[float] = None, spin_s: float = HOT_SPIN_S) -> None:
+    """Wait for one collective request within the deadline (``busy``: never sleep, for timing;
+    ``spin_s`` 0 for set-up and idle waits, which sleep from the start)."""
     timeout_s = _deadline_s if timeout_s is None else timeout_s
     members = comm.Get_size()
     _poll([request], None, timeout_s,
@@ -364,7 +368,7 @@ def _collective(comm: MPI.Comm, request: MPI.Request, what: str, busy: bool = Fa
                    f"{_absent(comm)} died, stalled or left early"),
           lambda err: (f"{me()}: {what} of {members} ranks failed ({err.Get_error_string().strip()}): "
                        "the ranks hold different plans"),
-          sleep_s=0.0 if busy else None)
+          spin_s=timeout_s if busy else spin_s)
 
 
 def _absent(comm: MPI.Comm) -> str:
@@ -439,7 +443,7 @@ def idle_barrier(comm: MPI.Comm, what: str = "a barrier", timeout_s: Optional[fl
     """A barrier whose waiting ranks sleep instead of spinning on a core (MPICH's ``Barrier`` busy-polls:
     while one rank times a multi-threaded run the others would steal its cores).  ``timeout_s``: default
     the deadline; :func:`long_wait_s` where one rank works alone meanwhile."""
-    _collective(comm, comm.Ibarrier(), what, timeout_s=timeout_s)
+    _collective(comm, comm.Ibarrier(), what, timeout_s=timeout_s, spin_s=0.0)
 
 
 def barrier(comm: MPI.Comm, what: str = "a barrier") -> None:
