@@ -97,6 +97,11 @@ def _refuse(err: Exception, code: int) -> int:
         return code
     text = str(err)
     rank = options.rank()
+    everyone = transport.fault_everywhere(text)
+    if everyone is not None:  # every rank hit an error at once: one line from rank 0, a clean exit everywhere
+        if rank == 0:
+            print(f"aflkd: error: {everyone[0]}", file=sys.stderr, flush=True)
+        return code
     if rank != 0:
         time.sleep(_NON_ROOT_DELAY_S)
     if isinstance(err, transport.TransportError) or text.startswith("rank "):

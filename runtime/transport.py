@@ -59,6 +59,7 @@ TAG_PASSES = 32000
 TAG_COLUMNS = 32001  # runtime.distribute: a split head's weight columns
 TAG_LINK = 32100  # runtime.headcost: the link measurement (+ repeat index, < 32200)
 TAG_SIZE_CHECK = 32300  # tests: a deliberately wrong-sized message
+TAG_FAULT = 32400  # fault_everywhere: a rank's error, told to every other rank
 
 #: numpy has no bfloat16: such tensors travel as same-sized integers.
 _AS_INTEGERS = {torch.bfloat16: torch.int16}
@@ -668,6 +669,34 @@ def rank(comm: MPI.Comm) -> int:
 
 def size(comm: MPI.Comm) -> int:
     return comm.Get_size()
+
+
+def fault_everywhere(text: str, window_s: float = 1.5) -> Optional[list]:
+    """Tell every other rank of this rank's error, then listen ``window_s`` for theirs.
+
+    Returns every rank's error (by rank) when every rank reported one -- an
+    error the whole job hit at once, such as an option checked against the
+    world size on every rank -- so the job can end cleanly with one line;
+    None when some rank stayed silent (this rank's fault alone: its peers are
+    busy elsewhere, and the caller leaves the job).  Point-to-point on a tag
+    of its own, so it never matches a collective a healthy peer is in.
+    """
+    comm = MPI.COMM_WORLD
+    me_, size_ = comm.Get_rank(), comm.Get_size()
+    sends = [comm.isend(text, dest=r, tag=TAG_FAULT) for r in range(size_) if r != me_]
+    got: dict[int, str] = {me_: text}
+    end = time.monotonic() + window_s
+    status = MPI.Status()
+    while len(got) < size_ and time.monotonic() < end:
+        if comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_FAULT, status=status):
+            source = status.Get_source()
+            got[source] = comm.recv(source=source, tag=TAG_FAULT)
+        else:
+            time.sleep(POLL_S)
+    if len(got) < size_:
+        return None
+    wait_by(sends, time.monotonic() + window_s)
+    return [got[r] for r in range(size_)]
 
 
 def is_running_job() -> bool:
