@@ -73,11 +73,7 @@ def add_parser(sub) -> None:
     average.add_argument("--val", type=options.non_negative_int, default=0, metavar="N",
                          help="also report the average's accuracy on the validation slice of N training images "
                          "(the one 'train cloud --val N' held out)")
-    average.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
-    average.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
-                         help="where to record the test accuracy")
-    average.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    options.device_option(average, "average is tested")
+    _saved_teacher_options(average, "average is tested")
     average.set_defaults(func=_average)
 
     select = what.add_parser(
@@ -93,11 +89,7 @@ def add_parser(sub) -> None:
     select.add_argument("--val", type=options.positive_int, required=True, metavar="N",
                         help="size of the validation slice the candidates were trained without")
     select.add_argument("--out", required=True, help="where the chosen weights are copied")
-    select.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
-    select.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
-                        help="where to record the test accuracy")
-    select.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    options.device_option(select, "candidates are evaluated")
+    _saved_teacher_options(select, "candidates are evaluated")
     select.set_defaults(func=_select)
 
     edge = what.add_parser(
@@ -122,6 +114,15 @@ def add_parser(sub) -> None:
     from . import distill
 
     distill.add_parser(what)
+
+
+def _saved_teacher_options(parser: argparse.ArgumentParser, tested: str) -> None:
+    """--threads, --results, --force and --device of the commands that test saved teachers (average, select)."""
+    parser.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
+                        help="where to record the test accuracy")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    options.device_option(parser, tested)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
