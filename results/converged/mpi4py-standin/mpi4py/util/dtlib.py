@@ -1,0 +1,5 @@
+from .._missing import missing
+
+
+def __getattr__(name):
+    return missing("dtlib", name)
