@@ -28,7 +28,8 @@ from .datasets import ImageArrays, balanced_subset
 from .grid_report import markdown_table, plot_accuracy
 from .trainer import EdgeConfig, train_edge
 
-__all__ = ["FIELDS", "MODES", "GridOptions", "file_digest", "check_settings", "missing_cells", "run_grid",
+__all__ = ["FIELDS", "MODES", "GridOptions", "file_digest", "check_settings", "chains_agree", "chain_of",
+           "missing_cells", "run_grid",
            "read_results", "markdown_table", "plot_accuracy", "epoch_time_by_frozen"]
 
 FIELDS = ["dataset", "net", "size", "method", "seed", "mode", "test_acc", "val_acc", "steps", "epochs", "train_images",
@@ -90,8 +91,21 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def chains_agree(kept: Iterable[int], wanted: Iterable[int]) -> bool:
+    """Whether an incremental grid run through sizes ``wanted`` may add cells to one run through ``kept``.
+
+    A cell of size s trained from the students of every smaller size in its chain, so
+    two runs agree only when one chain is the start of the other: sizes 500, 2000 and
+    500, 1000 do not (a later run through 500, 1000, 2000 would find a 2000 cell that
+    never saw the 1000 student).
+    """
+    kept, wanted = sorted(set(kept)), sorted(set(wanted))
+    short, long_ = (kept, wanted) if len(kept) <= len(wanted) else (wanted, kept)
+    return long_[: len(short)] == short
+
+
 def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "",
-                   options: Optional["GridOptions"] = None) -> Optional[dict]:
+                   options: Optional["GridOptions"] = None, chain: Optional[Iterable[int]] = None) -> Optional[dict]:
     """Refuse to mix cells trained with other settings into ``csv_path``.
 
     Finished cells are skipped by key (dataset, net, size, method, seed), so a rerun
@@ -101,14 +115,29 @@ def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "",
     file; a grid that has used no teacher yet (baseline cells only) takes the first
     one it is given.  Returns the settings to write with the first cell when the
     CSV holds no cell yet (nothing is written before a cell is finished), else None.
+    ``chain`` (the sizes of an incremental grid) is kept as ``chain_sizes`` and must
+    agree with the kept one (:func:`chains_agree`); the longer of the two is kept.
     """
     path = Path(csv_path).with_suffix(".settings.json")
     wanted = {**_settings(base, options), "teacher_sha256": teacher_sha256}
+    if chain is not None:
+        wanted["chain_sizes"] = sorted(set(chain))
     if not read_results(csv_path):
         return wanted  # no cell yet: settings left by a run that finished none do not bind
     if path.exists():
         kept = json.loads(path.read_text())
-        keys = [k for k in wanted if k != "teacher_sha256"] + [k for k in kept if k not in wanted and k != "steps"]
+        old_chain, new_chain = kept.get("chain_sizes"), wanted.get("chain_sizes")
+        if old_chain and new_chain and not chains_agree(old_chain, new_chain):
+            raise UsageError(f"{csv_path} holds incremental chains through sizes {','.join(map(str, old_chain))}; "
+                             f"--sizes {','.join(map(str, new_chain))} would chain them otherwise (one must be the "
+                             f"start of the other); pass --out with another folder")
+        update = {}
+        if new_chain and (not old_chain or len(new_chain) > len(old_chain)):
+            update["chain_sizes"] = new_chain  # a CSV from before chains were recorded takes this run's
+        if teacher_sha256 and not kept.get("teacher_sha256", ""):
+            update["teacher_sha256"] = teacher_sha256
+        skip = ("steps", "chain_sizes", "teacher_sha256")
+        keys = [k for k in wanted if k not in skip] + [k for k in kept if k not in wanted and k not in skip]
         changed = {k: (kept.get(k), wanted.get(k)) for k in keys if kept.get(k) != wanted.get(k)}
         old_teacher = kept.get("teacher_sha256", "")
         if teacher_sha256 and old_teacher and old_teacher != teacher_sha256:
@@ -117,8 +146,8 @@ def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "",
             what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             raise UsageError(f"{csv_path} holds cells trained with other settings ({what}); "
                              f"pass --out with another folder, or delete that CSV to start over")
-        if teacher_sha256 and not old_teacher:
-            path.write_text(json.dumps({**kept, "teacher_sha256": teacher_sha256}, indent=1) + "\n")
+        if update:
+            path.write_text(json.dumps({**kept, **update}, indent=1) + "\n")
     return None  # (a CSV from before settings were recorded has nothing to compare with)
 
 
@@ -168,6 +197,11 @@ class GridOptions:
 
 
 MODES = ("static", "incremental", "incremental-new")
+
+
+def chain_of(options: GridOptions, sizes: Iterable[int]) -> Optional[list[int]]:
+    """The sizes an incremental grid chains through (None for static grids: their cells stand alone)."""
+    return None if options.mode == "static" else sorted(set(sizes))
 
 
 def missing_cells(dataset: str, nets: Iterable[int], sizes: Iterable[int], methods: Iterable[str],
@@ -389,7 +423,7 @@ def run_grid(
     if options.mode not in MODES:
         raise UsageError(f"unknown mode '{options.mode}'; choose from {', '.join(MODES)}")
     device = torch.device("cpu") if device is None else device
-    pending_settings = check_settings(csv_path, base, teacher_sha256, options)
+    pending_settings = check_settings(csv_path, base, teacher_sha256, options, chain_of(options, sizes))
     cells = missing_cells(data.name, nets, sizes, methods, seeds, csv_path, options.mode)
     if not cells:
         return read_results(csv_path)

@@ -10,9 +10,10 @@ from collections import defaultdict
 from statistics import mean, stdev
 from typing import Optional
 
-from .paper_tables import TABLE_OF, paper_figure
+from .paper_tables import PAPER, TABLE_OF, paper_figure
 
-__all__ = ["cell_stats", "markdown_table", "ordering_report", "plot_accuracy", "budget_comparison", "METHOD_ORDER"]
+__all__ = ["cell_stats", "markdown_table", "ordering_report", "plot_accuracy", "budget_comparison", "METHOD_ORDER",
+           "combine_grids", "missing_paper_cells"]
 
 METHOD_ORDER = ["baseline", "sslf", "kd", "ctkd", "aflkd"]
 
@@ -148,3 +149,33 @@ def budget_comparison(rows: list[dict], doubled: list[dict], dataset: str) -> tu
 
 def _steps(rows: list[dict], dataset: str) -> dict:
     return {(r["method"], int(r["net"]), int(r["size"])): r.get("steps", "") for r in rows if r["dataset"] == dataset}
+
+
+def combine_grids(grids: list[tuple[str, list[str], list[dict]]]) -> list[dict]:
+    """One table's rows from several grids: ``(source, methods, rows)`` keeps ``rows`` of those methods, each tagged
+    with ``source`` (a column).  Methods are trained at different budgets (the from-scratch baseline needs twice
+    the epochs), so a table draws each from the grid that converged it.  A cell (dataset, net, size, method, seed,
+    mode) found in two grids is refused (ValueError): which figure a table shows must never depend on order."""
+    seen, out = {}, []
+    for source, methods, rows in grids:
+        for r in rows:
+            if r["method"] not in methods:
+                continue
+            key = (r["dataset"], int(r["net"]), int(r["size"]), r["method"], int(r["seed"]), _mode(r))
+            if key in seen:
+                raise ValueError(f"cell {key} is in both {seen[key]} and {source}")
+            seen[key] = source
+            out.append({**r, "source": source})
+    return out
+
+
+def missing_paper_cells(rows: list[dict], dataset: str, methods: list[str], seeds: int,
+                        mode: Optional[str] = None) -> list[tuple[str, int, int, int]]:
+    """The paper's cells (its nets and sizes) of ``methods`` with fewer than ``seeds`` seeds in ``rows``:
+    ``(method, net, size, seeds found)``, in the paper's order."""
+    stats = cell_stats(rows, dataset, mode)
+    cells = sorted({(net, method, size) for (d, method, net, size) in PAPER if d == dataset and method in methods},
+                   key=lambda c: (c[0], _method_key(c[1]), c[2]))
+    found = {c: stats.get((c[1], c[0], c[2]), (0.0, 0.0, 0))[2] for c in cells}
+    return [(method, net, size, found[(net, method, size)]) for net, method, size in cells
+            if found[(net, method, size)] < seeds]

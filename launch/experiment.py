@@ -65,6 +65,25 @@ def add_parser(sub) -> None:
     _run_options(conv)
     conv.set_defaults(func=_converge)
 
+    tab = what.add_parser(
+        "tables",
+        help="one table per dataset from several grids: each method from the grid (budget) that converged it",
+        description="Reads FOLDER/accuracy-DATASET.csv of each --grid FOLDER:METHODS, keeps those methods' cells "
+        "(a cell found in two grids is refused) and writes OUT/accuracy-DATASET.csv (with a source column), .md "
+        "(mean ± sd beside the paper's figure, the orderings, where each method came from with its settings, and "
+        "the paper's cells still short of --seeds) and .png (±1 sd bands). Trains nothing.",
+    )
+    tab.add_argument("--dataset", required=True, choices=["cifar10", "cifar100", "fashion-mnist"])
+    tab.add_argument("--grid", required=True, action="append", type=_grid_source, metavar="FOLDER:METHODS",
+                     help="a grid folder and the methods taken from it, e.g. results/converged/epochs-60:baseline "
+                     "(repeat for each grid)")
+    tab.add_argument("--mode", default="incremental", choices=["incremental", "incremental-new", "static"],
+                     help="the training mode whose cells are tabled")
+    tab.add_argument("--seeds", type=options.positive_int, default=3,
+                     help="seeds every paper cell should have; fewer are listed as missing")
+    tab.add_argument("--out", required=True, metavar="FOLDER", help="folder for the combined CSV, table and plot")
+    tab.set_defaults(func=_tables)
+
     ft = what.add_parser(
         "frozen-time",
         help="AFLKD epoch time against the number n of frozen units (n = 0..m)",
@@ -81,6 +100,13 @@ def add_parser(sub) -> None:
                     help="write the table as CSV (default: not written; folders are created)")
     options.device_option(ft, "students train and the teacher runs")
     ft.set_defaults(func=_frozen_time)
+
+
+def _grid_source(text: str) -> tuple[str, list[str]]:
+    folder, sep, methods = text.rpartition(":")
+    if not sep or not folder:
+        raise argparse.ArgumentTypeError(f"'{text}' is not FOLDER:METHODS (e.g. results/converged/epochs-60:baseline)")
+    return folder, _methods(methods)
 
 
 def _budget_options(parser) -> None:
@@ -131,7 +157,7 @@ def _run_grid(args, folder, grid_options) -> tuple[list, str]:
     """One grid into ``folder``: refused settings and bad sizes before any training; returns (rows, CSV stem)."""
     from kd.datasets import load_dataset
     from kd.device import pick_device
-    from kd.experiments import check_settings, file_digest, missing_cells, read_results, run_grid
+    from kd.experiments import chain_of, check_settings, file_digest, missing_cells, read_results, run_grid
     from kd.trainer import EdgeConfig
 
     data = load_dataset(args.dataset, args.data_root)
@@ -141,7 +167,7 @@ def _run_grid(args, folder, grid_options) -> tuple[list, str]:
     base = EdgeConfig("baseline", 1, steps=args.steps, t_rule=args.t_rule, unit=args.unit)
     stem = str(folder / f"accuracy-{args.dataset}")
     digest = file_digest(options.teacher_path(args)) if teacher is not None else ""
-    check_settings(stem + ".csv", base, digest, grid_options)  # refused here, before the plan is printed
+    check_settings(stem + ".csv", base, digest, grid_options, chain_of(grid_options, args.sizes))  # refused here, before the plan is printed
     todo = missing_cells(data.name, args.nets, args.sizes, args.methods, args.seeds, stem + ".csv", grid_options.mode)
     device = pick_device(args.device)
     teacher = teacher.to(device) if teacher is not None else None
@@ -202,6 +228,62 @@ def _converge(args) -> int:
     path = folder / f"convergence-{args.dataset}.md"
     path.write_text(text)
     print(text + f"wrote {path}")
+    return 0
+
+
+def _tables(args) -> int:
+    import json
+    from pathlib import Path
+
+    from kd.experiments import FIELDS, read_results
+    from kd.grid_report import (combine_grids, markdown_table, missing_paper_cells, ordering_report,
+                                plot_accuracy)
+    from kd.paper_tables import TABLE_OF
+
+    grids, notes = [], []
+    for folder, methods in args.grid:
+        csv_path = Path(folder) / f"accuracy-{args.dataset}.csv"
+        if not csv_path.is_file():
+            raise UsageError(f"--grid {folder}: no {csv_path.name} there")
+        rows = [r for r in read_results(str(csv_path)) if (r.get("mode") or "static") == args.mode]
+        settings_path = csv_path.with_suffix(".settings.json")
+        kept = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        said = ", ".join(f"{k} {kept[k]}" for k in ("epochs", "min_steps", "views", "val_size", "teacher_sha256")
+                         if kept.get(k) not in (None, ""))
+        notes.append(f"- {', '.join(methods)}: `{csv_path}` ({said or 'no settings file'})")
+        grids.append((folder, methods, rows))
+    try:
+        rows = combine_grids(grids)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not rows:
+        raise UsageError(f"no {args.mode} cells of {args.dataset} in those grids")
+    folder = options.prepare_folder(args.out, "--out")
+    stem = folder / f"accuracy-{args.dataset}"
+    import csv
+
+    with open(f"{stem}.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS + ["source"], restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    methods = [m for _, ms in args.grid for m in ms]
+    missing = missing_paper_cells(rows, args.dataset, methods, args.seeds, args.mode)
+    command = "aflkd experiment tables --dataset {} {} --mode {} --seeds {} --out {}".format(
+        args.dataset, " ".join(f"--grid {f}:{','.join(ms)}" for f, ms in args.grid), args.mode, args.seeds, args.out)
+    text = [f"### {args.dataset}, {args.mode}: test accuracy %, mean ± sd over seeds (the paper's "
+            f"{TABLE_OF[args.dataset]} in brackets)", "", f"Made by `{command}` from:", "", *notes, "",
+            markdown_table(rows, args.dataset, args.mode), "", "Orderings on means:", "",
+            ordering_report(rows, args.dataset, args.mode), ""]
+    if missing:
+        text += [f"The paper's cells with fewer than {args.seeds} seeds ({len(missing)}): " + "; ".join(
+            f"{m} net {n} at {s} ({k})" for m, n, s, k in missing), ""]
+    else:
+        text += [f"Every cell of the paper's {TABLE_OF[args.dataset]} ({', '.join(methods)}) has {args.seeds} seeds.", ""]
+    Path(f"{stem}.md").write_text("\n".join(text))
+    plot_accuracy(rows, args.dataset, f"{stem}.png", mode=args.mode,
+                  title=f"{args.dataset}, {args.mode}: mean ± 1 sd over seeds (cf. the paper's {TABLE_OF[args.dataset]})")
+    print("\n".join(text))
+    print(f"wrote {stem}.csv, {stem}.md, {stem}.png")
     return 0
 
 

@@ -6,6 +6,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from kd import experiments
@@ -221,3 +223,57 @@ def test_converge_compares_only_its_own_cells(tmp_path, monkeypatch, capsys):
     seed0 = 100 * float(rows["0"]["test_acc"])
     row = next(line for line in text.splitlines() if line.startswith("| baseline (1) |"))
     assert row.split(" | ")[3] == f"{seed0:.1f}"  # the seed-0 cell alone, not the mean with seed 1
+
+
+def _prefix(chain, size):
+    return [s for s in chain if s <= size]
+
+
+@given(st.sets(st.sampled_from([500, 1000, 1500, 2000, 2500, 3000]), min_size=1),
+       st.sets(st.sampled_from([500, 1000, 1500, 2000, 2500, 3000]), min_size=1))
+@settings(max_examples=200, deadline=None)
+def test_chains_agree_when_every_cell_keeps_its_history(kept, wanted):
+    """Brute force: one folder may hold both runs' cells when, in the chain through all their sizes, every cell of
+    either run has the same smaller sizes before it as it had in its own run."""
+    union = sorted(kept | wanted)
+    coherent = all(_prefix(union, s) == _prefix(sorted(run), s) for run in (kept, wanted) for s in run)
+    assert experiments.chains_agree(kept, wanted) == coherent
+
+
+def test_an_incremental_grid_refuses_sizes_that_chain_its_cells_otherwise(tmp_path):
+    options = GridOptions(mode="incremental", views=2)
+    _grid(tmp_path, options, sizes=(30, 60), methods=("baseline",))
+    with pytest.raises(UsageError, match="chains through sizes 30,60; --sizes 30,45,60"):
+        _grid(tmp_path, options, sizes=(30, 45, 60), methods=("baseline",))
+    _grid(tmp_path, options, sizes=(30, 60, 75), methods=("baseline",))  # a longer chain with the same start
+    kept = (tmp_path / "acc.settings.json").read_text()
+    assert '"chain_sizes": [\n  30,\n  60,\n  75\n ]' in kept
+    _grid(tmp_path, options, sizes=(30,), methods=("baseline",))  # its start: nothing new, accepted
+
+
+def test_tables_take_each_method_from_its_grid_and_refuse_a_cell_in_two(tmp_path, capsys):
+    from launch.cli import main
+
+    cells = [(n, s, m, seed, 0.5 + 0.01 * seed) for n in (1, 2) for s in (500, 1000, 1500, 2000, 2500, 3000)
+             for m in ("baseline", "sslf", "aflkd") for seed in (0, 1, 2)]
+    for folder, methods in (("e60", ("baseline", "sslf")), ("e30", ("sslf", "aflkd"))):
+        (tmp_path / folder).mkdir()
+        rows = [dict(r, dataset="fashion-mnist", mode="incremental") for r in _rows(cells) if r["method"] in methods]
+        with open(tmp_path / folder / "accuracy-fashion-mnist.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=experiments.FIELDS, restval="")
+            writer.writeheader()
+            writer.writerows(rows[:-1] if folder == "e30" else rows)  # the last aflkd cell (net 2, 3000, seed 2) missing
+    args = ["experiment", "tables", "--dataset", "fashion-mnist", "--grid", f"{tmp_path / 'e60'}:baseline",
+            "--grid", f"{tmp_path / 'e30'}:sslf,aflkd", "--out", str(tmp_path / "t")]
+    assert main(args) == 0
+    out = read_results(str(tmp_path / "t" / "accuracy-fashion-mnist.csv"))
+    assert len(out) == len(cells) - 1
+    assert {(r["method"], r["source"]) for r in out} == {("baseline", str(tmp_path / "e60")),
+                                                           ("sslf", str(tmp_path / "e30")), ("aflkd", str(tmp_path / "e30"))}
+    text = (tmp_path / "t" / "accuracy-fashion-mnist.md").read_text()
+    assert "fewer than 3 seeds (1): aflkd net 2 at 3000 (2)" in text
+    assert "| AFLKD (Edge network1) | 51.0 ± 1.0 (85.3) |" in text
+    capsys.readouterr()
+    args[args.index(f"{tmp_path / 'e60'}:baseline")] = f"{tmp_path / 'e60'}:baseline,sslf"
+    assert main(args) == 2
+    assert "is in both" in capsys.readouterr().err
