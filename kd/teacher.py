@@ -50,6 +50,7 @@ from tqdm import tqdm
 from models import cloud_net, load_weights, save_atomic
 from runtime.errors import UsageError
 
+from .config import TeacherConfig
 from .datasets import ImageArrays, validation_indices
 from .device import autocast, device_name, grad_scaler, tune
 from .schedule import one_cycle
@@ -58,29 +59,6 @@ __all__ = ["TeacherConfig", "to_tensor", "augment", "evaluate", "train_teacher",
            "split_training", "evaluate_weights", "select_teacher", "record_teacher", "selected_by_val"]
 
 CL = torch.channels_last
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    epochs: int = 18  # the CLI's default too (launch/train.py reads it here)
-    batch: int = 128
-    max_lr: float = 0.1
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    seed: int = 0
-    size: int = 32
-    init: str = ""  # weights to start from ("" = random initialisation)
-    swa_epochs: int = 0  # the last epochs average weights at a constant swa_lr (0 = plain one-cycle)
-    swa_lr: float = 0.01
-    val: int = 0  # images of the training split held out as the validation slice (0 = none: train on all)
-
-    def __post_init__(self):  # checked on construction, so the CLI refuses before loading any data
-        if self.val < 0:
-            raise UsageError(f"--val must be >= 0, got {self.val}")
-        if not 0 <= self.swa_epochs <= self.epochs:
-            raise UsageError(f"--swa-epochs must be between 0 and --epochs ({self.epochs}), got {self.swa_epochs}")
-        if self.swa_epochs and not self.swa_lr > 0:
-            raise UsageError(f"--swa-lr must be > 0, got {self.swa_lr}")
 
 
 def to_tensor(images: np.ndarray, data: ImageArrays, size: int = 32) -> torch.Tensor:

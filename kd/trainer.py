@@ -30,6 +30,7 @@ from models import edge_net
 from runtime.errors import UsageError
 
 from .batches import BatchStream
+from .config import METHODS, EdgeConfig
 from .datasets import ImageArrays
 from .device import autocast, grad_scaler
 from .freezing import freeze_first, shared_units
@@ -40,34 +41,7 @@ from .teacher_source import LocalTeacher, TeacherSource
 
 __all__ = ["METHODS", "EdgeConfig", "train_edge"]
 
-METHODS = ("baseline", "sslf", "aflkd", "kd", "ctkd")
 CL = torch.channels_last
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    method: str
-    net: int
-    steps: int = 200  # the CLI's default too (launch/options.py reads it here)
-    batch: int = 64
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    kd_weight: float = 1.0  # lambda of Eq. 6
-    temperature: float = 4.0  # initial (aflkd, ctkd) or fixed (kd) T
-    t_min: float = 1.0
-    t_max: float = 10.0
-    t_rule: str = "reversal"  # aflkd: "descent" (paper Eq. 5) or "reversal" (curriculum)
-    t_lr: float = 0.05
-    unit: str = "conv"  # what Eq. 17 counts: a shared conv (with its BN/ReLU) or a whole block
-    sslf_frozen: Optional[int] = None  # SSLF's fixed frozen convs, whatever ``unit`` says (default: half)
-    fixed_frozen: Optional[int] = None  # aflkd: force n (for timing epochs against n), else Eq. 17
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
-        if self.net not in (1, 2, 3):
-            raise UsageError(f"edge net must be 1, 2 or 3, got {self.net}")
 
 
 @dataclass

@@ -29,7 +29,7 @@ examples:
 
 
 def _policies(text: str) -> list[str]:
-    from scheduling.controller import POLICIES
+    from scheduling.policies import POLICIES
 
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in POLICIES]
@@ -39,7 +39,7 @@ def _policies(text: str) -> list[str]:
 
 
 def add_parser(sub) -> None:
-    from kd.trainer import METHODS
+    from kd.config import METHODS
 
     p = sub.add_parser("control", help="epoch wall times of a streamed run with the controller, priority and no "
                        "control (mpiexec -n 2)", description=__doc__, epilog=EPILOG,

@@ -36,7 +36,7 @@ def _wires(text: str):
 
 
 def add_parser(what) -> None:
-    from kd.trainer import METHODS
+    from kd.config import METHODS
 
     distill = what.add_parser(
         "distill",
@@ -79,7 +79,7 @@ def add_parser(what) -> None:
 
 def control_options(parser) -> None:
     """--control, --control-cores, --constants: the edge ranks' core allocation (scheduling/controller.py)."""
-    from scheduling.controller import POLICIES
+    from scheduling.policies import POLICIES
 
     parser.add_argument("--control", choices=POLICIES, default="none",
                         help="core allocation on each edge rank between receiving logits and training: planner "

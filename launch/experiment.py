@@ -12,7 +12,7 @@ __all__ = ["add_parser"]
 
 
 def _methods(text: str) -> list[str]:
-    from kd.trainer import METHODS
+    from kd.config import METHODS
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -158,7 +158,7 @@ def _run_grid(args, folder, grid_options) -> tuple[list, str]:
     from kd.datasets import load_dataset
     from kd.device import pick_device
     from kd.experiments import chain_of, check_settings, file_digest, missing_cells, read_results, run_grid
-    from kd.trainer import EdgeConfig
+    from kd.config import EdgeConfig
 
     data = load_dataset(args.dataset, args.data_root)
     options.check_student_options([s + grid_options.val_size for s in args.sizes], data,
@@ -293,7 +293,7 @@ def _frozen_time(args) -> int:
     from kd.datasets import load_dataset
     from kd.device import pick_device
     from kd.experiments import epoch_time_by_frozen
-    from kd.trainer import EdgeConfig
+    from kd.config import EdgeConfig
 
     options.prepare_output(args.csv, "--csv")
     data = load_dataset(args.dataset, args.data_root)

@@ -264,7 +264,7 @@ def teacher_path(args) -> str:
 
 def student_options(parser: argparse.ArgumentParser) -> None:
     """--steps, --t-rule and --unit, shared by the edge-training commands; defaults from EdgeConfig."""
-    from kd.trainer import EdgeConfig  # noqa: WPS433 (the defaults' one home)
+    from kd.config import EdgeConfig  # the defaults. one home
 
     parser.add_argument("--steps", type=positive_int, default=EdgeConfig.steps,
                         help="optimiser steps per student (batches of %d images)" % EdgeConfig.batch)

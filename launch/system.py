@@ -31,7 +31,7 @@ examples:
 
 
 def add_parser(sub) -> None:
-    from kd.trainer import EdgeConfig
+    from kd.config import EdgeConfig
 
     p = sub.add_parser("system", help="under mpiexec: cloud + training rank + inference ranks in one job, "
                        "students swapped in between images",
@@ -269,7 +269,7 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     from kd.buffer import Buffer
     from kd.incremental import CloudLink, reconcile, read_student, run_updates, save_student
     from kd.system import alive, send_done, send_weights
-    from kd.trainer import EdgeConfig
+    from kd.config import EdgeConfig
     from runtime import transport as mpi
     from runtime import transport
 

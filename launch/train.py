@@ -13,8 +13,8 @@ __all__ = ["add_parser"]
 
 
 def add_parser(sub) -> None:
-    from kd.teacher import TeacherConfig
-    from kd.trainer import METHODS, EdgeConfig
+    from kd.config import TeacherConfig
+    from kd.config import METHODS, EdgeConfig
 
     train = sub.add_parser("train", help="training (single process)", description="Training.")
     what = train.add_subparsers(dest="what", metavar="WHAT", parser_class=options.Parser)

@@ -124,7 +124,7 @@ def add_parser(sub) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    from kd.trainer import EdgeConfig
+    from kd.config import EdgeConfig
 
     parser.add_argument("--increment", type=options.positive_int, default=500,
                         help="images per update: an update starts when this many are pending")
@@ -344,7 +344,7 @@ class AflkdUpdate:
 
 
 def _edge_config(args):
-    from kd.trainer import EdgeConfig
+    from kd.config import EdgeConfig
 
     return EdgeConfig("aflkd", args.net, steps=args.steps, lr=args.lr, t_rule=args.t_rule, unit=args.unit,
                       seed=args.seed)

@@ -9,10 +9,19 @@ Three steps, each usable on its own::
 :func:`distribute_model` does all three with each rank holding only the
 weights it runs (the head stays on the root).
 """
-from .distribute import distribute_model
-from .errors import UsageError
-from .graph import ModelGraph, trace_model
-from .plan import GraphPlan, plan_split
-from .split import SplitExecutor
+from importlib import import_module
 
-__all__ = ["UsageError", "ModelGraph", "trace_model", "GraphPlan", "plan_split", "SplitExecutor", "distribute_model"]
+from .errors import UsageError
+
+_WHERE = {"ModelGraph": "graph", "trace_model": "graph", "GraphPlan": "plan", "plan_split": "plan",
+          "SplitExecutor": "split", "distribute_model": "distribute"}
+
+__all__ = ["UsageError", *_WHERE]
+
+
+def __getattr__(name: str):
+    """The names above, imported on first use: ``runtime.errors`` (which every command imports) must not cost
+    torch and MPI (``aflkd --help`` and a refused option answer in a fraction of a second)."""
+    if name in _WHERE:
+        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -80,7 +80,7 @@ from .costmodel import CommModel, CompModel, CostModel
 __all__ = ["POLICIES", "Allocation", "allocation", "machine_cpus", "check_cores", "ideal_cost", "phase_cores",
            "Controller", "ControlledSource", "controlled"]
 
-POLICIES = ("planner", "priority", "none")
+from .policies import POLICIES  # noqa: E402 (the CLI reads it without torch)
 
 
 def machine_cpus() -> list[int]:
