@@ -136,8 +136,9 @@ def check_settings(csv_path: str, base: EdgeConfig, teacher_sha256: str = "",
             update["chain_sizes"] = new_chain  # a CSV from before chains were recorded takes this run's
         if teacher_sha256 and not kept.get("teacher_sha256", ""):
             update["teacher_sha256"] = teacher_sha256
-        skip = ("steps", "chain_sizes", "teacher_sha256")
-        keys = [k for k in wanted if k not in skip] + [k for k in kept if k not in wanted and k not in skip]
+        own = ("chain_sizes", "teacher_sha256")  # compared above, by their own rules
+        keys = ([k for k in wanted if k not in own]
+                + [k for k in kept if k not in wanted and k not in own and k != "steps"])
         changed = {k: (kept.get(k), wanted.get(k)) for k in keys if kept.get(k) != wanted.get(k)}
         old_teacher = kept.get("teacher_sha256", "")
         if teacher_sha256 and old_teacher and old_teacher != teacher_sha256:

@@ -152,7 +152,8 @@ def add_parser(sub) -> None:
         ),
         formatter_class=options.ExamplesFormatter,
     )
-    p.add_argument("--topology", required=True, help="topology file (TOML; shipped ones: hostfiles/*.toml)")
+    p.add_argument("--topology", default=None,
+                   help="topology file (TOML; shipped ones: hostfiles/*.toml); required unless --program")
     p.add_argument("--hostfile-dir", default="out/hostfiles", metavar="DIR",
                    help="where the two hostfiles are written (created)")
     p.add_argument("--json", default=None, metavar="FILE",
@@ -169,9 +170,44 @@ def add_parser(sub) -> None:
                    "Ethernet; give a large number for ranks on one host")
     p.add_argument("--no-layers", action="store_true",
                    help="only where ranks run: no stage cut, no rows, no layers")
+    program = p.add_argument_group(
+        "programs", "--program: the split of --net at --size over --ranks lowered to each rank's instructions "
+        "(what the executor runs, in order), then the pairing check of all ranks' programs (every halo rows "
+        "sent are received and awaited, the collectives agree, the programs run to the end together)")
+    program.add_argument("--program", action="store_true", help="print the programs instead of the rank map")
+    program.add_argument("--ranks", type=options.positive_int, default=2, help="ranks the map is split over")
+    program.add_argument("--weights", type=options.weights, default=None,
+                         help="row shares, one per rank (default: equal)")
+    program.add_argument("--head", choices=["gather", "split"], default="gather",
+                         help="gather the last map to rank 0, or split the first Linear by columns")
+    program.add_argument("--rank", type=options.non_negative_int, default=None,
+                         help="print this rank's program only (default: every rank's)")
     p.add_argument("command", nargs="...", metavar="-- COMMAND",
                    help="the aflkd command the printed lines run (default: aflkd ranks)")
     p.set_defaults(func=_plan)
+
+
+def _programs(args) -> int:
+    """``aflkd plan --program``: lower the split to programs, print them, check them together."""
+    from models import build_model
+    from runtime.graph import trace_model
+    from runtime.plan import check_weights, plan_split
+    from runtime.program import check_programs, lower_all
+    from runtime.skeleton import empty_weights
+
+    if args.rank is not None and args.rank >= args.ranks:
+        raise UsageError(f"--rank {args.rank}: there are only --ranks {args.ranks} (0 to {args.ranks - 1})")
+    weights = check_weights(args.weights, args.ranks)
+    with empty_weights():
+        model = build_model(args.net, 3, args.size, 10).eval()
+    plan = plan_split(trace_model(model, (3, args.size, args.size)), weights, head=args.head)
+    programs = lower_all(plan, model)
+    for program in programs if args.rank is None else [programs[args.rank]]:
+        print(program.text())
+    problems = check_programs(programs)
+    print(f"pairing check of the {args.ranks} programs: " + ("they pair and run to the end" if not problems
+                                                             else "FAILED\n  " + "\n  ".join(problems)))
+    return 0 if not problems else 1
 
 
 def plan_report(topology: Topology, hostfile_dir: str, inner: Sequence[str], with_cloud: bool = False,
@@ -227,6 +263,10 @@ def plan_report(topology: Topology, hostfile_dir: str, inner: Sequence[str], wit
 
 
 def _plan(args) -> int:
+    if args.program:
+        return _programs(args)
+    if args.topology is None:
+        raise UsageError("--topology is required (or --program, which prints the split's programs)")
     topology = load_topology(args.topology)
     inner = inner_command(args.command or ["ranks"])
     check_inner_command(inner[1:])

@@ -43,11 +43,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_arg
 
+from . import program as P
 from . import transport as mpi
 from .errors import UsageError
-from .geometry import input_rows_for, merge_ranges, subtract_ranges
+from .geometry import input_rows_for
 from .graph import trace_model
-from .layers import ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, is_elementwise_function
 from .plan import GraphPlan, check_weights, plan_split
 from .timing import NO_CLOCK, NoClock
 
@@ -124,14 +124,6 @@ def _writer(fx_node, module, folded):
     return lambda args, kwargs, out: out.copy_(_call(fx_node, module, args, kwargs))
 
 
-def _elementwise(fx_node, module) -> bool:
-    if fx_node.op == "call_module":
-        return isinstance(module, ELEMENTWISE_MODULES)
-    if fx_node.op == "call_function":
-        return is_elementwise_function(fx_node.target)
-    return fx_node.op == "call_method" and fx_node.target in ELEMENTWISE_METHODS and fx_node.target != "contiguous"
-
-
 class SplitExecutor:
     """Runs a planned model split by height over ``comm``; rank ``root`` gets the output.
 
@@ -153,6 +145,7 @@ class SplitExecutor:
         if not 0 <= root < size:
             raise UsageError(f"root rank {root} outside the {size} ranks")
         self.plan, self.graph, self.comm = plan, plan.graph, comm
+        self._t = transport_for(comm)
         self.model = model
         self.rank, self.root = comm.Get_rank(), root
         self.is_root = self.rank == root and head  # head=False: forward_local only (a benchmark's bound)
@@ -178,6 +171,8 @@ class SplitExecutor:
                 self._folded[g.name] = _fold_batchnorm(thing)
         if self._split_head is not None:
             self._head_weight, self._head_bias = self._head_slice(model, head_columns)
+        #: what this rank runs, decided once from the plan (printable: ``aflkd plan --program``)
+        self.program = P.lower(plan, self.rank, root=root, head=head, module_of=lambda f: self._modules.get(f.name))
         self._batch: Optional[int] = None
         self._pass = 0
 
@@ -221,6 +216,7 @@ class SplitExecutor:
 
     # ------------------------------------------------------------------ set-up per batch size
     def _prepare(self, batch: int) -> None:
+        """Buffers for ``batch`` images and one step per instruction of the program (built once per batch size)."""
         r = self.rank
         self._buffers: dict[str, torch.Tensor] = {}
         for name, value in self.plan.values.items():
@@ -233,292 +229,126 @@ class SplitExecutor:
             buf[:, :, spec.length - spec.pad_bottom:].fill_(spec.fill)
             self._buffers[name] = buf
         self._message_cache: dict[str, tuple] = {}
-        self._segments = self._find_segments()
-        absorbed = {m for chain in self._segments.values() for m in chain[:-1]}
-        self._split_steps, self._head_steps = [], []
-        for i, (f, g) in enumerate(zip(self._fx, self.graph.nodes)):
-            if g.name in absorbed:
-                continue
-            if g.role == "output":
-                self._head_steps.append(self._output_step(f))
-                continue
-            if self._split_head is not None and g.name in self._split_head.skip:
-                continue  # the flatten (and eval dropouts) before the split Linear: folded into its columns
-            if self._split_head is not None and g.name == self._split_head.linear:
-                self._head_steps.append(self._split_linear_step(i))
-                continue
-            if g.role == "reduce":
-                self._split_steps.append(self._partial_step(i, f, g))
-                if g.placement == "all":
-                    self._split_steps.append(self._finish_step(i, g, everywhere=True))
-                else:
-                    self._head_steps.append(self._finish_step(i, g, everywhere=False))
-                continue
-            if g.placement == "root":
-                if self.is_root:
-                    self._head_steps.append(self._plain_step(i, f, g, full=True))
-                continue
-            if g.role == "input":
-                step = self._input_step(i, g)
-            elif g.role == "window":
-                step = self._window_step(i, f, g)
-            elif g.name in self._segments:
-                step = self._segment_step(i, g)
-            else:
-                step = self._plain_step(i, f, g, full=False)
-            self._split_steps.append(step)
-            if g.placement == "rows" and g.gather and not (self._split_head and g.name == self._split_head.value):
-                self._head_steps.append(self._gather_step(g))
+        self._split_steps = [self._step(ins) for ins in self.program.split]
+        self._head_steps = [self._step(ins) for ins in self.program.head]
         self._batch = batch
 
-    def _find_segments(self) -> dict[str, list[str]]:
-        """Chains of element-wise nodes that end in a buffered value: they write into its buffer."""
-        segments = {}
-        for name in self._buffers:
-            g = self.graph[name]
-            chain = [name]
-            if g.role != "rowwise" or not self._segment_member(name):
-                continue
-            while True:
-                main = self._main_input(chain[0])
-                if (main is None or main in self._buffers or self.graph[main].gather
-                        or len(self.graph.consumers(main)) != 1 or not self._segment_member(main)):
-                    break
-                chain.insert(0, main)
-            segments[name] = chain
-        return segments
+    def _step(self, ins):
+        """The step that carries out one instruction: ``step(env, clock)``."""
+        kind = type(ins)
+        if kind is P.Window:
+            if ins.empty:
+                return self._empty_window_step(ins)
+            return self._window_step(ins) if ins.parts is None else self._window_parts_step(ins)
+        builders = {P.Input: self._input_step, P.Fused: self._fused_step, P.Compute: self._compute_step,
+                    P.PostHalo: self._post_step, P.AwaitHalo: self._await_step, P.Partial: self._partial_step,
+                    P.AllReduce: self._finish_step, P.Reduce: self._finish_step,
+                    P.SplitLinear: self._split_linear_step, P.Gather: self._gather_step,
+                    P.Output: self._output_step, P.Drain: self._drain_step}
+        return builders[kind](ins)
 
-    def _segment_member(self, name: str) -> bool:
-        g = self.graph[name]
-        f = self._fx[self._index[name]]
-        return (g.role == "rowwise" and g.placement == "rows" and g.shape is not None and len(g.shape) == 4
-                and g.hdim == 2 and _elementwise(f, self._modules.get(name)) and self._main_input(name) is not None)
-
-    def _main_input(self, name: str) -> Optional[str]:
-        """The first split input of the same shape as the node's output (the one it is computed from)."""
-        g = self.graph[name]
-        for a in self._fx[self._index[name]].all_input_nodes:
-            other = self.graph[a.name]
-            if other.placement == "rows" and other.shape == g.shape and other.hdim == g.hdim:
-                return a.name
-        return None
-
-    # ------------------------------------------------------------------ steps
-    def _emit(self, i: int, name: str, env: dict, clock: NoClock, t: Optional[torch.Tensor]) -> None:
-        """Value ``name`` is computed (``t``: whole own rows, or None when already in its buffer): post its halo."""
-        value = self.plan.values.get(name)
-        if value is None:
-            return
-        r = self.rank
+    # ------------------------------------------------------------------ steps, one per kind of instruction
+    def _store(self, name: str, env: dict, t: torch.Tensor) -> None:
+        """Value ``name``'s own rows are ``t``: into its buffer when it has one (env then holds the buffer's view)."""
         buf = self._buffers.get(name)
-        own = value.owned[r]
-        if buf is not None:
-            first = value.buffers[r].first
-            if t is not None and len(own):
-                buf[:, :, own.start - first: own.stop - first].copy_(t)
-            env[name] = buf[:, :, own.start - first: own.stop - first]
-        elif t is not None:
+        if buf is None:
             env[name] = t
-        if value.exchange is not None:
-            self._post(value, env[name], clock)
+            return
+        value = self.plan.values[name]
+        own, first = value.owned[self.rank], value.buffers[self.rank].first
+        view = buf[:, :, own.start - first: own.stop - first]
+        if len(own) and t is not view:
+            view.copy_(t)
+        env[name] = view
 
-    def _messages(self, value, source: torch.Tensor):
-        """(sends, recvs, bytes sent) of a value's exchange as ready MPI messages; fixed for a buffered value."""
-        r, ex = self.rank, value.exchange
-        cached = self._message_cache.get(value.name)
-        if cached is not None:
-            return cached
-        own = value.owned[r]
-        buf = self._buffers.get(value.name)
-        first = value.buffers[r].first if buf is not None else None
-        sends = [(source[:, :, t.rows.start - own.start: t.rows.stop - own.start], t.dst) for t in ex.sends(r)]
-        recvs = [(buf[:, :, t.rows.start - first: t.rows.stop - first], t.src) for t in ex.recvs(r)]
-        made = ([(mpi.message(t), d) for t, d in sends], [(mpi.message(t), s) for t, s in recvs],
-                sum(t.numel() * t.element_size() for t, _ in sends), [t for t, _ in sends])
-        if buf is not None:  # sends come from the buffer too: the same memory every pass
-            self._message_cache[value.name] = made
-        return made
+    def _own_view(self, name: str) -> torch.Tensor:
+        value = self.plan.values[name]
+        own, first = value.owned[self.rank], value.buffers[self.rank].first
+        return self._buffers[name][:, :, own.start - first: own.stop - first]
 
-    def _post(self, value, source: torch.Tensor, clock: NoClock) -> None:
-        since = clock.now()
-        sends, recvs, nbytes, keep = self._messages(value, source)
-        tag = mpi.tag_for(self._pass, self._index[value.name], len(self._fx))
-        requests = mpi.post_messages(self.comm, sends, recvs, tag)
-        self._pending[value.name] = requests
-        self._all_requests.append((requests, keep))  # keep the sent tensors alive until the sends complete
-        node = self._index[value.exchange.node]
-        clock.sent(node, nbytes)
-        clock.waited(node, since)
-
-    def _input_step(self, i, g):
-        name = g.name
+    def _input_step(self, ins):
+        name = ins.value
 
         def step(env, clock):
-            self._emit(i, name, env, clock, env[name])
+            self._store(name, env, env[name])
         return step
 
-    def _window_step(self, i, f, g):
-        r = self.rank
-        wplan = self.plan.windows[g.name]
-        read = wplan.reads[r]
-        source = wplan.source
+    def _empty_window_step(self, ins):
+        _, channels, _, width = self.graph[ins.node].shape
+        name = ins.node
+
+        def step(env, clock):
+            self._store(name, env, torch.empty((self._batch, channels, 0, width), memory_format=CL))
+        return step
+
+    def _window_op_of(self, ins):
+        f = self._fx[self._index[ins.node]]
+        module = self._modules[ins.node] if f.op == "call_module" else None
+        return _window_op(self.graph[ins.node].window, module, narrow=self.graph[ins.source].shape[3] == 1)
+
+    def _window_step(self, ins):
+        r, name, source, i = self.rank, ins.node, ins.source, self._index[ins.node]
+        read = self.plan.windows[name].reads[r]
         value = self.plan.values[source]
-        module = self._modules[g.name] if f.op == "call_module" else None
-        spec = g.window
-        _, channels, _, width = g.shape
-        name = g.name
-        if read is None:  # this rank owns no output row
-            def empty(env, clock):
-                batch = self._batch
-                self._emit(i, name, env, clock, torch.empty((batch, channels, 0, width), memory_format=CL))
-            return empty
-        op = _window_op(spec, module, narrow=self.graph[source].shape[3] == 1)
-        height = value.height
-        own = value.owned[r]
-        buf_spec = value.buffers[r]
-        needs_halo = value.exchange is not None and value.exchange.needs(r)
-        image_rows = read.rows.clip(height)
+        op = self._window_op_of(ins)
+        own, buf_spec = value.owned[r], value.buffers[r]
         if read.repad:
+            image_rows = read.rows.clip(value.height)
             lo, hi = image_rows.start, image_rows.stop
         else:
             lo, hi = read.rows.start, read.rows.stop
-        fill = spec.fill
-        out_value = self.plan.values.get(name)
-        if (spec.kind != "conv" and read.from_buffer and not read.repad and name in self._buffers
-                and out_value.exchange is not None and out_value.exchange.sends(r)):
-            return self._pool_in_parts(i, g, op, source, buf_spec, needs_halo)
+        fill = self.graph[name].window.fill
 
         def step(env, clock):
-            if needs_halo:
-                self._await_halo(source, i, clock)
             since = clock.now()
             if read.from_buffer:
-                base = self._buffers[source]
-                x = base[:, :, lo - buf_spec.first: hi - buf_spec.first]
+                x = self._buffers[source][:, :, lo - buf_spec.first: hi - buf_spec.first]
             else:
                 x = env[source][:, :, lo - own.start: hi - own.start]
             if read.repad:
                 x = F.pad(x, (0, 0, read.pad_top, read.pad_bottom), value=fill)
             y = op(x)
             clock.spent(i, since)
-            self._emit(i, name, env, clock, y)
+            self._store(name, env, y)
         return step
 
-    def _await_halo(self, source: str, i: int, clock: NoClock) -> None:
-        """Wait for the halo rows of ``source`` (once a pass: the first window node that needs them)."""
-        requests = self._pending.pop(source, None)
-        if requests is not None:
-            since = clock.now()
-            mpi.wait(requests)
-            clock.waited(i, since)
-
-    def _pool_in_parts(self, i, g, op, source, src_buf, needs_halo):
-        """A pool whose output others need: rows to send first, post their sends, then the rest.
+    def _window_parts_step(self, ins):
+        """Some output rows of a pool (those others wait for, or the rest), written into its buffer.
 
         Pools are cheap to call per part (convs are not: they re-pack weights per call).
         """
-        r, name = self.rank, g.name
-        value = self.plan.values[name]
-        own, first = value.owned[r], value.buffers[r].first
-        sent = merge_ranges([t.rows for t in value.exchange.sends(r)])
-        rest = subtract_ranges([own], sent) if len(own) else []
-        geometry = g.window.height
-
-        def run(parts, buf, src):
-            for p in parts:
-                rows = input_rows_for(p, geometry)
-                buf[:, :, p.start - first: p.stop - first].copy_(
-                    op(src[:, :, rows.start - src_buf.first: rows.stop - src_buf.first]))
+        r, name, source, i = self.rank, ins.node, ins.source, self._index[ins.node]
+        op = self._window_op_of(ins)
+        first, src_first = self.plan.values[name].buffers[r].first, self.plan.values[source].buffers[r].first
+        geometry = self.graph[name].window.height
+        parts = [(p, input_rows_for(p, geometry)) for p in ins.parts]
 
         def step(env, clock):
-            if needs_halo:
-                self._await_halo(source, i, clock)
             since = clock.now()
             buf, src = self._buffers[name], self._buffers[source]
-            run(sent, buf, src)
-            env[name] = buf[:, :, own.start - first: own.stop - first]
-            self._post(value, env[name], clock)
-            run(rest, buf, src)
+            for p, rows in parts:
+                buf[:, :, p.start - first: p.stop - first].copy_(
+                    op(src[:, :, rows.start - src_first: rows.stop - src_first]))
+            env[name] = self._own_view(name)
             clock.spent(i, since)
         return step
 
-    def _plain_step(self, i, f, g, full: bool):
-        name = g.name
-        module = self._modules.get(name)
-        is_attr = f.op == "get_attr"
-        if g.placement == "rows" and f.target in ("view", "reshape", torch.reshape):
-            # the traced shape with this rank's rows: a -1 cannot be inferred when a rank owns no rows
-            source = f.all_input_nodes[0].name
-            src_hdim, hdim, traced = self.graph[source].hdim, g.hdim, list(g.shape)
-
-            def reshape(env, clock):
-                since = clock.now()
-                x = env[source]
-                shape = list(traced)
-                shape[0], shape[hdim] = x.shape[0], x.shape[src_hdim]
-                out = x.reshape(shape)
-                clock.spent(i, since)
-                self._emit(i, name, env, clock, out)
-            return reshape
-        if name in self._folded:  # eval BatchNorm as x * a + b: F.batch_norm on channels-last maps is slower
-            a, b = self._folded[name]
-            source = f.all_input_nodes[0].name
-
-            def batchnorm(env, clock):
-                since = clock.now()
-                out = torch.addcmul(b, env[source], a)
-                clock.spent(i, since)
-                self._emit(i, name, env, clock, out)
-            return batchnorm
-        if g.identity:  # e.g. an adaptive pool to the size the map already has: not the same op on a slice
-            source = f.all_input_nodes[0].name
-
-            def identity(env, clock):
-                self._emit(i, name, env, clock, env[source])
-            return identity
-
-        def step(env, clock):
-            since = clock.now()
-            if is_attr:
-                env[name] = module
-            else:
-                if full:
-                    look = lambda n: env.get(n.name + "#full", env.get(n.name))  # noqa: E731
-                else:
-                    look = lambda n: env[n.name]  # noqa: E731
-                args = map_arg(f.args, look)
-                kwargs = map_arg(f.kwargs, look)
-                out = _call(f, module, args, kwargs)
-                if g.placement == "rows" and name in self.plan.values:
-                    clock.spent(i, since)
-                    self._emit(i, name, env, clock, out)
-                    return
-                env[name] = out
-            clock.spent(i, since)
-        return step
-
-    def _segment_step(self, i, g):
-        """Run a chain of element-wise nodes into the buffer of its last node: rows to send first."""
-        r = self.rank
-        chain = self._segments[g.name]
-        value = self.plan.values[g.name]
-        own = value.owned[r]
-        first = value.buffers[r].first
-        sent = merge_ranges([t.rows for t in value.exchange.sends(r)]) if value.exchange else []
-        first_parts = [p for p in sent if len(p)]
-        rest_parts = subtract_ranges([own], first_parts) if len(own) else []
+    def _fused_step(self, ins):
+        """A chain of element-wise nodes over rows ``ins.parts``, written into the buffer of its last node."""
+        r, name = self.rank, ins.node
+        value = self.plan.values[name]
+        own, first = value.owned[r], value.buffers[r].first
         members = []
-        for k, name in enumerate(chain):
-            idx = self._index[name]
+        for k, member in enumerate(ins.chain):
+            idx = self._index[member]
             f = self._fx[idx]
-            module = self._modules.get(name)
-            write = _writer(f, module, self._folded.get(name))
-            prev = chain[k - 1] if k else None
+            write = _writer(f, self._modules.get(member), self._folded.get(member))
+            prev = ins.chain[k - 1] if k else None
             rows_args = {a.name for a in f.all_input_nodes if self.graph[a.name].placement == "rows"}
             members.append((idx, f, write, prev, rows_args))
-        name = g.name
+        parts = list(ins.parts)
 
-        def run(parts, env, clock):
+        def step(env, clock):
             buf = self._buffers[name]
             for p in parts:
                 a, b = p.start - own.start, p.stop - own.start
@@ -534,24 +364,119 @@ class SplitExecutor:
                         return env[n.name]
                     write(map_arg(f.args, look), map_arg(f.kwargs, look), dst)
                     clock.spent(idx, since)
-
-        def step(env, clock):
-            run(first_parts, env, clock)
-            env[name] = self._buffers[name][:, :, own.start - first: own.stop - first]
-            if value.exchange is not None:
-                self._post(value, env[name], clock)
-            run(rest_parts, env, clock)
+            env[name] = buf[:, :, own.start - first: own.stop - first]
         return step
 
-    def _partial_step(self, i, f, g):
+    def _compute_step(self, ins):
+        name, i = ins.node, self._index[ins.node]
+        f, g = self._fx[i], self.graph.nodes[i]
+        module = self._modules.get(name)
+        stores = ins.where == "rows" and name in self.plan.values
+        if ins.how == "reshape":  # the traced shape with this rank's rows: a -1 cannot be inferred with no rows
+            source = f.all_input_nodes[0].name
+            src_hdim, hdim, traced = self.graph[source].hdim, g.hdim, list(g.shape)
+
+            def compute(env):
+                x = env[source]
+                shape = list(traced)
+                shape[0], shape[hdim] = x.shape[0], x.shape[src_hdim]
+                return x.reshape(shape)
+        elif ins.how == "batchnorm":  # eval BatchNorm as x * a + b: F.batch_norm on channels-last maps is slower
+            a, b = self._folded[name]
+            source = f.all_input_nodes[0].name
+
+            def compute(env):
+                return torch.addcmul(b, env[source], a)
+        elif ins.how == "identity":  # e.g. an adaptive pool to the size the map already has
+            source = f.all_input_nodes[0].name
+
+            def compute(env):
+                return env[source]
+        elif f.op == "get_attr":
+            def compute(env):
+                return module
+        else:
+            if ins.where == "root":
+                look = lambda env: lambda n: env.get(n.name + "#full", env.get(n.name))  # noqa: E731
+            else:
+                look = lambda env: lambda n: env[n.name]  # noqa: E731
+
+            def compute(env):
+                find = look(env)
+                return _call(f, module, map_arg(f.args, find), map_arg(f.kwargs, find))
+
+        def step(env, clock):
+            since = clock.now()
+            out = compute(env)
+            clock.spent(i, since)
+            if stores:
+                self._store(name, env, out)
+            else:
+                env[name] = out
+        return step
+
+    def _messages(self, ins, source: torch.Tensor):
+        """(sends, recvs, bytes sent, tensors to keep) of a halo exchange as ready MPI messages; cached for a
+        buffered value (its rows are the same memory every pass)."""
+        cached = self._message_cache.get(ins.value)
+        if cached is not None:
+            return cached
+        r = self.rank
+        value = self.plan.values[ins.value]
+        own = value.owned[r]
+        buf = self._buffers.get(ins.value)
+        first = value.buffers[r].first if buf is not None else None
+        sends = [(source[:, :, t.rows.start - own.start: t.rows.stop - own.start], t.dst) for t in ins.sends]
+        recvs = [(buf[:, :, t.rows.start - first: t.rows.stop - first], t.src) for t in ins.recvs]
+        made = ([(self._t.message(t), d) for t, d in sends], [(self._t.message(t), s) for t, s in recvs],
+                sum(t.numel() * t.element_size() for t, _ in sends), [t for t, _ in sends])
+        if buf is not None:
+            self._message_cache[ins.value] = made
+        return made
+
+    def _post_step(self, ins):
+        value = self.plan.values[ins.value]
+        node, index = self._index[value.exchange.node], self._index[ins.value]
+
+        def step(env, clock):
+            since = clock.now()
+            source = self._own_view(ins.value) if ins.value in self._buffers else env[ins.value]
+            sends, recvs, nbytes, keep = self._messages(ins, source)
+            tag = self._t.tag_for(self._pass, index, len(self._fx))
+            requests = self._t.post_messages(self.comm, sends, recvs, tag)
+            self._pending[ins.value] = requests
+            self._all_requests.append((requests, keep))  # keep the sent tensors alive until the sends complete
+            clock.sent(node, nbytes)
+            clock.waited(node, since)
+        return step
+
+    def _await_step(self, ins):
+        consumer = next(self._index[w.name] for w in self.plan.windows.values() if w.source == ins.value)
+
+        def step(env, clock):
+            requests = self._pending.pop(ins.value, None)
+            if requests is not None:
+                since = clock.now()
+                self._t.wait(requests)
+                clock.waited(consumer, since)
+        return step
+
+    def _drain_step(self, ins):
+        def step(env, clock):
+            for requests, _ in self._all_requests:
+                self._t.wait(requests)
+            self._all_requests = []
+        return step
+
+    def _partial_step(self, ins):
         """A global pool's share of this rank: sum (or max) over its own rows, kept in ``NAME#partial``."""
-        source = f.all_input_nodes[0].name
-        name = g.name
+        name, i = ins.node, self._index[ins.node]
+        source = self._fx[i].all_input_nodes[0].name
 
         def step(env, clock):
             since = clock.now()
             x = env[source]
-            if g.reduce == "mean":
+            if ins.reduce == "mean":
                 part = x.sum(dim=(2, 3), keepdim=True, dtype=torch.float32).contiguous()
             elif x.shape[2] == 0:
                 part = torch.full((x.shape[0], x.shape[1], 1, 1), float("-inf"), dtype=x.dtype)
@@ -561,16 +486,18 @@ class SplitExecutor:
             clock.spent(i, since)
         return step
 
-    def _finish_step(self, i, g, everywhere: bool):
-        name = g.name
+    def _finish_step(self, ins):
+        name, i = ins.node, self._index[ins.node]
+        g = self.graph[name]
         source = self.graph[g.inputs[0]]
         count = source.shape[2] * source.shape[3]
-        op = "sum" if g.reduce == "mean" else "max"
+        everywhere = isinstance(ins, P.AllReduce)
 
         def step(env, clock):
             since = clock.now()
             part = env.pop(name + "#partial")
-            total = mpi.allreduce_(self.comm, part, op) if everywhere else mpi.reduce_(self.comm, part, op, self.root)
+            total = (self._t.allreduce_(self.comm, part, ins.op) if everywhere
+                     else self._t.reduce_(self.comm, part, ins.op, ins.root))
             if total is not None:
                 if g.reduce == "mean":
                     total = total / count
@@ -578,38 +505,39 @@ class SplitExecutor:
             clock.waited(i, since)
         return step
 
-    def _split_linear_step(self, i):
+    def _split_linear_step(self, ins):
         """Own rows (flattened in NCHW order) x own columns, summed over ranks onto the root; the root adds the bias."""
-        hs = self._split_head
+        i, out_features = self._index[ins.node], self._split_head.out_features
         weight, bias = self._head_weight, self._head_bias
 
         def step(env, clock):
             since = clock.now()
-            x = env[hs.value]
+            x = env[ins.value]
             batch = x.shape[0]
             if weight.shape[1]:
                 part = F.linear(x.contiguous().reshape(batch, -1), weight)  # NCHW order: the flatten's
             else:
-                part = torch.zeros(batch, hs.out_features, dtype=weight.dtype)
+                part = torch.zeros(batch, out_features, dtype=weight.dtype)
             clock.spent(i, since)
             since = clock.now()
-            total = mpi.reduce_(self.comm, part.contiguous(), "sum", self.root)
+            total = self._t.reduce_(self.comm, part.contiguous(), "sum", ins.root)
             clock.waited(i, since)
             if total is not None:
-                env[hs.linear] = total + bias if bias is not None else total
+                env[ins.node] = total + bias if bias is not None else total
         return step
 
-    def _gather_step(self, g):
-        name = g.name
-        owned = self.plan.values[name].owned
+    def _gather_step(self, ins):
+        owned = self.plan.values[ins.value].owned
 
         def step(env, clock):
-            full = mpi.gather_rows(self.comm, env[name].contiguous(memory_format=CL), owned, self.root)
+            full = self._t.gather_rows(self.comm, env[ins.value].contiguous(memory_format=CL), owned, ins.root)
             if full is not None:
-                env[name + "#full"] = full
+                env[ins.value + "#full"] = full
         return step
 
-    def _output_step(self, f):
+    def _output_step(self, ins):
+        f = self._fx[-1]
+
         def step(env, clock):
             if self.is_root:
                 env["#output"] = map_arg(f.args[0], lambda n: env.get(n.name + "#full", env.get(n.name)))
@@ -632,9 +560,6 @@ class SplitExecutor:
             env = {self.graph.input.name: x}
             for step in self._split_steps:
                 step(env, clock)
-            for requests, _ in self._all_requests:
-                mpi.wait(requests)
-            self._all_requests = []
             return env
 
     def __call__(self, image: Optional[torch.Tensor], batch: int = 1, clock: NoClock = NO_CLOCK):
@@ -654,11 +579,11 @@ class SplitExecutor:
                 except UsageError as err:
                     problem = str(err)
             # per image: two integers, not a pickle; the problem's text travels only when there is one
-            batch, failed = mpi.bcast_ints(self.comm, (batch if problem is None else 0, problem is not None),
+            batch, failed = self._t.bcast_ints(self.comm, (batch if problem is None else 0, problem is not None),
                                            self.root, "the image's batch size")
             if failed:
-                raise mpi.AgreedError(mpi.bcast_object(self.comm, problem, self.root))
-            x = mpi.scatter_rows(self.comm, image, self.plan.input_rows, self.plan.in_shape, batch, root=self.root)
+                raise self._t.AgreedError(self._t.bcast_object(self.comm, problem, self.root))
+            x = self._t.scatter_rows(self.comm, image, self.plan.input_rows, self.plan.in_shape, batch, root=self.root)
             return self.forward_band(x, clock)
 
     def forward_band(self, x: torch.Tensor, clock: NoClock = NO_CLOCK):
@@ -672,6 +597,14 @@ class SplitExecutor:
             for step in self._head_steps:
                 step(env, clock)
             return env.get("#output") if self.is_root else None
+
+
+def transport_for(comm):
+    """The module whose functions carry ``comm``'s messages: :mod:`runtime.inprocess` for an in-process rank,
+    else :mod:`runtime.transport` (MPI)."""
+    from . import inprocess
+
+    return inprocess if isinstance(comm, inprocess.InProcessComm) else mpi
 
 
 def _fetch_attr(model: nn.Module, target: str):
