@@ -166,6 +166,8 @@ def test_streamed_run_under_priority_control_equals_the_in_process_run(world, ag
     from kd.streaming import open_cloud, open_edge
     from tests.test_distill_mpi import _job, _teacher
 
+    if world.size > 3:  # every edge trains twice on 2 threads: 3 edges oversubscribe CI's 2 cores sixfold
+        pytest.skip("one and two edges (2 and 3 ranks) cover the stream; more only multiply the same work")
     cores = min(2, len(CPUS))
     problems = []
     if world.rank == 0:
