@@ -28,5 +28,5 @@ setup(
         # never imported by the runtime.
         "zoo": ["timm"],
     },
-    entry_points={"console_scripts": ["aflkd = launch.cli:main"]},
+    entry_points={"console_scripts": ["aflkd = launch.entry:run"]},
 )

@@ -2,6 +2,7 @@
 without importing torch (``aflkd --help`` and a refused option answer in a fraction of a second)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,6 +37,15 @@ class EdgeConfig:
             raise UsageError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
         if self.net not in (1, 2, 3):
             raise UsageError(f"edge net must be 1, 2 or 3, got {self.net}")
+        # softened logits divide by T: T = 0 gives NaN, t_min = t_max divides the learnable T's range by zero
+        if not (math.isfinite(self.t_min) and math.isfinite(self.t_max) and 0 < self.t_min < self.t_max):
+            raise UsageError(f"the temperature range needs 0 < t_min < t_max, got t_min={self.t_min:g}, "
+                             f"t_max={self.t_max:g}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UsageError(f"the temperature T must be a finite number > 0, got {self.temperature:g}")
+        if self.method in ("aflkd", "ctkd") and not self.t_min <= self.temperature <= self.t_max:
+            raise UsageError(f"{self.method} learns T within [t_min, t_max] = [{self.t_min:g}, {self.t_max:g}]: "
+                             f"its initial T={self.temperature:g} lies outside")
 
 
 

@@ -71,9 +71,36 @@ def autocast(device: torch.device):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
-    """A loss scaler, enabled only for float16 autocast (a disabled one passes steps straight through)."""
-    return torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+class PlainSteps:
+    """What a loss scaler does when no scaling is needed (float32 or bfloat16): the step itself.
+
+    Built instead of ``torch.amp.GradScaler("cuda", enabled=False)`` on CPU runs: that device-named
+    constructor needs torch >= 2.3 (setup.py allows 2.1), and a CPU run has nothing to scale."""
+
+    def is_enabled(self) -> bool:
+        return False
+
+    def scale(self, loss):
+        return loss
+
+    def step(self, optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def grad_scaler(device: torch.device):
+    """A loss scaler for float16 autocast on CUDA; :class:`PlainSteps` everywhere else."""
+    if amp_dtype(device) == torch.float16:
+        return torch.amp.GradScaler("cuda")
+    return PlainSteps()
 
 
 def tune(device: torch.device) -> None:

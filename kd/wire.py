@@ -2,7 +2,9 @@
 
 * ``float32`` -- the logits as they are (bit-exact: streamed training equals in-process training).
 * ``float16`` -- half the bytes; logits of a trained net are O(10), where float16
-  keeps about 3 significant digits (an error of ~0.01 at 10).
+  keeps about 3 significant digits (an error of ~0.01 at 10).  A row with a logit
+  beyond float16's range (65504) is sent shifted by its largest logit: the softmax
+  is the same, where a plain cast would give inf.
 * ``topk:K`` -- per image the K largest logits (float32), their class indices
   (int16; int32 above 32767 classes) and the logsumexp of all logits (float32).
   The edge rebuilds a full row: the K logits where they were, and every other
@@ -24,6 +26,19 @@ import torch
 from runtime.errors import UsageError
 
 __all__ = ["WireFormat", "parse_wire"]
+
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504
+
+
+def _within_float16(logits: torch.Tensor) -> torch.Tensor:
+    """Rows with a logit beyond float16's range, shifted so that their largest logit is 0 (and floored at
+    -65504); other rows as they are.  Softmax, at any T, does not see a shift of a whole row, so the
+    distillation loss is unchanged where a plain cast would have sent inf (and NaN after the softmax)."""
+    big = logits.abs().amax(dim=1, keepdim=True) > FLOAT16_MAX
+    if not bool(big.any()):
+        return logits
+    shifted = (logits - logits.amax(dim=1, keepdim=True)).clamp_min(-FLOAT16_MAX)
+    return torch.where(big, shifted, logits)
 
 
 @dataclass(frozen=True)
@@ -57,7 +72,7 @@ class WireFormat:
         if self.kind == "float32":
             return logits.view(torch.uint8).reshape(-1)
         if self.kind == "float16":
-            return logits.half().view(torch.uint8).reshape(-1)
+            return _within_float16(logits).half().view(torch.uint8).reshape(-1)
         values, indices = logits.topk(self.k, dim=1)
         head = torch.cat([values, torch.logsumexp(logits, dim=1, keepdim=True)], dim=1).contiguous()
         tail = indices.to(self._index_dtype(logits.shape[1])).contiguous()

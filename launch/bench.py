@@ -9,7 +9,7 @@ __all__ = ["add_parser"]
 
 
 def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks (layers: under mpiexec; train-step: one process)",
+    bench = sub.add_parser("bench", help="benchmarks (layers, pipeline: under mpiexec; train-step: one process)",
                            description="Benchmarks.")
     what = bench.add_subparsers(dest="what", metavar="WHAT", parser_class=options.Parser)
     bench.set_defaults(func=lambda args: _help(bench))
@@ -73,7 +73,7 @@ def add_parser(sub) -> None:
     step.add_argument("--warmup", type=options.non_negative_int, default=3, help="untimed steps first")
     step.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
     step.add_argument("--compile", action="store_true", help="wrap the net in torch.compile")
-    step.set_defaults(func=_train_step)
+    step.set_defaults(func=_train_step, one_process=True)
 
     pipeline.add_bench_parser(what)
 

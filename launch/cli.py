@@ -49,11 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand(parser: argparse.ArgumentParser, argv: list) -> argparse.ArgumentParser:
+    """The innermost subcommand parser the words of ``argv`` select (``train edge`` -> its parser)."""
+    for word in argv:
+        choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if not choices or word not in choices:
+            if not word.startswith("-") and choices:
+                break
+            continue
+        parser = choices[word]
+    return parser
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from runtime.errors import UsageError
 
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the subcommand that was given them, whose --help lists what it takes
+            deepest = _subcommand(parser, list(sys.argv[1:] if argv is None else argv))
+            deepest.error(f"unrecognized arguments: {' '.join(extra)}")
+        if getattr(args, "one_process", False) and options.job_size() > 1:
+            raise UsageError(f"'{_subcommand(parser, list(sys.argv[1:] if argv is None else argv)).prog}' runs as "
+                             f"one process: start it without mpiexec (this job has {options.job_size()} ranks)")
         # recorded beside results as the command that made them
         args.command_line = "aflkd " + shlex.join(sys.argv[1:] if argv is None else argv)
         options.apply_threads(args)

@@ -79,11 +79,12 @@ def _run(comm, args) -> int:
     from kd.trainer import EdgeConfig, train_edge
     from scheduling.controller import check_cores, controlled
 
-    from .ranks import default_threads, on_root_then_bcast, set_threads
+    from .ranks import controlled_cpus, default_threads, on_root_then_bcast, set_threads
     from .train import load_teacher
 
     threads = default_threads(comm)
     cores = check_cores(args.cores or threads, option="--cores")
+    cpus = controlled_cpus(comm, cores)  # the edge's own block of the host: off the cloud's cores
     policies = _policies(args.policies)
     if comm.Get_size() != 2:
         raise UsageError(f"aflkd control runs one cloud and one edge: use 'mpiexec -n 2' (got {comm.Get_size()})")
@@ -107,7 +108,7 @@ def _run(comm, args) -> int:
         config = EdgeConfig(args.method, args.net, steps=args.steps, seed=args.seed)
         idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)
         source = open_edge(comm, 0, EdgeJob(config, idx), data, args.timeout)
-        ctl = controlled(source, policy, cores, config.steps, cost)
+        ctl = controlled(source, policy, cores, config.steps, cost, cpus=cpus)
         result = train_edge(config, data, idx, source=ctl)
         epochs = [h["epoch_seconds"] for h in result.history]
         rows.append({"policy": policy, "cores": cores, "steps": args.steps, "epochs": len(epochs),

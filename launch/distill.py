@@ -143,7 +143,7 @@ def _run(comm, args) -> int:
     from runtime import transport
     from scheduling.controller import check_cores, controlled
 
-    from .ranks import default_threads, on_root_then_bcast, set_threads
+    from .ranks import controlled_cpus, default_threads, on_root_then_bcast, set_threads
     from .train import load_teacher
 
     rank, cloud = comm.Get_rank(), args.cloud_rank
@@ -156,6 +156,7 @@ def _run(comm, args) -> int:
                                       args.out and options.prepare_folder(args.out, "--out")))
     set_threads(args.threads or default_threads(comm))
     cores = check_cores(args.control_cores or default_threads(comm))  # every rank, before any work
+    cpus = controlled_cpus(comm, cores)  # each edge its own block of its host's CPUs (collective: every rank)
     cost = control_cost(args)
     if cost is not None:
         cost.check(cores)
@@ -182,7 +183,7 @@ def _run(comm, args) -> int:
         idx = balanced_subset(data.y_train, args.size, data.classes, seed=seeds[i])
         job = EdgeJob(config, idx, wires[i], args.run_ahead)
         source = open_edge(comm, cloud, job, data, args.timeout)
-        ctl = controlled(source, args.control, cores, config.steps, cost)
+        ctl = controlled(source, args.control, cores, config.steps, cost, cpus=cpus)
         result = train_edge(config, data, idx, source=ctl)
         last = result.history[-1] if result.history else {}
         mine = {"rank": rank, "role": "edge", "device": "cpu", "net": nets[i], "seed": seeds[i],

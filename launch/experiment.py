@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
     acc.add_argument("--out", required=True, metavar="FOLDER",
                      help="folder for accuracy-DATASET.csv/.md/.png (created if missing; required)")
     _run_options(acc)
-    acc.set_defaults(func=_accuracy)
+    acc.set_defaults(func=_accuracy, one_process=True)
 
     conv = what.add_parser(
         "converge",
@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
     _budget_options(conv)
     conv.add_argument("--out", required=True, metavar="FOLDER", help="folder for both grids and the table (required)")
     _run_options(conv)
-    conv.set_defaults(func=_converge)
+    conv.set_defaults(func=_converge, one_process=True)
 
     tab = what.add_parser(
         "tables",
@@ -82,7 +82,7 @@ def add_parser(sub) -> None:
     tab.add_argument("--seeds", type=options.positive_int, default=3,
                      help="seeds every paper cell should have; fewer are listed as missing")
     tab.add_argument("--out", required=True, metavar="FOLDER", help="folder for the combined CSV, table and plot")
-    tab.set_defaults(func=_tables)
+    tab.set_defaults(func=_tables, one_process=True)
 
     ft = what.add_parser(
         "frozen-time",
@@ -99,7 +99,7 @@ def add_parser(sub) -> None:
     ft.add_argument("--csv", default=None, metavar="FILE",
                     help="write the table as CSV (default: not written; folders are created)")
     options.device_option(ft, "students train and the teacher runs")
-    ft.set_defaults(func=_frozen_time)
+    ft.set_defaults(func=_frozen_time, one_process=True)
 
 
 def _grid_source(text: str) -> tuple[str, list[str]]:

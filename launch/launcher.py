@@ -77,7 +77,7 @@ def add_parser(sub) -> None:
                    help="give the topology's cloud host a rank too (the last one); inference jobs leave it out")
     p.add_argument("command", nargs="...", metavar="-- COMMAND",
                    help="the aflkd command every rank runs, after '--' (a leading 'aflkd' is optional)")
-    p.set_defaults(func=_launch)
+    p.set_defaults(func=_launch, one_process=True)
 
 
 def default_mpiexec() -> str:

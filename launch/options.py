@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -29,6 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = (REPO.parent / "shared" / "data").resolve()
 """Default --data-root: ``../shared/data`` beside the checkout, not beside the current folder."""
 EDGE_NETS = (1, 2, 3)
+
+
+def job_size() -> int:
+    """Ranks in this MPI job, from the launcher's environment (1 outside mpiexec), without initialising MPI."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
 
 
 def rank() -> int:
@@ -73,6 +82,10 @@ class Parser(argparse.ArgumentParser):
     def print_help(self, file=None):
         if rank() == 0:
             super().print_help(file)
+
+    def format_help(self) -> str:
+        """Help as text for a terminal: the reST literals of docstrings used as descriptions (``x``) read 'x'."""
+        return re.sub(r"``([^`]+)``", r"'\1'", super().format_help())
 
 
 def _type(name: str, convert: Callable[[str], object]) -> Callable[[str], object]:

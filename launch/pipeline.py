@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=options.positive_int, default=5, help="timed runs per layer (median taken)")
     p.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", required=True, metavar="JSON", help="where to write the profile (folders are created)")
-    p.set_defaults(func=_profile)
+    p.set_defaults(func=_profile, one_process=True)
 
 
 def _build(args):

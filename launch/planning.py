@@ -152,8 +152,8 @@ def add_parser(sub) -> None:
         ),
         formatter_class=options.ExamplesFormatter,
     )
-    p.add_argument("--topology", default=None,
-                   help="topology file (TOML; shipped ones: hostfiles/*.toml); required unless --program")
+    p.add_argument("--topology", default=None, help="topology file (TOML; shipped ones: hostfiles/*.toml) "
+                   "(default: none; required unless --program)")
     p.add_argument("--hostfile-dir", default="out/hostfiles", metavar="DIR",
                    help="where the two hostfiles are written (created)")
     p.add_argument("--json", default=None, metavar="FILE",
@@ -184,7 +184,7 @@ def add_parser(sub) -> None:
                          help="print this rank's program only (default: every rank's)")
     p.add_argument("command", nargs="...", metavar="-- COMMAND",
                    help="the aflkd command the printed lines run (default: aflkd ranks)")
-    p.set_defaults(func=_plan)
+    p.set_defaults(func=_plan, one_process=True)
 
 
 def _programs(args) -> int:

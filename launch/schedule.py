@@ -322,7 +322,22 @@ def _profile(args) -> int:
     print(f"g: b1={cost.comm.b1:.4g}, b2={cost.comm.b2:.4g}, b3={cost.comm.b3:.4g} (MiB/s)  RMS relative error "
           f"{100 * cost.comm.rms_rel_error:.1f}% over {cost.comm.points} points")
     print(f"wrote {args.out}")
+    for warning in fit_warnings(cost):
+        print(f"warning: {warning}")
     return 0
+
+
+def fit_warnings(cost) -> list[str]:
+    """What makes a fit unfit to plan with: a poor fit (over 25% RMS relative error) or a2 < 0."""
+    out = []
+    for name, model in (("f", cost.comp), ("g", cost.comm)):
+        if model.rms_rel_error > 0.25:
+            out.append(f"{name} fits its points with {100 * model.rms_rel_error:.0f}% RMS relative error: the "
+                       "machine was busy or the model does not describe it; measure again before planning with it")
+    if cost.comp.a2 < 0:
+        out.append(f"a2 = {cost.comp.a2:.3g} < 0 (computation faster when communication takes cores): "
+                   "--constants will refuse this file")
+    return out
 
 
 def add_parser(sub) -> None:
@@ -348,7 +363,7 @@ def add_parser(sub) -> None:
     sim.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: the built-in constants)")
     sim.add_argument("--json", default=None, help="write one row per case here (default: none)")
     sim.add_argument("--plot", default=None, help="write the Fig. 5 bar chart here, PNG (default: none)")
-    sim.set_defaults(func=_simulate)
+    sim.set_defaults(func=_simulate, one_process=True)
 
     ver = what.add_parser("verify", help="the planner against exhaustive search on small random cases",
                           description="For every N <= --max-cycles and c_total <= --max-cores, --per-case "
@@ -365,7 +380,7 @@ def add_parser(sub) -> None:
     ver.add_argument("--seed", type=int, default=0, help="seed of the workloads (0)")
     ver.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: the built-in constants)")
     ver.add_argument("--json", default=None, help="write the cases, their gaps and max_gap here (default: none)")
-    ver.set_defaults(func=_verify)
+    ver.set_defaults(func=_verify, one_process=True)
 
     prof = what.add_parser("profile", help="measure and fit f and g on this machine",
                            description=profile_machine.__doc__, epilog=EPILOG,
@@ -374,4 +389,4 @@ def add_parser(sub) -> None:
     prof.add_argument("--cores", type=options.positive_int, default=None,
                       help="c_total to split (default: this machine's cores, at least 3 for g's 3 constants)")
     prof.add_argument("--repeat", type=options.positive_int, default=3, help="timings per point, median (3)")
-    prof.set_defaults(func=_profile, sets_own_threads=True)
+    prof.set_defaults(func=_profile, sets_own_threads=True, one_process=True)

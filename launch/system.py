@@ -48,8 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", default="synthetic",
                    help="synthetic (tiny, seeded, an untrained seeded teacher: checks the mechanics), cifar10, "
                    "cifar100 or fashion-mnist (the shipped teacher)")
-    where = str(options.DATA_ROOT).replace("%", "%%")
-    p.add_argument("--data-root", default=str(options.DATA_ROOT), help=f"folder with the dataset files ({where})")
+    p.add_argument("--data-root", default=str(options.DATA_ROOT), help="folder with the dataset files")
     p.add_argument("--teacher", default=None, help="cloud net weights (default: checkpoints/cloud-DATASET.pt)")
     p.add_argument("--net", type=options.edge_net, default=1, help="the student's edge net: 1, 2 or 3")
     p.add_argument("--student", default=None, help="initial student weights (default: a student seeded with "

@@ -41,6 +41,7 @@ def add_parser(sub) -> None:
     test.add_argument("--logs", default="out/test-logs",
                       help="folder for per-rank logs and JUnit XML, relative to the checkout")
     test.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    test.set_defaults(one_process=True)
     test.set_defaults(func=lambda args: run_suite(args.sizes, args.pytest_args, args.logs, args.timeout,
                                                    args.wide_sizes))
 

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     from kd.config import TeacherConfig
     from kd.config import METHODS, EdgeConfig
 
-    train = sub.add_parser("train", help="training (single process)", description="Training.")
+    train = sub.add_parser("train", help="training (cloud, edge, average, select: one process; distill: under mpiexec)",
+                           description="Training: the cloud teacher, edge students, and streamed distillation.")
     what = train.add_subparsers(dest="what", metavar="WHAT", parser_class=options.Parser)
     train.set_defaults(func=lambda args: _help(train))
 
@@ -56,7 +57,7 @@ def add_parser(sub) -> None:
                        help="start over even if OUT exists without OUT.state (overwrites OUT)")
     options.device_option(cloud, "teacher trains")
     cloud.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    cloud.set_defaults(func=_cloud)
+    cloud.set_defaults(func=_cloud, one_process=True)
 
     average = what.add_parser(
         "average",
@@ -74,7 +75,7 @@ def add_parser(sub) -> None:
                          help="also report the average's accuracy on the validation slice of N training images "
                          "(the one 'train cloud --val N' held out)")
     _saved_teacher_options(average, "average is tested")
-    average.set_defaults(func=_average)
+    average.set_defaults(func=_average, one_process=True)
 
     select = what.add_parser(
         "select",
@@ -90,7 +91,7 @@ def add_parser(sub) -> None:
                         help="size of the validation slice the candidates were trained without")
     select.add_argument("--out", required=True, help="where the chosen weights are copied")
     _saved_teacher_options(select, "candidates are evaluated")
-    select.set_defaults(func=_select)
+    select.set_defaults(func=_select, one_process=True)
 
     edge = what.add_parser(
         "edge",
@@ -109,7 +110,7 @@ def add_parser(sub) -> None:
     edge.add_argument("--out", default=None, help="save the student's weights here (default: not saved)")
     options.device_option(edge, "student trains and the teacher runs")
     edge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    edge.set_defaults(func=_edge)
+    edge.set_defaults(func=_edge, one_process=True)
 
     from . import distill
 

@@ -113,14 +113,14 @@ def add_parser(sub) -> None:
                      help="cifar10, cifar100 or fashion-mnist (default: none; needed by --train-range)")
     add.add_argument("--data-root", default=str(options.DATA_ROOT), help="folder with the dataset files")
     add.add_argument("--seed", type=int, default=0, help="seed of the order of the training images")
-    add.set_defaults(func=_add)
+    add.set_defaults(func=_add, one_process=True)
 
     status = what.add_parser("status", help="a buffer's samples per state, its student generations, its checks",
                              description="Print a buffer's samples per state and student generations, and check "
                              "its invariants (exit 1 if one fails).\n\n" + ABOUT,
                              formatter_class=options.ExamplesFormatter)
     status.add_argument("--buffer", required=True, help="the buffer file")
-    status.set_defaults(func=_status)
+    status.set_defaults(func=_status, one_process=True)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -466,7 +466,9 @@ def _simulate(programs: Sequence[Program]) -> list[str]:
                 ins = code[r][pc[r]]
                 if isinstance(ins, AwaitHalo):
                     post = next((i for i in code[r] if isinstance(i, PostHalo) and i.value == ins.value), None)
-                    if post is None or not all((t.src, ins.value) in posted for t in post.recvs) or (r, ins.value) not in posted:
+                    senders = [] if post is None else [t.src for t in post.recvs]
+                    if post is None or (r, ins.value) not in posted or \
+                            not all((s, ins.value) in posted for s in senders):
                         break
                 elif isinstance(ins, COLLECTIVES):
                     break  # advanced below, together

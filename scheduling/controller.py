@@ -69,7 +69,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -77,7 +77,7 @@ from runtime.errors import UsageError
 
 from .costmodel import CommModel, CompModel, CostModel
 
-__all__ = ["POLICIES", "Allocation", "allocation", "machine_cpus", "check_cores", "ideal_cost", "phase_cores",
+__all__ = ["POLICIES", "Allocation", "allocation", "machine_cpus", "rank_cpus", "check_cores", "ideal_cost", "phase_cores",
            "Controller", "ControlledSource", "controlled"]
 
 from .policies import POLICIES  # noqa: E402 (the CLI reads it without torch)
@@ -86,6 +86,26 @@ from .policies import POLICIES  # noqa: E402 (the CLI reads it without torch)
 def machine_cpus() -> list[int]:
     """The CPUs this process may run on (its affinity mask when it started controlling)."""
     return sorted(os.sched_getaffinity(0))
+
+
+def rank_cpus(machine: Sequence[int], cores: int, slot: int, slots: int) -> tuple[list[int], bool]:
+    """The CPUs a controlled rank pins itself to: ``cores`` of its own block of the host's CPUs.
+
+    The host's CPUs (``machine``) are cut into ``slots`` equal blocks, one per rank on the host in rank
+    order (the cloud's included, so that edges stay off its cores); rank ``slot`` takes the first ``cores``
+    of block ``slot``.  Returns (cpus, disjoint): when the blocks are too small for ``cores`` the ranks
+    must share, and each takes ``cores`` CPUs from where its block starts (wrapping), so they overlap as
+    little as they can.  Before this, every rank took ``machine[:cores]``: all edges on CPUs 0..cores-1.
+    """
+    machine = sorted(machine)
+    n = len(machine)
+    if not 1 <= cores <= n or not 0 <= slot < slots:
+        raise UsageError(f"{cores} cores for rank slot {slot} of {slots} on a host of {n} CPUs")
+    block = n // slots
+    if block >= cores:
+        return machine[slot * block: slot * block + cores], True
+    start = slot * n // slots
+    return [machine[(start + i) % n] for i in range(cores)], False
 
 
 def check_cores(cores: int, available: Optional[int] = None, option: str = "--control-cores") -> int:
@@ -176,7 +196,10 @@ class Controller:
             raise UsageError(f"drift tolerance must be > 0 and patience >= 1, got {self.tolerance}, {self.patience}")
         machine = machine_cpus()
         check_cores(self.cores, len(machine))
-        self.cpus = self.cpus or machine[:self.cores]
+        self.cpus = list(self.cpus) or machine[:self.cores]
+        if len(self.cpus) != self.cores or not set(self.cpus) <= set(machine):
+            raise UsageError(f"the controller's CPUs {self.cpus} must be {self.cores} of the CPUs this process "
+                             f"may use ({machine})")
         self.cost = self.cost or ideal_cost(self.cores)
         self.cost.check(self.cores)
         self._saved = (torch.get_num_threads(), set(machine))
@@ -286,7 +309,10 @@ class ControlledSource:
     the trainer's thread (no receive thread, nothing pinned).
     """
 
-    def __init__(self, inner, controller: Controller, timeout_s: float = 300.0):
+    def __init__(self, inner, controller: Controller, timeout_s: Optional[float] = None):
+        if timeout_s is None:  # the wrapped source's own deadline, and a little: it reports its peer first
+            inner_s = getattr(inner, "timeout_s", None)
+            timeout_s = inner_s + 5.0 if inner_s else _default_wait_s()
         self.inner, self.ctl, self.timeout_s = inner, controller, timeout_s
         self.classes, self.weights = inner.classes, inner.weights
         self._jobs: queue.Queue = queue.Queue()
@@ -362,7 +388,10 @@ class ControlledSource:
                 self._go.set()
                 self.ctl.apply(self.ctl.waiting())
                 if not self._cond.wait_for(lambda: step in self._done, self.timeout_s):
-                    raise TimeoutError(f"the receive thread gave no logits for step {step} in {self.timeout_s:g} s")
+                    from runtime.transport import PeerTimeout  # one line from the CLI, not a traceback
+
+                    raise PeerTimeout(f"the receive thread gave no teacher logits for step {step} within "
+                                      f"{self.timeout_s:g} s (the cloud stalled or the link is down)")
             out, err, busy = self._done.pop(step)
         if err is not None:
             raise err
@@ -383,14 +412,22 @@ class ControlledSource:
             if self._thread is not None:
                 self._go.set()
                 self._jobs.put(_STOP)
-                self._thread.join()
-                self._thread = None
+                self._thread.join(self.timeout_s)  # a thread still blocked in a dead peer's receive is left
+                self._thread = None               # behind (a daemon): closing must not hang on it
         finally:
             self.ctl.restore()
             self.inner.close()
 
 
+def _default_wait_s() -> float:
+    from runtime.transport import long_wait_s
+
+    return long_wait_s()
+
+
 def controlled(source, policy: str, cores: int, steps: int, cost: Optional[CostModel] = None,
-               tolerance: float = 0.2, patience: int = 2):
-    """``source`` under a controller with ``policy`` on ``cores`` cores (the wrapper :class:`ControlledSource`)."""
-    return ControlledSource(source, Controller(policy, cores, steps, cost, tolerance=tolerance, patience=patience))
+               tolerance: float = 0.2, patience: int = 2, cpus: Sequence[int] = ()):
+    """``source`` under a controller with ``policy`` on ``cores`` cores (the wrapper :class:`ControlledSource`);
+    ``cpus``: which (see :func:`rank_cpus`; default the first ``cores`` this process may use)."""
+    return ControlledSource(source, Controller(policy, cores, steps, cost, tolerance=tolerance, patience=patience,
+                                               cpus=list(cpus)))

@@ -53,12 +53,18 @@ class CompModel:
     def time(self, x: float, c: int) -> float:
         return f(x, c, self.a1, self.a2)
 
-    def check(self, c_max: int) -> None:
-        """Raise unless f is positive and finite for c = 0..c_max communication cores."""
+    def check(self, c_max: int, measured: bool = False) -> None:
+        """Raise unless f is positive and finite for c = 0..c_max communication cores, and does not fall as
+        communication takes cores (a2 >= 0).  ``measured``: a fit as measured, which may say a2 < 0 (noise):
+        kept as data, refused only where it would be planned with."""
         if not (math.isfinite(self.a1) and math.isfinite(self.a2)) or self.a1 <= 0 or 1.0 - self.a2 * c_max <= 0 \
                 or 1.0 - self.a2 * 0 <= 0:
             raise UsageError(f"f's constants a1={self.a1:g}, a2={self.a2:g} make computation time non-positive or "
                              f"infinite for c in 0..{c_max}; need a1 > 0 and a2*c < 1 (measure more points)")
+        if self.a2 < 0 and not measured:
+            raise UsageError(f"f's constant a2={self.a2:g} < 0 says computation gets faster the more cores "
+                             "communication takes from it: a fit of noise (the planner would give communication "
+                             "every core but one); measure on a quiet machine, with more points")
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,7 @@ def fit_f(work: Sequence[float], comm_cores: Sequence[int], times: Sequence[floa
     if p0 <= 0:
         raise UsageError(f"fit of f failed: the fitted rate at c=0 is {p0:g} <= 0")
     model = CompModel(a1=float(1.0 / p0), a2=float(-p1 / p0), points=len(x))
-    model.check(int(c.max()))
+    model.check(int(c.max()), measured=True)
     err = _rms_rel(np.array([model.time(xi, ci) for xi, ci in zip(x, c)]), t)
     return CompModel(model.a1, model.a2, err, len(x))
 

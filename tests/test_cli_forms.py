@@ -1,6 +1,7 @@
 """Option forms every command shares: ``--net`` as 3 or edge3 everywhere, and type errors that give a reason."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,64 @@ def test_a_bad_ratio_names_the_option_and_the_reason():
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("aflkd: error: argument --ratio:") and "Comp:Comm" in line and "_ratios" not in line
+
+
+def _aflkd(*argv, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "launch.cli", *argv], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_an_unknown_option_points_to_the_subcommands_help():
+    proc = _aflkd("train", "edge", "--dataset", "cifar10", "--epochs", "3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "aflkd: error: unrecognized arguments: --epochs 3 (see 'aflkd train edge --help')"]
+
+
+def test_help_and_refusals_answer_without_importing_torch():
+    code = ("import sys\nfrom launch.cli import main\n"
+            "for argv in (['--help'], ['schedule', '--help'], ['train', 'edge', '--dataset', 'x', '--epochs', '3']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv", [["schedule", "--help"], ["control", "--help"], ["system", "--help"]])
+def test_help_reads_as_text(argv):
+    out = _aflkd(*argv).stdout
+    assert "``" not in out  # docstrings' reST literals read 'x'
+    if "--data-root DATA_ROOT\n" in out:
+        entry = out.split("--data-root DATA_ROOT\n", 1)[1].split("\n  --", 1)[0]
+        assert entry.count("(default") == 1  # the default data root is said once
+
+
+@pytest.mark.parametrize("argv", [["train", "edge", "--dataset", "cifar10"], ["update", "status", "--buffer", "b"],
+                                  ["experiment", "accuracy", "--dataset", "cifar10", "--out", "o"]])
+def test_one_process_commands_are_refused_under_mpiexec_instead_of_running_on_every_rank(argv, tmp_path):
+    proc = subprocess.run([str(Path(sys.executable).parent / "mpiexec"), "-n", "2", sys.executable, "-m", "launch.cli", *argv], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("aflkd")]
+    assert lines == [f"aflkd: error: 'aflkd {' '.join(argv[:2])}' runs as one process: start it without mpiexec "
+                     f"(this job has 2 ranks)"]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("after_s", [0.05, 0.3, 1.0])
+def test_ctrl_c_while_starting_is_one_line_not_a_traceback(after_s):
+    """Regression: SIGINT during start-up printed tracebacks from the imports.  The console script's own
+    import is now a few modules (torch loads inside main, where Ctrl-C is one line); caught at several
+    moments of the start-up (before, during and after torch's import)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from launch.entry import run; "  # the script's code
+                             "sys.argv[1:] = ['bench', 'train-step', '--threads', '1']; sys.exit(run())"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err[-3000:]
+    assert proc.returncode in (130, -signal.SIGINT) and (proc.returncode != 130 or "aflkd: interrupted" in err)

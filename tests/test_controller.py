@@ -211,3 +211,30 @@ def test_train_distill_with_control_runs_and_bad_cores_are_one_line(tmp_path):
     assert proc.returncode == 2
     (line,) = errors(proc)
     assert f"--control-cores {len(CPUS) + 97} is more than" in line and "Traceback" not in proc.stderr
+
+
+class Silent(Probe):
+    """A source whose peer never answers: logits block (as a receive from a dead cloud does)."""
+
+    timeout_s = 0.5
+
+    def logits(self, step):
+        threading.Event().wait(30)
+
+
+def test_a_silent_source_is_one_peer_timeout_and_close_does_not_hang():
+    """Regression: a hard-coded 300 s wait raised a plain TimeoutError (a traceback and an Abort), and close()
+    then joined a receive thread still blocked."""
+    import time
+
+    from runtime.transport import PeerTimeout
+
+    src = ControlledSource(Silent(torch.zeros(4, 3)), Controller("priority", 1, steps=2))
+    assert src.timeout_s == pytest.approx(5.5)  # the wrapped source's deadline, and a little
+    src.timeout_s = 0.5
+    began = time.monotonic()
+    src.start(0, np.arange(2), None)
+    with pytest.raises(PeerTimeout, match="no teacher logits for step 0 within 0.5 s"):
+        src.logits(0)
+    src.close()
+    assert time.monotonic() - began < 5

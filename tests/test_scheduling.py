@@ -258,3 +258,24 @@ def test_cli_simulate_and_verify_json(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert main(["schedule", "simulate", "--constants", str(bad)]) == 2
+
+
+def test_constants_where_computation_speeds_up_as_communication_takes_cores_are_refused(tmp_path, capsys):
+    """Regression: the committed 2-core fit has a2 = -0.017, and --constants took it (the planner then gave
+    communication every core but one)."""
+    from launch.cli import main
+
+    with pytest.raises(UsageError, match="a2=-0.017 < 0 says computation gets faster"):
+        CostModel(CompModel(a1=1.0, a2=-0.017), PAPER_LIKE.comm).check(2)
+    CostModel(CompModel(a1=1.0, a2=0.0), PAPER_LIKE.comm).check(2)  # flat is allowed
+    noisy = fit_f([1, 1, 1, 1], [0, 1, 2, 0], [1.0, 0.9, 0.8, 1.0])  # more comm cores sped computing up
+    assert noisy.a2 < 0  # kept as measured...
+    with pytest.raises(UsageError, match="a2=.* < 0"):  # ...and refused where it would be planned with
+        CostModel(noisy, PAPER_LIKE.comm).check(2)
+    from launch.schedule import fit_warnings
+
+    assert any("--constants will refuse" in w for w in fit_warnings(CostModel(noisy, PAPER_LIKE.comm)))
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"f": {"a1": 1.0, "a2": -0.017}, "g": {"b1": 0.35, "b2": 1.0, "b3": 1.0}}))
+    assert main(["schedule", "simulate", "--constants", str(bad)]) == 2
+    assert "a2=-0.017 < 0" in capsys.readouterr().err
