@@ -131,11 +131,8 @@ def _unsplit_memory(args):
 
 
 def _check_checkpoint(args) -> None:
-    import torch
-
     from models import build_model
     from runtime.distribute import check_checkpoint
-
     from runtime.skeleton import empty_weights
 
     with empty_weights():
@@ -145,11 +142,8 @@ def _check_checkpoint(args) -> None:
 
 def _head_can_split(args) -> bool:
     """Whether the net's head splits at all (traced on meta): else no temporary checkpoint is worth writing."""
-    import torch
-
     from models import build_model
     from runtime import plan_split, trace_model
-
     from runtime.skeleton import empty_weights
 
     with empty_weights():
