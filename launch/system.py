@@ -134,7 +134,7 @@ def _run(args) -> int:
     from runtime import transport as mpi
     from runtime import transport
 
-    from .ranks import default_threads, set_threads
+    from .ranks import controlled_cpus, default_threads, set_threads
     from .topology import check_world_size, load_topology
 
     world = mpi.world()
@@ -184,6 +184,7 @@ def _run(args) -> int:
     problems = [p for p in mpi.allgather_objects(world, problem) if p]
     if problems:
         raise mpi.AgreedError(problems[0])
+    args.control_cpus = controlled_cpus(world, args.control_cores)  # the trainer's own block of its host
     link = transport.dup(world)
     infer = mpi.split_comm(world, 1 if rank in infer_ranks else 0, rank)
     work = {trainer: lambda: _train(args, data, device, link, trainer, infer_ranks[0], cloud, out),
@@ -280,7 +281,8 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     reconcile(buffer, student_path)
     start_gen = buffer.latest().generation
     config = EdgeConfig("aflkd", args.net, steps=args.steps, lr=args.lr, seed=args.seed)
-    update = ControlledUpdate(config, data, device, args.control, args.control_cores, args.control_model)
+    update = ControlledUpdate(config, data, device, args.control, args.control_cores, args.control_model,
+                              cpus=args.control_cpus)
     link_cloud = CloudLink(link, cloud, args.timeout)
     order = np.random.default_rng(args.seed).permutation(len(data.x_train))
 
@@ -344,16 +346,16 @@ class ControlledUpdate:
     controller's Comm phase here is the per-batch hand-over of those logits, not a network receive.
     """
 
-    def __init__(self, config, data, device, policy: str, cores: int, cost=None):
+    def __init__(self, config, data, device, policy: str, cores: int, cost=None, cpus=()):
         self.config, self.data, self.device = config, data, device
-        self.policy, self.cores, self.cost = policy, cores, cost
+        self.policy, self.cores, self.cost, self.cpus = policy, cores, cost, list(cpus)
 
     def __call__(self, state: dict, images, logits, generation: int):
         from kd.incremental import update_student
         from scheduling.controller import controlled
 
         def wrap(source, config):
-            return controlled(source, self.policy, self.cores, config.steps, self.cost)
+            return controlled(source, self.policy, self.cores, config.steps, self.cost, cpus=self.cpus)
 
         state, info, source = update_student(self.config, self.data, state, images, logits, generation,
                                              device=self.device, wrap_source=wrap)

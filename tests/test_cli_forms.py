@@ -85,8 +85,9 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(after_s):
 
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from launch.entry import run; "  # the script's code
                              "sys.argv[1:] = ['bench', 'train-step', '--threads', '1']; sys.exit(run())"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(after_s)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background job
+    time.sleep(after_s)                                                # inherits SIGINT ignored: undo that
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err[-3000:]

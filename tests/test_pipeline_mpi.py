@@ -74,11 +74,16 @@ def test_paper_nets_every_grid(world, agree, net):
     agree(world, problems)
 
 
+def _random_count(world) -> int:
+    """Random configurations per test: 60, or 36 at 8+ ranks (CI's 2 cores run those four times oversubscribed)."""
+    return 60 if world.size < 8 else 36
+
+
 @pytest.mark.mpi(min_size=2)
 def test_random_stacks_every_grid(world, agree):
     """Random conv/pool stacks (kernels, strides, paddings, dilations) over every grid, random cuts."""
     problems = []
-    for seed in range(60):
+    for seed in range(_random_count(world)):
         grid = grids(world.size)[seed % len(grids(world.size))]
         model, shape, batch, weights = random_config(30_000 + seed, grid.clusters)
         layers = split_layers(trace_model(model, shape))
@@ -98,7 +103,7 @@ def test_random_stacks_every_grid(world, agree):
 def test_random_graphs_every_grid(world, agree):
     """Random DAGs (residuals, concats, shuffles, squeeze-excitation): cuts fall between blocks."""
     problems, tried = [], 0
-    for seed in range(60):
+    for seed in range(_random_count(world)):
         grid = grids(world.size)[seed % len(grids(world.size))]
         model, shape, batch, weights = random_graph(40_000 + seed, grid.clusters)
         layers = split_layers(trace_model(model, shape))
@@ -112,7 +117,7 @@ def test_random_graphs_every_grid(world, agree):
             tried += 1
         except UsageError as err:
             assert "without rows" in str(err), str(err)
-    assert tried >= 20, f"only {tried} random graphs could be cut for {world.size} ranks"
+    assert tried >= _random_count(world) // 3, f"only {tried} random graphs could be cut for {world.size} ranks"
     agree(world, problems)
 
 

@@ -38,7 +38,7 @@ def _split_output(model, shape, batch, weights, head="gather", timeout_s=20.0, p
         return run_ranks(len(weights), rank, timeout_s=timeout_s)[0], model(x)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), ranks=st.sampled_from([2, 3, 4, 8]), graph=st.booleans())
 def test_random_programs_pair_and_equal_plain_torch(seed, ranks, graph):
     model, shape, batch, weights = (random_graph if graph else random_config)(30_000 + seed, ranks)
