@@ -350,8 +350,11 @@ def _edge_config(args):
                       seed=args.seed)
 
 
-def _edge_facts(setup: _Setup, args, buffer_path: str, student_path: str, student_check: bool = True):
-    """Rank 1's set-up: open the buffer, check the student fits, reconcile them (crash recovery)."""
+def _edge_facts(setup: _Setup, args, buffer_path: str, student_path: str, student_check: bool = True,
+                must_exist: bool = False):
+    """Rank 1's set-up: open the buffer, check the student fits, reconcile them (crash recovery).
+    ``must_exist``: a missing buffer is refused (``update run`` has nothing to train on; it used to create an
+    empty one and exit 0)."""
     from kd.buffer import Buffer
     from kd.incremental import read_student, reconcile
     from models import edge_net, load_weights
@@ -362,6 +365,8 @@ def _edge_facts(setup: _Setup, args, buffer_path: str, student_path: str, studen
     facts = {"problem": None, "classes": data.classes, "channels": data.channels}
     buffer = None
     try:
+        if must_exist and not os.path.isfile(buffer_path):
+            raise UsageError(f"--buffer {buffer_path}: no such buffer (fill one with 'aflkd update add')")
         options.prepare_output(buffer_path, "--buffer")
         buffer = Buffer(buffer_path, data.x_train.shape[1:])
         facts["channels"] = buffer.shape[2]
@@ -427,7 +432,7 @@ def _run(args) -> int:
     comm = setup.comm
     if comm.Get_rank() == CLOUD:
         return _with_peer_errors(comm, _cloud(setup, args))
-    buffer, facts = _edge_facts(setup, args, args.buffer, args.student)
+    buffer, facts = _edge_facts(setup, args, args.buffer, args.student, must_exist=True)
     _agree(setup, args, facts)
 
     def work() -> int:
