@@ -49,7 +49,7 @@ import numpy as np
 
 from runtime.errors import UsageError
 
-__all__ = ["Buffer", "BufferCorrupt", "Generation", "STATES", "FORMAT"]
+__all__ = ["Buffer", "BufferCorrupt", "Generation", "STATES", "FORMAT", "hold_for_training"]
 
 STATES = ("pending", "labelled", "consumed")
 FORMAT = 1
@@ -91,6 +91,23 @@ CREATE TABLE samples(
 CREATE INDEX samples_by_state ON samples(state, id);
 CREATE INDEX samples_by_batch ON samples(batch, id);
 """
+
+
+def hold_for_training(path: str) -> int:
+    """An exclusive lock on ``path`` for one training job (``update run`` or ``demo``), held until the process
+    ends; returns its file descriptor.  Frames may still be added meanwhile (``update add`` takes no such lock),
+    but a second training job on the same buffer is refused: two would retrain the same batch and overwrite
+    each other's student file."""
+    import fcntl
+
+    fd = os.open(path + ".train-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UsageError(f"--buffer {path}: another training job ('update run' or 'demo') holds it; wait for it "
+                         "to end (two would retrain the same frames and overwrite one student file)") from None
+    return fd
 
 
 class BufferCorrupt(UsageError):

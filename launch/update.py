@@ -355,7 +355,7 @@ def _edge_facts(setup: _Setup, args, buffer_path: str, student_path: str, studen
     """Rank 1's set-up: open the buffer, check the student fits, reconcile them (crash recovery).
     ``must_exist``: a missing buffer is refused (``update run`` has nothing to train on; it used to create an
     empty one and exit 0)."""
-    from kd.buffer import Buffer
+    from kd.buffer import Buffer, hold_for_training
     from kd.incremental import read_student, reconcile
     from models import edge_net, load_weights
 
@@ -368,6 +368,7 @@ def _edge_facts(setup: _Setup, args, buffer_path: str, student_path: str, studen
         if must_exist and not os.path.isfile(buffer_path):
             raise UsageError(f"--buffer {buffer_path}: no such buffer (fill one with 'aflkd update add')")
         options.prepare_output(buffer_path, "--buffer")
+        hold_for_training(buffer_path)  # one training job per buffer: the lock lasts until this process exits
         buffer = Buffer(buffer_path, data.x_train.shape[1:])
         facts["channels"] = buffer.shape[2]
         if student_check:

@@ -129,3 +129,29 @@ def test_a_set_up_error_on_one_rank_only_is_one_line_and_exit_2_on_both(tmp_path
     role = "the edge" if fail_rank == 1 else "the cloud"
     assert f"rank {fail_rank} ({role})" in lines[0] and "not found under /nowhere/on/this/rank" in lines[0], lines
     assert "Traceback" not in proc.stderr and "MPI_Abort" not in proc.stderr  # refused, not aborted
+
+
+@pytest.mark.skipif(not (MPIEXEC.exists() and HAVE_CIFAR10), reason="needs mpiexec and ../shared/data/cifar10")
+def test_a_second_training_job_on_one_buffer_is_refused(tmp_path):
+    """Regression: two 'update run' on one buffer at once both retrained a batch and overwrote one student file."""
+    import fcntl
+    import os
+
+    from kd.buffer import hold_for_training
+    from launch.cli import main
+
+    buffer = str(tmp_path / "b.sqlite")
+    assert main(["update", "add", "--buffer", buffer, "--train-range", "0:2", "--dataset", "cifar10"]) == 0
+    fd = hold_for_training(buffer)  # as a running job holds it
+    try:
+        student = tmp_path / "s.pt"
+        torch.save(edge_net(1, 3, 32, 10).state_dict(), student)
+        cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "update", "run", "--buffer", buffer,
+               "--student", str(student), "--net", "1", "--dataset", "cifar10", "--device", "cpu", "--timeout", "30"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "another training job ('update run' or 'demo') holds it" in lines[0]
