@@ -13,18 +13,9 @@ __all__ = ["default_threads", "set_threads", "on_root_then_bcast"]
 T = TypeVar("T")
 
 
-def host_slot(comm) -> tuple[int, int]:
-    """(this rank's index among the ranks on its host, in rank order; how many ranks the host runs)."""
-    from runtime.transport import allgather_objects, host_name
-
-    names = allgather_objects(comm, host_name(), what="the host names")
-    mine = names[comm.Get_rank()]
-    here = [r for r, name in enumerate(names) if name == mine]
-    return here.index(comm.Get_rank()), len(here)
-
-
 def controlled_cpus(comm, cores: int) -> list[int]:
     """The CPUs this rank's controller may pin to: its own block of the host (see scheduling.controller.rank_cpus)."""
+    from runtime.transport import host_slot
     from scheduling.controller import machine_cpus, rank_cpus
 
     slot, slots = host_slot(comm)

@@ -228,14 +228,9 @@ def is_elementwise(fx_node, module) -> bool:
 
 
 def _module_lookup(model) -> Callable[[object], object]:
-    """fx node -> the module or attribute it calls (None for functions and methods)."""
+    """fx node -> the module it calls (None for everything else: only modules decide fusion and folding)."""
     def find(f):
-        if model is None or f.op not in ("call_module", "get_attr"):
-            return None
-        if f.op == "call_module":
-            return model.get_submodule(f.target)
-        owner, _, attr = f.target.rpartition(".")
-        return getattr(model.get_submodule(owner) if owner else model, attr, None)
+        return model.get_submodule(f.target) if model is not None and f.op == "call_module" else None
     return find
 
 

@@ -582,10 +582,16 @@ def share_from_root(comm: MPI.Comm, work: Callable[[], T], root: int = 0, error:
     return result
 
 
+def host_slot(comm: MPI.Comm) -> tuple[int, int]:
+    """(this rank's index among the ranks of ``comm`` on its host, in rank order; how many ranks the host runs)."""
+    names = allgather_objects(comm, MPI.Get_processor_name(), what="the host names")
+    here = [r for r, name in enumerate(names) if name == names[comm.Get_rank()]]
+    return here.index(comm.Get_rank()), len(here)
+
+
 def ranks_on_this_host(comm: MPI.Comm) -> int:
     """How many ranks of ``comm`` run on this host (share its memory and cores)."""
-    names = allgather_objects(comm, MPI.Get_processor_name(), what="the host count")
-    return names.count(MPI.Get_processor_name())
+    return host_slot(comm)[1]
 
 
 def abort_on_uncaught_exception(comm: MPI.Comm = MPI.COMM_WORLD) -> None:

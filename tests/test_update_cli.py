@@ -61,6 +61,14 @@ def test_add_is_idempotent_per_frame_and_status_reports(tmp_path, capsys):
     assert "--train-range A:B needs 0 <= A < B" in capsys.readouterr().err
 
 
+def _update_run(buffer, student):
+    """``mpiexec -n 2 aflkd update run`` with edge net 1 on CIFAR-10: the process and its 'aflkd: error:' lines."""
+    cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "update", "run", "--buffer", str(buffer),
+           "--student", str(student), "--net", "1", "--dataset", "cifar10", "--device", "cpu", "--timeout", "30"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent)
+    return proc, [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
+
+
 @pytest.mark.skipif(not (MPIEXEC.exists() and HAVE_CIFAR10), reason="needs mpiexec and ../shared/data/cifar10")
 def test_a_student_of_another_net_is_one_line_on_every_rank_before_any_transfer(tmp_path):
     from launch.cli import main
@@ -69,11 +77,7 @@ def test_a_student_of_another_net_is_one_line_on_every_rank_before_any_transfer(
     torch.save(edge_net(2, 3, 32, 10).state_dict(), student)
     assert main(["update", "add", "--buffer", str(tmp_path / "b.sqlite"), "--train-range", "0:2",
                  "--dataset", "cifar10"]) == 0
-    cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "update", "run", "--buffer",
-           str(tmp_path / "b.sqlite"), "--student", str(student), "--net", "1", "--dataset", "cifar10",
-           "--device", "cpu", "--timeout", "30"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
+    proc, lines = _update_run(tmp_path / "b.sqlite", student)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "does not match the net" in lines[0] and "check --net" in lines[0]
     assert "Traceback" not in proc.stderr and "MPI_Abort" not in proc.stderr  # refused, not aborted
@@ -84,11 +88,7 @@ def test_update_run_on_a_missing_buffer_is_refused_and_creates_nothing(tmp_path)
     """Regression: it created an empty buffer, trained nothing and exited 0."""
     student = tmp_path / "s.pt"
     torch.save(edge_net(1, 3, 32, 10).state_dict(), student)
-    cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "update", "run", "--buffer",
-           str(tmp_path / "missing.sqlite"), "--student", str(student), "--net", "1", "--dataset", "cifar10",
-           "--device", "cpu", "--timeout", "30"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
+    proc, lines = _update_run(tmp_path / "missing.sqlite", student)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "missing.sqlite: no such buffer" in lines[0]
     assert not (tmp_path / "missing.sqlite").exists()
@@ -146,12 +146,9 @@ def test_a_second_training_job_on_one_buffer_is_refused(tmp_path):
     try:
         student = tmp_path / "s.pt"
         torch.save(edge_net(1, 3, 32, 10).state_dict(), student)
-        cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "update", "run", "--buffer", buffer,
-               "--student", str(student), "--net", "1", "--dataset", "cifar10", "--device", "cpu", "--timeout", "30"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent)
+        proc, lines = _update_run(buffer, student)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "another training job ('update run' or 'demo') holds it" in lines[0]

@@ -73,40 +73,9 @@ except ImportError:
     print("mpi4py: not installed (a stand-in is put on PYTHONPATH)")
 EOF
 if [ -n "$STUB" ] || ! "$PY" -c "import mpi4py.MPI" 2> /dev/null; then
-    # runtime/__init__.py imports runtime/transport.py, which imports mpi4py at the top; nothing here calls MPI.
-    S=$DEV/stub/mpi4py
-    mkdir -p "$S/util"
-    cat > "$S/__init__.py" <<'EOF'
-"""Stand-in for mpi4py where it is not installed (written by .dev/gpu_run.sh): importing works, calling MPI fails."""
-__version__ = "0+stand-in"
-EOF
-    cat > "$S/_missing.py" <<'EOF'
-class _Missing(type):
-    """A class for every name asked of the stand-in: usable in annotations and dicts; calling it fails."""
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Missing(f"{cls.__name__}.{name}", (), {})
-    def __call__(cls, *args, **kwargs):
-        raise RuntimeError(f"mpi4py is not installed here: {cls.__name__} called (stand-in from .dev/gpu_run.sh)")
-_made = {}
-def missing(module, name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return _made.setdefault(f"{module}.{name}", _Missing(f"{module}.{name}", (), {}))
-EOF
-    cat > "$S/MPI.py" <<'EOF'
-from ._missing import missing
-def Is_initialized(): return False
-def Is_finalized(): return False
-def __getattr__(name): return missing("MPI", name)
-EOF
-    printf '' > "$S/util/__init__.py"
-    cat > "$S/util/dtlib.py" <<'EOF'
-from .._missing import missing
-def __getattr__(name): return missing("dtlib", name)
-EOF
-    [ -n "$STUB" ] && export PYTHONPATH=$DEV/stub:$PYTHONPATH || export PYTHONPATH=$PYTHONPATH:$DEV/stub
+    # runtime/__init__ and runtime/transport.py import mpi4py; nothing here calls MPI (the stand-in's files)
+    S=$R/results/converged/mpi4py-standin
+    [ -n "$STUB" ] && export PYTHONPATH=$S:$PYTHONPATH || export PYTHONPATH=$PYTHONPATH:$S
     say "mpi4py stand-in on PYTHONPATH: $PYTHONPATH"
 fi
 if [ "$MODE" = smoke ]; then   # first call: synthetic CUDA smoke test and speed of a CIFAR-100-sized epoch
