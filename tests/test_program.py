@@ -94,7 +94,8 @@ def test_a_removed_send_times_out_in_the_transport_instead_of_hanging():
     i, post = next((i, ins) for i, ins in enumerate(programs[0].split) if isinstance(ins, PostHalo) and ins.sends)
     broken = _replace(programs, 0, i, dataclasses.replace(post, sends=()))
     assert any("which never sends them" in p for p in check_programs(broken))
-    with pytest.raises(PeerTimeout, match="no message from rank 0"):
+    # which rank's wait ends first depends on the load: rank 1 misses rank 0's rows, and its peers then miss its
+    with pytest.raises(PeerTimeout, match=r"no message from rank \d+ \(tag \d+\) within 1 s"):
         _split_output(model, (3, 32, 32), 2, [1.0] * 3, timeout_s=1.0, programs=broken)
 
 
