@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from typing import Callable, TypeVar
 
-import torch
 
 from runtime.errors import UsageError
 
@@ -40,6 +39,8 @@ def default_threads(comm) -> int:
 
 def set_threads(threads: int) -> None:
     """Torch threads of this rank (--threads is checked once, when it is parsed: launch/options.py)."""
+    import torch  # here, not at the top: set-up errors before this point are refused without torch's import
+
     torch.set_num_threads(threads)
 
 

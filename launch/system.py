@@ -130,7 +130,6 @@ def _student(args, data):
 
 
 def _run(args) -> int:
-    from kd.device import pick_device
     from runtime import transport as mpi
     from runtime import transport
 
@@ -171,6 +170,8 @@ def _run(args) -> int:
             raise UsageError(f"--updates x --increment = {args.updates * args.increment} camera images, more than "
                              f"the {len(data.x_train)} training images of {args.dataset}")
         if rank in (trainer, cloud):
+            from kd.device import pick_device
+
             device = pick_device(args.device)
         if rank == cloud:
             teacher = _teacher(args, data, device)

@@ -35,10 +35,9 @@ import time
 import traceback
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Callable, Iterable, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
-import torch
 from mpi4py import MPI
 from mpi4py.util import dtlib
 
@@ -61,8 +60,8 @@ TAG_LINK = 32100  # runtime.headcost: the link measurement (+ repeat index, < 32
 TAG_SIZE_CHECK = 32300  # tests: a deliberately wrong-sized message
 TAG_FAULT = 32400  # fault_everywhere: a rank's error, told to every other rank
 
-#: numpy has no bfloat16: such tensors travel as same-sized integers.
-_AS_INTEGERS = {torch.bfloat16: torch.int16}
+if TYPE_CHECKING:
+    import torch  # imported where tensors are used: a set-up error is refused before torch's 1.3 s import
 
 # ---------------------------------------------------------------------- deadlines
 #: Seconds any wait may last before the peer counts as dead or stalled (``--deadline``, ``AFLKD_DEADLINE``).
@@ -161,9 +160,11 @@ def _mpi_type(dtype: np.dtype) -> MPI.Datatype:
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
+    import torch
+
     t = t.detach()
-    if t.dtype in _AS_INTEGERS:
-        t = t.view(_AS_INTEGERS[t.dtype])
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: such tensors travel as same-sized integers
+        t = t.view(torch.int16)
     return t.numpy()
 
 
@@ -387,7 +388,7 @@ def _row_counts(rows: Sequence, per_row: int) -> tuple[list[int], list[int]]:
 
 
 def scatter_rows(comm: MPI.Comm, image: Optional[torch.Tensor], rows: Sequence, shape: tuple[int, int, int],
-                 batch: int, dtype: torch.dtype = torch.float32, root: int = 0) -> torch.Tensor:
+                 batch: int, dtype: Optional[torch.dtype] = None, root: int = 0) -> torch.Tensor:
     """Root's ``(N, C, H, W)`` batch -> each rank's band ``rows[rank]`` (objects with start/stop).
 
     Returns an ``(N, C, h, W)`` view, channels-last when ``N == 1``.
@@ -400,7 +401,9 @@ def scatter_rows(comm: MPI.Comm, image: Optional[torch.Tensor], rows: Sequence, 
         full = image.detach().permute(2, 0, 3, 1).contiguous()  # H-major: each rank's band is contiguous
         array = _numpy(full)
         send = [array, counts, displs, _mpi_type(array.dtype)]
-    local = torch.empty(len(rows[comm.Get_rank()]), batch, width, channels, dtype=dtype)
+    import torch
+
+    local = torch.empty(len(rows[comm.Get_rank()]), batch, width, channels, dtype=dtype or torch.float32)
     array = _numpy(local)
     _collective(comm, comm.Iscatterv(send, [array, _mpi_type(array.dtype)], root=root), "the input scatter")
     return local.permute(1, 3, 0, 2)
@@ -416,6 +419,8 @@ def gather_rows(comm: MPI.Comm, local: torch.Tensor, rows: Sequence, root: int =
     base = _mpi_type(mine.dtype)
     full = recv = None
     if comm.Get_rank() == root:
+        import torch
+
         full = torch.empty(height, batch, width, channels, dtype=local.dtype)
         recv = [_numpy(full), counts, displs, base]
     _collective(comm, comm.Igatherv([mine, base], recv, root=root), "the gather of the output map")
@@ -628,13 +633,15 @@ def free_comm(comm: MPI.Comm) -> None:
         comm.Free()
 
 
-def rows_major(rows: int, batch: int, channels: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def rows_major(rows: int, batch: int, channels: int, width: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """An empty band stored rows-first ``(h, N, W, C)``: any run of rows is one contiguous block.
 
     ``band.permute(1, 3, 0, 2)`` is the ``(N, C, h, W)`` view the executors use
     (channels-last at batch 1), the layout :func:`scatter_rows` returns.
     """
-    return torch.empty(rows, batch, width, channels, dtype=dtype)
+    import torch
+
+    return torch.empty(rows, batch, width, channels, dtype=dtype or torch.float32)
 
 
 def isend_rows(comm: MPI.Comm, band: torch.Tensor, dest: int, tag: int, what: str = "a band of rows") -> Pending:

@@ -65,13 +65,19 @@ def test_paper_nets_every_grid(world, agree, net):
         torch.manual_seed(size)
         model = randomize_batchnorm(build_net(net, 3, size, 10), torch.Generator().manual_seed(1)).eval()
         layers = split_layers(trace_model(model, (3, size, size)))
-        for batch, head in ((1, "gather"), (2, "gather"), (1, "split"), (3, "split")):
+        for batch, head in _batches_and_heads(world):
             bounds = random_bounds(rng, len(layers), grid.stages)
             shares = [rng.choice([1.0, 1.5, 2.0, 3.0]) for _ in range(grid.clusters)]
             problems += check_stream(world, model, (3, size, size), grid, bounds, shares, batch, 3, batch,
                                      f"{net}@{size} {grid.clusters}x{grid.stages} bounds={bounds} shares={shares} "
                                      f"head={head}", layers=layers, head=head)
     agree(world, problems)
+
+
+def _batches_and_heads(world) -> tuple:
+    """Four (batch, head) cases per grid, two at 8+ ranks (CI's 2 cores run those four times oversubscribed)."""
+    cases = ((1, "gather"), (2, "gather"), (1, "split"), (3, "split"))
+    return cases if world.size < 8 else cases[1:3]
 
 
 def _random_count(world) -> int:
