@@ -27,12 +27,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from runtime.errors import UsageError
 
 from . import options
+from .healing import answering, should_restart, surviving
 from .hostfile import FLAVOURS, write_hostfile
 from .topology import TOPOLOGY_ENV, Topology, load_topology
 
@@ -61,6 +63,7 @@ def add_parser(sub) -> None:
             "examples:\n"
             "  aflkd launch --topology hostfiles/local-2x2.toml -- aflkd ranks\n"
             "  aflkd launch --topology hostfiles/testbed.toml --dry-run -- aflkd bench layers --net edge3\n"
+            "  aflkd launch --topology hostfiles/local-3x1.toml --restart 5 -- serve --images 500 --log out/s.db\n"
         ),
         formatter_class=options.ExamplesFormatter,
     )
@@ -75,6 +78,11 @@ def add_parser(sub) -> None:
                    "kept with --dry-run)")
     p.add_argument("--with-cloud", action="store_true",
                    help="give the topology's cloud host a rank too (the last one); inference jobs leave it out")
+    p.add_argument("--restart", type=options.non_negative_int, default=0, metavar="N",
+                   help="rerun the command up to N times when the job ends with a fault (any status but 0, 2 = bad "
+                   "input and 130 = Ctrl-C), on the topology's hosts that answer then (ssh HOST true; this host "
+                   "always does): a board that died is left out, one that came back is admitted. 'aflkd serve' "
+                   "resumes from its --log, so no image is lost or served twice")
     p.add_argument("command", nargs="...", metavar="-- COMMAND",
                    help="the aflkd command every rank runs, after '--' (a leading 'aflkd' is optional)")
     p.set_defaults(func=_launch, one_process=True)
@@ -198,6 +206,27 @@ def _launch(args) -> int:
     check_inner_command(inner[1:])
     mpiexec = args.mpiexec or default_mpiexec()
     flavour = args.mpi if args.mpi != "auto" else detect_flavour(mpiexec)
+    if args.dry_run:
+        return _run_on(args, topology, flavour, mpiexec, inner)
+    original, restarts_done = topology, 0
+    while True:
+        started = time.monotonic()
+        code = _run_on(args, topology, flavour, mpiexec, inner)
+        if not should_restart(code, restarts_done, args.restart):
+            return code
+        restarts_done += 1
+        local = set(LOCAL_ADDRESSES) | {socket.gethostname()}
+        up = answering(original, lambda address: address in local)
+        topology, notes = surviving(original, [h.name for h in original.hosts if h.name not in up])
+        lost = sorted({h.name for h in original.hosts} - {h.name for h in topology.hosts})
+        print(f"aflkd launch: the job ended with status {code} after {time.monotonic() - started:.1f} s; restart "
+              f"{restarts_done} of {args.restart} on {topology.world_size(args.with_cloud)} rank(s)"
+              + (f", without {', '.join(lost)}" if lost else "") + "".join(f"; {n}" for n in notes),
+              file=sys.stderr, flush=True)
+
+
+def _run_on(args, topology: Topology, flavour: str, mpiexec: str, inner: list) -> int:
+    """Write the hostfile of ``topology`` and run (or, with --dry-run, print) its mpiexec line."""
     local = local_only(topology, args.with_cloud)
     temporary = None
     if args.hostfile_dir:

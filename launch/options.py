@@ -187,6 +187,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"must be a number, got '{text}'") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise UsageError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def _weights(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -209,6 +219,7 @@ positive_int_list = _type("positive integer list", _positive_int_list)
 positive_int = _type("positive integer", _positive_int)
 non_negative_int = _type("non-negative integer", _non_negative_int)
 positive_float = _type("positive number", _positive_float)
+non_negative_float = _type("non-negative number", _non_negative_float)
 threads = positive_int
 """--threads: torch threads, >= 1."""
 weights = _type("weights", _weights)

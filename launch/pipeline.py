@@ -103,8 +103,7 @@ def _build(args):
 
 
 def _grid_and_speeds(args, size: int):
-    from runtime.pipeline import Grid
-
+    """((clusters, stages), speeds) from the topology or the options (the Grid is made later: it imports torch)."""
     from .topology import check_world_size, load_topology, topology_path_from_env
 
     speeds = args.speeds
@@ -112,38 +111,32 @@ def _grid_and_speeds(args, size: int):
     if path:
         topology = load_topology(path)
         check_world_size(topology, size)
-        grid = Grid(topology.clusters, topology.stages)
+        grid = (topology.clusters, topology.stages)
         if speeds is None:
             ranks = topology.ranks()
             if any(r.speed is None for r in ranks):
                 raise UsageError(f"{path} has speed = \"measure\"; give numbers there or --speeds")
             speeds = [float(r.speed) for r in ranks]
         return grid, speeds
+    if speeds is not None and len(speeds) != size:
+        raise UsageError(f"--speeds has {len(speeds)} values but the job has {size} ranks; give one per rank")
     if size % args.clusters:
         raise UsageError(f"--clusters {args.clusters} does not divide the {size} ranks; every cluster needs the "
                          "same number of devices (one per stage)")
-    return Grid(args.clusters, size // args.clusters), speeds
+    return (args.clusters, size // args.clusters), speeds
 
 
 def _bench(args) -> int:
-    import torch
     from mpi4py import MPI
 
-    from runtime.transport import abort_on_uncaught_exception, ranks_on_this_host
-    from runtime.pipeline_bench import bench_pipeline
-
-    comm = MPI.COMM_WORLD
-    abort_on_uncaught_exception(comm)
-    if args.threads is None:
-        import os
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_this_host(comm)))
-    else:
-        torch.set_num_threads(args.threads)
     from runtime import transport
+    from runtime.transport import abort_on_uncaught_exception, ranks_on_this_host
 
     from .bench import deployment_fingerprint
     from .topology import topology_path_from_env
+
+    comm = MPI.COMM_WORLD
+    abort_on_uncaught_exception(comm)
 
     def set_up():  # on every rank, from its own files: a problem on one board is agreed before any image moves
         options.prepare_output(args.json, "--json")
@@ -155,11 +148,24 @@ def _bench(args) -> int:
         grid, speeds = set_up()
     except UsageError as err:
         problem = str(err)
-    transport.agree(comm, problem, "set-up")
+    transport.agree(comm, problem, "set-up")  # before torch's import: bad input is refused in a fraction of a second
     topology = args.topology or topology_path_from_env()
     # the profile is read on rank 0 only; the topology by every rank, so its content must agree
     transport.agree_on(comm, deployment_fingerprint(args, comm.Get_size(), topology or ""),
                        "deployment (topology, options, torch)")
+    import torch
+
+    from runtime.pipeline import Grid
+    from runtime.pipeline_bench import bench_pipeline
+
+    grid = Grid(*grid)
+
+    if args.threads is None:
+        import os
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_this_host(comm)))
+    else:
+        torch.set_num_threads(args.threads)
     root = comm.Get_rank() == 0
     bandwidth = float("inf") if args.bandwidth is None else args.bandwidth * 1e6
     report = bench_pipeline(comm, _build(args), (args.in_channels, args.size, args.size), grid, speeds, args.images,

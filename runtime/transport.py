@@ -503,6 +503,15 @@ def gather_objects(comm: MPI.Comm, obj, root: int = 0, what: str = "a gather of 
     return [pickle.loads(buf[d:d + s].tobytes()) for d, s in zip(displs.tolist(), sizes.tolist())]
 
 
+def gather_floats(comm: MPI.Comm, values: Sequence[float], root: int = 0, what: str = "a gather of timings"):
+    """A few float64 from every rank onto ``root`` as a ``(ranks, len(values))`` array (None elsewhere); no pickle."""
+    mine = np.asarray(values, dtype=np.float64).reshape(-1)
+    is_root = comm.Get_rank() == root
+    out = np.empty((comm.Get_size(), mine.size), dtype=np.float64) if is_root else None
+    _collective(comm, comm.Igather([mine, MPI.DOUBLE], [out, MPI.DOUBLE] if is_root else None, root=root), what)
+    return out
+
+
 def allgather_objects(comm: MPI.Comm, obj, what: str = "a set-up exchange") -> list:
     """Small control data (pickled) from every rank, on every rank."""
     data = _bytes_of(obj)
@@ -664,6 +673,12 @@ def irecv_rows(comm: MPI.Comm, band: torch.Tensor, source: int, tag: int, what: 
 def ibcast(comm: MPI.Comm, t: torch.Tensor, root: int = 0) -> MPI.Request:
     """Non-blocking broadcast of a contiguous tensor (every rank of ``comm`` calls it; wait with a deadline)."""
     return comm.Ibcast(message(t), root=root)
+
+
+def bcast_tensor(comm: MPI.Comm, t: torch.Tensor, root: int = 0, what: str = "a broadcast") -> torch.Tensor:
+    """Broadcast a contiguous tensor in place, within the deadline (a missing rank is named)."""
+    _collective(comm, comm.Ibcast(message(t), root=root), what)
+    return t
 
 
 def iprobe(comm: MPI.Comm, source: int, tag: int) -> bool:

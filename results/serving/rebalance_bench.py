@@ -1,0 +1,137 @@
+"""Rebalancing, measured: `aflkd serve` with one rank slowed mid-run, with and without re-planning, against the
+re-planned ideal (the plan with the true speeds from the first image), plus an unchanged rack.
+
+Run from the checkout (nothing else running; pause background jobs):
+    .venv/bin/python results/serving/rebalance_bench.py [--ranks 2] [--images 300] [--at 100] [--out results/serving]
+
+Each case is one `mpiexec -n R aflkd serve` run writing its own JSON; this script reads them back and prints
+images/s over the images from `at + 50` on (the issue's "within 50 images"), the ratio to the ideal, the
+re-plans, and whether every logged result equals plain torch's (recomputed here, unsplit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def serve(ranks: int, out: Path, name: str, images: int, extra: list, threads: int, net: str, size: int,
+          mpiexec_extra: list) -> dict:
+    log, report = out / f"{name}.db", out / f"{name}.json"
+    for path in (log, Path(str(log) + "-wal"), Path(str(log) + "-shm")):
+        path.unlink(missing_ok=True)
+    cmd = [str(BIN / "mpiexec"), *mpiexec_extra, "-n", str(ranks), str(BIN / "aflkd"), "serve", "--net", net,
+           "--size", str(size), "--images", str(images), "--log", str(log), "--json", str(report), "--threads",
+           str(threads), "--no-progress", *extra]
+    print("$", " ".join(cmd[0:1] + cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed:\n{proc.stderr[-2000:]}")
+    data = json.loads(report.read_text())
+    data["log"] = str(log)
+    return data
+
+
+def after(data: dict, start: int) -> float:
+    """Images/s over the run's images from ``start`` on (completion times from the timeline)."""
+    rows = data["timeline"][start:]
+    return (len(rows) - 1) / (rows[-1][1] - rows[0][1])
+
+
+def exact(data: dict, net: str, size: int, seed: int = 0) -> float:
+    """Largest |logit difference| between the log and plain torch, over every image and its top-5."""
+    import torch
+
+    from models import build_model, randomize_batchnorm
+
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(build_model(net, 3, size, 10), torch.Generator().manual_seed(seed)).eval()
+    worst = 0.0
+    rows = sqlite3.connect(data["log"]).execute("SELECT image, topk FROM results ORDER BY image").fetchall()
+    with torch.no_grad():
+        for image, topk in rows:
+            x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed * 1_000_003 + image))
+            logits = model(x)[0]
+            for c, v in json.loads(topk):
+                worst = max(worst, abs(float(logits[c]) - v))
+    return worst
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--steady", type=int, default=500, help="images of the unchanged-rack run")
+    p.add_argument("--at", type=int, default=100, help="the image from which the last rank is slowed")
+    p.add_argument("--speed", type=float, default=0.5)
+    p.add_argument("--net", default="edge3")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(REPO / "results" / "serving"))
+    p.add_argument("--mpiexec-extra", default="", help="e.g. '-bind-to core' (space-separated)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    r, slow = args.ranks, f"{args.ranks - 1}:{args.speed}@{args.at}"
+    ideal_weights = ",".join(["1"] * (r - 1) + [str(args.speed)])
+    common = (args.threads, args.net, args.size, args.mpiexec_extra.split())
+    runs = {
+        "rebalanced": serve(r, out, "rebalanced", args.images, ["--slow", slow], *common),
+        "fixed": serve(r, out, "fixed", args.images, ["--slow", slow, "--no-rebalance"], *common),
+        "ideal": serve(r, out, "ideal", args.images, ["--slow", f"{r - 1}:{args.speed}@0", "--weights",
+                                                      ideal_weights, "--no-rebalance"], *common),
+        "unchanged": serve(r, out, "unchanged", args.steady, [], *common),
+    }
+    start = args.at + 50
+    ideal = after(runs["ideal"], start)
+    figures = {}
+    for name, data in runs.items():
+        rate = after(data, start if name != "unchanged" else 0)
+        figures[name] = {"images_per_s": round(rate, 2), "vs_ideal": round(rate / ideal, 3),
+                         "switches": [(s["at"], [round(w, 3) for w in s["weights"]]) for s in data["switches"]],
+                         "max_abs_logit_error": exact(data, args.net, args.size), "command": data["command"]}
+    summary = {"ranks": r, "net": args.net, "size": args.size, "slowdown": slow, "measured_from_image": start,
+               "figures": figures}
+    (out / "rebalance.json").write_text(json.dumps(summary, indent=1))
+    print(f"\n{r} ranks, {args.net} at {args.size}, rank {r - 1} at speed {args.speed} from image {args.at}; "
+          f"images/s over images {start}-{args.images - 1}:")
+    for name, f in figures.items():
+        print(f"  {name:<11} {f['images_per_s']:8.2f} images/s  {f['vs_ideal']:.3f} of ideal  re-plans "
+              f"{f['switches'] or 'none'}  max |logit - torch| {f['max_abs_logit_error']:.2e}")
+    _plot(runs, out / "rebalance.png", args.at)
+    print(f"wrote {out / 'rebalance.json'} and {out / 'rebalance.png'}")
+    return 0
+
+
+def _plot(runs: dict, path: Path, at: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    window = 10
+    for name in ("rebalanced", "fixed", "ideal"):
+        t = np.array([row[1] for row in runs[name]["timeline"]])
+        rate = window / np.maximum(t[window:] - t[:-window], 1e-9)
+        ax.plot(np.arange(window, len(t)), rate, lw=1, label=name)
+        for s in runs[name]["switches"]:
+            ax.axvline(s["at"], color="tab:green", ls="--", lw=0.8)
+    ax.axvline(at, color="tab:red", ls=":", lw=1, label="slowdown")
+    ax.set_xlabel("image")
+    ax.set_ylabel(f"images/s (last {window})")
+    ax.legend(fontsize=8)
+    ax.set_title("serve: one rank slowed mid-run; re-plans dashed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
