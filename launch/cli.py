@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import bench, control, experiment, launcher, options, pipeline, planning, rankcheck, schedule, serve, system, testsuite, train, update
+from . import bench, chaos, control, experiment, launcher, options, pipeline, planning, rankcheck, schedule, serve, system, testsuite, train, update
 
 __all__ = ["main", "build_parser"]
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=options.Parser)
     for group in (bench, train, experiment, testsuite, pipeline, planning, launcher, rankcheck, update, schedule, system,
-                  serve, control):
+                  serve, chaos, control):
         group.add_parser(sub)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
     return parser
