@@ -47,15 +47,19 @@ class Slowdown:
 
 
 class BusyClock(NoClock):
-    """Seconds this rank computed since :meth:`reset`; with ``extra`` > 0 each compute step also sleeps
-    ``extra`` times its own duration (an emulated slower board), counted as busy."""
+    """Seconds this rank computed in the split part of a pass since :meth:`reset`; with ``extra`` > 0 each
+    compute step also sleeps ``extra`` times its own duration (an emulated slower board), counted as busy.
+
+    The head (the root's layers after the gather) is not counted: the other ranks wait for it whatever the
+    rows, so only the split part's time is proportional to a rank's share."""
 
     def __init__(self) -> None:
         self.busy = 0.0
         self.extra = 0.0
+        self._counting = True
 
     def reset(self) -> None:
-        self.busy = 0.0
+        self.busy, self._counting = 0.0, True
 
     def now(self) -> float:
         return time.perf_counter()
@@ -63,7 +67,11 @@ class BusyClock(NoClock):
     def spent(self, node: int, since: float) -> None:
         if self.extra > 0.0:
             time.sleep((time.perf_counter() - since) * self.extra)
-        self.busy += time.perf_counter() - since
+        if self._counting:
+            self.busy += time.perf_counter() - since
+
+    def split_done(self) -> None:
+        self._counting = False
 
 
 def top_k(logits: torch.Tensor, k: int) -> list:

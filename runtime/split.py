@@ -594,6 +594,7 @@ class SplitExecutor:
         """
         with torch.no_grad():
             env = self.forward_local(x, clock)
+            clock.split_done()
             for step in self._head_steps:
                 step(env, clock)
             return env.get("#output") if self.is_root else None

@@ -28,6 +28,9 @@ class NoClock:
     def sent(self, node: int, nbytes: int) -> None:
         pass
 
+    def split_done(self) -> None:
+        """The split part of the pass is over (the head follows on the root)."""
+
 
 NO_CLOCK = NoClock()
 

@@ -38,6 +38,42 @@ def serve(ranks: int, out: Path, name: str, images: int, extra: list, threads: i
     return data
 
 
+def serve_with_hog(ranks: int, out: Path, name: str, images: int, extra: list, threads: int, net: str, size: int,
+                   at: int, core: int) -> dict:
+    """A rank that is really slower: ranks bound one per core, and from the ``at``-th logged image a busy
+    process (an endless Python loop) shares the last rank's core with it."""
+    import time
+
+    log, report = out / f"{name}.db", out / f"{name}.json"
+    for path in (log, Path(str(log) + "-wal"), Path(str(log) + "-shm")):
+        path.unlink(missing_ok=True)
+    cmd = [str(BIN / "mpiexec"), "-bind-to", "core", "-n", str(ranks), str(BIN / "aflkd"), "serve", "--net", net,
+           "--size", str(size), "--images", str(images), "--log", str(log), "--json", str(report), "--threads",
+           str(threads), "--no-progress", *extra]
+    print("$", " ".join(cmd), f"  (+ from image {at}: taskset -c {core} python -c 'while True: pass')", flush=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hog = None
+    try:
+        while proc.poll() is None:
+            try:
+                done = sqlite3.connect(str(log), timeout=5).execute("SELECT COUNT(*) FROM results").fetchone()[0]
+            except sqlite3.OperationalError:
+                done = 0
+            if hog is None and done >= at:
+                hog = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", "while True: pass"])
+            time.sleep(0.02)
+        _, err = proc.communicate()
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed:\n{err[-2000:]}")
+    data = json.loads(report.read_text())
+    data["log"] = str(log)
+    return data
+
+
 def after(data: dict, start: int) -> float:
     """Images/s over the run's images from ``start`` on (completion times from the timeline)."""
     rows = data["timeline"][start:]
@@ -75,6 +111,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "results" / "serving"))
     p.add_argument("--mpiexec-extra", default="", help="e.g. '-bind-to core' (space-separated)")
+    p.add_argument("--hog", action="store_true", help="also: the last rank really slowed, a busy process on its core")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,12 +125,23 @@ def main() -> int:
                                                       ideal_weights, "--no-rebalance"], *common),
         "unchanged": serve(r, out, "unchanged", args.steady, [], *common),
     }
+    if args.hog:
+        hog = (r, out, "hog-rebalanced", args.images)
+        runs["hog-rebalanced"] = serve_with_hog(*hog, [], args.threads, args.net, args.size, args.at, r - 1)
+        runs["hog-fixed"] = serve_with_hog(r, out, "hog-fixed", args.images, ["--no-rebalance"], args.threads,
+                                           args.net, args.size, args.at, r - 1)
+        final = runs["hog-rebalanced"]["switches"][-1]["weights"] if runs["hog-rebalanced"]["switches"] else None
+        if final:  # the re-planned ideal: the plan it ended on, from the first image, the busy process from the start
+            runs["hog-ideal"] = serve_with_hog(r, out, "hog-ideal", args.images, [
+                "--no-rebalance", "--weights", ",".join(f"{w:.6f}" for w in final)], args.threads, args.net,
+                args.size, 0, r - 1)
     start = args.at + 50
     ideal = after(runs["ideal"], start)
     figures = {}
     for name, data in runs.items():
         rate = after(data, start if name != "unchanged" else 0)
-        figures[name] = {"images_per_s": round(rate, 2), "vs_ideal": round(rate / ideal, 3),
+        reference = after(runs["hog-ideal"], start) if name.startswith("hog") and "hog-ideal" in runs else ideal
+        figures[name] = {"images_per_s": round(rate, 2), "vs_ideal": round(rate / reference, 3),
                          "switches": [(s["at"], [round(w, 3) for w in s["weights"]]) for s in data["switches"]],
                          "max_abs_logit_error": exact(data, args.net, args.size), "command": data["command"]}
     summary = {"ranks": r, "net": args.net, "size": args.size, "slowdown": slow, "measured_from_image": start,
