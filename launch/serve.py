@@ -215,7 +215,8 @@ def _run(args, comm, model, shape, source, log, rule) -> int:
     summary = _summary(args, report, len(todo), len(source), busy_fraction(report), size)
     print(_summary_line(summary), flush=True)
     for s in report.switches:
-        print(f"  re-planned before image {s['image']} (the {s['at']}th of this run): epoch {s['epoch']}, weights "
+        what = "reverted (the last re-plan did not pay)" if s["rule"].get("revert") else "re-planned"
+        print(f"  {what} before image {s['image']} (image {s['at']} of this run): epoch {s['epoch']}, weights "
               f"{', '.join(f'{w:.3f}' for w in s['weights'])} (median busy ms {s['rule'].get('busy_ms')})")
     if args.json:
         with open(args.json, "w") as fh:

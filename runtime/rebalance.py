@@ -91,6 +91,15 @@ class Rebalancer:
     new weights when the rule says switch, else None.  The caller switches with
     :meth:`switched` (which starts a new window), or keeps the plan when the
     proposal rounds to the same rows.
+
+    Every switch is a trial: the model behind it (busy time proportional to the
+    share) ignores each rank's fixed cost per image, which grows in relative
+    terms as a rank's share shrinks, so it can keep moving rows off a rank for
+    no gain.  The first full window after a switch is therefore measured
+    against the window before it; a switch that did not shorten the slowest
+    rank's median by half of ``min_gain`` is reverted, and the window before the
+    next proposal doubles (a back-off), so the plan never stays worse than one
+    it had and switches grow rarer while they do not pay.
     """
 
     weights: Sequence[float]
@@ -98,6 +107,10 @@ class Rebalancer:
     _seen: int = 0
     _window: list = field(default_factory=list)
     _held: int = 0
+    _backoff: int = 1
+    _trial: Optional[tuple] = None  # (slowest median before the switch, the weights before it)
+    _reverting: bool = False
+    _proposed_from: Optional[float] = None
     last: dict = field(default_factory=dict)
 
     def observe(self, busy: Sequence[float]) -> Optional[list[float]]:
@@ -105,20 +118,39 @@ class Rebalancer:
         if self._seen <= self.rule.settle:
             return None
         self._window.append(list(busy))
-        if len(self._window) < self.rule.window:
+        if len(self._window) < self.rule.window * self._backoff:
             return None
         median = np.median(np.asarray(self._window), axis=0)
         self._window.pop(0)
         now, then = float(median.max()), predicted_time(self.weights, median)
         self.last = {"imbalance": imbalance(median), "busy_ms": (1000 * median).round(3).tolist(),
                      "now_ms": 1000 * now, "predicted_ms": 1000 * then}
+        if self._trial is not None:
+            before, previous = self._trial
+            self._trial = None
+            self.last["before_ms"] = 1000 * before
+            if now > before * (1.0 - self.rule.min_gain / 2):
+                self._backoff *= 2
+                self._reverting = True
+                self.last["revert"] = True
+                return list(previous)
         if imbalance(median) <= self.rule.threshold or then >= (1.0 - self.rule.min_gain) * now:
             self._held = 0
             return None
         self._held += 1
-        return shares_from_busy(self.weights, median) if self._held >= self.rule.needed else None
+        if self._held < self.rule.needed:
+            return None
+        self._proposed_from = now
+        return shares_from_busy(self.weights, median)
+
+    def declined(self) -> None:
+        """The proposal rounds to the rows the plan already has: nothing changes, nothing to judge."""
+        self._reverting, self._proposed_from = False, None
 
     def switched(self, weights: Sequence[float]) -> None:
-        """The plan now runs ``weights``: measure afresh from here."""
+        """The plan now runs ``weights``: measure afresh from here (a forward switch is then judged)."""
+        if not self._reverting and self._proposed_from is not None:
+            self._trial = (self._proposed_from, list(self.weights))
+        self._reverting, self._proposed_from = False, None
         self.weights = list(weights)
         self._seen, self._window, self._held = 0, [], 0
