@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the random moments")
     s.add_argument("--log", default=None, help="the serve results log (default: a fresh file in --workdir)")
     s.add_argument("--workdir", default="out/chaos", help="folder for the log and the JSON")
-    s.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
+    s.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON (default: none)")
     s.add_argument("--timeout", type=options.positive_float, default=300.0, help="give up after this many s")
     s.add_argument("serve_args", nargs="*", metavar="-- SERVE OPTIONS",
                    help="options for serve after '--' (default: --net edge3 --size 64 --threads 1)")

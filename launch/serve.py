@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
                    "cifar10, cifar100, fashion-mnist (their test split; append :train for the other) or "
                    "folder:PATH (image files in name order)")
     p.add_argument("--images", type=options.positive_int, default=None,
-                   help="images to serve (synthetic: required; a dataset or folder: its first N, default all)")
+                   help="images to serve, the first N of the source (default: all of a dataset or folder; synthetic needs it)")
     p.add_argument("--log", required=True, metavar="FILE", help="results log (SQLite); created, or resumed")
     p.add_argument("--data-root", default=str(options.DATA_ROOT), help="folder with the dataset files")
     p.add_argument("--net", type=options.net_name, default="edge3",
@@ -96,10 +96,10 @@ def add_parser(sub) -> None:
                    help="emulate a slower board: RANK computes at SPEED (0-1] from the IMAGE-th image of this "
                    "run on (repeatable)")
     p.add_argument("--topk", type=options.positive_int, default=5, help="classes kept per result")
-    p.add_argument("--threads", type=options.threads, default=None, help="torch threads per rank")
+    p.add_argument("--threads", type=options.threads, default=None, help="torch threads per rank (default: the host's cores over its ranks)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the run's report (figures, switches, "
-                   "per-image timeline) as JSON")
-    p.add_argument("--plot", default=None, metavar="PNG", help="plot throughput and per-rank compute per image")
+                   "per-image timeline) as JSON (default: none)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="plot throughput and per-rank compute per image (default: none)")
     p.add_argument("--interval", type=options.positive_float, default=5.0, help="seconds between progress lines")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     options.deadline_option(p)
