@@ -177,33 +177,6 @@ def _save_random_weights(args) -> str:
     return path
 
 
-def deployment_fingerprint(args, ranks: int, *files: str) -> str:
-    """A digest of what a rank's plan is made from: the options that shape it, the rank count, torch's
-    version and the content of the files it reads (a topology, a profile, a checkpoint).  Equal on every
-    rank, or the job refuses (:func:`runtime.transport.agree_on`)."""
-    import hashlib
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        torch_version = version("torch")  # the installed wheel's version, without importing torch (1.3 s)
-    except PackageNotFoundError:
-        import torch
-
-        torch_version = torch.__version__
-    fields = {k: v for k, v in sorted(vars(args).items())
-              if k not in ("func", "command_line", "json", "csv", "plot", "no_progress", "threads", "deadline")
-              and isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
-    digest = hashlib.sha256(repr((fields, ranks, torch_version)).encode())
-    for path in files:
-        if path:
-            try:
-                with open(path, "rb") as fh:
-                    digest.update(hashlib.sha256(fh.read()).digest())
-            except OSError as err:
-                digest.update(f"unreadable {path}: {err.strerror}".encode())
-    return digest.hexdigest()[:16]
-
-
 def _layers(args) -> int:
     from mpi4py import MPI
 
@@ -220,7 +193,7 @@ def _layers(args) -> int:
     outputs = (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot))
     on_root_then_bcast(comm, lambda: [options.prepare_output(path, option) for option, path in outputs])
     # what every rank builds from its own files and torch must be the same: checked before any image moves
-    transport.agree_on(comm, deployment_fingerprint(args, comm.Get_size()), "deployment (net, options, torch)")
+    transport.agree_on(comm, options.deployment_fingerprint(args, comm.Get_size()), "deployment (net, options, torch)")
     threads = args.threads or default_threads(comm)
     set_threads(threads)
     checkpoint, temporary = args.checkpoint, None

@@ -64,6 +64,7 @@ def _subcommand(parser: argparse.ArgumentParser, argv: list) -> argparse.Argumen
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from runtime.errors import UsageError
 
+    options.whole_lines()
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -75,6 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"one process: start it without mpiexec (this job has {options.job_size()} ranks)")
         # recorded beside results as the command that made them
         args.command_line = "aflkd " + shlex.join(sys.argv[1:] if argv is None else argv)
+        args.root_parser = parser  # for commands that check a command line of their own (launch, plan)
         options.apply_threads(args)
         options.apply_deadline(args)
         return args.func(args)

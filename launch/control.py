@@ -80,7 +80,6 @@ def _run(comm, args) -> int:
     from scheduling.controller import check_cores, controlled
 
     from .ranks import controlled_cpus, default_threads, on_root_then_bcast, set_threads
-    from .train import load_teacher
 
     threads = default_threads(comm)
     cores = check_cores(args.cores or threads, option="--cores")
@@ -95,7 +94,7 @@ def _run(comm, args) -> int:
     data = load_dataset(args.dataset, args.data_root)
     options.check_student_options([args.size], data, "--size")
     rows = []
-    teacher = load_teacher(args, data, torch.device("cpu")) if comm.Get_rank() == 0 else None
+    teacher = options.load_teacher(args, data, torch.device("cpu")) if comm.Get_rank() == 0 else None
     for policy in policies:
         set_threads(threads)  # every run starts from the same torch threads
         if comm.Get_rank() == 0:

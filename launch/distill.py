@@ -144,7 +144,6 @@ def _run(comm, args) -> int:
     from scheduling.controller import check_cores, controlled
 
     from .ranks import controlled_cpus, default_threads, on_root_then_bcast, set_threads
-    from .train import load_teacher
 
     rank, cloud = comm.Get_rank(), args.cloud_rank
     _check_ranks(comm, cloud)
@@ -167,7 +166,7 @@ def _run(comm, args) -> int:
         problem, teacher, device = None, None, torch.device("cpu")
         try:
             device = pick_device(args.device)
-            teacher = load_teacher(args, data, device)
+            teacher = options.load_teacher(args, data, device)
         except UsageError as err:
             problem = str(err)
         server = open_cloud(comm, cloud, teacher, data, args.timeout, problem)

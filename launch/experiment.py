@@ -6,7 +6,6 @@ import argparse
 from runtime.errors import UsageError
 
 from . import options
-from .train import load_teacher
 
 __all__ = ["add_parser"]
 
@@ -163,7 +162,7 @@ def _run_grid(args, folder, grid_options) -> tuple[list, str]:
     data = load_dataset(args.dataset, args.data_root)
     options.check_student_options([s + grid_options.val_size for s in args.sizes], data,
                                   "--sizes (plus --val)" if grid_options.val_size else "--sizes")
-    teacher = load_teacher(args, data) if any(m != "baseline" for m in args.methods) else None
+    teacher = options.load_teacher(args, data) if any(m != "baseline" for m in args.methods) else None
     base = EdgeConfig("baseline", 1, steps=args.steps, t_rule=args.t_rule, unit=args.unit)
     stem = str(folder / f"accuracy-{args.dataset}")
     digest = file_digest(options.teacher_path(args)) if teacher is not None else ""
@@ -298,7 +297,7 @@ def _frozen_time(args) -> int:
     options.prepare_output(args.csv, "--csv")
     data = load_dataset(args.dataset, args.data_root)
     options.check_student_options([args.size], data, "--size")
-    teacher = load_teacher(args, data)
+    teacher = options.load_teacher(args, data)
     device = pick_device(args.device)
     rows = epoch_time_by_frozen(data, teacher.to(device), args.net, args.size, args.steps,
                                 EdgeConfig("aflkd", args.net), args.unit, device=device)

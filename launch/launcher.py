@@ -191,19 +191,18 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def check_inner_command(words: Sequence[str]) -> None:
-    """Parse the inner command here, so a typo fails before any rank starts (on every board)."""
-    from .cli import build_parser
-
+def check_inner_command(words: Sequence[str], parser) -> None:
+    """Parse the inner command with ``parser`` (the whole ``aflkd`` parser, handed down by the CLI as
+    ``args.root_parser``), so a typo fails before any rank starts (on every board)."""
     if "-h" in words or "--help" in words:  # the ranks print the help
         return
-    build_parser().parse_args(list(words))
+    parser.parse_args(list(words))
 
 
 def _launch(args) -> int:
     topology = load_topology(args.topology)
     inner = inner_command(args.command)
-    check_inner_command(inner[1:])
+    check_inner_command(inner[1:], args.root_parser)
     mpiexec = args.mpiexec or default_mpiexec()
     flavour = args.mpi if args.mpi != "auto" else detect_flavour(mpiexec)
     if args.dry_run:

@@ -48,6 +48,25 @@ def rank() -> int:
     return 0
 
 
+def whole_lines() -> None:
+    """Make every printed line reach the terminal in one ``write``: whole lines, even from several ranks.
+
+    ``print`` writes the text and its newline separately; with ``PYTHONUNBUFFERED=1`` (set by many
+    containers and CI runners) each becomes its own ``write``, and mpiexec, which forwards every rank's
+    output as it comes, can put another rank's line between them (``...generation 2cloud: labelled...``).
+    Line buffering without write-through joins them and still flushes at every newline.
+    """
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(line_buffering=True, write_through=False)
+            except (ValueError, OSError):  # a closed or replaced stream (tests capture them): leave it
+                pass
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows each option's default exactly once.
 
@@ -286,6 +305,18 @@ def teacher_path(args) -> str:
     return args.teacher or str(REPO / "checkpoints" / f"cloud-{args.dataset}.pt")
 
 
+def load_teacher(args, data, device=None):
+    """The cloud net from --teacher (default: the shipped checkpoints/cloud-DATASET.pt), in eval mode, on ``device``.
+
+    The file is read onto the CPU first, so a teacher saved on a GPU loads anywhere.
+    """
+    from models import cloud_net, load_weights
+
+    teacher = load_weights(cloud_net(data.channels, 32, data.classes), teacher_path(args),
+                           f"--teacher must be a cloud net trained on {data.name}").eval()
+    return teacher if device is None else teacher.to(device)
+
+
 def student_options(parser: argparse.ArgumentParser) -> None:
     """--steps, --t-rule and --unit, shared by the edge-training commands; defaults from EdgeConfig."""
     from kd.config import EdgeConfig  # the defaults. one home
@@ -305,6 +336,33 @@ def check_student_options(sizes: Sequence[int], data, size_option: str) -> None:
     if bad_sizes:
         raise UsageError(f"{size_option} must be between {lo} (one image per class) and {hi} (the training split), "
                          f"got {', '.join(map(str, bad_sizes))}")
+
+
+def deployment_fingerprint(args, ranks: int, *files: str) -> str:
+    """A digest of what a rank's plan is made from: the options that shape it, the rank count, torch's
+    version and the content of the files it reads (a topology, a profile, a checkpoint).  Equal on every
+    rank, or the job refuses (:func:`runtime.transport.agree_on`)."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")  # the installed wheel's version, without importing torch (1.3 s)
+    except PackageNotFoundError:
+        import torch
+
+        torch_version = torch.__version__
+    fields = {k: v for k, v in sorted(vars(args).items())
+              if k not in ("func", "command_line", "json", "csv", "plot", "no_progress", "threads", "deadline")
+              and isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+    digest = hashlib.sha256(repr((fields, ranks, torch_version)).encode())
+    for path in files:
+        if path:
+            try:
+                with open(path, "rb") as fh:
+                    digest.update(hashlib.sha256(fh.read()).digest())
+            except OSError as err:
+                digest.update(f"unreadable {path}: {err.strerror}".encode())
+    return digest.hexdigest()[:16]
 
 
 def deadline_option(parser: argparse.ArgumentParser) -> None:

@@ -132,7 +132,6 @@ def _bench(args) -> int:
     from runtime import transport
     from runtime.transport import abort_on_uncaught_exception, ranks_on_this_host
 
-    from .bench import deployment_fingerprint
     from .topology import topology_path_from_env
 
     comm = MPI.COMM_WORLD
@@ -151,7 +150,7 @@ def _bench(args) -> int:
     transport.agree(comm, problem, "set-up")  # before torch's import: bad input is refused in a fraction of a second
     topology = args.topology or topology_path_from_env()
     # the profile is read on rank 0 only; the topology by every rank, so its content must agree
-    transport.agree_on(comm, deployment_fingerprint(args, comm.Get_size(), topology or ""),
+    transport.agree_on(comm, options.deployment_fingerprint(args, comm.Get_size(), topology or ""),
                        "deployment (topology, options, torch)")
     import torch
 

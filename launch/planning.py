@@ -269,7 +269,7 @@ def _plan(args) -> int:
         raise UsageError("--topology is required (or --program, which prints the split's programs)")
     topology = load_topology(args.topology)
     inner = inner_command(args.command or ["ranks"])
-    check_inner_command(inner[1:])
+    check_inner_command(inner[1:], args.root_parser)
     if args.json:
         options.prepare_output(args.json, "--json")
     folder = options.prepare_folder(args.hostfile_dir, "--hostfile-dir")

@@ -137,7 +137,6 @@ def _serve(args) -> int:
     from runtime.image_sources import ImageSource, parse_source
     from runtime.rebalance import RebalanceRule
 
-    from .bench import deployment_fingerprint
     from .ranks import default_threads, set_threads
 
     comm = transport.world()
@@ -152,7 +151,7 @@ def _serve(args) -> int:
     rule = None if args.no_rebalance else RebalanceRule(window=args.rebalance_window,
                                                         threshold=args.rebalance_threshold,
                                                         min_gain=args.rebalance_gain).check()
-    transport.agree_on(comm, deployment_fingerprint(args, size, args.checkpoint or ""),
+    transport.agree_on(comm, options.deployment_fingerprint(args, size, args.checkpoint or ""),
                        "deployment (net, options, torch, checkpoint)")
     set_threads(args.threads or default_threads(comm))
     problem, source, log, model = None, None, None, None

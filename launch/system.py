@@ -115,9 +115,8 @@ def _teacher(args, data, device):
 
         torch.manual_seed(args.seed + 1)
         return cloud_net(data.channels, 32, data.classes).eval().to(device)
-    from .train import load_teacher
 
-    return load_teacher(args, data, device)
+    return options.load_teacher(args, data, device)
 
 
 def _student(args, data):

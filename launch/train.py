@@ -211,18 +211,6 @@ def _select(args) -> int:
     return 0
 
 
-def load_teacher(args, data, device=None):
-    """The cloud net from --teacher (default: the shipped checkpoints/cloud-DATASET.pt), in eval mode, on ``device``.
-
-    The file is read onto the CPU first, so a teacher saved on a GPU loads anywhere.
-    """
-    from models import cloud_net, load_weights
-
-    teacher = load_weights(cloud_net(data.channels, 32, data.classes), options.teacher_path(args),
-                           f"--teacher must be a cloud net trained on {data.name}").eval()
-    return teacher if device is None else teacher.to(device)
-
-
 def _edge(args) -> int:
     from kd.datasets import balanced_subset, load_dataset
     from kd.device import device_name, pick_device
@@ -233,7 +221,7 @@ def _edge(args) -> int:
     options.prepare_output(args.out, "--out")
     data = load_dataset(args.dataset, args.data_root)
     options.check_student_options([args.size], data, "--size")
-    teacher = load_teacher(args, data) if args.method != "baseline" else None
+    teacher = options.load_teacher(args, data) if args.method != "baseline" else None
     device = pick_device(args.device)
     teacher = teacher.to(device) if teacher is not None else None
     idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)

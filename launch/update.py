@@ -295,7 +295,6 @@ def _cloud(setup: _Setup, args):
     from kd.teacher import to_tensor
     from kd.teacher_source import run_teacher
 
-    from .train import load_teacher
 
     teacher = None
     if setup.problem is not None:
@@ -303,7 +302,7 @@ def _cloud(setup: _Setup, args):
     else:
         facts = {"problem": None, "classes": setup.data.classes, "channels": setup.data.channels}
         try:
-            teacher = load_teacher(args, setup.data, setup.device)
+            teacher = options.load_teacher(args, setup.data, setup.device)
         except UsageError as err:
             facts["problem"] = str(err)
     _agree(setup, args, facts)
