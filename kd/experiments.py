@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
-from tqdm import tqdm
+from runtime.progress import progress_bar
 
 from runtime.errors import UsageError
 
@@ -376,7 +376,7 @@ class ViewLogitCache:
             idx, logits = kept["idx"], kept["logits"]
         missing = np.setdiff1d(needed, idx)
         if len(missing):
-            with tqdm(total=len(missing), desc=f"teacher logits, {table.views} views", unit="image",
+            with progress_bar(total=len(missing), desc=f"teacher logits, {table.views} views", unit="image",
                       disable=not progress) as bar:
                 new = view_logits(teacher, to_tensor(data.x_train[missing], data), missing, table, progress=bar)
             idx = np.concatenate([idx, missing])
@@ -444,7 +444,7 @@ def run_grid(
     tasks = _tasks(cells, options.mode)
     writer = _RowWriter(csv_path, pending_settings)
     try:
-        with tqdm(total=len(cells), desc=f"{data.name} grid", unit="cell", disable=not progress) as bar:
+        with progress_bar(total=len(cells), desc=f"{data.name} grid", unit="cell", disable=not progress) as bar:
             if options.workers <= 1:
                 for task in tasks:
                     for row in _run_task(ctx, task):

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+from runtime.progress import progress_bar
 
 from runtime.errors import UsageError
 
@@ -242,7 +242,7 @@ class Cloud:
         active = [e for e in self.edges if e.steps > 0]
         for e in active:
             e.credit_request = transport.irecv(self.comm, e.credit, e.rank, CREDIT)
-        bar = tqdm(total=sum(e.steps for e in self.edges), desc=f"cloud rank {self.rank}", unit="batch",
+        bar = progress_bar(total=sum(e.steps for e in self.edges), desc=f"cloud rank {self.rank}", unit="batch",
                    disable=not progress)
         deadline = time.monotonic() + self.timeout_s
         try:

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
+from runtime.progress import progress_bar
 
 from models import cloud_net, load_weights, save_atomic
 from runtime.errors import UsageError
@@ -257,7 +257,7 @@ def train_teacher(
             dy, dx = (torch.cat([d[i] for d in draws]).to(device) for i in (0, 1))
             mask = torch.cat([d[2] for d in draws]).to(device) if flip else None
             loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per step
-        bar = tqdm(range(steps_per_epoch), desc=f"{data.name} epoch {epoch + 1}/{config.epochs}",
+        bar = progress_bar(range(steps_per_epoch), desc=f"{data.name} epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False)
         for step in bar:
             idx = order[step * config.batch : (step + 1) * config.batch]

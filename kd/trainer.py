@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+from runtime.progress import progress_bar
 
 from models import edge_net
 from runtime.errors import UsageError
@@ -122,7 +122,7 @@ def train_edge(
 
         batches = ViewBatchStream(x_train, train_idx, views, config.batch, config.seed)
     history, step, start = [], 0, time.perf_counter()
-    bar = tqdm(total=config.steps, desc=f"{config.method} edge net {config.net}", unit="step", disable=not progress)
+    bar = progress_bar(total=config.steps, desc=f"{config.method} edge net {config.net}", unit="step", disable=not progress)
     try:
         while step < config.steps:
             n = method.frozen_units()

@@ -238,7 +238,7 @@ def plot_report(r: dict, path: str) -> None:
 
 def _profile(args) -> int:
     import torch
-    from tqdm import tqdm
+    from runtime.progress import progress_bar
 
     from runtime.graph import trace_model
     from runtime.profile import profile_layers, write_profile
@@ -249,7 +249,7 @@ def _profile(args) -> int:
     options.prepare_output(args.out, "--out")
     model = _build(args)()
     layers = split_layers(trace_model(model, (args.in_channels, args.size, args.size)))
-    with tqdm(total=len(layers), desc=f"profile {args.net}", unit="layer", file=sys.stderr) as bar:
+    with progress_bar(total=len(layers), desc=f"profile {args.net}", unit="layer", file=sys.stderr) as bar:
         prof = profile_layers(model, layers, args.net, args.batch, args.repeat, progress=lambda k: bar.update())
     write_profile(prof, args.out)
     slowest = sorted(zip(prof.seconds, prof.labels), reverse=True)[:3]

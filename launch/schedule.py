@@ -70,14 +70,14 @@ def _load_cost(path):
 def simulate_cases(cost, cores: list[int], ratios: list[str], cycles: int, draws: int = 1000,
                    seed: int = 0, progress: bool = False) -> list[dict]:
     """One row per (cores, ratio): planner, priority, random mean/best/worst, plan_ms and the gains."""
-    from tqdm import tqdm
+    from runtime.progress import progress_bar
 
     from scheduling.planner import Workload, plan, priority, random_allocation
     for c in cores:
         Workload(cycles, 1.0, 1.0, 1.0, c).check(cost)     # one line before any work
     rows = []
     cases = [(c, r) for r in ratios for c in cores]
-    for c, r in tqdm(cases, desc="cases", disable=not progress):
+    for c, r in progress_bar(cases, desc="cases", disable=not progress):
         a, b = parse_ratio(r)
         work = Workload(cycles, comm=1.0, forward=a / b, backward=a / b, cores=c)
         start = time.perf_counter()
@@ -163,7 +163,7 @@ def verify_cases(cost, max_cycles: int = 6, max_cores: int = 6, per_case: int = 
 
     ``budget``: skip (N, c) with (c_total+1)^N above it (default None: skip nothing); skipped pairs are listed.
     """
-    from tqdm import tqdm
+    from runtime.progress import progress_bar
 
     from scheduling.planner import Workload, exhaustive_search, plan
     rng = random.Random(seed)
@@ -172,7 +172,7 @@ def verify_cases(cost, max_cycles: int = 6, max_cores: int = 6, per_case: int = 
     skipped = [p for p in pairs if p not in grid]
     cases = []
     brute_s = 0.0
-    for n, c in tqdm(grid, desc="(N, c) pairs", disable=not progress):
+    for n, c in progress_bar(grid, desc="(N, c) pairs", disable=not progress):
         for _ in range(per_case):
             work = Workload(n, comm=round(rng.uniform(0.2, 3.0), 3), forward=round(rng.uniform(0.2, 3.0), 3),
                             backward=round(rng.uniform(0.2, 3.0), 3), cores=c)
@@ -246,7 +246,7 @@ def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0),
     """
     import numpy as np
     import torch
-    from tqdm import tqdm
+    from runtime.progress import progress_bar
 
     from models.vgg import edge_net
     from runtime import transport as comm
@@ -260,7 +260,7 @@ def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0),
     jobs = [("comp", c, b) for c in range(cores) for b in batches] + \
            [("comm", c, m) for c in range(1, cores + 1) for m in megabytes]
     try:
-        for kind, c, size in tqdm(jobs, desc="profile", disable=not progress):
+        for kind, c, size in progress_bar(jobs, desc="profile", disable=not progress):
             if kind == "comp":
                 torch.set_num_threads(cores - c)
                 images, labels = torch.randn(size, 3, 32, 32), torch.randint(0, 10, (size,))

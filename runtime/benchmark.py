@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+from .progress import progress_bar
 
 from . import transport as mpi
 from .skeleton import empty_weights
@@ -116,7 +116,7 @@ def _paired_end_to_end(comm, gather: SplitExecutor, split: SplitExecutor, image,
                        warmup: int, progress: bool, label: str) -> dict[str, list]:
     """End-to-end seconds of both placements, alternating within every repetition (noise hits them alike)."""
     times: dict[str, list] = {"gather": [], "split": []}
-    bar = tqdm(range(warmup + repeat), desc=f"{label}, gather vs split head", leave=False,
+    bar = progress_bar(range(warmup + repeat), desc=f"{label}, gather vs split head", leave=False,
                disable=not progress or comm.Get_rank() != 0)
     for step in bar:
         for which in ("gather", "split") if step % 2 == 0 else ("split", "gather"):
@@ -236,7 +236,7 @@ def bench_layers(
     unsplit_clock = [NodeClock(nodes) for _ in range(repeat)]
     split_clock = [NodeClock(nodes) for _ in range(repeat)]
     times: dict[str, list] = {k: [] for k in ("unsplit", "torch", "unsplit_all", "torch_all", "split", "bound", "e2e")}
-    bar = tqdm(range(warmup + repeat), desc=f"bench {net} x{size} ranks", disable=not progress or rank != 0,
+    bar = progress_bar(range(warmup + repeat), desc=f"bench {net} x{size} ranks", disable=not progress or rank != 0,
                leave=False)
     with torch.no_grad():
         for step in bar:

@@ -54,3 +54,14 @@ def test_the_cycle_finder_finds_one():
 @pytest.mark.parametrize("package", ["launch", "runtime", "kd", "scheduling", "models"])
 def test_no_import_circles(package):
     assert a_cycle(sibling_imports(package)) is None
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (REPO / "launch").glob("*.py") if p.stem != "__init__"))
+def test_each_launch_module_imports_alone(module):
+    """In a fresh interpreter, with nothing imported before it (an import order that only works one way fails)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", f"import launch.{module}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-1500:]
