@@ -118,7 +118,7 @@ def save_student(path: str, state: dict, update: dict, fault: Fault = _no_fault)
 
 def read_student(path: str) -> tuple[dict, Optional[dict]]:
     """``(state dict, update metadata or None)`` of a student file (a plain state dict has none)."""
-    state, rest = read_saved(path, what="student", absent=f"train one first ('aflkd train edge --out {path}')")
+    state, rest = read_saved(path, what="student", absent=f"train one first ('aflkd train edge --save {path}')")
     return state, rest.get("update")
 
 

@@ -211,7 +211,7 @@ def train_teacher(
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state.get("dataset", data.name) != data.name:  # states from before the field: not checked
             raise UsageError(f"{state_path} is a {state['dataset']} run, not {data.name}; "
-                             "pass another --out, or delete it to start over")
+                             "pass another --save, or delete it to start over")
         saved = {**asdict(TeacherConfig()), "init": "", **state["config"]}  # states from before a field existed
         if asdict(config) != saved:
             raise UsageError(f"{state_path} was made with {state['config']}, not {asdict(config)}; "
@@ -390,7 +390,7 @@ def select_teacher(data: ImageArrays, paths: list[str], out: str, val: int,
     if len(set(paths)) != len(paths):
         raise UsageError("a candidate is given twice")
     if os.path.abspath(out) in {os.path.abspath(p) for p in paths}:
-        raise UsageError(f"--out {out} is one of the candidates; give another file")
+        raise UsageError(f"--save {out} is one of the candidates; give another file")
     for path in paths:
         trained = _trained_val(path)
         if trained is not None and trained != val:

@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
     s.add_argument("--images", type=options.positive_int, default=300, help="images the stream serves")
     s.add_argument("--gap", type=options.positive_int_list, default=[5, 20], help="between kills, wait a random number of new images in A,B")
     s.add_argument("--seed", type=int, default=0, help="seed of the random moments")
-    s.add_argument("--log", default=None, help="the serve results log (default: a fresh file in --workdir)")
+    s.add_argument("--log", default=None, metavar="FILE", help="the serve results log (default: a fresh file in --workdir)")
     s.add_argument("--workdir", default="out/chaos", help="folder for the log and the JSON")
     s.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON (default: none)")
     s.add_argument("--timeout", type=options.positive_float, default=300.0, help="give up after this many s")

@@ -338,19 +338,37 @@ def check_student_options(sizes: Sequence[int], data, size_option: str) -> None:
                          f"got {', '.join(map(str, bad_sizes))}")
 
 
+def _torch_version() -> str:
+    """``torch.__version__`` (local tag included: +cpu, +cu130), read from torch/version.py when torch is not
+    imported yet, so that a set-up error is refused before torch's 1.3 s import; the same string either way."""
+    import sys
+
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = (Path(folder) / "version.py").read_text()
+        except OSError:
+            continue
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, flags=re.M)
+        if found:
+            return found.group(1)
+    import torch
+
+    return str(torch.__version__)
+
+
 def deployment_fingerprint(args, ranks: int, *files: str) -> str:
     """A digest of what a rank's plan is made from: the options that shape it, the rank count, torch's
     version and the content of the files it reads (a topology, a profile, a checkpoint).  Equal on every
     rank, or the job refuses (:func:`runtime.transport.agree_on`)."""
     import hashlib
-    from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        torch_version = version("torch")  # the installed wheel's version, without importing torch (1.3 s)
-    except PackageNotFoundError:
-        import torch
-
-        torch_version = torch.__version__
+    torch_version = _torch_version()
     fields = {k: v for k, v in sorted(vars(args).items())
               if k not in ("func", "command_line", "json", "csv", "plot", "no_progress", "threads", "deadline")
               and isinstance(v, (str, int, float, bool, list, tuple, type(None)))}

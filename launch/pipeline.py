@@ -47,7 +47,7 @@ def add_bench_parser(what) -> None:
         ),
     )
     _net_options(p)
-    p.add_argument("--topology", default=None, metavar="TOML",
+    p.add_argument("--topology", default=None,
                    help="the rack's topology file, for the grid and speeds (default: $AFLKD_TOPOLOGY, which "
                    "'aflkd launch' sets, else --clusters and --speeds)")
     p.add_argument("--clusters", type=options.positive_int, default=1,
@@ -85,7 +85,7 @@ def add_parser(sub) -> None:
     _net_options(p)
     p.add_argument("--repeat", type=options.positive_int, default=5, help="timed runs per layer (median taken)")
     p.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--out", required=True, metavar="JSON", help="where to write the profile (folders are created)")
+    p.add_argument("--json", required=True, metavar="FILE", help="where to write the profile (folders are created)")
     p.set_defaults(func=_profile, one_process=True)
 
 
@@ -246,14 +246,14 @@ def _profile(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    options.prepare_output(args.out, "--out")
+    options.prepare_output(args.json, "--json")
     model = _build(args)()
     layers = split_layers(trace_model(model, (args.in_channels, args.size, args.size)))
     with progress_bar(total=len(layers), desc=f"profile {args.net}", unit="layer", file=sys.stderr) as bar:
         prof = profile_layers(model, layers, args.net, args.batch, args.repeat, progress=lambda k: bar.update())
-    write_profile(prof, args.out)
+    write_profile(prof, args.json)
     slowest = sorted(zip(prof.seconds, prof.labels), reverse=True)[:3]
     print(f"{args.net} {args.size}x{args.size}: {len(layers)} layers, {1e3 * sum(prof.seconds):.1f} ms + head "
           f"{1e3 * prof.head_seconds:.1f} ms on {prof.threads} thread(s); slowest: "
-          + ", ".join(f"{label} {1e3 * s:.1f} ms" for s, label in slowest) + f"; written to {args.out}")
+          + ", ".join(f"{label} {1e3 * s:.1f} ms" for s, label in slowest) + f"; written to {args.json}")
     return 0

@@ -30,7 +30,7 @@ EPILOG = """\
 examples:
   .venv/bin/aflkd schedule simulate --cores 6,8,10,12 --ratio 1:1,2:1 --json out/fig5.json --plot out/fig5.png
   .venv/bin/aflkd schedule verify --json out/verify.json
-  .venv/bin/aflkd schedule profile --out out/constants.json
+  .venv/bin/aflkd schedule profile --json out/constants.json
   .venv/bin/aflkd schedule simulate --constants out/constants.json --cores 2 --ratio 1:1
 """
 
@@ -311,7 +311,7 @@ def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0),
 
 def _profile(args) -> int:
     from scheduling.costmodel import CostModel, fit_f, fit_g
-    options.prepare_output(args.out, "--out")
+    options.prepare_output(args.json, "--json")
     machine = os.cpu_count() or 1
     cores = args.cores or max(3, machine)
     if cores < 3:
@@ -331,12 +331,12 @@ def _profile(args) -> int:
                  "units": {"x": "batches of 64 (edge net 3, 32x32, forward+backward+step)",
                            "y": "MiB of float32 logits (self-send/recv + softmax decode)", "time": "seconds"},
                  "measurements": {"computation": comp, "communication": link}})
-    Path(args.out).write_text(json.dumps(data, indent=1))
+    Path(args.json).write_text(json.dumps(data, indent=1))
     print(f"f: a1={cost.comp.a1:.4g} s/batch, a2={cost.comp.a2:.4g}  RMS relative error "
           f"{100 * cost.comp.rms_rel_error:.1f}% over {cost.comp.points} points")
     print(f"g: b1={cost.comm.b1:.4g}, b2={cost.comm.b2:.4g}, b3={cost.comm.b3:.4g} (MiB/s)  RMS relative error "
           f"{100 * cost.comm.rms_rel_error:.1f}% over {cost.comm.points} points")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.json}")
     for warning in fit_warnings(cost):
         print(f"warning: {warning}")
     return 0
@@ -375,9 +375,9 @@ def add_parser(sub) -> None:
     sim.add_argument("--cycles", type=options.positive_int, default=20, help="N cycles (default 20)")
     sim.add_argument("--draws", type=options.positive_int, default=1000, help="random allocation draws (1000)")
     sim.add_argument("--seed", type=int, default=0, help="seed of the random draws (0)")
-    sim.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: the built-in constants)")
-    sim.add_argument("--json", default=None, help="write one row per case here (default: none)")
-    sim.add_argument("--plot", default=None, help="write the Fig. 5 bar chart here, PNG (default: none)")
+    sim.add_argument("--constants", default=None, metavar="FILE", help="JSON from 'aflkd schedule profile' (default: the built-in constants)")
+    sim.add_argument("--json", default=None, metavar="FILE", help="write one row per case here (default: none)")
+    sim.add_argument("--plot", default=None, metavar="PNG", help="write the Fig. 5 bar chart here, PNG (default: none)")
     sim.set_defaults(func=_simulate, one_process=True)
 
     ver = what.add_parser("verify", help="the planner against exhaustive search on small random cases",
@@ -393,14 +393,15 @@ def add_parser(sub) -> None:
                      help="skip (N, c) with (c+1)^N above this, listed as skipped (default: skip none; "
                      "N = 6, c_total = 6 has 14,491,441 sequences, under a second each)")
     ver.add_argument("--seed", type=int, default=0, help="seed of the workloads (0)")
-    ver.add_argument("--constants", default=None, help="JSON from 'aflkd schedule profile' (default: the built-in constants)")
-    ver.add_argument("--json", default=None, help="write the cases, their gaps and max_gap here (default: none)")
+    ver.add_argument("--constants", default=None, metavar="FILE", help="JSON from 'aflkd schedule profile' (default: the built-in constants)")
+    ver.add_argument("--json", default=None, metavar="FILE", help="write the cases, their gaps and max_gap here (default: none)")
     ver.set_defaults(func=_verify, one_process=True)
 
     prof = what.add_parser("profile", help="measure and fit f and g on this machine",
                            description=profile_machine.__doc__, epilog=EPILOG,
                            formatter_class=options.ExamplesFormatter)
-    prof.add_argument("--out", required=True, help="write the constants, fit errors and measurements here (JSON)")
+    prof.add_argument("--json", required=True, metavar="FILE",
+                      help="write the constants, fit errors and measurements here (JSON)")
     prof.add_argument("--cores", type=options.positive_int, default=None,
                       help="c_total to split (default: this machine's cores, at least 3 for g's 3 constants)")
     prof.add_argument("--repeat", type=options.positive_int, default=3, help="timings per point, median (3)")

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     )
     options.data_options(cloud)
     cloud.add_argument("--download", action="store_true", help="let torchvision download missing files")
-    cloud.add_argument("--out", default=None,
+    cloud.add_argument("--save", default=None, metavar="FILE",
                        help="weights file (default: the shipped checkpoints/cloud-DATASET.pt; needs --force)")
     cloud.add_argument("--epochs", type=options.positive_int, default=TeacherConfig.epochs, help="training epochs")
     cloud.add_argument("--batch", type=options.positive_int, default=TeacherConfig.batch, help="images per step")
@@ -70,7 +70,7 @@ def add_parser(sub) -> None:
     )
     options.data_options(average)
     average.add_argument("weights", nargs="+", metavar="PT", help="cloud net weights files (two or more)")
-    average.add_argument("--out", required=True, help="weights file of the average")
+    average.add_argument("--save", required=True, metavar="FILE", help="weights file of the average")
     average.add_argument("--val", type=options.non_negative_int, default=0, metavar="N",
                          help="also report the average's accuracy on the validation slice of N training images "
                          "(the one 'train cloud --val N' held out)")
@@ -89,7 +89,7 @@ def add_parser(sub) -> None:
     select.add_argument("weights", nargs="+", metavar="PT", help="candidate cloud net weights files")
     select.add_argument("--val", type=options.positive_int, required=True, metavar="N",
                         help="size of the validation slice the candidates were trained without")
-    select.add_argument("--out", required=True, help="where the chosen weights are copied")
+    select.add_argument("--save", required=True, metavar="FILE", help="where the chosen weights are copied")
     _saved_teacher_options(select, "candidates are evaluated")
     select.set_defaults(func=_select, one_process=True)
 
@@ -107,7 +107,7 @@ def add_parser(sub) -> None:
     options.student_options(edge)
     edge.add_argument("--seed", type=int, default=EdgeConfig.seed, help="seed of the subset, weights and batches")
     edge.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
-    edge.add_argument("--out", default=None, help="save the student's weights here (default: not saved)")
+    edge.add_argument("--save", default=None, metavar="FILE", help="save the student's weights here (default: not saved)")
     options.device_option(edge, "student trains and the teacher runs")
     edge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     edge.set_defaults(func=_edge, one_process=True)
@@ -136,13 +136,13 @@ def _cloud(args) -> int:
     from kd.device import pick_device
     from kd.teacher import SELECTED_BY_NONE, TeacherConfig, record_teacher, selected_by_val, train_teacher
 
-    out = args.out or str(options.REPO / "checkpoints" / f"cloud-{args.dataset}.pt")
+    out = args.save or str(options.REPO / "checkpoints" / f"cloud-{args.dataset}.pt")
     if os.path.exists(out) and not os.path.exists(out + ".state") and not args.force:
         raise UsageError(f"{out} exists and there is no {out}.state to resume from; training would overwrite it "
-                         "(a shipped teacher, by default): pass --out NEW.pt, or --force to overwrite")
+                         "(a shipped teacher, by default): pass --save NEW.pt, or --force to overwrite")
     config = TeacherConfig(epochs=args.epochs, batch=args.batch, max_lr=args.max_lr, seed=args.seed,
                            init=args.init, swa_epochs=args.swa_epochs, swa_lr=args.swa_lr, val=args.val)
-    options.prepare_output(out, "--out")
+    options.prepare_output(out, "--save")
     options.prepare_output(args.results, "--results")
     try:
         data = load_dataset(args.dataset, args.data_root, args.download)
@@ -166,19 +166,19 @@ def _average(args) -> int:
 
     if len(args.weights) < 2:
         raise UsageError(f"give at least two weights files to average, got {len(args.weights)}")
-    if os.path.exists(args.out) and not args.force:
-        raise UsageError(f"{args.out} exists (a shipped teacher?); pass another --out, or --force to overwrite it")
-    options.prepare_output(args.out, "--out")
+    if os.path.exists(args.save) and not args.force:
+        raise UsageError(f"{args.save} exists (a shipped teacher?); pass another --save, or --force to overwrite it")
+    options.prepare_output(args.save, "--save")
     options.prepare_output(args.results, "--results")
     data = load_dataset(args.dataset, args.data_root)
     device = pick_device(args.device)
     val_acc = None
     if args.val:
-        accuracy, val_acc = average_teachers(data, args.weights, args.out, device=device, val=args.val)
+        accuracy, val_acc = average_teachers(data, args.weights, args.save, device=device, val=args.val)
     else:
-        accuracy = average_teachers(data, args.weights, args.out, device=device)
+        accuracy = average_teachers(data, args.weights, args.save, device=device)
     val_note = f", validation accuracy {val_acc:.2%} ({args.val} held out)" if args.val else ""
-    print(f"{args.dataset}: average of {len(args.weights)} nets, test accuracy {accuracy:.2%}{val_note} -> {args.out}")
+    print(f"{args.dataset}: average of {len(args.weights)} nets, test accuracy {accuracy:.2%}{val_note} -> {args.save}")
     record_teacher(args.results, args.dataset, accuracy, None, args.command_line,  # the chain's epochs: not known
                    device_name(device), selected_by_val(args.val) if args.val else SELECTED_BY_NONE, val_acc)
     return 0
@@ -189,20 +189,20 @@ def _select(args) -> int:
     from kd.device import device_name, pick_device
     from kd.teacher import record_teacher, select_teacher
 
-    if os.path.exists(args.out) and not args.force:
-        raise UsageError(f"{args.out} exists (a shipped teacher?); pass another --out, or --force to overwrite it")
+    if os.path.exists(args.save) and not args.force:
+        raise UsageError(f"{args.save} exists (a shipped teacher?); pass another --save, or --force to overwrite it")
     missing = [p for p in args.weights if not os.path.isfile(p)]
     if missing:
         raise UsageError(f"candidate '{missing[0]}' does not exist")
-    options.prepare_output(args.out, "--out")
+    options.prepare_output(args.save, "--save")
     options.prepare_output(args.results, "--results")
     data = load_dataset(args.dataset, args.data_root)
     device = pick_device(args.device)
-    result = select_teacher(data, args.weights, args.out, args.val, device=device)
+    result = select_teacher(data, args.weights, args.save, args.val, device=device)
     for path, acc in result["val_acc"].items():
         print(f"{args.dataset}: {path}: validation accuracy {acc:.2%}" + ("  <- chosen" if path == result["chosen"] else ""))
     print(f"{args.dataset}: chose {result['chosen']} (validation {result['chosen_val_acc']:.2%} on {args.val} held-out "
-          f"images), test accuracy {result['test_acc']:.2%} -> {args.out}")
+          f"images), test accuracy {result['test_acc']:.2%} -> {args.save}")
     names = ", ".join(f"{os.path.basename(p)} {a:.4f}" for p, a in result["val_acc"].items())
     selected_by = (f"validation slice of {args.val}, best of {len(args.weights)} candidates: {names}; "
                    f"chose {os.path.basename(result['chosen'])}; the test split read once, after the choice")
@@ -218,7 +218,7 @@ def _edge(args) -> int:
     from models import save_atomic
 
     config = EdgeConfig(args.method, args.net, steps=args.steps, t_rule=args.t_rule, unit=args.unit, seed=args.seed)
-    options.prepare_output(args.out, "--out")
+    options.prepare_output(args.save, "--save")
     data = load_dataset(args.dataset, args.data_root)
     options.check_student_options([args.size], data, "--size")
     teacher = options.load_teacher(args, data) if args.method != "baseline" else None
@@ -231,7 +231,7 @@ def _edge(args) -> int:
         print(f"{i:>5} {h['step']:>5} {h['T']:>6.3f} {h['frozen']:>8} {h['epoch_seconds']:>8.2f}")
     print(f"{args.dataset} edge net {args.net}, {args.method}, {args.size} images, {args.steps} steps: "
           f"test accuracy {result.test_acc:.2%} ({result.seconds:.0f} s on {device_name(device)})")
-    if args.out:
-        save_atomic({k: v.cpu() for k, v in result.model.state_dict().items()}, args.out)
-        print(f"wrote {args.out}")
+    if args.save:
+        save_atomic({k: v.cpu() for k, v in result.model.state_dict().items()}, args.save)
+        print(f"wrote {args.save}")
     return 0

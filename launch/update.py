@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
                           epilog=EPILOG, formatter_class=options.ExamplesFormatter)
     run.add_argument("--buffer", required=True, help="the buffer file (see 'update add')")
     run.add_argument("--student", required=True,
-                     help="the edge student's weights, updated in place (e.g. from 'aflkd train edge --out')")
+                     help="the edge student's weights, updated in place (e.g. from 'aflkd train edge --save')")
     run.add_argument("--net", type=options.edge_net, required=True, help="the student's edge net: 1, 2 or 3")
     options.data_options(run, teacher=True)
     _common(run)
@@ -105,8 +105,8 @@ def add_parser(sub) -> None:
     source = add.add_mutually_exclusive_group(required=True)
     source.add_argument("--train-range", metavar="A:B",
                         help="training images A..B-1 of --dataset, in a seeded order (labels unused) (default: none; give this "
-                        "or --images)")
-    source.add_argument("--images", metavar="NPY",
+                        "or --frames)")
+    source.add_argument("--frames", metavar="NPY",
                         help="a .npy file of uint8 images (N, H, W, C); an image already in the buffer (same bytes) "
                         "is not added again (default: none; give this or --train-range)")
     add.add_argument("--dataset", default=None,
@@ -179,11 +179,11 @@ def _add(args) -> int:
         images, keys = data.x_train[order], [f"{args.dataset}/train/{i}" for i in order]
     else:
         try:
-            images = np.load(args.images, allow_pickle=False)
+            images = np.load(args.frames, allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise UsageError(f"--images {args.images} cannot be read as a .npy file ({err})") from None
+            raise UsageError(f"--frames {args.frames} cannot be read as a .npy file ({err})") from None
         if images.dtype != np.uint8 or images.ndim != 4:
-            raise UsageError(f"--images {args.images} must hold uint8 images (N, H, W, C), got {images.dtype} "
+            raise UsageError(f"--frames {args.frames} must hold uint8 images (N, H, W, C), got {images.dtype} "
                              f"{images.shape}")
         import hashlib
 

@@ -99,7 +99,7 @@ def read_profile(path: str, layers: Optional[Layers] = None) -> LayerProfile:
             data = json.load(f)
         profile = LayerProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     except FileNotFoundError:
-        raise UsageError(f"profile {path} does not exist; make it with 'aflkd profile --out {path}'") from None
+        raise UsageError(f"profile {path} does not exist; make it with 'aflkd profile --json {path}'") from None
     except (ValueError, TypeError) as err:
         raise UsageError(f"profile {path} is not a profile written by 'aflkd profile': {err}") from None
     if layers is not None:

@@ -28,7 +28,7 @@ def test_bench_pipeline_json_and_plot(tmp_path):
 @needs_mpiexec
 def test_bench_pipeline_with_a_topology_and_a_profile(tmp_path):
     profile = tmp_path / "p.json"
-    proc = aflkd(1, "profile", "--net", "edge1", "--size", "32", "--repeat", "1", "--out", str(profile))
+    proc = aflkd(1, "profile", "--net", "edge1", "--size", "32", "--repeat", "1", "--json", str(profile))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(profile.read_text())["labels"][0] == "conv1_1"
     proc = aflkd(4, "bench", "pipeline", "--net", "edge1", "--size", "32", "--images", "2", "--latency-repeat", "1",

@@ -119,7 +119,7 @@ def test_bench_runs_a_torchvision_net(tmp_path):
 def test_bench_without_a_bound_writes_null_and_says_why(tmp_path):
     """Old code wrote "bound_ms": NaN (not JSON) when a rank's rows alone do not run through the net."""
     proc = aflkd(3, "bench", "layers", "--net", "edge3", "--size", "8", "--repeat", "1", "--warmup", "0",
-                 "--json", str(tmp_path / "r.json"), "--no-progress")
+                 "--head", "gather", "--json", str(tmp_path / "r.json"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and json.loads(text)["bound_ms"] is None and json.loads(text)["efficiency"] is None
@@ -128,7 +128,7 @@ def test_bench_without_a_bound_writes_null_and_says_why(tmp_path):
 
 def test_bench_on_one_rank_says_so(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "layers", "--net", "edge1", "--size", "32",
-                           "--repeat", "1", "--warmup", "0", "--no-progress"], capture_output=True, text=True,
+                           "--repeat", "1", "--warmup", "0", "--head", "gather", "--no-progress"], capture_output=True, text=True,
                           cwd=Path(__file__).parent.parent, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "note: one rank (started without mpiexec?)" in proc.stdout
@@ -172,7 +172,7 @@ def test_every_command_rejects_zero_threads_in_one_line(command, capsys):
 def test_train_cloud_will_not_overwrite_a_checkpoint_it_cannot_resume(tmp_path, capsys):
     out = tmp_path / "cloud.pt"
     out.write_bytes(b"a shipped teacher")
-    assert main(["train", "cloud", "--dataset", "fashion-mnist", "--out", str(out)]) == 2
+    assert main(["train", "cloud", "--dataset", "fashion-mnist", "--save", str(out)]) == 2
     assert "exists and there is no" in capsys.readouterr().err and out.read_bytes() == b"a shipped teacher"
 
 
@@ -192,7 +192,8 @@ def test_bad_training_options_fail_in_one_line_before_training(argv, message, tm
     from tests.test_teacher import tiny
 
     monkeypatch.setattr(kd.datasets, "load_dataset", lambda name, root, download=False: tiny(n=60))
-    assert main(argv[:2] + ["--dataset", "fashion-mnist", "--out", str(tmp_path / "o")] * (argv[1] != "frozen-time")
+    out = "--save" if argv[0] == "train" else "--out"  # a weights file, or a results folder
+    assert main(argv[:2] + ["--dataset", "fashion-mnist", out, str(tmp_path / "o")] * (argv[1] != "frozen-time")
                 + ["--dataset", "fashion-mnist"] * (argv[1] == "frozen-time") + argv[2:]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
@@ -224,13 +225,13 @@ def test_train_average_records_the_average_and_keeps_an_existing_out(tmp_path, m
         paths.append(str(tmp_path / f"n{seed}.pt"))
         save_atomic(cloud_net(3, 32, 3).state_dict(), paths[-1])
     out, results = tmp_path / "avg.pt", tmp_path / "teachers.csv"
-    assert main(["train", "average", "--dataset", "fashion-mnist", *paths, "--out", str(out),
+    assert main(["train", "average", "--dataset", "fashion-mnist", *paths, "--save", str(out),
                  "--results", str(results)]) == 0
     assert "average of 2 nets, test accuracy" in capsys.readouterr().out
     (row,) = list(csv.DictReader(open(results)))
     assert row["dataset"] == "fashion-mnist" and row["epochs"] == "" and "train average" in row["command"]
     before = out.read_bytes()
-    assert main(["train", "average", "--dataset", "fashion-mnist", *paths, "--out", str(out)]) == 2
+    assert main(["train", "average", "--dataset", "fashion-mnist", *paths, "--save", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
 
 
@@ -262,12 +263,12 @@ def test_ctrl_c_under_mpiexec_ends_every_rank_with_one_line(tmp_path):
     import os
     import signal
 
-    cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "bench", "layers", "--net", "edge1",
-           "--size", "64", "--repeat", "1000000"]
+    cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "serve", "--net", "edge1", "--size", "64",
+           "--images", "1000000", "--log", str(tmp_path / "s.db"), "--interval", "0.2"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
     try:
-        first = proc.stderr.read(1)  # the progress bar: the ranks are in the benchmark's loop
+        first = proc.stderr.read(1)  # the first progress line: the ranks are in the serving loop
         proc.send_signal(signal.SIGINT)  # what mpiexec forwards to every rank on Ctrl-C
         _, err = proc.communicate(timeout=60)
     finally:

@@ -145,7 +145,7 @@ def test_missing_dataset_offers_download_only_where_there_is_one(tmp_path, capsy
     assert main(["experiment", "accuracy", "--dataset", "cifar100", "--data-root", empty,
                  "--out", str(tmp_path / "o")]) == 2
     assert "--download" not in capsys.readouterr().err
-    assert main(["train", "cloud", "--dataset", "cifar100", "--data-root", empty, "--out", str(tmp_path / "c.pt"),
+    assert main(["train", "cloud", "--dataset", "cifar100", "--data-root", empty, "--save", str(tmp_path / "c.pt"),
                  "--results", str(tmp_path / "t.csv")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "dataset 'cifar100' not found" in line and line.endswith("or pass --download to fetch it")
@@ -173,7 +173,7 @@ def test_train_edge_with_five_steps_and_accuracy_in_percent(tiny_data, teacher, 
     and accuracy was printed as a fraction (0.8772) where every table shows %."""
     out = tmp_path / "new" / "folder" / "student.pt"  # a folder that does not exist yet
     assert main(["train", "edge", "--dataset", "cifar10", "--teacher", teacher, "--net", "edge1", "--size", "30",
-                 "--steps", "5", "--no-progress", "--out", str(out)]) == 0
+                 "--steps", "5", "--no-progress", "--save", str(out)]) == 0
     last = capsys.readouterr().out.strip().splitlines()
     assert re.search(r"5 steps: test accuracy \d+\.\d\d% \(", last[-2]), last[-2]
     assert out.exists()
@@ -232,7 +232,7 @@ def test_train_average_prints_accuracy_in_percent(tiny_data, tmp_path, capsys):
         torch.manual_seed(seed)
         paths.append(str(tmp_path / f"n{seed}.pt"))
         save_atomic(cloud_net(3, 32, 3).state_dict(), paths[-1])
-    assert main(["train", "average", "--dataset", "cifar10", *paths, "--out", str(tmp_path / "a" / "avg.pt"),
+    assert main(["train", "average", "--dataset", "cifar10", *paths, "--save", str(tmp_path / "a" / "avg.pt"),
                  "--results", str(tmp_path / "r" / "teachers.csv")]) == 0
     assert re.search(r"average of 2 nets, test accuracy \d+\.\d\d% ->", capsys.readouterr().out)
 
@@ -240,8 +240,8 @@ def test_train_average_prints_accuracy_in_percent(tiny_data, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [
     ["experiment", "frozen-time", "--dataset", "cifar10", "--csv", "{file}/x.csv"],
     ["experiment", "accuracy", "--dataset", "cifar10", "--methods", "baseline", "--out", "{file}/grid"],
-    ["train", "edge", "--dataset", "cifar10", "--method", "baseline", "--out", "{file}/s.pt"],
-    ["train", "cloud", "--dataset", "cifar10", "--out", "{file}/c.pt"],
+    ["train", "edge", "--dataset", "cifar10", "--method", "baseline", "--save", "{file}/s.pt"],
+    ["train", "cloud", "--dataset", "cifar10", "--save", "{file}/c.pt"],
 ])
 def test_output_under_a_file_is_refused_in_one_line_before_work(argv, tiny_data, tmp_path, monkeypatch, capsys):
     """An output folder that cannot be made is refused before training, not after it with a traceback."""
@@ -288,7 +288,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
 def test_train_cloud_prints_accuracy_in_percent(tiny_data, tmp_path, capsys):
     out, results = tmp_path / "c" / "cloud.pt", tmp_path / "r" / "teachers.csv"
     assert main(["train", "cloud", "--dataset", "cifar10", "--epochs", "1", "--batch", "16", "--no-progress",
-                 "--out", str(out), "--results", str(results)]) == 0
+                 "--save", str(out), "--results", str(results)]) == 0
     text = capsys.readouterr().out
     assert re.search(r"epoch 1/1: loss \d+\.\d+, test acc \d+\.\d\d%, ", text), text
     assert re.search(r"cifar10: test accuracy \d+\.\d\d% after 1 epochs", text), text

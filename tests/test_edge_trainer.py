@@ -85,7 +85,7 @@ def test_train_edge_command_prints_schedule_and_saves(tmp_path, monkeypatch, cap
     save_atomic(cloud_net(3, 32, 3).state_dict(), str(teacher))
     out = tmp_path / "s.pt"
     code = main(["train", "edge", "--dataset", "tiny", "--teacher", str(teacher), "--net", "1", "--size", "30",
-                 "--steps", "3", "--no-progress", "--out", str(out)])
+                 "--steps", "3", "--no-progress", "--save", str(out)])
     text = capsys.readouterr().out
     assert code == 0
     assert "frozen n" in text and "test accuracy" in text

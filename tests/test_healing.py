@@ -91,10 +91,10 @@ def test_which_endings_are_restarted(code, done, restarts, again):
 @needs_mpiexec
 @pytest.mark.slow
 def test_kill_9_of_ranks_mid_stream_loses_and_duplicates_nothing(tmp_path):
-    """`aflkd chaos serve`: kill -9 of rank 1, rank 2, then rank 0 (the root) at random moments under
-    `launch --restart`; the log is then checked here, against the source's ids and plain torch."""
-    log, report, images = tmp_path / "serve.db", tmp_path / "chaos.json", 90
-    proc = subprocess.run([str(AFLKD), "chaos", "serve", "--kills", "1,2,0", "--images", str(images), "--log",
+    """`aflkd chaos serve`: kill -9 of rank 2, then rank 0 (the root) at random moments under `launch --restart`;
+    the log is then checked here, against the source's ids and plain torch (five kills: results/serving/)."""
+    log, report, images = tmp_path / "serve.db", tmp_path / "chaos.json", 60
+    proc = subprocess.run([str(AFLKD), "chaos", "serve", "--kills", "2,0", "--images", str(images), "--log",
                            str(log), "--workdir", str(tmp_path), "--json", str(report), "--gap", "3,12", "--",
                            "--net", "edge3", "--size", "64", "--threads", "1", "--deadline", "10"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -102,9 +102,9 @@ def test_kill_9_of_ranks_mid_stream_loses_and_duplicates_nothing(tmp_path):
     with sqlite3.connect(str(log)) as db:
         served = db.execute("SELECT image, topk, run FROM results ORDER BY image").fetchall()
     assert [r[0] for r in served] == list(range(images))  # 0 lost, 0 twice
-    assert len({r[2] for r in served}) == 4  # the first run and one per kill
+    assert len({r[2] for r in served}) == 3  # the first run and one per kill
     figures = json.loads(report.read_text())
-    assert [k["rank"] for k in figures["kills"]] == [1, 2, 0] and figures["restarts_said"] == 3
+    assert [k["rank"] for k in figures["kills"]] == [2, 0] and figures["restarts_said"] == 2
     from tests.test_serve_mpi import plain_torch_logits
     import torch
 

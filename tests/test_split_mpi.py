@@ -59,9 +59,10 @@ def test_paper_nets_match_unsplit(world, split_check, agree, net, size):
     model = randomize_batchnorm(build_net(net, 3, size, 10), torch.Generator().manual_seed(1)).eval()
     model = model.to(memory_format=torch.channels_last)
     problems = []
-    for weights, batch in (([1.0] * world.size, 1), ([1.0 + r for r in range(world.size)], 2)):
+    cases = (([1.0] * world.size, 1), ([1.0 + r for r in range(world.size)], 2))
+    for weights, batch in cases[1:] if world.size >= 4 and size >= 224 else cases:  # CI's 2 cores: 4+ ranks at
         problems += split_check(world, model, (3, size, size), batch, weights, size, f"{net}@{size} w={weights}")
-    agree(world, problems)
+    agree(world, problems)  # 224 run the uneven case only (the even one runs at 2 and 3 ranks)
 
 
 @pytest.mark.mpi(min_size=2)

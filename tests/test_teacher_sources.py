@@ -55,7 +55,7 @@ def test_cpu_runs_without_autocast_or_loss_scaling():
 
 
 @pytest.mark.parametrize("command", [["train", "cloud"], ["train", "edge"], ["train", "average", "a.pt", "b.pt",
-                                     "--out", "c.pt"], ["train", "distill"], ["experiment", "accuracy", "--out", "o"],
+                                     "--save", "c.pt"], ["train", "distill"], ["experiment", "accuracy", "--out", "o"],
                                      ["experiment", "frozen-time"]])
 def test_every_training_command_takes_device(command):
     from launch.cli import build_parser, main

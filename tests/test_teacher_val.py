@@ -214,7 +214,7 @@ def test_train_cloud_val_prints_and_records_it(tiny_cli, tmp_path, capsys):
 
     out, results = tmp_path / "c.pt", tmp_path / "teachers.csv"
     assert main(["train", "cloud", "--dataset", "cifar10", "--epochs", "1", "--batch", "16", "--val", str(VAL),
-                 "--no-progress", "--out", str(out), "--results", str(results)]) == 0
+                 "--no-progress", "--save", str(out), "--results", str(results)]) == 0
     text = capsys.readouterr().out
     assert re.search(r"epoch 1/1: loss \d+\.\d+, test acc \d+\.\d\d%, val acc \d+\.\d\d%, ", text), text
     assert re.search(r"cifar10: test accuracy \d+\.\d\d%, validation accuracy \d+\.\d\d% \(9 held out\)", text), text
@@ -224,7 +224,7 @@ def test_train_cloud_val_prints_and_records_it(tiny_cli, tmp_path, capsys):
                                                   abs=1e-4)
     # averaging reports the slice too
     assert main(["train", "average", "--dataset", "cifar10", str(out), str(out), "--val", str(VAL),
-                 "--out", str(tmp_path / "avg.pt"), "--results", str(results)]) == 0
+                 "--save", str(tmp_path / "avg.pt"), "--results", str(results)]) == 0
     assert re.search(r"average of 2 nets, test accuracy \d+\.\d\d%, validation accuracy \d+\.\d\d% \(9 held out\)",
                      capsys.readouterr().out)
 
@@ -256,7 +256,7 @@ def test_select_copies_the_best_on_the_slice_and_reads_test_once(tiny_cli, tmp_p
 
     monkeypatch.setattr(kd.teacher, "evaluate_weights", spy)
     out, results = tmp_path / "chosen" / "t.pt", tmp_path / "teachers.csv"
-    assert main(["train", "select", "--dataset", "cifar10", "--val", str(VAL), *paths, "--out", str(out),
+    assert main(["train", "select", "--dataset", "cifar10", "--val", str(VAL), *paths, "--save", str(out),
                  "--results", str(results)]) == 0
     assert out.read_bytes() == open(best, "rb").read()
     assert [s for _, s in splits] == ["val"] * 3 + ["test"] and splits[-1][0] == str(out)
@@ -275,7 +275,7 @@ def test_select_refuses_a_candidate_trained_on_the_slice(tiny_cli, tmp_path, cap
     train_teacher(tiny_cli, on_all, TeacherConfig(epochs=1, batch=16), progress=False, limit_batches=1)
     paths = _candidates(tiny_cli, tmp_path, 1) + [on_all]
     assert main(["train", "select", "--dataset", "cifar10", "--val", str(VAL), *paths,
-                 "--out", str(tmp_path / "t.pt"), "--results", str(tmp_path / "r.csv")]) == 2
+                 "--save", str(tmp_path / "t.pt"), "--results", str(tmp_path / "r.csv")]) == 2
     assert "was trained with --val 0, not 9" in capsys.readouterr().err
     assert not (tmp_path / "t.pt").exists()
 

@@ -51,12 +51,12 @@ def test_add_is_idempotent_per_frame_and_status_reports(tmp_path, capsys):
     images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 1), dtype=np.uint8)
     np.save(tmp_path / "frames.npy", images)
     buffer = str(tmp_path / "b.sqlite")
-    assert main(["update", "add", "--buffer", buffer, "--images", str(tmp_path / "frames.npy")]) == 0
+    assert main(["update", "add", "--buffer", buffer, "--frames", str(tmp_path / "frames.npy")]) == 0
     assert main(["update", "status", "--buffer", buffer]) == 0
-    assert main(["update", "add", "--buffer", buffer, "--images", str(tmp_path / "frames.npy")]) == 0  # again
+    assert main(["update", "add", "--buffer", buffer, "--frames", str(tmp_path / "frames.npy")]) == 0  # again
     assert "0 of 6 images added (pending 6" in capsys.readouterr().out
     assert main(["update", "add", "--buffer", buffer]) == 2  # no frames named
-    assert "one of the arguments --train-range --images is required" in capsys.readouterr().err
+    assert "one of the arguments --train-range --frames is required" in capsys.readouterr().err
     assert main(["update", "add", "--buffer", buffer, "--train-range", "5:2", "--dataset", "cifar10"]) == 2
     assert "--train-range A:B needs 0 <= A < B" in capsys.readouterr().err
 

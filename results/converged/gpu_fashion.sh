@@ -25,9 +25,9 @@ aflkd() { timeout -k 5 "$(left)" "$PY" -m launch.cli "$@" >> "$LOG" 2>&1; say "e
 for f in "${FM:-.dev/fmdata}"/*.gz; do n=$(basename "$f" .gz); [ -f "$DATA/FashionMNIST/raw/$n" ] || gunzip -c "$f" > "$DATA/FashionMNIST/raw/$n"; done
 say "data: $(ls "$DATA/FashionMNIST/raw" | tr '\n' ' ')"
 C=(--dataset fashion-mnist --data-root "$DATA" --device "$DEVICE" --results "$OUT/teachers.csv")
-[ -f "$T/e10.pt" ] || aflkd train cloud "${C[@]}" --val 5000 --epochs 10 --no-progress --out "$T/e10.pt"
-[ -f "$T/e14.pt" ] || aflkd train cloud "${C[@]}" --val 5000 --init "$T/e10.pt" --epochs 4 --max-lr 0.03 --no-progress --out "$T/e14.pt"
-aflkd train select "${C[@]}" --val 5000 "$T/e10.pt" "$T/e14.pt" --out "$OUT/cloud-fashion-mnist.pt" --force
+[ -f "$T/e10.pt" ] || aflkd train cloud "${C[@]}" --val 5000 --epochs 10 --no-progress --save "$T/e10.pt"
+[ -f "$T/e14.pt" ] || aflkd train cloud "${C[@]}" --val 5000 --init "$T/e10.pt" --epochs 4 --max-lr 0.03 --no-progress --save "$T/e14.pt"
+aflkd train select "${C[@]}" --val 5000 "$T/e10.pt" "$T/e14.pt" --save "$OUT/cloud-fashion-mnist.pt" --force
 [ -d "$W/e30" ] || cp -r results/converged/epochs-30 "$W/e30"
 aflkd experiment accuracy --dataset fashion-mnist --data-root "$DATA" --teacher "$OUT/cloud-fashion-mnist.pt" --nets 2,1 \
     --sizes 500,1000,2000,3000 --methods aflkd,sslf --seeds 0,1,2 --mode incremental --epochs 30 --min-steps 300 \
