@@ -10,8 +10,8 @@ import pytest
 
 from runtime.errors import UsageError
 from scheduling.costmodel import PAPER_LIKE, CommModel, CompModel, CostModel, f, fit_f, fit_g, g
-from scheduling.planner import (Workload, _exhaustive_search_recursive, exhaustive_search, plan, priority,
-                                random_allocation, run_policy)
+from scheduling.planner import (Workload, _exhaustive_search_recursive, decisions, exhaustive_search, plan, priority,
+                                random_allocation, round_time, run_policy)
 
 
 def _random_cost(rng: random.Random, c_total: int) -> CostModel:
@@ -279,3 +279,35 @@ def test_constants_where_computation_speeds_up_as_communication_takes_cores_are_
     bad.write_text(json.dumps({"f": {"a1": 1.0, "a2": -0.017}, "g": {"b1": 0.35, "b2": 1.0, "b3": 1.0}}))
     assert main(["schedule", "simulate", "--constants", str(bad)]) == 2
     assert "a2=-0.017 < 0" in capsys.readouterr().err
+
+
+def test_the_array_planner_equals_the_state_by_state_dp_and_its_rounds_add_up():
+    """plan (suffix minima per layer) against plan_reference (Eq. 14-15 memoised), random models and sizes."""
+    from scheduling.planner import plan_reference
+
+    rng = random.Random(11)
+    for _ in range(150):
+        cores = rng.randint(1, 9)
+        cost = _random_cost(rng, cores)
+        work = Workload(rng.randint(1, 14), rng.uniform(0.05, 3.0), rng.uniform(0.05, 3.0), rng.uniform(0.05, 3.0),
+                        cores)
+        fast, slow = plan(cost, work), plan_reference(cost, work)
+        assert fast.total == pytest.approx(slow.total, rel=1e-12, abs=1e-12), work
+        assert math.fsum(s.seconds for s in fast.steps) == pytest.approx(fast.total, rel=1e-9)  # replayable
+        state = (0, 0, 0)
+        for s in fast.steps:  # every decision was open where it was taken
+            assert s.state == state and s.decision in decisions(state, work)
+            _, state, _ = round_time(cost, work, state, s.decision)
+        assert state == (work.cycles,) * 3
+
+
+def test_planning_2000_cycles_on_16_cores_finishes(capsys):
+    """The issue's size (the memoised DP took about 2 minutes); its time is printed, not asserted."""
+    import time
+
+    cost = _random_cost(random.Random(3), 16)
+    start = time.perf_counter()
+    result = plan(cost, Workload(2000, 1.0, 1.0, 2.0, 16))
+    took = time.perf_counter() - start
+    assert len(result.steps) >= 4000 and math.isfinite(result.total)
+    print(f"planned N=2000, c=16 in {took:.3f} s")
