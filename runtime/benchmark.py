@@ -112,6 +112,24 @@ def _split_head_memory(comm, build, in_shape, *, batch, warmup, seed, **how) -> 
     return out
 
 
+NOISY_SPREAD = 0.25
+
+
+def _timing_notes(split_runs, end_to_end_ms: float, split_ms: float) -> list[str]:
+    """Say when the figures cannot be trusted: repetitions that vary a lot, or end to end (which contains the
+    split part) measured below the split part alone."""
+    notes = []
+    q1, q3 = np.percentile(split_runs, [25, 75])
+    spread = (q3 - q1) / max(float(np.median(split_runs)), 1e-12)
+    if spread > NOISY_SPREAD:
+        notes.append(f"the split part's repetitions vary by {100 * spread:.0f}% (interquartile range over the "
+                     "median): the machine was busy; rerun with nothing else running, or more --repeat")
+    if end_to_end_ms < split_ms:
+        notes.append(f"end to end ({end_to_end_ms:.1f} ms) came out below the split part it contains "
+                     f"({split_ms:.1f} ms): the two were timed in different repetitions of a noisy machine")
+    return notes
+
+
 def _paired_end_to_end(comm, gather: SplitExecutor, split: SplitExecutor, image, batch: int, repeat: int,
                        warmup: int, progress: bool, label: str) -> dict[str, list]:
     """End-to-end seconds of both placements, alternating within every repetition (noise hits them alike)."""
@@ -317,6 +335,9 @@ def bench_layers(
         bound_runs = np.max([r["bound"] for r in per_rank], axis=0)
         bound_ms, efficiency = 1e3 * median(bound_runs), float(median(bound_runs / split_runs))
     unsplit_ms, unsplit_all_ms = 1e3 * median(times["unsplit"]), 1e3 * median(times["unsplit_all"])
+    # one end-to-end figure: with both placements timed side by side, the gather's is the paired one
+    end_to_end_ms = headline["end_to_end_ms"] if headline else heads[0]["end_to_end_ms"]
+    notes = notes + _timing_notes(split_runs, end_to_end_ms, split_ms)
     total = np.stack([r["compute"] for r in per_rank]) + np.stack([r["halo"] for r in per_rank])
     halo = np.stack([r["halo"] for r in per_rank])
     slowest = total.argmax(axis=0)  # (repeat, nodes)
@@ -345,7 +366,7 @@ def bench_layers(
         torch_all_cores_ms=1e3 * median(times["torch_all"]), split_ms=split_ms, bound_ms=bound_ms,
         efficiency=efficiency, speedup=unsplit_ms / split_ms, speedup_all_cores=unsplit_all_ms / split_ms,
         # the headline is the placement asked for: --head split's own figures, not the gather's
-        end_to_end_ms=headline["end_to_end_ms"] if headline else 1e3 * median(per_rank[0]["e2e"]),
+        end_to_end_ms=end_to_end_ms,
         max_abs_error=headline["max_abs_error"] if headline else max_abs_error,
         max_relative_error=(headline["max_abs_error"] / scale if scale > 0 else headline["max_abs_error"])
         if headline else max_relative_error,

@@ -61,3 +61,17 @@ def test_head_split_headline_figures_are_the_splits(tmp_path):
     heads = {h["head"]: h for h in report["heads"]}
     assert report["end_to_end_ms"] == heads["split"]["end_to_end_ms"] != heads["gather"]["end_to_end_ms"]
     assert report["peak_rss_mb"] == heads["split"]["peak_rss_mb"]
+
+
+def test_noisy_or_inconsistent_timings_are_said():
+    import numpy as np
+
+    from runtime.benchmark import _timing_notes
+
+    calm = np.array([0.030, 0.031, 0.0305, 0.0302, 0.0308])
+    assert _timing_notes(calm, end_to_end_ms=33.0, split_ms=30.5) == []
+    busy = np.array([0.030, 0.031, 0.090, 0.045, 0.030, 0.060])
+    (note,) = _timing_notes(busy, end_to_end_ms=50.0, split_ms=38.0)
+    assert "vary by" in note and "busy" in note
+    (note,) = _timing_notes(calm, end_to_end_ms=25.0, split_ms=30.5)
+    assert "below the split part" in note

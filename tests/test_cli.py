@@ -94,6 +94,8 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path):
         assert key in report
     assert report["ranks"] == 2 and report["weights"] == [2.0, 1.0]
     assert report["max_abs_error"] <= 1e-5
+    gather = [h for h in report["heads"] if h["head"] == "gather"]
+    assert gather and report["end_to_end_ms"] == gather[0]["end_to_end_ms"]  # one end-to-end figure, not two
     for layer in report["layers"]:
         assert set(layer) >= {"name", "unsplit_ms", "split_ms", "halo_ms", "bytes", "bytes_min"}
         assert layer["bytes"] == layer["bytes_min"]
