@@ -24,7 +24,7 @@ __all__ = ["add_parser"]
 EPILOG = """\
 examples:
   .venv/bin/mpiexec -n 2 .venv/bin/aflkd control --dataset cifar10 --net 3 --size 500 --steps 40 \\
-      --cores 2 --json out/control.json
+      --control-cores 2 --json out/control.json
 """
 
 
@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=options.positive_int, default=40, help="optimiser steps per run")
     p.add_argument("--method", default="aflkd", choices=METHODS, help="how the student is trained")
     p.add_argument("--seed", type=options.non_negative_int, default=0, help="seed of subset, weights and batches")
-    p.add_argument("--cores", type=options.positive_int, default=None,
+    p.add_argument("--control-cores", type=options.positive_int, default=None,
                    help="cores the controller divides on the edge (default: this rank's share of the host)")
     p.add_argument("--constants", default=None, metavar="FILE", help="f, g constants from 'aflkd schedule profile' for the planner (default: the ideal model, "
                    "calibrated by the first re-plan)")
@@ -82,7 +82,7 @@ def _run(comm, args) -> int:
     from .ranks import controlled_cpus, default_threads, on_root_then_bcast, set_threads
 
     threads = default_threads(comm)
-    cores = check_cores(args.cores or threads, option="--cores")
+    cores = check_cores(args.control_cores or threads, option="--control-cores")
     cpus = controlled_cpus(comm, cores)  # the edge's own block of the host: off the cloud's cores
     policies = _policies(args.policies)
     if comm.Get_size() != 2:

@@ -78,7 +78,7 @@ def add_parser(sub) -> None:
                      "(repeat for each grid)")
     tab.add_argument("--mode", default="incremental", choices=["incremental", "incremental-new", "static"],
                      help="the training mode whose cells are tabled")
-    tab.add_argument("--seeds", type=options.positive_int, default=3,
+    tab.add_argument("--min-seeds", type=options.positive_int, default=3,
                      help="seeds every paper cell should have; fewer are listed as missing")
     tab.add_argument("--out", required=True, metavar="FOLDER", help="folder for the combined CSV, table and plot")
     tab.set_defaults(func=_tables, one_process=True)
@@ -266,18 +266,18 @@ def _tables(args) -> int:
         writer.writeheader()
         writer.writerows(rows)
     methods = [m for _, ms in args.grid for m in ms]
-    missing = missing_paper_cells(rows, args.dataset, methods, args.seeds, args.mode)
-    command = "aflkd experiment tables --dataset {} {} --mode {} --seeds {} --out {}".format(
-        args.dataset, " ".join(f"--grid {f}:{','.join(ms)}" for f, ms in args.grid), args.mode, args.seeds, args.out)
+    missing = missing_paper_cells(rows, args.dataset, methods, args.min_seeds, args.mode)
+    command = "aflkd experiment tables --dataset {} {} --mode {} --min-seeds {} --out {}".format(
+        args.dataset, " ".join(f"--grid {f}:{','.join(ms)}" for f, ms in args.grid), args.mode, args.min_seeds, args.out)
     text = [f"### {args.dataset}, {args.mode}: test accuracy %, mean ± sd over seeds (the paper's "
             f"{TABLE_OF[args.dataset]} in brackets)", "", f"Made by `{command}` from:", "", *notes, "",
             markdown_table(rows, args.dataset, args.mode), "", "Orderings on means:", "",
             ordering_report(rows, args.dataset, args.mode), ""]
     if missing:
-        text += [f"The paper's cells with fewer than {args.seeds} seeds ({len(missing)}): " + "; ".join(
+        text += [f"The paper's cells with fewer than {args.min_seeds} seeds ({len(missing)}): " + "; ".join(
             f"{m} net {n} at {s} ({k})" for m, n, s, k in missing), ""]
     else:
-        text += [f"Every cell of the paper's {TABLE_OF[args.dataset]} ({', '.join(methods)}) has {args.seeds} seeds.", ""]
+        text += [f"Every cell of the paper's {TABLE_OF[args.dataset]} ({', '.join(methods)}) has {args.min_seeds} seeds.", ""]
     Path(f"{stem}.md").write_text("\n".join(text))
     plot_accuracy(rows, args.dataset, f"{stem}.png", mode=args.mode,
                   title=f"{args.dataset}, {args.mode}: mean ± 1 sd over seeds (cf. the paper's {TABLE_OF[args.dataset]})")

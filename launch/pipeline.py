@@ -18,6 +18,8 @@ from . import options
 
 __all__ = ["add_bench_parser", "add_parser"]
 
+REAL_SPEED_NOTE = ("speeds from the topology planned the cut; its hosts are real boards, so each runs at its own "
+                   "speed, nothing emulated")
 SPEED_NOTE = ("Unequal boards on one host are emulated: a rank of speed s sleeps (1/s - 1) x the time each "
               "stage pass took (its core idles meanwhile)")
 
@@ -103,7 +105,10 @@ def _build(args):
 
 
 def _grid_and_speeds(args, size: int):
-    """((clusters, stages), speeds) from the topology or the options (the Grid is made later: it imports torch)."""
+    """((clusters, stages), speeds, emulate) from the topology or the options (the Grid is made later: it imports
+    torch).  A topology's speeds are emulated (slowed ranks sleep) only when every host is this one: on real
+    boards they plan the cut and the boards run at their own speed; --speeds is always emulated."""
+    from .launcher import local_only
     from .topology import check_world_size, load_topology, topology_path_from_env
 
     speeds = args.speeds
@@ -112,18 +117,18 @@ def _grid_and_speeds(args, size: int):
         topology = load_topology(path)
         check_world_size(topology, size)
         grid = (topology.clusters, topology.stages)
-        if speeds is None:
-            ranks = topology.ranks()
-            if any(r.speed is None for r in ranks):
-                raise UsageError(f"{path} has speed = \"measure\"; give numbers there or --speeds")
-            speeds = [float(r.speed) for r in ranks]
-        return grid, speeds
+        if speeds is not None:
+            return grid, speeds, True
+        ranks = topology.ranks()
+        if any(r.speed is None for r in ranks):
+            raise UsageError(f"{path} has speed = \"measure\"; give numbers there or --speeds")
+        return grid, [float(r.speed) for r in ranks], local_only(topology)
     if speeds is not None and len(speeds) != size:
         raise UsageError(f"--speeds has {len(speeds)} values but the job has {size} ranks; give one per rank")
     if size % args.clusters:
         raise UsageError(f"--clusters {args.clusters} does not divide the {size} ranks; every cluster needs the "
                          "same number of devices (one per stage)")
-    return (args.clusters, size // args.clusters), speeds
+    return (args.clusters, size // args.clusters), speeds, True
 
 
 def _bench(args) -> int:
@@ -142,9 +147,9 @@ def _bench(args) -> int:
         options.prepare_output(args.plot, "--plot")
         return _grid_and_speeds(args, comm.Get_size())
 
-    problem, grid, speeds = None, None, None
+    problem, grid, speeds, emulate = None, None, None, True
     try:
-        grid, speeds = set_up()
+        grid, speeds, emulate = set_up()
     except UsageError as err:
         problem = str(err)
     transport.agree(comm, problem, "set-up")  # before torch's import: bad input is refused in a fraction of a second
@@ -170,7 +175,7 @@ def _bench(args) -> int:
     report = bench_pipeline(comm, _build(args), (args.in_channels, args.size, args.size), grid, speeds, args.images,
                             args.batch, args.latency_repeat, bandwidth, args.profile, args.net, args.seed,
                             progress=(lambda text: print(f"  {text} ...", file=sys.stderr, flush=True)) if root
-                            else None, head=args.head)
+                            else None, head=args.head, emulate=emulate)
     if not root:
         return 0
     report["command"] = args.command_line
@@ -194,7 +199,7 @@ def format_report(r: dict) -> str:
         f"bench pipeline: {r['net']} {r['size']}x{r['size']}, batch {r['batch']}, {r['images']} images, "
         f"{r['clusters']} cluster(s) x {r['stages']} stage(s) on {r['ranks']} ranks, {r['threads']} thread(s) "
         f"per rank, speeds {speeds}",
-        f"  ({SPEED_NOTE})",
+        f"  ({SPEED_NOTE if r.get('speeds_emulated', True) else REAL_SPEED_NOTE})",
         "",
         f"{'cut':<14}{'layers/stage':<16}{'planned ms/stage':<20}{'bal.plan':>9}{'busy ms/stage':>18}"
         f"{'bal.meas':>10}{'images/s':>10}{'latency ms':>12}",

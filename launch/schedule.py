@@ -28,7 +28,7 @@ __all__ = ["add_parser", "parse_ratio", "simulate_cases", "verify_cases", "profi
 
 EPILOG = """\
 examples:
-  .venv/bin/aflkd schedule simulate --cores 6,8,10,12 --ratio 1:1,2:1 --json out/fig5.json --plot out/fig5.png
+  .venv/bin/aflkd schedule simulate --c-totals 6,8,10,12 --ratio 1:1,2:1 --json out/fig5.json --plot out/fig5.png
   .venv/bin/aflkd schedule verify --json out/verify.json
   .venv/bin/aflkd schedule profile --json out/constants.json
   .venv/bin/aflkd schedule simulate --constants out/constants.json --cores 2 --ratio 1:1
@@ -156,7 +156,7 @@ def _simulate(args) -> int:
     options.prepare_output(args.json, "--json")
     options.prepare_output(args.plot, "--plot")
     cost = _load_cost(args.constants)
-    rows = simulate_cases(cost, args.cores, args.ratio, args.cycles, draws=args.draws, seed=args.seed,
+    rows = simulate_cases(cost, args.c_totals, args.ratio, args.cycles, draws=args.draws, seed=args.seed,
                           progress=True)
     print(f"constants: {cost.source}: a1={cost.comp.a1:.4g} a2={cost.comp.a2:.4g} "
           f"b1={cost.comm.b1:.4g} b2={cost.comm.b2:.4g} b3={cost.comm.b3:.4g}")
@@ -367,7 +367,7 @@ def add_parser(sub) -> None:
                           "planning time, gains. Constants: the built-in ones (the paper prints none) or "
                           "--constants from 'aflkd schedule profile'.", epilog=EPILOG,
                           formatter_class=options.ExamplesFormatter)
-    sim.add_argument("--cores", type=options.positive_int_list, default=[6, 8, 10, 12],
+    sim.add_argument("--c-totals", type=options.positive_int_list, default=[6, 8, 10, 12],
                      help="c_total values, comma-separated (default 6,8,10,12)")
     sim.add_argument("--ratio", type=options.as_type("ratio", _ratios), default=["1:1", "2:1"],
                      help="x (Comp, each of Forward and Backward) : y (Comm) per cycle, comma-separated "

@@ -34,16 +34,16 @@ def add_parser(sub) -> None:
         description="Serial tests with pytest, then MPI tests under mpiexec at each size; "
         "prints how many tests ran at each size and exits non-zero if any rank failed.",
     )
-    test.add_argument("--sizes", type=positive_int_list, default="2,3,4", help="MPI sizes to run the MPI tests at")
-    test.add_argument("--wide-sizes", type=positive_int_list, default="8",
+    test.add_argument("--mpi-sizes", type=positive_int_list, default="2,3,4", help="MPI sizes to run the MPI tests at")
+    test.add_argument("--wide-mpi-sizes", type=positive_int_list, default="8",
                       help="larger MPI sizes at which only the tests marked 'wide' (clusters x stages) run")
     test.add_argument("--timeout", type=positive_int, default=1200, help="seconds before one pytest run is killed")
     test.add_argument("--logs", default="out/test-logs",
                       help="folder for per-rank logs and JUnit XML, relative to the checkout")
     test.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     test.set_defaults(one_process=True)
-    test.set_defaults(func=lambda args: run_suite(args.sizes, args.pytest_args, args.logs, args.timeout,
-                                                   args.wide_sizes))
+    test.set_defaults(func=lambda args: run_suite(args.mpi_sizes, args.pytest_args, args.logs, args.timeout,
+                                                   args.wide_mpi_sizes))
 
 
 @dataclass

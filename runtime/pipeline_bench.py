@@ -95,7 +95,7 @@ def bench_pipeline(comm: mpi.Comm, build: Callable[[], nn.Module], in_shape: tup
                    speeds: Optional[Sequence[float]] = None, images: int = 16, batch: int = 1,
                    latency_repeat: int = 5, bandwidth: float = float("inf"), profile: Optional[str] = None,
                    net: str = "", seed: int = 0, progress: Optional[Callable[[str], None]] = None,
-                   head: str = "gather") -> Optional[dict]:
+                   head: str = "gather", emulate: bool = True) -> Optional[dict]:
     """Run the benchmark on every rank of ``comm``; the report (a dict) on rank 0, None elsewhere.
 
     ``speeds``: one relative speed per rank, scaled so the fastest is 1 (runs
@@ -103,7 +103,9 @@ def bench_pipeline(comm: mpi.Comm, build: Callable[[], nn.Module], in_shape: tup
     ``aflkd profile`` for this net and size; without one, rank 0 measures the
     layers first (the others sleep meanwhile).  ``head``: ``gather`` (rank 0
     runs the head on the gathered map) or ``split`` (the last stage's ranks
-    multiply their rows by their columns of the first Linear, one Reduce).
+    multiply their rows by their columns of the first Linear, one Reduce).  ``emulate`` False: the speeds
+    only plan the cut and every rank runs at its own speed (real boards of unequal speed: sleeping on top
+    of a slow board would count its slowness twice).
     """
     size, rank = comm.Get_size(), comm.Get_rank()
     speeds = [1.0] * size if speeds is None else [float(s) for s in speeds]
@@ -163,13 +165,14 @@ def bench_pipeline(comm: mpi.Comm, build: Callable[[], nn.Module], in_shape: tup
     note("one rank, whole net")
     alone = None
     if rank == 0:
-        alone = _one_rank(model, stream, speeds[0])
+        alone = _one_rank(model, stream, speeds[0] if emulate else 1.0)
     mpi.idle_barrier(comm, "the one-rank run on rank 0", timeout_s=mpi.long_wait_s())
     runs = []
     for name, bounds, seconds in (("planned", planned.bounds, planned.stage_seconds),
                                   ("equal layers", equal, equal_seconds)):
         note(f"{name} cut {list(bounds)}")
-        runs.append(_run_cut(name, build, model, in_shape, grid, bounds, planned.shares, comm, speeds[rank],
+        runs.append(_run_cut(name, build, model, in_shape, grid, bounds, planned.shares, comm,
+                             speeds[rank] if emulate else 1.0,
                              stream, latency_repeat, seconds, head))
     if rank != 0:
         return None
@@ -186,6 +189,7 @@ def bench_pipeline(comm: mpi.Comm, build: Callable[[], nn.Module], in_shape: tup
         "stages": grid.stages,
         "ranks": size,
         "speeds": speeds,
+        "speeds_emulated": emulate,
         "images": images * batch,
         "layers": len(layers),
         "profile": asdict(prof),

@@ -52,3 +52,21 @@ def test_bench_pipeline_bad_input_is_one_line_on_every_rank(ranks, args, message
     assert proc.returncode != 0
     lines = error_lines(proc)
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_a_topology_of_real_boards_plans_with_its_speeds_but_emulates_nothing(tmp_path):
+    """Regression: on real boards the topology's speeds were also emulated, counting a slow board twice."""
+    from argparse import Namespace
+
+    from launch.pipeline import _grid_and_speeds
+
+    def topology(address):
+        path = tmp_path / f"{address}.toml"
+        path.write_text("".join(f'[[host]]\nname = "b{i}"\naddress = "{address if i else "localhost"}"\n'
+                                f'role = "master"\ncluster = {i}\nspeed = {1.0 / (i + 1)}\n' for i in range(2)))
+        return str(path)
+    given = Namespace(speeds=None, clusters=1)
+    assert _grid_and_speeds(Namespace(**vars(given), topology=topology("10.0.0.7")), 2) == ((2, 1), [1.0, 0.5], False)
+    assert _grid_and_speeds(Namespace(**vars(given), topology=topology("localhost")), 2) == ((2, 1), [1.0, 0.5], True)
+    explicit = Namespace(speeds=[1.0, 0.25], clusters=1, topology=topology("10.0.0.7"))
+    assert _grid_and_speeds(explicit, 2) == ((2, 1), [1.0, 0.25], True)  # --speeds: always emulated

@@ -296,7 +296,7 @@ def test_train_cloud_prints_accuracy_in_percent(tiny_data, tmp_path, capsys):
 
 
 def test_aflkd_test_refuses_zero_ranks_in_one_line(capsys):
-    assert main(["test", "--sizes", "2,0"]) == 2
+    assert main(["test", "--mpi-sizes", "2,0"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "argument --sizes: every value must be >= 1, got '2,0'" in line
 

@@ -154,9 +154,9 @@ def test_unknown_policy_is_one_usage_line():
 def test_cli_refuses_more_cores_than_the_machine_in_one_line(capsys):
     from launch.cli import main
 
-    assert main(["control", "--dataset", "cifar10", "--cores", str(len(CPUS) + 5)]) == 2
+    assert main(["control", "--dataset", "cifar10", "--control-cores", str(len(CPUS) + 5)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("aflkd: error: --cores") and "more than" in err[0]
+    assert len(err) == 1 and err[0].startswith("aflkd: error: --control-cores") and "more than" in err[0]
 
 
 @pytest.mark.mpi(min_size=2)

@@ -27,6 +27,20 @@ def test_one_kind_of_value_per_option_name():
     assert not mixed, mixed  # e.g. --out a file in one command and a folder in another
 
 
+def test_one_kind_of_value_per_option_name_list_or_single():
+    """--seeds was a list of seeds in the grids and a count in 'tables'; control's --cores a count and
+    schedule simulate's a list (now --c-totals); the bounds a command checks may differ, the kind may not."""
+    from launch.options_table import leaf_commands
+
+    kinds = collections.defaultdict(set)
+    for words, leaf in leaf_commands(build_parser()):
+        for action in leaf._actions:
+            if action.option_strings and action.dest != "help" and action.nargs != 0:
+                name = getattr(action.type, "__name__", "")
+                kinds[action.option_strings[0]].add("list" if "list" in name or action.nargs else "single")
+    assert not {o: k for o, k in kinds.items() if len(k) > 1}
+
+
 def test_out_is_always_a_folder_and_save_always_a_weights_file():
     rows = option_rows(build_parser())
     assert {v for _, o, v, _ in rows if o == "--out"} == {"FOLDER"}

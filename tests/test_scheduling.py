@@ -234,7 +234,7 @@ def test_planner_at_100_cycles_12_cores_gives_a_valid_plan():
 def test_cli_simulate_and_verify_json(tmp_path, capsys):
     from launch.cli import main
     out = tmp_path / "sim.json"
-    assert main(["schedule", "simulate", "--cores", "2,4", "--ratio", "1:1,2:1", "--cycles", "5", "--draws", "20",
+    assert main(["schedule", "simulate", "--c-totals", "2,4", "--ratio", "1:1,2:1", "--cycles", "5", "--draws", "20",
                  "--json", str(out), "--plot", str(tmp_path / "fig5.png")]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["cores"], r["ratio"]) for r in rows] == [(2, "1:1"), (4, "1:1"), (2, "2:1"), (4, "2:1")]

@@ -28,7 +28,7 @@ def _children_of_run(marker: str) -> list[psutil.Process]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_aflkd_test_ends_its_pytest_run(tmp_path, sig):
     logs = tmp_path / f"logs-{sig.name}"
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "test", "--sizes", "2", "--logs", str(logs),
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "test", "--mpi-sizes", "2", "--logs", str(logs),
                              "--", "-k", "test_random_stacks_match_unsplit or test_readme"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
