@@ -298,7 +298,7 @@ def test_train_cloud_prints_accuracy_in_percent(tiny_data, tmp_path, capsys):
 def test_aflkd_test_refuses_zero_ranks_in_one_line(capsys):
     assert main(["test", "--mpi-sizes", "2,0"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "argument --sizes: every value must be >= 1, got '2,0'" in line
+    assert "argument --mpi-sizes: every value must be >= 1, got '2,0'" in line
 
 
 def test_ctrl_c_during_aflkd_test_stops_the_run_it_started(tmp_path):
