@@ -301,13 +301,20 @@ def _summary(topology: Topology, report: dict, with_cloud: bool, stages: Optiona
     if stages is not None:
         lines.append(f"{stages['net']} at {stages['size']}x{stages['size']}: {len(stages['labels'])} layers cut at "
                      f"{stages['bounds']}, row shares {', '.join(f'{s:.3g}' for s in stages['shares'])}, planned "
-                     f"balance {stages['balance_planned']:.3f} (costs: {stages['profile']})")
+                     f"balance {stages['balance_planned']:.3f} (slowest stage over the mean stage; costs: {stages['profile']})")
     lines += ["", format_table(*rank_table(topology, with_cloud, stages)), ""]
     if report["cluster_speeds"] is not None:
         speeds = report["cluster_speeds"]
         total = sum(speeds)
-        lines.append("cluster speeds (sum of devices; shares of the rows): "
-                     + ", ".join(f"{v:g} ({v / total:.1%})" for v in speeds))
+        if stages is not None:  # what the plan does, not what the speeds alone would give
+            lines.append("cluster speeds (sum of devices): " + ", ".join(f"{v:g}" for v in speeds)
+                         + "; planned shares of the rows: " + ", ".join(f"{v:.1%}" for v in stages["shares"])
+                         + " (the slowest stage sets the rate: "
+                         + f"{1e3 * max(max(row) for row in stages['times']):.1f} ms/image; cluster 0's master also "
+                         "runs the head)")
+        else:
+            lines.append("cluster speeds (sum of devices; shares of the rows): "
+                         + ", ".join(f"{v:g} ({v / total:.1%})" for v in speeds))
     for flavour, label in (("openmpi", "Open MPI"), ("mpich", "MPICH (Hydra)")):
         argv = report["mpiexec"][flavour]
         if argv is None:

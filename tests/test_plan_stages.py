@@ -53,6 +53,9 @@ def test_plan_covers_every_row_and_layer_once(tmp_path, topology):
         layers = int(r["layers"].split("(")[1].split(")")[0])
         assert layers == bounds[r["stage"] + 1] - bounds[r["stage"]]
     assert "input rows" in done.stdout and "planned ms/image" in done.stdout
+    # the footer says the plan's own row shares (it printed the speeds' shares, contradicting the plan)
+    shares = ", ".join(f"{v:.1%}" for v in stages["shares"])
+    assert f"planned shares of the rows: {shares}" in done.stdout, done.stdout
 
 
 def test_plan_puts_fewer_layers_on_a_slow_board(tmp_path):
