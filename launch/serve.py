@@ -173,6 +173,23 @@ def _serve(args) -> int:
     return _run(args, comm, model, shape, source, log, rule)
 
 
+def initial_weights(size: int, path=None) -> list:
+    """The first plan's row weights: the topology's speeds when ``aflkd launch`` ran the job on real boards
+    (``$AFLKD_TOPOLOGY``, one stage, a speed per host), else even.  On one host nothing makes the topology's
+    speeds true, so they would only unbalance the first plan; rebalancing corrects either from measurements."""
+    from .launcher import local_only
+    from .topology import load_topology, topology_path_from_env
+
+    path = path or topology_path_from_env()
+    if not path:
+        return [1.0] * size
+    topology = load_topology(path)
+    ranks = topology.ranks()
+    if topology.stages != 1 or len(ranks) != size or local_only(topology) or any(r.speed is None for r in ranks):
+        return [1.0] * size
+    return [float(r.speed) for r in ranks]
+
+
 def _digest(path):
     if not path:
         return None
@@ -189,7 +206,7 @@ def _run(args, comm, model, shape, source, log, rule) -> int:
 
     rank, size = comm.Get_rank(), comm.Get_size()
     graph = trace_model(model, shape)
-    weights = args.weights or [1.0] * size
+    weights = args.weights or initial_weights(size)
 
     def build(w):
         return SplitExecutor(plan_split(graph, w), model, comm)

@@ -90,3 +90,17 @@ def test_a_folder_is_read_in_name_order_and_resized(tmp_path):
         ImageSource(parse_source(f"folder:{tmp_path / 'bad'}"), (3, 16, 16), None).image(0)
     with pytest.raises(UsageError, match="no such folder"):
         ImageSource(parse_source(f"folder:{tmp_path / 'missing'}"), (3, 16, 16), None)
+
+
+def test_the_first_plan_takes_a_racks_speeds_only_on_real_boards(tmp_path):
+    from launch.serve import initial_weights
+
+    def topology(address, stages=1):
+        path = tmp_path / f"{address}-{stages}.toml"
+        path.write_text("".join(f'[[host]]\nname = "b{i}"\naddress = "{address}"\nrole = "master"\ncluster = {i}\n'
+                                f'speed = {2.0 if i == 0 else 1.0}\nslots = {stages}\n' for i in range(3)))
+        return str(path)
+    assert initial_weights(3, topology("10.0.0.9")) == [2.0, 1.0, 1.0]
+    assert initial_weights(3, topology("localhost")) == [1.0, 1.0, 1.0]  # one host: nothing makes them true
+    assert initial_weights(2, topology("10.0.0.9")) == [1.0, 1.0]  # another job size: not this rack's map
+    assert initial_weights(3) == [1.0, 1.0, 1.0]  # no topology at all
