@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
                    help="a topology whose hosts are all this host")
     s.add_argument("--kills", type=options.int_list, default=[1, 2, 0], help="MPI ranks to kill, one after the other (0 is the root)")
     s.add_argument("--images", type=options.positive_int, default=300, help="images the stream serves")
+    s.add_argument("--signal", choices=("KILL", "STOP"), default="KILL",
+                   help="KILL: the rank dies (kill -9); STOP: it stalls (kill -STOP), and the others' --deadline "
+                   "must end the job before the restart")
     s.add_argument("--gap", type=options.positive_int_list, default=[5, 20], help="between kills, wait a random number of new images in A,B")
     s.add_argument("--seed", type=int, default=0, help="seed of the random moments")
     s.add_argument("--log", default=None, metavar="FILE", help="the serve results log (default: a fresh file in --workdir)")
@@ -120,14 +123,15 @@ def _chaos_serve(args) -> int:
                 raise UsageError(f"rank {victim} is not running (ranks found: {sorted(pids)}; the job "
                                  f"{'ended' if proc.poll() is not None else 'runs'}): is the stream too short?")
             before = logged_rows(log)
-            os.kill(pids[victim], signal.SIGKILL)
+            os.kill(pids[victim], signal.SIGKILL if args.signal == "KILL" else signal.SIGSTOP)
             killed_at, run = time.time(), max((r[3] for r in before), default=0)
             while proc.poll() is None and time.monotonic() < end and not any(r[3] > run for r in logged_rows(log)):
                 time.sleep(0.05)
             later = [r[4] for r in logged_rows(log) if r[3] > run]
             events.append({"rank": victim, "after_images": len(before),
                            "seconds_to_next_image": round(min(later) - killed_at, 2) if later else None})
-            print(f"  killed rank {victim} (pid {pids[victim]}) after {len(before)} images; served again after "
+            print(f"  {'killed' if args.signal == 'KILL' else 'stopped'} rank {victim} (pid {pids[victim]}) after "
+                  f"{len(before)} images; served again after "
                   f"{events[-1]['seconds_to_next_image']} s", flush=True)
         out, err = proc.communicate(timeout=max(1.0, end - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -137,7 +141,8 @@ def _chaos_serve(args) -> int:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     ids = [r[0] for r in logged_rows(log)]
-    result = {"command": args.command_line, "serve": cmd, "exit": proc.returncode, "images": args.images,
+    result = {"command": args.command_line, "serve": cmd, "signal": args.signal, "exit": proc.returncode,
+              "images": args.images,
               "logged": len(ids), "lost": len(set(range(args.images)) - set(ids)),
               "served_twice": len(ids) - len(set(ids)), "runs": len({r[3] for r in logged_rows(log)}),
               "kills": events, "restarts_said": err.count("; restart ")}
