@@ -12,19 +12,10 @@ from pathlib import Path
 import pytest
 
 from launch.cli import build_parser, main
+from launch.options_table import leaf_commands as _commands
 from tests.signals import sigint_as_from_a_terminal
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _commands(parser: argparse.ArgumentParser, prefix=()):
-    """Every leaf command's parser, e.g. (('train', 'edge'), parser)."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        yield prefix, parser
-        return
-    for name, child in subs[0].choices.items():
-        yield from _commands(child, prefix + (name,))
 
 
 def _help_entries(text: str) -> dict:
