@@ -91,10 +91,17 @@ def _run(comm, args) -> int:
     cost = control_cost(args)
     if cost is not None:
         cost.check(cores)
-    data = load_dataset(args.dataset, args.data_root)
-    options.check_student_options([args.size], data, "--size")
+    from runtime import transport
+
+    data, teacher, problem = None, None, None
+    try:  # a dataset or teacher missing on one board only: agreed, every rank ends with the same line, exit 2
+        data = load_dataset(args.dataset, args.data_root)
+        options.check_student_options([args.size], data, "--size")
+        teacher = options.load_teacher(args, data, torch.device("cpu")) if comm.Get_rank() == 0 else None
+    except UsageError as err:
+        problem = str(err)
+    transport.agree(comm, problem, "data set-up")
     rows = []
-    teacher = options.load_teacher(args, data, torch.device("cpu")) if comm.Get_rank() == 0 else None
     for policy in policies:
         set_threads(threads)  # every run starts from the same torch threads
         if comm.Get_rank() == 0:

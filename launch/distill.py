@@ -159,8 +159,13 @@ def _run(comm, args) -> int:
     cost = control_cost(args)
     if cost is not None:
         cost.check(cores)
-    data = load_dataset(args.dataset, args.data_root)
-    options.check_student_options([args.size], data, "--size")
+    data, problem = None, None
+    try:  # a dataset missing on one board only: agreed, so every rank ends with the same line, exit 2
+        data = load_dataset(args.dataset, args.data_root)
+        options.check_student_options([args.size], data, "--size")
+    except UsageError as err:
+        problem = str(err)
+    transport.agree(comm, problem, "data set-up")
     began = time.perf_counter()
     if rank == cloud:
         problem, teacher, device = None, None, torch.device("cpu")

@@ -114,3 +114,16 @@ def test_a_checkpoint_missing_on_one_rank(tmp_path, rank):
         assert proc.returncode == 0, proc.stderr
         error = [line for line in proc.stdout.splitlines() if line.startswith("max |split - unsplit|")]
         assert error and float(error[0].split(":")[1].split()[0]) <= 1e-5, proc.stdout
+
+
+@pytest.mark.parametrize("command", [["train", "distill", "--steps", "2", "--size", "100"],
+                                     ["control", "--steps", "2", "--size", "100"]])
+def test_a_dataset_missing_on_one_board_is_agreed_before_any_exchange(command):
+    """Regression: the dataset was read after the ranks had started talking; rank 1 left alone, and mpiexec
+    killed the others (exit 9 and MPICH's BAD TERMINATION banner about one run in three)."""
+    data = str(REPO.parent / "shared" / "data")
+    proc, _ = on_rank1("swap", data, "/nonexistent", args=[*command, "--dataset", "cifar10", "--data-root", data])
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    lines = errors(proc)
+    assert len(lines) == 1 and lines[0].startswith("aflkd: error: rank 1 (") and "/nonexistent" in lines[0], lines
+    assert "BAD TERMINATION" not in proc.stdout
