@@ -49,7 +49,7 @@ import numpy as np
 
 from runtime.errors import UsageError
 
-__all__ = ["Buffer", "BufferCorrupt", "Generation", "STATES", "FORMAT", "hold_for_training"]
+__all__ = ["Buffer", "BufferCorrupt", "BufferUnwritable", "Generation", "STATES", "FORMAT", "hold_for_training"]
 
 STATES = ("pending", "labelled", "consumed")
 FORMAT = 1
@@ -114,6 +114,14 @@ class BufferCorrupt(UsageError):
     """The buffer file is damaged or not a buffer; the message names the file.  Never repaired."""
 
 
+class BufferUnwritable(UsageError):
+    """A write failed for want of space or permission (SQLITE_FULL, _IOERR, _READONLY): the file is intact."""
+
+
+#: SQLite result names that mean the disk, not the file, is the problem
+STORAGE_ERRORS = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+
+
 @dataclass(frozen=True)
 class Generation:
     """One student written by the buffer's updates (generation 0: the one it started from)."""
@@ -170,7 +178,13 @@ class Buffer:
         return db
 
     # ------------------------------------------------------------------ opening, checking
-    def _corrupt(self, err: Exception) -> BufferCorrupt:
+    def _corrupt(self, err: Exception) -> UsageError:
+        """The error to raise for a SQLite failure: a full or unwritable disk is not a corrupt buffer."""
+        name = getattr(err, "sqlite_errorname", "") or ""
+        if name.startswith(STORAGE_ERRORS) or "disk is full" in str(err):
+            return BufferUnwritable(f"buffer {self.path}: cannot write ({err}): the disk is full or not writable; "
+                                    "free space (or fix the mount) and rerun: every committed image and update is "
+                                    "still in the buffer")
         return BufferCorrupt(f"buffer {self.path} is corrupt or not an aflkd buffer ({err}); it is left as it is: "
                              "restore it from a copy or move it away to start a new one")
 
@@ -223,6 +237,9 @@ class Buffer:
                 os.link(tmp, self.path)  # unlike a rename, never replaces a buffer another process just made
             except FileExistsError:
                 pass
+            except OSError:  # no hard links (FAT/exFAT SD cards): a rename, unless one appeared meanwhile
+                if not os.path.exists(self.path):
+                    os.replace(tmp, self.path)
             fd = os.open(folder, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -449,8 +466,12 @@ class _Transaction:
             try:
                 self.db.execute("COMMIT")
             except sqlite3.DatabaseError as err:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise self.buffer._corrupt(err) from None
         else:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite rolls some failures (SQLITE_FULL) back by itself
+                self.db.execute("ROLLBACK")
+            if isinstance(value, sqlite3.DatabaseError):  # mid-transaction: a full disk, or a damaged file
+                raise self.buffer._corrupt(value) from None
         return False

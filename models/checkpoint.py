@@ -73,9 +73,24 @@ def load_weights(model: nn.Module, path: str,
     return model
 
 
+def _fsync_folder(directory: str) -> None:
+    """Make a rename in ``directory`` durable (best effort: some file systems cannot sync a folder)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path, write) -> None:
-    """Call ``write(binary_file)`` on a unique temp file beside ``path``, then rename it over
-    ``path``: an interrupted or concurrent writer never leaves (and a reader never sees) a torn file."""
+    """Call ``write(binary_file)`` on a unique temp file beside ``path``, fsync it, rename it over ``path``
+    and fsync the folder: an interrupted or concurrent writer never leaves (and a reader never sees) a torn
+    file, and after a power cut ``path`` is the old file or the new one, never an empty one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -83,7 +98,10 @@ def write_atomic(path, write) -> None:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints and caches are meant to be shared
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # the bytes on disk before the name points at them (a power cut mid-way)
         os.replace(tmp, path)
+        _fsync_folder(directory)  # and the rename itself
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

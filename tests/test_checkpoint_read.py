@@ -61,3 +61,24 @@ def test_every_loader_loads_the_same_weights(tmp_path, wrapped):
 def test_read_student_names_the_student_and_how_to_make_one(tmp_path):
     with pytest.raises(UsageError, match=r"student '.*s\.pt' does not exist; train one first \('aflkd train edge"):
         read_student(str(tmp_path / "s.pt"))
+
+
+def test_an_atomic_write_is_on_disk_before_its_name_and_the_rename_is_synced(tmp_path, monkeypatch):
+    """Regression: the demo's generation-0 student was renamed into place unsynced, while the buffer recorded
+    its sha durably: after a power cut the name could point at an empty file."""
+    import os
+
+    from models.checkpoint import write_atomic
+
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", spy)
+    target = tmp_path / "student.pt"
+    write_atomic(str(target), lambda fh: fh.write(b"weights"))
+    assert target.read_bytes() == b"weights"
+    assert any(p.startswith(str(target) + ".") for p in synced)  # the data, under its temporary name
+    assert str(tmp_path) in synced  # then the folder holding the rename

@@ -317,3 +317,28 @@ def test_a_timed_out_receive_is_cancelled_not_left_posted(self_comm):
         assert fresh.tolist() == [7, 7, 7, 7]
     finally:
         transport.free(comm)
+
+
+def test_a_full_disk_is_said_as_such_and_loses_nothing(tmp_path):
+    """Regression: SQLITE_FULL was reported as a corrupt buffer, with advice to move it away."""
+    from kd.buffer import BufferUnwritable
+
+    b = Buffer(tmp_path / "b.sqlite", SHAPE)
+    first = b.append(np.zeros((2, *SHAPE), np.uint8))
+    pages = b._db.execute("PRAGMA page_count").fetchone()[0]
+    b._db.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow: SQLite answers SQLITE_FULL
+    with pytest.raises(BufferUnwritable, match="disk is full or not writable.*still in the buffer"):
+        b.append(np.ones((2000, *SHAPE), np.uint8))
+    b.close()
+    again = Buffer(tmp_path / "b.sqlite")
+    assert again.counts()["pending"] == len(first) and again.check() == []  # nothing lost, nothing torn
+
+
+def test_a_buffer_is_made_where_hard_links_are_not(tmp_path, monkeypatch):
+    """FAT/exFAT (SD cards) have no hard links: os.link fails with EPERM; the buffer is still created."""
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    b = Buffer(tmp_path / "b.sqlite", SHAPE)
+    b.append(np.zeros((1, *SHAPE), np.uint8))
+    assert b.counts()["pending"] == 1 and not list(tmp_path.glob("*.creating*"))
