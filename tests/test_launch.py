@@ -108,8 +108,9 @@ def test_plan_prints_the_testbed_map_and_writes_hostfiles_and_json(tmp_path, cap
     assert [r[0] for r in rows] == [str(i) for i in range(15)]
     assert rows[0][:6] == ["0", "jetson-0", "jetson-0", "master", "0", "0"]
     assert rows[14][:6] == ["14", "pi-11", "pi-11", "worker", "2", "4"]
-    assert "6 (33.3%), 6 (33.3%), 6 (33.3%)" in text
     report = json.loads(out.read_text())
+    shares = ", ".join(f"{v:.1%}" for v in report["stages_plan"]["shares"])
+    assert f"cluster speeds (sum of devices): 6, 6, 6; planned shares of the rows: {shares}" in text
     assert (report["size"], report["clusters"], report["stages"]) == (15, 3, 5)
     assert [r["rank"] for r in report["ranks"]] == list(range(15)) and report["ranks"][5]["host"] == "jetson-1"
     topology = load_topology(HOSTFILES / "testbed.toml")
