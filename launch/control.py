@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
                        "control (mpiexec -n 2)", description=__doc__, epilog=EPILOG,
                        formatter_class=options.ExamplesFormatter)
     options.data_options(p, teacher=True)
-    p.add_argument("--net", type=options.edge_net, default=3,
+    p.add_argument("--net", type=options.edge_net, default="edge3",
                    help="edge net the edge rank trains: 1, 2 or 3 (or edge1, edge2, edge3)")
     p.add_argument("--size", type=options.positive_int, default=500, help="training images of the edge")
     p.add_argument("--steps", type=options.positive_int, default=40, help="optimiser steps per run")

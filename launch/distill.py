@@ -49,7 +49,7 @@ def add_parser(what) -> None:
         epilog=EPILOG, formatter_class=options.ExamplesFormatter,
     )
     options.data_options(distill, teacher=True)
-    distill.add_argument("--nets", type=options.edge_nets, default="3",
+    distill.add_argument("--nets", type=options.edge_nets, default="edge3",
                          help="edge net per edge rank (one value: every edge), e.g. 3 or 3,2")
     distill.add_argument("--size", type=options.positive_int, default=500,
                          help="training images per edge (class-balanced subset drawn with the edge's seed)")

@@ -90,7 +90,8 @@ def add_parser(sub) -> None:
         "frozen units run without autograd, so epochs should get cheaper as n grows.",
     )
     options.data_options(ft, teacher=True)
-    ft.add_argument("--net", type=options.edge_net, default=3, help="edge net: 1, 2 or 3 (or edge1, edge2, edge3)")
+    ft.add_argument("--net", type=options.edge_net, default="edge3",
+                        help="the edge net: 1, 2 or 3 (or edge1, edge2, edge3)")
     ft.add_argument("--size", type=options.positive_int, default=2000, help="training images")
     ft.add_argument("--steps", type=options.positive_int, default=200, help="optimiser steps per value of n")
     ft.add_argument("--unit", default="conv", choices=["conv", "block"], help="what Eq. 17 counts as a layer")

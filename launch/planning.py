@@ -190,6 +190,7 @@ def add_parser(sub) -> None:
 def _programs(args) -> int:
     """``aflkd plan --program``: lower the split to programs, print them, check them together."""
     from models import build_model
+    from runtime.deployment import plan_digest
     from runtime.graph import trace_model
     from runtime.plan import check_weights, plan_split
     from runtime.program import check_programs, lower_all
@@ -202,6 +203,7 @@ def _programs(args) -> int:
         model = build_model(args.net, 3, args.size, 10).eval()
     plan = plan_split(trace_model(model, (3, args.size, args.size)), weights, head=args.head)
     programs = lower_all(plan, model)
+    print(f"split plan {plan_digest(plan)} (every rank agrees on this digest before any image moves)")
     for program in programs if args.rank is None else [programs[args.rank]]:
         print(program.text())
     problems = check_programs(programs)

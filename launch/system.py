@@ -50,7 +50,8 @@ def add_parser(sub) -> None:
                    "cifar100 or fashion-mnist (the shipped teacher)")
     p.add_argument("--data-root", default=str(options.DATA_ROOT), help="folder with the dataset files")
     p.add_argument("--teacher", default=None, help="cloud net weights (default: checkpoints/cloud-DATASET.pt)")
-    p.add_argument("--net", type=options.edge_net, default=1, help="the student's edge net: 1, 2 or 3")
+    p.add_argument("--net", type=options.edge_net, default="edge3",
+                        help="the edge net: 1, 2 or 3 (or edge1, edge2, edge3)")
     p.add_argument("--student", default=None, help="initial student weights (default: a student seeded with "
                    "--seed); ignored when OUT/student.pt exists (the run resumes from it)")
     p.add_argument("--out", required=True, metavar="FOLDER", help="buffer, student and system.json go here")

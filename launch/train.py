@@ -101,7 +101,8 @@ def add_parser(sub) -> None:
         "of frozen units (Eq. 17) so AFLKD's schedule can be watched.",
     )
     options.data_options(edge, teacher=True)
-    edge.add_argument("--net", type=options.edge_net, default=2, help="edge net: 1, 2 or 3 (or edge1, edge2, edge3)")
+    edge.add_argument("--net", type=options.edge_net, default="edge3",
+                        help="the edge net: 1, 2 or 3 (or edge1, edge2, edge3)")
     edge.add_argument("--size", type=options.positive_int, default=500, help="training images (class-balanced subset)")
     edge.add_argument("--method", default="aflkd", choices=METHODS, help="how the student is trained")
     options.student_options(edge)

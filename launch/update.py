@@ -68,7 +68,8 @@ def add_parser(sub) -> None:
     run.add_argument("--buffer", required=True, help="the buffer file (see 'update add')")
     run.add_argument("--student", required=True,
                      help="the edge student's weights, updated in place (e.g. from 'aflkd train edge --save')")
-    run.add_argument("--net", type=options.edge_net, required=True, help="the student's edge net: 1, 2 or 3")
+    run.add_argument("--net", type=options.edge_net, default="edge3",
+                        help="the edge net: 1, 2 or 3 (or edge1, edge2, edge3)")
     options.data_options(run, teacher=True)
     _common(run)
     run.add_argument("--max-updates", type=options.positive_int, default=None,
@@ -85,7 +86,8 @@ def add_parser(sub) -> None:
                            "increment. Rerunning with the same --out resumes after a crash.\n\n" + ABOUT,
                            epilog=EPILOG, formatter_class=options.ExamplesFormatter)
     options.data_options(demo, teacher=True)
-    demo.add_argument("--net", type=options.edge_net, default=3, help="edge net: 1, 2 or 3")
+    demo.add_argument("--net", type=options.edge_net, default="edge3",
+                        help="the edge net: 1, 2 or 3 (or edge1, edge2, edge3)")
     demo.add_argument("--initial", type=options.positive_int, default=500,
                       help="labelled training images of the initial student (class-balanced)")
     demo.add_argument("--initial-steps", type=options.positive_int, default=None,

@@ -19,10 +19,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .transport import AgreedError, MessageSizeError, PeerTimeout, deadline_s, tag_for  # noqa: F401 (offered)
+from .transport import (AgreedError, MessageSizeError, PeerTimeout, deadline_s, judge_problems,  # noqa: F401
+                        judge_values, tag_for)
 
 __all__ = ["InProcessComm", "run_ranks", "AgreedError", "tag_for", "message", "post_messages", "wait",
-           "scatter_rows", "gather_rows", "allreduce_", "reduce_", "bcast_ints", "bcast_object"]
+           "scatter_rows", "gather_rows", "allreduce_", "reduce_", "bcast_ints", "bcast_object", "agree", "agree_on"]
 
 
 class _World:
@@ -164,3 +165,19 @@ def bcast_ints(comm: InProcessComm, values: Sequence[int], root: int = 0, what: 
 
 def bcast_object(comm: InProcessComm, obj, root: int = 0, what: str = "a set-up broadcast"):
     return comm.world.exchange(comm.rank, obj, what)[root]
+
+
+def _name(r: int) -> str:
+    return f"rank {r}"
+
+
+def agree(comm: InProcessComm, problem: Optional[str], what: str = "set-up") -> None:
+    verdict = judge_problems(comm.world.exchange(comm.rank, problem, f"the {what} agreement"), _name)
+    if verdict is not None:
+        raise AgreedError(verdict)
+
+
+def agree_on(comm: InProcessComm, value: str, what: str, root: int = 0) -> None:
+    verdict = judge_values(comm.world.exchange(comm.rank, value, f"the {what} agreement"), root, what, _name)
+    if verdict is not None:
+        raise AgreedError(verdict)

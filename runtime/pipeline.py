@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -36,6 +37,7 @@ import torch.nn as nn
 from torch.fx import Graph, GraphModule
 
 from . import transport as mpi
+from .deployment import Deployment, plan_digest, stage_plans_of
 from .skeleton import empty_weights
 from .errors import UsageError
 from .geometry import split_rows
@@ -198,17 +200,30 @@ class PipelineExecutor:
                 self.module = tail_module(model, layers, first).eval()
                 plan = plan_split(trace_model(self.module, self.in_shape), self.shares, head="split")
                 self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=True,
-                                              head_columns=head_columns)
+                                              head_columns=head_columns, agree=False)
             else:
                 self.module = stage_module(model, layers, first, stop).eval()
                 plan = plan_split(trace_model(self.module, self.in_shape), self.shares)
-                self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=False)
+                self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=False, agree=False)
         except UsageError as err:
             problem = f"stage {self.stage} (layers {first}:{stop}): {err}"
-        problems = [p for p in mpi.allgather_objects(comm, problem) if p is not None]
-        if problems:  # every rank refuses together: none is left waiting in the stream
+        # one collective: every rank's problem, its stage's plan and its view of the whole deployment
+        shape = Deployment(grid.clusters, grid.stages, bounds, tuple(split_rows(layers.cut_shape(n)[1], self.shares)),
+                           head, tuple(f"{x.label}:{x.out_shape}" for x in layers.layers) + tuple(layers.head), ())
+        stage_digest = plan_digest(plan) if problem is None else ""
+        reports = mpi.allgather_objects(comm, (problem, self.stage, stage_digest, shape.digest()),
+                                        what="the deployment agreement")
+        problems = [p for p, _, _, _ in reports if p is not None]
+        verdict = problems[0] if problems else mpi.judge_values(
+            [d for _, _, _, d in reports], 0, "deployment (grid, stage cuts, rows, layers, head)",
+            lambda r: mpi.who(comm, r))
+        stage_plans, differ = stage_plans_of([(st, d) for _, st, d, _ in reports], grid.stages)
+        verdict = verdict or (differ[0] if differ else None)
+        if verdict is not None:  # every rank refuses together: none is left waiting in the stream
             self.close()
-            raise mpi.AgreedError(problems[0])
+            raise mpi.AgreedError(verdict)
+        #: what the whole job runs, the same on every rank (``text()`` prints it, ``digest()`` names it)
+        self.deployment = dataclasses.replace(shape, stage_plans=stage_plans)
         self.in_rows = plan.input_rows[self.cluster]
         if last and self.split_head:
             self.out_value, self.out_rows = None, None

@@ -45,6 +45,7 @@ from torch.fx.node import map_arg
 
 from . import program as P
 from . import transport as mpi
+from .deployment import plan_digest
 from .errors import UsageError
 from .geometry import input_rows_for
 from .graph import trace_model
@@ -137,7 +138,24 @@ class SplitExecutor:
     """
 
     def __init__(self, plan: GraphPlan, model: nn.Module, comm: mpi.Comm = mpi.COMM_WORLD, root: int = 0,
-                 head: bool = True, head_columns: Optional[torch.Tensor] = None) -> None:
+                 head: bool = True, head_columns: Optional[torch.Tensor] = None, agree: bool = True) -> None:
+        """``agree`` False: the caller agrees on the set-up and the plan over a wider communicator (a pipeline
+        stage's executor: the whole job refuses together) and a set-up problem is raised here, on this rank."""
+        self._t = transport_for(comm)
+        if not agree:
+            self._set_up(plan, model, comm, root, head, head_columns)
+            return
+        problem = None
+        try:
+            self._set_up(plan, model, comm, root, head, head_columns)
+        except UsageError as err:  # one board's problem (weights missing, another plan) is every rank's
+            problem = str(err)
+        # the set-up agreed, then the plan itself: a rank that planned otherwise is named before any image moves
+        self._t.agree(comm, problem, "split executor set-up")
+        self._t.agree_on(comm, plan_digest(plan), "split plan")
+
+    def _set_up(self, plan: GraphPlan, model: nn.Module, comm, root: int, head: bool,
+                head_columns: Optional[torch.Tensor]) -> None:
         size = comm.Get_size()
         if plan.ranks != size:
             raise UsageError(f"the plan is for {plan.ranks} ranks but the communicator has {size}; "
@@ -145,7 +163,6 @@ class SplitExecutor:
         if not 0 <= root < size:
             raise UsageError(f"root rank {root} outside the {size} ranks")
         self.plan, self.graph, self.comm = plan, plan.graph, comm
-        self._t = transport_for(comm)
         self.model = model
         self.rank, self.root = comm.Get_rank(), root
         self.is_root = self.rank == root and head  # head=False: forward_local only (a benchmark's bound)

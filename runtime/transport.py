@@ -542,6 +542,28 @@ def scatter_objects(comm: MPI.Comm, objs: Optional[list], root: int = 0, what: s
     return pickle.loads(buf.tobytes())
 
 
+def judge_problems(problems: Sequence[Optional[str]], name: Callable[[int], str]) -> Optional[str]:
+    """The one line every rank raises when any rank's set-up failed (None: none did); ``name(r)`` names rank r."""
+    failed = [(r, p) for r, p in enumerate(problems) if p is not None]
+    if not failed:
+        return None
+    if len(failed) == len(problems) and len({p for _, p in failed}) == 1:
+        return failed[0][1]  # the same problem everywhere: no rank to name
+    r, text = failed[0]
+    more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+    return f"{name(r)}: {text}{more}"
+
+
+def judge_values(values: Sequence[str], root: int, what: str, name: Callable[[int], str]) -> Optional[str]:
+    """The one line every rank raises when a rank's ``what`` differs from ``root``'s (None: all equal)."""
+    want = values[root]
+    for r, v in enumerate(values):
+        if v != want:
+            return (f"{name(r)} has another {what} than {name(root)} ({v} != {want}): "
+                    "give every board the same files and versions")
+    return None
+
+
 def agree(comm: MPI.Comm, problem: Optional[str], what: str = "set-up") -> None:
     """Every rank says whether its set-up worked; if any did not, every rank raises the same :class:`AgreedError`.
 
@@ -553,15 +575,9 @@ def agree(comm: MPI.Comm, problem: Optional[str], what: str = "set-up") -> None:
     reports = allgather_objects(comm, (host_name(), problem), what=f"the {what} agreement")
     for r, (host, _) in enumerate(reports):
         _hosts[_world_rank(comm, r)] = host
-    failed = [(r, p) for r, (_, p) in enumerate(reports) if p is not None]
-    if not failed:
-        return
-    texts = {p for _, p in failed}
-    if len(failed) == comm.Get_size() and len(texts) == 1:
-        raise AgreedError(failed[0][1])  # the same problem everywhere: no rank to name
-    r, text = failed[0]
-    more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-    raise AgreedError(f"{who(comm, r)}: {text}{more}")
+    verdict = judge_problems([p for _, p in reports], lambda r: who(comm, r))
+    if verdict is not None:
+        raise AgreedError(verdict)
 
 
 def agree_on(comm: MPI.Comm, value: str, what: str, root: int = 0) -> None:
@@ -571,11 +587,9 @@ def agree_on(comm: MPI.Comm, value: str, what: str, root: int = 0) -> None:
     values = allgather_objects(comm, (host_name(), value), what=f"the {what} agreement")
     for r, (host, _) in enumerate(values):
         _hosts[_world_rank(comm, r)] = host
-    want = values[root][1]
-    for r, (_, v) in enumerate(values):
-        if v != want:
-            raise AgreedError(f"{who(comm, r)} has another {what} than {who(comm, root)} ({v} != {want}): "
-                              "give every board the same files and versions")
+    verdict = judge_values([v for _, v in values], root, what, lambda r: who(comm, r))
+    if verdict is not None:
+        raise AgreedError(verdict)
 
 
 def share_from_root(comm: MPI.Comm, work: Callable[[], T], root: int = 0, error: type = ValueError) -> T:

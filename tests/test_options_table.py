@@ -47,6 +47,19 @@ def test_out_is_always_a_folder_and_save_always_a_weights_file():
     assert {v for _, o, v, _ in rows if o == "--save"} == {"FILE"}
 
 
+def test_every_net_option_defaults_to_edge_net_3():
+    """--net defaulted to 2 (train edge), 1 (system), 3 elsewhere and was required in update run."""
+    from launch.options_table import leaf_commands
+
+    defaults = {}
+    for words, leaf in leaf_commands(build_parser()):
+        for action in leaf._actions:
+            if action.option_strings and action.option_strings[0] == "--net":
+                defaults[" ".join(words)] = (action.default, action.required)
+    assert len(defaults) >= 10
+    assert {d for d in defaults.values()} == {("edge3", False)}, defaults
+
+
 def test_torch_version_without_importing_torch_is_torchs_own():
     code = ("import sys; from launch.options import _torch_version; v = _torch_version(); "
             "assert 'torch' not in sys.modules; import torch; print(v == torch.__version__)")

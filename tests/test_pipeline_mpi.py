@@ -190,3 +190,19 @@ def test_distributed_pipeline_holds_only_its_stage(world, agree, head):
         elif held >= total // 2:  # the head's first Linear alone is most of the net
             problems.append(f"{label}: rank {world.rank} holds {held} real weights of {total}")
     agree(world, problems)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_rank_with_other_cuts_or_shares_is_named_on_every_rank(world):
+    """A board that read another topology (other stage cuts, other row shares) is refused, naming it, on every
+    rank, before any image (it used to hang, truncate a receive or print a wrong answer)."""
+    from runtime.transport import AgreedError
+
+    model = build_net("edge3", 3, 32, 10).eval()
+    n = len(split_layers(trace_model(model, (3, 32, 32))))
+    bounds = [*range(world.size), n] if world.rank != 1 else [0, *range(2, world.size + 1), n]
+    with pytest.raises(AgreedError, match=r"^rank 1\b.*another deployment"):
+        PipelineExecutor(model, (3, 32, 32), Grid(1, world.size), bounds, comm=world)
+    shares = [1.0] * world.size if world.rank != 1 else [1.0] + [3.0] * (world.size - 1)
+    with pytest.raises(AgreedError, match=r"^rank 1\b.*another deployment"):
+        PipelineExecutor(model, (3, 32, 32), Grid(world.size, 1), [0, n], shares, comm=world)

@@ -158,3 +158,18 @@ def test_inference_outside_no_grad(world, agree, same_output):
         with torch.no_grad():
             problems = same_output(got, model(image), 1e-5, "grad mode")
     agree(world, problems)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_rank_with_another_plan_is_named_on_every_rank(world):
+    """Rank 1 planned other rows (a topology that differs on one board): every rank refuses, naming it,
+    before any image (the digest of runtime/deployment.py), instead of a hang or wrong rows."""
+    from runtime.graph import trace_model
+    from runtime.plan import plan_split
+    from runtime.transport import AgreedError
+
+    model = build_net("edge3", 3, 32, 10).eval()
+    weights = [1.0] * world.size if world.rank != 1 else [1.0] + [2.0] * (world.size - 1)
+    plan = plan_split(trace_model(model, (3, 32, 32)), weights)
+    with pytest.raises(AgreedError, match=r"^rank 1\b.*another split plan than rank 0"):
+        SplitExecutor(plan, model, world)
