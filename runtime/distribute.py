@@ -43,9 +43,21 @@ def _split_state(model: nn.Module, modules: set[str], attrs: set[str]) -> dict[s
     return {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] in modules or k in attrs}
 
 
+def _empty_on_cpu(module: nn.Module) -> None:
+    """``module.to_empty(device="cpu")`` for its meta tensors, without ``empty_like`` on meta (torch's Python
+    reference, whose first call imports sympy: 35 MB on a rank that holds a few convs)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+
+
 def _materialise(model: nn.Module, modules: set[str], attrs: set[str], state: dict[str, torch.Tensor]) -> None:
     for target in modules:
-        model.get_submodule(target).to_empty(device="cpu")
+        _empty_on_cpu(model.get_submodule(target))
     for target in attrs:
         owner_name, _, attr = target.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model

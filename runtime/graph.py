@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node, Tracer
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import UsageError
 from .layers import (ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, WindowSpec, is_elementwise_function,
@@ -412,22 +411,110 @@ class _Unknown:
     """The value of a node that could not run during lenient shape propagation."""
 
 
-class _LenientShapeProp(ShapeProp):
-    """Shape propagation that leaves nodes it cannot run (and what follows them) without a shape.
+@dataclass(frozen=True)
+class _Shape:
+    """A node's output shape, stored where torch's ShapeProp stores its ``tensor_meta`` (it has ``.shape``)."""
 
-    Used to plan only the split part of a net on a smaller input than its head
-    was built for (a benchmark's bound): the head never runs there.
+    shape: tuple[int, ...]
+
+
+class _NeedsFake(Exception):
+    """The graph mixes meta tensors with tensors it makes itself: propagate with fake tensors instead."""
+
+
+def _is_device_mix(err: Exception) -> bool:
+    text = str(err).lower()
+    return "meta" in text and ("device" in text or "expected" in text)
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs the graph on meta tensors and records every node's output shape.
+
+    Why not ``torch.fx.passes.shape_prop.ShapeProp``: with real weights it needs
+    ``FakeTensorMode``, whose first use imports dynamo and sympy -- about 150 MB
+    on every rank, more than a non-head rank's whole model and buffers.  Meta
+    tensors give the same shapes for everything this runtime splits; a graph
+    that makes its own CPU tensors falls back to fake tensors (:class:`_NeedsFake`).
+    ``lenient``: a node that cannot run (and what follows it) is left without a
+    shape instead of failing the trace.
     """
 
+    def __init__(self, gm: GraphModule, lenient: bool) -> None:
+        super().__init__(gm)
+        self.lenient = lenient
+
     def run_node(self, n):
-        if not any(isinstance(self.env.get(a), _Unknown) for a in n.all_input_nodes):
-            try:
-                return super().run_node(n)
-            except Exception:
-                pass
+        if self.lenient and any(isinstance(self.env.get(a), _Unknown) for a in n.all_input_nodes):
+            return self._unknown(n)
+        try:
+            result = self._same_shape(n)
+            if result is None:
+                result = super().run_node(n)
+        except Exception as err:
+            if _is_device_mix(err):
+                raise _NeedsFake() from None
+            if not self.lenient:
+                raise
+            return self._unknown(n)
+        n.meta["tensor_meta"] = map_aggregate(
+            result, lambda r: _Shape(tuple(int(d) for d in r.shape)) if isinstance(r, torch.Tensor) else None)
+        return result
+
+    def _same_shape(self, n):
+        """The input itself for a node that keeps its input's shape and needs no kernel to say so: BatchNorm on
+        meta runs torch's Python decompositions, whose first call imports dynamo (about 115 MB)."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        x = args[0]
+        if n.op == "call_module":
+            module = self.module.get_submodule(n.target)
+            if isinstance(module, nn.Linear) and len(args) == 1:  # addmm's decomposition imports dynamo too
+                if x.shape[-1:] != (module.in_features,):
+                    raise RuntimeError(f"{n.target}: input features {tuple(x.shape)} do not match Linear's "
+                                       f"{module.in_features}")
+                return x.new_empty((*x.shape[:-1], module.out_features))
+            if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and len(args) == 1 and x.dim() == 4:
+                hw = _window_out(module, x.shape[-2:])  # meta kernels are Python: torch._check imports sympy
+                if hw is not None:
+                    channels = module.out_channels if isinstance(module, nn.Conv2d) else x.shape[1]
+                    return x.new_empty((x.shape[0], channels, *hw))
+            keeps = isinstance(module, ELEMENTWISE_MODULES + (nn.modules.batchnorm._BatchNorm,)) and len(args) == 1
+        else:
+            keeps = n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)
+        return x if keeps else None
+
+    @staticmethod
+    def _unknown(n):
         n.meta.pop("tensor_meta", None)
         n.meta["type"] = _Unknown
         return _Unknown()
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _window_out(module: nn.Module, hw) -> Optional[tuple[int, int]]:
+    """Output (H, W) of a Conv2d / MaxPool2d / AvgPool2d (torch's formula, ceil_mode included); None for what
+    it does not cover (string paddings), which then runs the meta kernel."""
+    if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
+        return None
+    k = _pair(module.kernel_size)
+    s = _pair(module.stride if module.stride is not None else module.kernel_size)
+    p = _pair(module.padding)
+    d = _pair(getattr(module, "dilation", 1)) if not isinstance(module, nn.AvgPool2d) else (1, 1)
+    ceil = bool(getattr(module, "ceil_mode", False))
+    out = []
+    for size, k_, s_, p_, d_ in zip(hw, k, s, p, d):
+        span = int(size) + 2 * p_ - d_ * (k_ - 1) - 1
+        if span < 0:
+            return None  # too small: let the kernel raise its own error
+        n = (-(-span // s_) if ceil else span // s_) + 1
+        if ceil and (n - 1) * s_ >= int(size) + p_:  # the last window must start inside the input or left padding
+            n -= 1
+        out.append(n)
+    return out[0], out[1]
 
 
 def _propagate_shapes(gm: GraphModule, in_shape, lenient: bool = False) -> None:
@@ -436,42 +523,51 @@ def _propagate_shapes(gm: GraphModule, in_shape, lenient: bool = False) -> None:
     import io
 
     with contextlib.redirect_stderr(io.StringIO()):
-        _propagate(gm, in_shape, lenient)
-
-
-def _propagate(gm: GraphModule, in_shape, lenient: bool) -> None:
-    params = list(gm.parameters()) + list(gm.buffers())
-    on_meta = [p.is_meta for p in params]
-    prop = _LenientShapeProp if lenient else ShapeProp
-    if all(on_meta):  # also: no weights at all
-        prop(gm).propagate(torch.empty(1, *in_shape, device="meta"))
-        return
-    if any(on_meta):  # some weights real, some not (a rank holding only its part): all on meta for the trace
-        _propagate_on_meta(gm, in_shape, prop)
-        return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
-    prop(gm, fake_mode=fake).propagate(fake.from_tensor(torch.empty(1, *in_shape)))
+        try:
+            _propagate_on_meta(gm, in_shape, lenient)
+        except _NeedsFake:
+            _propagate_with_fake_tensors(gm, in_shape, lenient)
 
 
 class _Propagate(nn.Module):
     """Runs shape propagation as a forward pass, so that ``functional_call`` can swap the weights."""
 
-    def __init__(self, gm: GraphModule, prop) -> None:
+    def __init__(self, gm: GraphModule, lenient: bool) -> None:
         super().__init__()
-        self.gm, self.prop = gm, prop
+        self.gm, self.lenient = gm, lenient
 
     def forward(self, x):
-        return self.prop(self.gm).propagate(x)
+        return _ShapeRecorder(self.gm, self.lenient).run(x)
 
 
-def _propagate_on_meta(gm: GraphModule, in_shape, prop) -> None:
-    """Shapes for a module whose weights are partly real: every weight replaced by a meta twin meanwhile."""
-    wrapper = _Propagate(gm, prop)
-    twins = {k: torch.empty_like(v, device="meta")
+def _propagate_on_meta(gm: GraphModule, in_shape, lenient: bool) -> None:
+    """Shapes with every weight replaced by a meta twin meanwhile (real weights stay as they are)."""
+    wrapper = _Propagate(gm, lenient)
+    twins = {k: torch.empty(v.shape, dtype=v.dtype, device="meta")  # empty_like on meta imports sympy
              for k, v in list(wrapper.named_parameters()) + list(wrapper.named_buffers())}
-    torch.func.functional_call(wrapper, twins, (torch.empty(1, *in_shape, device="meta"),))
+    with torch.no_grad():
+        torch.func.functional_call(wrapper, twins, (torch.empty(1, *in_shape, device="meta"),))
+
+
+def _propagate_with_fake_tensors(gm: GraphModule, in_shape, lenient: bool) -> None:
+    """torch's ShapeProp under FakeTensorMode: for graphs that create tensors of their own (imports dynamo)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    class Lenient(ShapeProp):
+        def run_node(self, n):
+            if not any(isinstance(self.env.get(a), _Unknown) for a in n.all_input_nodes):
+                try:
+                    return super().run_node(n)
+                except Exception:
+                    pass
+            return _ShapeRecorder._unknown(n)
+
+    for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)
+        n.meta.pop("type", None)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    (Lenient if lenient else ShapeProp)(gm, fake_mode=fake).propagate(fake.from_tensor(torch.empty(1, *in_shape)))
 
 
 def _training_matters(module: nn.Module) -> bool:
