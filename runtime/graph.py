@@ -33,7 +33,7 @@ from torch.fx.node import map_aggregate
 
 from .errors import UsageError
 from .layers import (ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, WindowSpec, is_elementwise_function,
-                     window_of_function, window_of_module)
+                     mutates_first_input, window_of_function, window_of_module)
 
 __all__ = ["GraphNode", "ModelGraph", "trace_model"]
 
@@ -570,6 +570,22 @@ def _propagate_with_fake_tensors(gm: GraphModule, in_shape, lenient: bool) -> No
     (Lenient if lenient else ShapeProp)(gm, fake_mode=fake).propagate(fake.from_tensor(torch.empty(1, *in_shape)))
 
 
+def _redirect_after_inplace(gm: GraphModule) -> None:
+    """Make eager torch's aliasing explicit: after ``b = relu_(y)`` (or ``nn.ReLU(inplace=True)(y)``), eager
+    readers of ``y`` see the written values, but fx records them as reading ``y``.  Each read of ``y`` after
+    the in-place node is redirected to the node's output, so that a split that sent ``y``'s halo rows before
+    the write (and a rank that keeps ``y``'s rows elsewhere) computes what eager torch computes.  The
+    executor runs such a node on a copy when ``y`` is still read or sent (see runtime/split.py)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in gm.graph.nodes:
+        module = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if not n.args or not isinstance(n.args[0], Node) or not mutates_first_input(n, module):
+            continue
+        y = n.args[0]
+        for user in [u for u in y.users if order[u] > order[n]]:
+            user.replace_input_with(y, n)
+
+
 def _training_matters(module: nn.Module) -> bool:
     """BatchNorm and dropout change in training mode, and so may any module outside torch.nn."""
     from torch.nn.modules.batchnorm import _BatchNorm
@@ -596,6 +612,7 @@ def trace_model(model: nn.Module, in_shape: tuple[int, int, int], split_part_onl
     except Exception as err:  # torch.fx raises many kinds; one line names it
         raise UsageError(f"torch.fx cannot trace {type(model).__name__}: {str(err).splitlines()[0]}") from None
     gm = GraphModule(model, graph)
+    _redirect_after_inplace(gm)
     try:
         _propagate_shapes(gm, in_shape, split_part_only)
     except UsageError:

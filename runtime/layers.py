@@ -24,6 +24,7 @@ __all__ = [
     "ELEMENTWISE_FUNCTIONS",
     "is_elementwise_function",
     "ELEMENTWISE_METHODS",
+    "mutates_first_input",
 ]
 
 #: Modules that act on every element (or every pixel) on its own, in eval mode: no exchange.
@@ -190,3 +191,24 @@ def window_of_function(name: str, function, args: tuple, kwargs: dict) -> Option
                      return_indices=a["return_indices"])
     return _pool(name, "avgpool", a["kernel_size"], a["stride"], a["padding"], 1, a["ceil_mode"],
                  a["count_include_pad"], divisor_override=a["divisor_override"])
+
+
+#: Functions that write their result into their first argument.
+INPLACE_FUNCTIONS: frozenset = frozenset((
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, torch.sigmoid_, torch.tanh_,
+    torch.clamp_, F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_,
+))
+
+
+def mutates_first_input(fx_node, module=None) -> bool:
+    """Whether running ``fx_node`` writes into its first argument, as eager torch does: a module built with
+    ``inplace=True``, an in-place function (``+=``, ``F.relu_``) or one called with ``inplace=True``, a
+    tensor method ending in ``_`` (``x.add_(y)``)."""
+    if fx_node.op == "call_module":
+        return getattr(module, "inplace", False) is True
+    if fx_node.op == "call_function":
+        return fx_node.target in INPLACE_FUNCTIONS or fx_node.kwargs.get("inplace") is True
+    if fx_node.op == "call_method":
+        name = str(fx_node.target)
+        return name.endswith("_") and not name.startswith("_")
+    return False

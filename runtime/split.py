@@ -49,6 +49,7 @@ from .deployment import plan_digest
 from .errors import UsageError
 from .geometry import input_rows_for
 from .graph import trace_model
+from .layers import mutates_first_input
 from .plan import GraphPlan, check_weights, plan_split
 from .timing import NO_CLOCK, NoClock
 
@@ -86,6 +87,16 @@ def _call(fx_node, module, args, kwargs):
     if fx_node.op == "call_method":
         return getattr(args[0], fx_node.target)(*args[1:], **kwargs)
     raise AssertionError(fx_node.op)
+
+
+def _writes_shared_input(fx_node, module, graph, plan) -> bool:
+    """An in-place node whose input is not its alone: another node reads it, or its rows are sent (a halo or a
+    gather whose Isend may still be in flight when the node runs)."""
+    if not fx_node.args or not isinstance(fx_node.args[0], torch.fx.Node) or not mutates_first_input(fx_node, module):
+        return False
+    source = fx_node.args[0].name
+    value = plan.values.get(source)
+    return len(graph.consumers(source)) > 1 or (value is not None and value.exchange is not None) or graph[source].gather
 
 
 def _fold_batchnorm(module: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,9 +429,15 @@ class SplitExecutor:
             else:
                 look = lambda env: lambda n: env[n.name]  # noqa: E731
 
-            def compute(env):
-                find = look(env)
-                return _call(f, module, map_arg(f.args, find), map_arg(f.kwargs, find))
+            if _writes_shared_input(f, module, self.graph, self.plan):
+                def compute(env):  # on a copy: the input's rows are still read by others or in flight (Isend)
+                    find = look(env)
+                    args = map_arg(f.args, find)
+                    return _call(f, module, (args[0].clone(),) + tuple(args[1:]), map_arg(f.kwargs, find))
+            else:
+                def compute(env):
+                    find = look(env)
+                    return _call(f, module, map_arg(f.args, find), map_arg(f.kwargs, find))
 
         def step(env, clock):
             since = clock.now()
