@@ -77,7 +77,13 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="weights to load (default: seeded random weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of synthetic images")
     p.add_argument("--weights", type=options.weights, default=None,
-                   help="initial row weights, one per rank (default even)")
+                   help="initial row weights, one per rank (one per cluster with --stages; default even)")
+    p.add_argument("--stages", type=options.positive_int, default=1,
+                   help="pipeline stages: the ranks form ranks/S clusters of S stages, each cluster's rows run "
+                   "through S stages with several images in flight, and rebalancing moves the stage cuts (every "
+                   "rank holds the whole model; rank 0 profiles the layers first). 1: the flat height split")
+    p.add_argument("--chunk", type=options.positive_int, default=20,
+                   help="with --stages: images streamed between two re-planning decisions")
     p.add_argument("--rate", type=options.non_negative_float, default=0.0,
                    help="images arriving per second (0: each as soon as the previous one is done); latency "
                    "counts from arrival")
@@ -144,7 +150,9 @@ def _serve(args) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     spec = parse_source(args.source)
     shape = _shape(args, spec)
-    options.check_weights(args.weights, size)
+    if size % args.stages:
+        raise UsageError(f"--stages {args.stages} does not divide the job's {size} ranks into clusters")
+    options.check_weights(args.weights, size // args.stages)
     far = [s.rank for s in args.slow if s.rank >= size]
     if far:
         raise UsageError(f"--slow names rank {far[0]} but the job has {size} ranks (0-{size - 1})")
@@ -201,23 +209,20 @@ def _digest(path):
 def _run(args, comm, model, shape, source, log, rule) -> int:
     from runtime import trace_model
     from runtime.plan import plan_split
-    from runtime.serving import busy_fraction, serve_stream
+    from runtime.serving import serve_stream
     from runtime.split import SplitExecutor
 
     rank, size = comm.Get_rank(), comm.Get_size()
+    if args.stages > 1:
+        return _run_pipeline(args, comm, model, shape, source, log, rule)
     graph = trace_model(model, shape)
     weights = args.weights or initial_weights(size)
 
     def build(w):
         return SplitExecutor(plan_split(graph, w), model, comm)
 
-    todo = None
-    if rank == 0:
-        served = log.served()
-        todo = [i for i in range(len(source)) if i not in served]
-        print(f"serving {len(todo)} of {len(source)} images of {source.spec} ({len(served)} already in {args.log}, "
-              f"run {log.run}) on {size} rank(s), {args.net} at {'x'.join(map(str, shape))}, rebalancing "
-              f"{'off' if rule is None else 'on'}", flush=True)
+    todo = _todo(args, rank, source, log, size, shape, f"rebalancing {'off' if rule is None else 'on'}")
+
     def record(image, topk, epoch, latency_ms):
         log.append([(image, topk[0][0], topk, epoch, latency_ms)])
 
@@ -225,15 +230,76 @@ def _run(args, comm, model, shape, source, log, rule) -> int:
                           record=record if rank == 0 else None, rule=rule, slowdowns=args.slow, rate=args.rate,
                           topk=args.topk, progress=None if args.no_progress else _progress,
                           progress_every_s=args.interval)
+    return _finish(args, report, todo, source, log, size)
+
+
+def _todo(args, rank, source, log, size, shape, what):
+    """The root's list of image ids the log lacks (None elsewhere), announced in one line."""
     if rank != 0:
+        return None
+    served = log.served()
+    todo = [i for i in range(len(source)) if i not in served]
+    print(f"serving {len(todo)} of {len(source)} images of {source.spec} ({len(served)} already in {args.log}, "
+          f"run {log.run}) on {size} rank(s), {args.net} at {'x'.join(map(str, shape))}, {what}", flush=True)
+    return todo
+
+
+def _run_pipeline(args, comm, model, shape, source, log, rule) -> int:
+    """--stages S: clusters x stages, the stage cuts planned from rank 0's layer profile and re-cut from the
+    ranks' measured busy times (:func:`runtime.serving.serve_pipeline_stream`)."""
+    from runtime import transport, trace_model
+    from runtime.pipeline import Grid, PipelineExecutor
+    from runtime.profile import profile_layers
+    from runtime.rebalance import CutModel
+    from runtime.serving import serve_pipeline_stream
+    from runtime.stages import partition_stages, split_layers
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    grid = Grid(size // args.stages, args.stages)
+    layers = split_layers(trace_model(model, shape))
+    if grid.stages > len(layers):
+        raise UsageError(f"--stages {grid.stages}: {args.net} has only {len(layers)} layers to share")
+    shares = tuple(args.weights or [1.0] * grid.clusters)
+
+    def measure():
+        prof = profile_layers(model, layers, args.net)
+        return list(prof.seconds), list(prof.out_bytes)
+
+    costs, out_bytes = transport.share_from_root(comm, measure, error=UsageError)
+    ones = [[1.0] * grid.stages for _ in range(grid.clusters)]
+    bounds = list(partition_stages(costs, out_bytes, ones, shares=shares).bounds)
+
+    def build(cuts):
+        return PipelineExecutor(model, shape, grid, cuts, shares, comm, layers=layers)
+
+    todo = _todo(args, rank, source, log, size, shape, f"{grid.clusters} cluster(s) x {grid.stages} stages, cuts "
+                 f"{bounds} of {len(layers)} layers, rebalancing {'off' if rule is None else 'on'}")
+
+    def record(image, topk, epoch, latency_ms):
+        log.append([(image, topk[0][0], topk, epoch, latency_ms)])
+
+    report = serve_pipeline_stream(comm, build, bounds, todo, source.image if source else None,
+                                   record=record if rank == 0 else None, rule=rule,
+                                   model=CutModel(tuple(costs), tuple(out_bytes), grid.clusters, grid.stages, shares),
+                                   chunk=args.chunk, slowdowns=args.slow, topk=args.topk,
+                                   progress=None if args.no_progress else _progress, progress_every_s=args.interval)
+    return _finish(args, report, todo, source, log, size)
+
+
+def _finish(args, report, todo, source, log, size) -> int:
+    from runtime.serving import busy_fraction
+
+    if report is None:
         return 0
     log.close()
     summary = _summary(args, report, len(todo), len(source), busy_fraction(report), size)
     print(_summary_line(summary), flush=True)
     for s in report.switches:
         what = "reverted (the last re-plan did not pay)" if s["rule"].get("revert") else "re-planned"
-        print(f"  {what} before image {s['image']} (image {s['at']} of this run): epoch {s['epoch']}, weights "
-              f"{', '.join(f'{w:.3f}' for w in s['weights'])} (median busy ms {s['rule'].get('busy_ms')})")
+        plan = (f"stage cuts {s['bounds']}" if "bounds" in s
+                else f"weights {', '.join(f'{w:.3f}' for w in s['weights'])}")
+        print(f"  {what} before image {s['image']} (image {s['at']} of this run): epoch {s['epoch']}, {plan} "
+              f"(median busy ms {s['rule'].get('busy_ms')})")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({**summary, "timeline": report.images}, fh, indent=1)

@@ -145,6 +145,7 @@ class StreamResult:
     seconds: float = 0.0  # first scatter to last head, on the root
     latencies: list = field(default_factory=list)  # per image, root: scatter start to head done
     busy: list = field(default_factory=list)  # per rank: seconds computing its stage (slow-down included)
+    busy_images: list = field(default_factory=list)  # per rank: those seconds image by image
     head_seconds: float = 0.0
 
 
@@ -314,7 +315,7 @@ class PipelineExecutor:
             slots = [mpi.rows_major(len(self.out_rows), batch, out_channels, out_width) for _ in range(SEND_SLOTS)]
         in_flight: list = [None] * SEND_SLOTS
         pending: deque = deque()  # root: (t, full map or output, requests, start time)
-        busy = 0.0
+        busy, spent_each = 0.0, []
         mpi.barrier(self.comm)
         begin = time.perf_counter()
         for t in range(count):
@@ -325,6 +326,7 @@ class PipelineExecutor:
             x = self._band_in(t, images[t] if self.is_root and self.stage == 0 else None, batch, count)
             out, spent = self._run_stage(x)
             busy += spent
+            spent_each.append(spent)
             slot = t % SEND_SLOTS
             if in_flight[slot] is not None:
                 mpi.wait([in_flight[slot]])
@@ -354,9 +356,10 @@ class PipelineExecutor:
         mpi.wait([r for r in in_flight if r is not None])
         if self.is_root:
             result.seconds = time.perf_counter() - begin
-        busy_all = mpi.gather_objects(self.comm, busy)
+        busy_all = mpi.gather_objects(self.comm, (busy, spent_each))
         if self.is_root:
-            result.busy = busy_all
+            result.busy = [b for b, _ in busy_all]
+            result.busy_images = [each for _, each in busy_all]
         return result
 
     def _post_final(self, t: int, batch: int, started: float):

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["RebalanceRule", "Rebalancer", "shares_from_busy", "predicted_time", "imbalance"]
+__all__ = ["RebalanceRule", "Rebalancer", "CutModel", "shares_from_busy", "predicted_time", "imbalance"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,46 @@ def imbalance(busy: Sequence[float]) -> float:
     return float(b.max() / b.mean()) if b.mean() > 0 else 1.0
 
 
+@dataclass(frozen=True)
+class CutModel:
+    """What a pipeline's stage cuts predict, for the :class:`Rebalancer` (its plan is then the cuts, not shares).
+
+    ``costs[l]``: seconds of layer ``l`` on the whole map at speed 1 (rank 0's profile); ``out_bytes[l]``: bytes
+    of its output; ``shares``: the clusters' fixed row shares.  A rank's measured busy time over the time its
+    layers and rows would take at speed 1 is its speed; the cuts that minimise the slowest (cluster, stage) at
+    those speeds are :func:`runtime.stages.partition_stages`'s (exact for fixed shares), and the time they
+    predict is that slowest stage.  Ranks are numbered as :class:`runtime.pipeline.Grid` numbers them.
+    """
+
+    costs: tuple[float, ...]
+    out_bytes: tuple[float, ...]
+    clusters: int
+    stages: int
+    shares: tuple[float, ...] = ()
+
+    def _shares(self) -> tuple[float, ...]:
+        return self.shares or (1.0,) * self.clusters
+
+    def speeds(self, bounds: Sequence[int], busy: Sequence[float]) -> list[list[float]]:
+        from .stages import stage_times
+
+        ones = [[1.0] * self.stages for _ in range(self.clusters)]
+        planned = stage_times(self.costs, self.out_bytes, ones, bounds, self._shares())
+        return [[max(planned[c][k], 1e-12) / max(float(busy[c * self.stages + k]), 1e-9)
+                 for k in range(self.stages)] for c in range(self.clusters)]
+
+    def best(self, bounds: Sequence[int], busy: Sequence[float]):
+        from .stages import partition_stages
+
+        return partition_stages(self.costs, self.out_bytes, self.speeds(bounds, busy), shares=self._shares())
+
+    def predicted(self, bounds: Sequence[int], busy: Sequence[float]) -> float:
+        return float(max(self.best(bounds, busy).stage_seconds))
+
+    def propose(self, bounds: Sequence[int], busy: Sequence[float]) -> list[int]:
+        return list(self.best(bounds, busy).bounds)
+
+
 @dataclass
 class Rebalancer:
     """The root's running decision: feed it every image's busy times, it says when to switch and to what.
@@ -104,6 +144,7 @@ class Rebalancer:
 
     weights: Sequence[float]
     rule: RebalanceRule = field(default_factory=RebalanceRule)
+    model: Optional[CutModel] = None  # None: the plan is row shares; else the plan is a pipeline's stage cuts
     _seen: int = 0
     _window: list = field(default_factory=list)
     _held: int = 0
@@ -122,7 +163,9 @@ class Rebalancer:
             return None
         median = np.median(np.asarray(self._window), axis=0)
         self._window.pop(0)
-        now, then = float(median.max()), predicted_time(self.weights, median)
+        now = float(median.max())
+        then = predicted_time(self.weights, median) if self.model is None else self.model.predicted(self.weights,
+                                                                                                     median)
         self.last = {"imbalance": imbalance(median), "busy_ms": (1000 * median).round(3).tolist(),
                      "now_ms": 1000 * now, "predicted_ms": 1000 * then}
         if self._trial is not None:
@@ -141,6 +184,8 @@ class Rebalancer:
         if self._held < self.rule.needed:
             return None
         self._proposed_from = now
+        if self.model is not None:
+            return self.model.propose(self.weights, median)
         return shares_from_busy(self.weights, median)
 
     def declined(self) -> None:

@@ -29,10 +29,10 @@ import torch
 
 from . import transport as mpi
 from .geometry import split_rows
-from .rebalance import Rebalancer, RebalanceRule
+from .rebalance import CutModel, Rebalancer, RebalanceRule
 from .timing import NoClock
 
-__all__ = ["Slowdown", "BusyClock", "ServeReport", "serve_stream", "top_k"]
+__all__ = ["Slowdown", "BusyClock", "ServeReport", "serve_stream", "serve_pipeline_stream", "top_k"]
 
 KIND_SERVE, KIND_REPLAN = 0, 1
 
@@ -185,6 +185,85 @@ def serve_stream(comm, build: Callable[[Sequence[float]], object], weights: Sequ
             report.seconds = done - start
             progress(report)
             last_progress = done
+    if root:
+        report.seconds = time.monotonic() - start
+    return report
+
+
+def serve_pipeline_stream(comm, build: Callable[[Sequence[int]], object], bounds: Sequence[int],
+                          todo: Optional[list], image_of: Optional[Callable[[int], torch.Tensor]],
+                          record: Optional[Callable[[int, list, int, float], None]] = None,
+                          rule: Optional[RebalanceRule] = None, model: Optional[CutModel] = None,
+                          chunk: int = 20, slowdowns: Sequence[Slowdown] = (), topk: int = 5,
+                          progress: Optional[Callable[[ServeReport], None]] = None,
+                          progress_every_s: float = 5.0) -> Optional[ServeReport]:
+    """Serve the root's ``todo`` through a pipeline, ``chunk`` images at a time, re-cutting the stages between
+    chunks; returns the root's report (other ranks pass None for ``todo`` and get None).
+
+    ``build(bounds)`` makes this rank's :class:`runtime.pipeline.PipelineExecutor` for those stage cuts (every
+    rank holds the whole model, so that a cut can move).  Images stream through the stages with several in
+    flight; between two chunks the root broadcasts one decision ``[kind, first, count, epoch]`` and, to
+    re-plan, the new cuts.  Each rank's busy seconds of a chunk (its stage's compute, an emulated slowdown
+    included; the head on the root excluded), image by image, feed the :class:`Rebalancer` with ``model``
+    (stage cuts predicted from layer costs) under the same rule as the flat split; a proposal made inside a
+    chunk is taken at the chunk's end.  A slowdown starts at its image exactly: chunks end there.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    root = rank == 0
+    count = mpi.bcast_ints(comm, (len(todo) if root else 0,), 0, "the number of images to serve")[0]
+    bounds = list(bounds)
+    executor = build(bounds)
+    rebalancer = Rebalancer(bounds, rule, model) if root and rule is not None and model is not None else None
+    mine = sorted((s.after, s.speed) for s in slowdowns if s.rank == rank)
+    starts = sorted({s.after for s in slowdowns if 0 < s.after < count})
+    report = ServeReport() if root else None
+    decision = torch.zeros(4, dtype=torch.int64)
+    epoch, proposal, k = 0, None, 0
+    start = last_progress = time.monotonic()
+    while k < count:
+        if root:
+            n = min(chunk, count - k, *[a - k for a in starts if a > k])
+            kind = KIND_REPLAN if proposal is not None else KIND_SERVE
+            decision[:] = torch.tensor([kind, k, n, epoch + (kind == KIND_REPLAN)])
+        mpi.bcast_tensor(comm, decision, 0, "the root's decision before the next images")
+        n = int(decision[2])
+        if int(decision[0]) == KIND_REPLAN:
+            cuts = torch.tensor(proposal if root else [0] * len(bounds), dtype=torch.int64)
+            mpi.bcast_tensor(comm, cuts, 0, "the root's new stage cuts")
+            executor.close()
+            bounds = cuts.tolist()
+            executor = build(bounds)
+            epoch = int(decision[3])
+            if root:
+                rebalancer.switched(bounds)
+                report.switches.append({"at": k, "image": todo[k], "epoch": epoch, "bounds": bounds,
+                                        "rule": dict(rebalancer.last)})
+                proposal = None
+        speed = next((sp for after, sp in reversed(mine) if after <= k), 1.0)
+        executor.speed = speed
+        images = [image_of(todo[i]) for i in range(k, k + n)] if root else None
+        began = time.monotonic()
+        result = executor.stream(images)
+        if root:
+            busy = np.asarray(result.busy_images, dtype=float).T  # (image, rank)
+            for i, out in enumerate(result.outputs):
+                done = began + result.seconds * (i + 1) / n - start  # spread over the chunk (one figure per chunk)
+                latency_ms = 1000 * result.latencies[i]
+                if record is not None:
+                    record(todo[k + i], top_k(out, topk), epoch, latency_ms)
+                report.images.append([todo[k + i], done, latency_ms, epoch, (1000 * busy[i]).round(3).tolist()])
+                if rebalancer is not None and proposal is None:
+                    new = rebalancer.observe(busy[i])
+                    if new is not None and list(new) != bounds:
+                        proposal = list(new)
+                    elif new is not None:
+                        rebalancer.declined()
+            if progress is not None and time.monotonic() - last_progress >= progress_every_s:
+                report.seconds = time.monotonic() - start
+                progress(report)
+                last_progress = time.monotonic()
+        k += n
+    executor.close()
     if root:
         report.seconds = time.monotonic() - start
     return report

@@ -62,11 +62,37 @@ def test_three_ranks_serve_each_image_once_equal_to_torch_across_a_replan_and_a_
 
 
 @needs_mpiexec
+@pytest.mark.slow
+def test_a_pipeline_serves_each_image_once_equal_to_torch_across_a_recut(tmp_path):
+    """--stages 2 over 4 ranks (2 clusters x 2 stages): stage 1 of cluster 1 at a fifth of its speed from image
+    10, so the cuts move layers off stage 1; every logged top-5 equals plain torch's, each image once."""
+    log, report = tmp_path / "pipe.db", tmp_path / "pipe.json"
+    proc = aflkd(4, "serve", "--stages", "2", "--chunk", "5", "--net", "edge3", "--size", "48", "--seed", "4",
+                 "--log", str(log), "--threads", "1", "--no-progress", "--rebalance-window", "10",
+                 "--images", "50", "--slow", "3:0.2@10", "--json", str(report))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(report.read_text())
+    assert summary["served_now"] == 50 and summary["switches"], summary
+    first_cut = int(proc.stdout.split("cuts [0, ")[1].split(",")[0])
+    assert summary["switches"][0]["bounds"][1] > first_cut, (first_cut, summary["switches"])  # layers off stage 1
+    rows = logged(log)
+    assert [r[0] for r in rows] == list(range(50)) and {r[3] for r in rows} >= {0, 1}
+    want = plain_torch_logits("edge3", 48, 4, list(range(50)))
+    for (image, top1, topk, _, _), logits in zip(rows, want):
+        topk = json.loads(topk)
+        values, classes = torch.topk(logits, 5)
+        assert top1 == int(classes[0]) and [c for c, _ in topk] == classes.tolist(), image
+        assert max(abs(v - float(w)) for (_, v), w in zip(topk, values)) <= 1e-4, image
+
+
+@needs_mpiexec
 @pytest.mark.parametrize("ranks, args, message", [
     (2, ["--slow", "5:0.5"], "--slow names rank 5 but the job has 2 ranks"),
     (2, ["--weights", "1,1,1"], "got 3 rank weights for 2 ranks"),
     (2, ["--slow", "1:2"], "0 < speed <= 1"),
     (2, ["--source", "folder:/nonexistent/x"], "--source folder:/nonexistent/x: no such folder"),
+    (3, ["--stages", "2"], "--stages 2 does not divide the job's 3 ranks"),
+    (4, ["--stages", "2", "--weights", "1,1,1,1"], "got 4 rank weights for 2 ranks"),
 ])
 def test_bad_input_is_one_line_on_every_rank(tmp_path, ranks, args, message):
     proc = aflkd(ranks, "serve", "--images", "4", "--size", "32", "--log", str(tmp_path / "s.db"), *args, timeout=60)
