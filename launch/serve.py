@@ -82,6 +82,9 @@ def add_parser(sub) -> None:
                    help="pipeline stages: the ranks form ranks/S clusters of S stages, each cluster's rows run "
                    "through S stages with several images in flight, and rebalancing moves the stage cuts (every "
                    "rank holds the whole model; rank 0 profiles the layers first). 1: the flat height split")
+    p.add_argument("--cuts", type=options.int_list, default=None, metavar="L1,L2,...",
+                   help="with --stages: the first plan's S-1 stage cuts, as layer indices (default: planned from "
+                   "rank 0's layer profile, equal speeds)")
     p.add_argument("--chunk", type=options.positive_int, default=20,
                    help="with --stages: images streamed between two re-planning decisions")
     p.add_argument("--rate", type=options.non_negative_float, default=0.0,
@@ -265,9 +268,15 @@ def _run_pipeline(args, comm, model, shape, source, log, rule) -> int:
         prof = profile_layers(model, layers, args.net)
         return list(prof.seconds), list(prof.out_bytes)
 
+    if args.cuts is not None:
+        bounds = [0, *args.cuts, len(layers)]
+        if len(args.cuts) != grid.stages - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise UsageError(f"--cuts {','.join(map(str, args.cuts))}: need {grid.stages - 1} layer indices rising "
+                             f"strictly between 0 and {len(layers)} ({args.net} has {len(layers)} layers)")
     costs, out_bytes = transport.share_from_root(comm, measure, error=UsageError)
-    ones = [[1.0] * grid.stages for _ in range(grid.clusters)]
-    bounds = list(partition_stages(costs, out_bytes, ones, shares=shares).bounds)
+    if args.cuts is None:
+        ones = [[1.0] * grid.stages for _ in range(grid.clusters)]
+        bounds = list(partition_stages(costs, out_bytes, ones, shares=shares).bounds)
 
     def build(cuts):
         return PipelineExecutor(model, shape, grid, cuts, shares, comm, layers=layers)

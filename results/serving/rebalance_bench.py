@@ -112,12 +112,16 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "results" / "serving"))
     p.add_argument("--mpiexec-extra", default="", help="e.g. '-bind-to core' (space-separated)")
     p.add_argument("--hog", action="store_true", help="also: the last rank really slowed, a busy process on its core")
+    p.add_argument("--stages", type=int, default=1, help="serve --stages: a pipeline, its stage cuts re-planned "
+                   "(the ideal then runs the rebalanced run's last cuts from the first image)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     r, slow = args.ranks, f"{args.ranks - 1}:{args.speed}@{args.at}"
-    ideal_weights = ",".join(["1"] * (r - 1) + [str(args.speed)])
     common = (args.threads, args.net, args.size, args.mpiexec_extra.split())
+    if args.stages > 1:
+        return pipeline(args, out, r, slow, common)
+    ideal_weights = ",".join(["1"] * (r - 1) + [str(args.speed)])
     runs = {
         "rebalanced": serve(r, out, "rebalanced", args.images, ["--slow", slow], *common),
         "fixed": serve(r, out, "fixed", args.images, ["--slow", slow, "--no-rebalance"], *common),
@@ -154,6 +158,39 @@ def main() -> int:
               f"{f['switches'] or 'none'}  max |logit - torch| {f['max_abs_logit_error']:.2e}")
     _plot(runs, out / "rebalance.png", args.at)
     print(f"wrote {out / 'rebalance.json'} and {out / 'rebalance.png'}")
+    return 0
+
+
+def pipeline(args, out: Path, r: int, slow: str, common: tuple) -> int:
+    """The same cases for ``serve --stages``: the last rank (the last stage of the last cluster) slowed."""
+    stages = ["--stages", str(args.stages)]
+    runs = {"rebalanced": serve(r, out, "pipe-rebalanced", args.images, [*stages, "--slow", slow], *common),
+            "fixed": serve(r, out, "pipe-fixed", args.images, [*stages, "--slow", slow, "--no-rebalance"], *common)}
+    switches = [s for s in runs["rebalanced"]["switches"] if not s["rule"].get("revert")]
+    if switches:  # the cuts the rule moved to last (a revert returns to cuts it had left)
+        cuts = ",".join(map(str, switches[-1]["bounds"][1:-1]))
+        runs["ideal"] = serve(r, out, "pipe-ideal", args.images, [*stages, "--cuts", cuts, "--slow",
+                                                                  f"{r - 1}:{args.speed}@0", "--no-rebalance"], *common)
+    runs["unchanged"] = serve(r, out, "pipe-unchanged", args.steady, stages, *common)
+    start = args.at + 50
+    ideal = after(runs["ideal"], start) if "ideal" in runs else float("nan")
+    figures = {}
+    for name, data in runs.items():
+        rate = after(data, start if name != "unchanged" else 0)
+        figures[name] = {"images_per_s": round(rate, 2), "vs_ideal": round(rate / ideal, 3),
+                         "switches": [(s["at"], s["bounds"]) for s in data["switches"]],
+                         "max_abs_logit_error": exact(data, args.net, args.size), "command": data["command"]}
+    summary = {"ranks": r, "stages": args.stages, "net": args.net, "size": args.size, "slowdown": slow,
+               "measured_from_image": start, "figures": figures}
+    (out / "rebalance-pipeline.json").write_text(json.dumps(summary, indent=1))
+    print(f"\n{r} ranks in stages of {args.stages}, {args.net} at {args.size}, rank {r - 1} at speed {args.speed} "
+          f"from image {args.at}; images/s over images {start}-{args.images - 1}:")
+    for name, f in figures.items():
+        print(f"  {name:<11} {f['images_per_s']:8.2f} images/s  {f['vs_ideal']:.3f} of ideal  re-cuts "
+              f"{f['switches'] or 'none'}  max |logit - torch| {f['max_abs_logit_error']:.2e}")
+    if "ideal" in runs:
+        _plot(runs, out / "rebalance-pipeline.png", args.at)
+    print(f"wrote {out / 'rebalance-pipeline.json'}")
     return 0
 
 
