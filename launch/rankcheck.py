@@ -5,9 +5,13 @@ Every rank reads the topology (``--topology`` or ``$AFLKD_TOPOLOGY``, which
 exchange, so a wrong ``-n`` fails on every rank with the same line.  Rank 0
 then prints each rank's place in the map beside the host it runs on.  The
 placement check: under MPICH's Hydra every rank sees ``PMI_HOSTNAME``, the
-hostfile entry it was placed on, which must be its topology address; under
-Open MPI (no such variable) ranks the topology puts on one address must share
-a host name.  A mismatch fails every rank with status 2.
+hostfile entry it was placed on, which must be its topology address; ranks the
+topology puts on one address must share a host name; and, under any MPI (Open
+MPI sets no such variable), each rank asks the OS whether its topology address
+is this host: its name, or an IP address this host can bind (a swapped
+placement with one rank per board fails here).  An address a board cannot
+resolve (an ssh alias known only on rank 0's host) is left unchecked and said
+so.  A mismatch fails every rank with status 2.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from runtime.errors import UsageError
 from .planning import format_table, rank_table
 from .topology import TOPOLOGY_ENV, check_world_size, load_topology, topology_path_from_env
 
-__all__ = ["add_parser", "placement_problems"]
+__all__ = ["add_parser", "placement_problems", "is_this_host"]
 
 
 def add_parser(sub) -> None:
@@ -37,17 +41,42 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_ranks)
 
 
-def placement_problems(expected: list[str], landed: list[tuple[str, str | None]]) -> list[str]:
-    """Problems (empty: none) of ranks that landed on (host name, Hydra's PMI_HOSTNAME or None).
+def is_this_host(address: str) -> bool | None:
+    """Whether ``address`` names this host (True), another (False) or cannot be told here (None: it does not
+    resolve on this host).  Asked of the OS: the host's own names, else whether this host can bind a socket to
+    an IP address ``address`` resolves to (only a local interface's address binds)."""
+    names = {socket.gethostname(), socket.getfqdn(), "localhost"}
+    if address in names or address == socket.gethostname().split(".")[0]:
+        return True
+    try:
+        infos = socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return None
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((sockaddr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def placement_problems(expected: list[str], landed: list[tuple]) -> list[str]:
+    """Problems (empty: none) of ranks that landed on (host name, Hydra's PMI_HOSTNAME or None[, whether
+    the rank's topology address is its host: True, False or None, see :func:`is_this_host`]).
 
     Pure, so it is tested without MPI.  ``expected`` is each rank's topology address.
     """
     problems = []
-    for rank, (address, (_, entry)) in enumerate(zip(expected, landed)):
-        if entry is not None and entry != address:
+    for rank, (address, (host, entry, *local)) in enumerate(zip(expected, landed)):
+        said = local[0] if local else None  # the OS's answer, when there is one, outranks the entry's name
+        if said is False:
+            problems.append(f"rank {rank} runs on {host}, which is not {address}, where the topology puts it")
+        elif said is None and entry is not None and entry != address:
             problems.append(f"rank {rank} was placed on {entry}, the topology puts it on {address}")
     by_address: dict[str, tuple[int, str]] = {}
-    for rank, (address, (host, _)) in enumerate(zip(expected, landed)):
+    for rank, (address, (host, *_)) in enumerate(zip(expected, landed)):
         first = by_address.setdefault(address, (rank, host))
         if first[1] != host:
             problems.append(f"ranks {first[0]} and {rank} share address {address} in the topology but run on "
@@ -69,13 +98,14 @@ def _ranks(args) -> int:
     size = comm.Get_size()
     with_cloud = topology.cloud is not None and size == topology.size + 1
     check_world_size(topology, size, with_cloud)  # identical on every rank: all exit 2 together
-    here = (socket.gethostname(), os.environ.get("PMI_HOSTNAME"))
+    address = topology.ranks(with_cloud)[comm.Get_rank()].address
+    here = (socket.gethostname(), os.environ.get("PMI_HOSTNAME"), is_this_host(address))
     landed = gather_objects(comm, here, 0)
     problems = None
     if comm.Get_rank() == 0:
         headers, rows = rank_table(topology, with_cloud)
         headers = headers + ["runs on"]
-        rows = [row + [host if entry in (None, host) else f"{host} ({entry})"] for row, (host, entry)
+        rows = [row + [host if entry in (None, host) else f"{host} ({entry})"] for row, (host, entry, _)
                 in zip(rows, landed)]
         c, s = topology.clusters, topology.stages
         print(f"{topology.path}: {size} ranks ({c} cluster{'s' * (c != 1)} x {s} stage{'s' * (s != 1)}"
@@ -87,5 +117,8 @@ def _ranks(args) -> int:
         raise UsageError(f"ranks are not where {topology.path} puts them: {'; '.join(problems)}; "
                          "use the hostfile 'aflkd plan' writes, or 'aflkd launch'")
     if comm.Get_rank() == 0:
-        print("every rank is where the topology puts it", flush=True)
+        unknown = [r for r, (_, entry, local) in enumerate(landed) if local is None and entry is None]
+        print("every rank is where the topology puts it" + (
+            f" (ranks {unknown}: their address does not resolve on their board, so only the host names were "
+            "compared)" if unknown else ""), flush=True)
     return 0

@@ -95,6 +95,35 @@ def test_placement_problems():
         ["rank 1 was placed on a, the topology puts it on b"]
     assert placement_problems(["a", "a"], [("h1", None), ("h2", None)]) == \
         ["ranks 0 and 1 share address a in the topology but run on h1 and h2"]
+    # one rank per board and no PMI_HOSTNAME (Open MPI): the OS's answer is what catches a swap
+    assert placement_problems(["a", "b"], [("b", None, False), ("a", None, False)]) == \
+        ["rank 0 runs on b, which is not a, where the topology puts it",
+         "rank 1 runs on a, which is not b, where the topology puts it"]
+    assert placement_problems(["a", "b"], [("a", None, True), ("b", None, None)]) == []  # None: cannot tell
+
+
+def test_is_this_host_asks_the_os():
+    import socket
+
+    from launch.rankcheck import is_this_host
+
+    assert is_this_host("localhost") and is_this_host("127.0.0.1") and is_this_host(socket.gethostname())
+    assert is_this_host("192.0.2.1") is False  # TEST-NET-1: resolves (a literal), bound to no interface here
+    assert is_this_host("no-such-host.invalid") is None
+
+
+@needs_mpiexec
+def test_a_rank_on_another_hosts_address_fails_without_pmi_hostname(tmp_path):
+    """Rank 1 put on 192.0.2.1 by the topology but run here (as a swapped Open MPI placement would be):
+    every rank ends with status 2 and one line, though MPICH gives no hostfile entry to compare."""
+    topology = tmp_path / "swap.toml"
+    topology.write_text((HOSTFILES / "local-2x1.toml").read_text().replace(
+        'name = "right"\naddress = "localhost"', 'name = "right"\naddress = "192.0.2.1"'))
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "ranks", "--topology",
+                           str(topology)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "rank 1 runs on" in lines[0] and "which is not 192.0.2.1" in lines[0], proc.stderr
 
 
 def test_plan_prints_the_testbed_map_and_writes_hostfiles_and_json(tmp_path, capsys):
