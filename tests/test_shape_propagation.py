@@ -25,7 +25,7 @@ def _shapes_both_ways(model, shape):
     return mine, theirs
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), dag=st.booleans())
 def test_meta_shapes_equal_torchs_shapeprop_on_random_nets(seed, dag):
     model, shape, _, _ = (random_graph if dag else random_config)(seed, 2)
