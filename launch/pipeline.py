@@ -212,7 +212,8 @@ def format_report(r: dict) -> str:
                  f"{r['one_rank_images_per_s']:>10.2f}{r['one_rank_latency_ms']:>12.0f}")
     lines += [
         "",
-        f"throughput ratio (planned pipeline / one rank): {r['throughput_ratio']:.2f}   "
+        f"throughput ratio (planned pipeline / one rank): {r['throughput_ratio']:.2f}, {r['throughput_vs_ideal']:.2f} "
+        f"of the ideal {r['ideal_ratio']:.2f} (every rank busy at its speed)   "
         f"row shares per cluster: {','.join(f'{s:.3g}' for s in r['runs'][0]['shares'])}",
         f"max abs error vs the unsplit model, every image: {r['max_abs_error']:.2g}",
     ]

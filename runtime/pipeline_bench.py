@@ -196,6 +196,9 @@ def bench_pipeline(comm: mpi.Comm, build: Callable[[], nn.Module], in_shape: tup
         "one_rank_images_per_s": one_rank_ips,
         "pipeline_images_per_s": plan_run["images_per_s"],
         "throughput_ratio": plan_run["images_per_s"] / one_rank_ips,
+        # every rank busy all the time at its speed: one rank's throughput times the sum of speeds over its own
+        "ideal_ratio": sum(speeds) / speeds[0],
+        "throughput_vs_ideal": plan_run["images_per_s"] / one_rank_ips / (sum(speeds) / speeds[0]),
         "one_rank_latency_ms": 1e3 * alone / images,
         "latency_ms": plan_run["latency_ms"],
         "balance_planned": plan_run["balance_planned"],
