@@ -323,10 +323,12 @@ def _profile(args) -> int:
                 f"cores), so the points at c > {machine} measure time-sharing, not extra cores")
         print(f"note: {note}")
     comp, link = profile_machine(cores, repeat=args.repeat, progress=True)
-    cost = CostModel(fit_f(comp["work"], comp["cores"], comp["seconds"]),
+    free = fit_f(comp["work"], comp["cores"], comp["seconds"])
+    cost = CostModel(fit_f(comp["work"], comp["cores"], comp["seconds"], nonnegative=True),
                      fit_g(link["data"], link["cores"], link["seconds"]),
                      source=f"fitted on this machine ({machine} cores, profiled with c_total={cores})")
     data = cost.to_json()
+    data["f_free_fit"] = {"a1": free.a1, "a2": free.a2, "rms_rel_error": free.rms_rel_error}
     data.update({"command": args.command_line, "machine_cores": machine, "c_total": cores, "note": note,
                  "units": {"x": "batches of 64 (edge net 3, 32x32, forward+backward+step)",
                            "y": "MiB of float32 logits (self-send/recv + softmax decode)", "time": "seconds"},
@@ -336,6 +338,10 @@ def _profile(args) -> int:
           f"{100 * cost.comp.rms_rel_error:.1f}% over {cost.comp.points} points")
     print(f"g: b1={cost.comm.b1:.4g}, b2={cost.comm.b2:.4g}, b3={cost.comm.b3:.4g} (MiB/s)  RMS relative error "
           f"{100 * cost.comm.rms_rel_error:.1f}% over {cost.comm.points} points")
+    if free.a2 < 0:
+        print(f"note: the free fit of f gave a2={free.a2:.4g} < 0 (computation faster when communication takes "
+              f"cores: noise, {100 * free.rms_rel_error:.1f}% RMS error); f is fitted within a2 >= 0, so a2 = 0: "
+              "the measurements show no cost of taking a core from computation")
     print(f"wrote {args.json}")
     for warning in fit_warnings(cost):
         print(f"warning: {warning}")

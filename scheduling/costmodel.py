@@ -166,10 +166,14 @@ def _rms_rel(model_times: np.ndarray, times: np.ndarray) -> float:
     return float(np.sqrt(np.mean(((model_times - times) / times) ** 2)))
 
 
-def fit_f(work: Sequence[float], comm_cores: Sequence[int], times: Sequence[float]) -> CompModel:
+def fit_f(work: Sequence[float], comm_cores: Sequence[int], times: Sequence[float],
+          nonnegative: bool = False) -> CompModel:
     """Fit a1, a2 of f from computation times measured with ``comm_cores`` cores taken by communication.
 
     Needs at least 2 distinct core counts (and 3 points, so the fit error means something).
+    ``nonnegative``: the least-squares fit within a2 >= 0 (taking cores from computation cannot speed it
+    up): where the free fit says a2 < 0 (noise), a2 = 0 and a1 fits the rates alone.  Without it the free
+    fit is returned as measured (:meth:`CompModel.check` refuses a2 < 0 where it would be planned with).
     """
     x, c, t = _arrays(work, comm_cores, times, "fit of f")
     if np.any(c < 0):
@@ -181,6 +185,9 @@ def fit_f(work: Sequence[float], comm_cores: Sequence[int], times: Sequence[floa
     if p0 <= 0:
         raise UsageError(f"fit of f failed: the fitted rate at c=0 is {p0:g} <= 0")
     model = CompModel(a1=float(1.0 / p0), a2=float(-p1 / p0), points=len(x))
+    if nonnegative and model.a2 < 0:
+        rate = x / t  # the same weighted least squares with the intercept alone: weights 1/rate
+        model = CompModel(a1=float(np.sum(1.0 / rate ** 2) / np.sum(1.0 / rate)), a2=0.0, points=len(x))
     model.check(int(c.max()), measured=True)
     err = _rms_rel(np.array([model.time(xi, ci) for xi, ci in zip(x, c)]), t)
     return CompModel(model.a1, model.a2, err, len(x))

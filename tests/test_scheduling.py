@@ -311,3 +311,23 @@ def test_planning_2000_cycles_on_16_cores_finishes(capsys):
     took = time.perf_counter() - start
     assert len(result.steps) >= 4000 and math.isfinite(result.total)
     print(f"planned N=2000, c=16 in {took:.3f} s")
+
+
+def test_the_profile_fits_f_within_a2_nonnegative_and_keeps_the_free_fit():
+    """The README's `schedule profile` then `train distill --constants` failed on a busy 2-core machine: the
+    free fit said a2 = -0.11 and distill refused it.  The profile fits within a2 >= 0 (the constrained least
+    squares: a2 = 0, a1 from the weighted rates alone), checked here against a brute-force grid search."""
+    x, c, t = [1, 1, 1, 1, 2, 2], [0, 1, 2, 0, 1, 2], [1.0, 0.9, 0.8, 1.05, 1.85, 1.7]
+    assert fit_f(x, c, t).a2 < 0
+    m = fit_f(x, c, t, nonnegative=True)
+    assert m.a2 == 0.0
+    rate = np.array(x) / np.array(t)
+
+    def loss(p0):
+        return np.sum(((p0 - rate) / rate) ** 2)
+
+    grid = np.linspace(0.5, 2.0, 150001)
+    assert 1.0 / m.a1 == pytest.approx(grid[np.argmin([loss(g) for g in grid])], abs=1e-4)
+    CostModel(m, PAPER_LIKE.comm).check(3)  # what --constants accepts
+    clean = fit_f([1, 2, 1, 2], [0, 0, 2, 2], [1.0, 2.0, 1.25, 2.5], nonnegative=True)
+    assert clean.a2 == pytest.approx(0.1)  # a positive a2 is left as fitted
