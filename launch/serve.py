@@ -77,7 +77,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="weights to load (default: seeded random weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of synthetic images")
     p.add_argument("--weights", type=options.weights, default=None,
-                   help="initial row weights, one per rank (one per cluster with --stages; default even)")
+                   help="initial row weights, one per rank, or one per cluster with --stages (default: even)")
     p.add_argument("--stages", type=options.positive_int, default=1,
                    help="pipeline stages: the ranks form ranks/S clusters of S stages, each cluster's rows run "
                    "through S stages with several images in flight, and rebalancing moves the stage cuts (every "
