@@ -149,15 +149,11 @@ def serve_stream(comm, build: Callable[[Sequence[float]], object], weights: Sequ
             decision[:] = torch.tensor([kind, todo[k], epoch + (kind == KIND_REPLAN), size])
         mpi.bcast_tensor(comm, decision, 0, "the root's decision before the next image")
         if int(decision[0]) == KIND_REPLAN:
-            shares = torch.tensor(proposal if root else [0.0] * size, dtype=torch.float64)
-            mpi.bcast_tensor(comm, shares, 0, "the root's new row weights")
-            weights = shares.tolist()
+            weights = _new_plan(comm, proposal, size, torch.float64, "the root's new row weights")
             executor = build(weights)
             epoch = int(decision[2])
             if root:
-                rebalancer.switched(weights)
-                report.switches.append({"at": k, "image": todo[k], "epoch": epoch, "weights": weights,
-                                        "rule": dict(rebalancer.last)})
+                _switched(report, rebalancer, k, todo[k], epoch, "weights", weights)
                 proposal = None
         image, arrived = None, None
         if root:
@@ -188,6 +184,20 @@ def serve_stream(comm, build: Callable[[Sequence[float]], object], weights: Sequ
     if root:
         report.seconds = time.monotonic() - start
     return report
+
+
+def _new_plan(comm, proposal: Optional[list], length: int, dtype: torch.dtype, what: str) -> list:
+    """The root's proposal (row weights or stage cuts), broadcast: every rank switches to the same plan."""
+    plan = torch.tensor(proposal if proposal is not None else [0] * length, dtype=dtype)
+    mpi.bcast_tensor(comm, plan, 0, what)
+    return plan.tolist()
+
+
+def _switched(report: ServeReport, rebalancer: Rebalancer, k: int, image: int, epoch: int, key: str,
+              plan: list) -> None:
+    """The root's record of a switch: the rule restarts its window, the report keeps what and why."""
+    rebalancer.switched(plan)
+    report.switches.append({"at": k, "image": image, "epoch": epoch, key: plan, "rule": dict(rebalancer.last)})
 
 
 def serve_pipeline_stream(comm, build: Callable[[Sequence[int]], object], bounds: Sequence[int],
@@ -228,16 +238,12 @@ def serve_pipeline_stream(comm, build: Callable[[Sequence[int]], object], bounds
         mpi.bcast_tensor(comm, decision, 0, "the root's decision before the next images")
         n = int(decision[2])
         if int(decision[0]) == KIND_REPLAN:
-            cuts = torch.tensor(proposal if root else [0] * len(bounds), dtype=torch.int64)
-            mpi.bcast_tensor(comm, cuts, 0, "the root's new stage cuts")
+            bounds = _new_plan(comm, proposal, len(bounds), torch.int64, "the root's new stage cuts")
             executor.close()
-            bounds = cuts.tolist()
             executor = build(bounds)
             epoch = int(decision[3])
             if root:
-                rebalancer.switched(bounds)
-                report.switches.append({"at": k, "image": todo[k], "epoch": epoch, "bounds": bounds,
-                                        "rule": dict(rebalancer.last)})
+                _switched(report, rebalancer, k, todo[k], epoch, "bounds", bounds)
                 proposal = None
         speed = next((sp for after, sp in reversed(mine) if after <= k), 1.0)
         executor.speed = speed

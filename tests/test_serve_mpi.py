@@ -30,6 +30,16 @@ def plain_torch_logits(net: str, size: int, seed: int, images: list) -> torch.Te
             seed * 1_000_003 + i))) for i in images])
 
 
+def assert_top5_equal_torch(rows: list, net: str, size: int, seed: int) -> None:
+    """Every logged result (rows of :func:`logged`) has plain torch's top-5 classes and logits (within 1e-4)."""
+    want = plain_torch_logits(net, size, seed, [r[0] for r in rows])
+    for (image, top1, topk, _, _), logits in zip(rows, want):
+        topk = json.loads(topk)
+        values, classes = torch.topk(logits, 5)
+        assert top1 == int(classes[0]) and [c for c, _ in topk] == classes.tolist(), image
+        assert max(abs(v - float(w)) for (_, v), w in zip(topk, values)) <= 1e-4, image
+
+
 def logged(path) -> list:
     return sqlite3.connect(str(path)).execute("SELECT image, top1, topk, epoch, run FROM results ORDER BY image").fetchall()
 
@@ -53,12 +63,7 @@ def test_three_ranks_serve_each_image_once_equal_to_torch_across_a_replan_and_a_
     assert [r[0] for r in rows] == list(range(30))  # each image exactly once
     assert [r[4] for r in rows] == [1] * 24 + [2] * 6
     assert {r[3] for r in rows[:24]} >= {0, 1}  # served under two plan epochs
-    want = plain_torch_logits("edge3", 64, 3, list(range(30)))
-    for (image, top1, topk, _, _), logits in zip(rows, want):
-        topk = json.loads(topk)
-        values, classes = torch.topk(logits, 5)
-        assert top1 == int(classes[0]) and [c for c, _ in topk] == classes.tolist(), image
-        assert max(abs(v - float(w)) for (_, v), w in zip(topk, values)) <= 1e-4, image
+    assert_top5_equal_torch(rows, "edge3", 64, 3)
 
 
 @needs_mpiexec
@@ -77,12 +82,7 @@ def test_a_pipeline_serves_each_image_once_equal_to_torch_across_a_recut(tmp_pat
     assert summary["switches"][0]["bounds"][1] > first_cut, (first_cut, summary["switches"])  # layers off stage 1
     rows = logged(log)
     assert [r[0] for r in rows] == list(range(50)) and {r[3] for r in rows} >= {0, 1}
-    want = plain_torch_logits("edge3", 48, 4, list(range(50)))
-    for (image, top1, topk, _, _), logits in zip(rows, want):
-        topk = json.loads(topk)
-        values, classes = torch.topk(logits, 5)
-        assert top1 == int(classes[0]) and [c for c, _ in topk] == classes.tolist(), image
-        assert max(abs(v - float(w)) for (_, v), w in zip(topk, values)) <= 1e-4, image
+    assert_top5_equal_torch(rows, "edge3", 48, 4)
 
 
 @needs_mpiexec

@@ -145,20 +145,29 @@ def main() -> int:
     for name, data in runs.items():
         rate = after(data, start if name != "unchanged" else 0)
         reference = after(runs["hog-ideal"], start) if name.startswith("hog") and "hog-ideal" in runs else ideal
-        figures[name] = {"images_per_s": round(rate, 2), "vs_ideal": round(rate / reference, 3),
-                         "switches": [(s["at"], [round(w, 3) for w in s["weights"]]) for s in data["switches"]],
-                         "max_abs_logit_error": exact(data, args.net, args.size), "command": data["command"]}
+        figures[name] = _figure(args, data, rate, reference, [(s["at"], [round(w, 3) for w in s["weights"]])
+                                                               for s in data["switches"]])
     summary = {"ranks": r, "net": args.net, "size": args.size, "slowdown": slow, "measured_from_image": start,
                "figures": figures}
-    (out / "rebalance.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n{r} ranks, {args.net} at {args.size}, rank {r - 1} at speed {args.speed} from image {args.at}; "
-          f"images/s over images {start}-{args.images - 1}:")
-    for name, f in figures.items():
-        print(f"  {name:<11} {f['images_per_s']:8.2f} images/s  {f['vs_ideal']:.3f} of ideal  re-plans "
-              f"{f['switches'] or 'none'}  max |logit - torch| {f['max_abs_logit_error']:.2e}")
+    _report(out / "rebalance.json", summary, f"{r} ranks", args, start, "re-plans")
     _plot(runs, out / "rebalance.png", args.at)
     print(f"wrote {out / 'rebalance.json'} and {out / 'rebalance.png'}")
     return 0
+
+
+def _figure(args, data: dict, rate: float, reference: float, switches: list) -> dict:
+    return {"images_per_s": round(rate, 2), "vs_ideal": round(rate / reference, 3), "switches": switches,
+            "max_abs_logit_error": exact(data, args.net, args.size), "command": data["command"]}
+
+
+def _report(path: Path, summary: dict, ranks: str, args, start: int, what: str) -> None:
+    """Write the summary as JSON and print its figures."""
+    path.write_text(json.dumps(summary, indent=1))
+    print(f"\n{ranks}, {args.net} at {args.size}, rank {summary['ranks'] - 1} at speed {args.speed} from image "
+          f"{args.at}; images/s over images {start}-{args.images - 1}:")
+    for name, f in summary["figures"].items():
+        print(f"  {name:<11} {f['images_per_s']:8.2f} images/s  {f['vs_ideal']:.3f} of ideal  {what} "
+              f"{f['switches'] or 'none'}  max |logit - torch| {f['max_abs_logit_error']:.2e}")
 
 
 def pipeline(args, out: Path, r: int, slow: str, common: tuple) -> int:
@@ -177,17 +186,10 @@ def pipeline(args, out: Path, r: int, slow: str, common: tuple) -> int:
     figures = {}
     for name, data in runs.items():
         rate = after(data, start if name != "unchanged" else 0)
-        figures[name] = {"images_per_s": round(rate, 2), "vs_ideal": round(rate / ideal, 3),
-                         "switches": [(s["at"], s["bounds"]) for s in data["switches"]],
-                         "max_abs_logit_error": exact(data, args.net, args.size), "command": data["command"]}
+        figures[name] = _figure(args, data, rate, ideal, [(s["at"], s["bounds"]) for s in data["switches"]])
     summary = {"ranks": r, "stages": args.stages, "net": args.net, "size": args.size, "slowdown": slow,
                "measured_from_image": start, "figures": figures}
-    (out / "rebalance-pipeline.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n{r} ranks in stages of {args.stages}, {args.net} at {args.size}, rank {r - 1} at speed {args.speed} "
-          f"from image {args.at}; images/s over images {start}-{args.images - 1}:")
-    for name, f in figures.items():
-        print(f"  {name:<11} {f['images_per_s']:8.2f} images/s  {f['vs_ideal']:.3f} of ideal  re-cuts "
-              f"{f['switches'] or 'none'}  max |logit - torch| {f['max_abs_logit_error']:.2e}")
+    _report(out / "rebalance-pipeline.json", summary, f"{r} ranks in stages of {args.stages}", args, start, "re-cuts")
     if "ideal" in runs:
         _plot(runs, out / "rebalance-pipeline.png", args.at)
     print(f"wrote {out / 'rebalance-pipeline.json'}")
