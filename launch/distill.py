@@ -228,6 +228,11 @@ def _report(rows: list[dict], args) -> None:
     for e in edges:
         print(f"{e['rank']:>4} {e['net']:>3} {e['seed']:>4} {e['wire']:>8} {e['bytes_per_batch']:>11} "
               f"{e['bytes_received'] / 1e6:>8.3f} {e['logit_wait_seconds']:>7.2f} {e['test_acc']:>8.2%}")
+    for e in edges:
+        if e.get("control", "none") != "none":
+            source = f"constants from {args.constants}" if getattr(args, "constants", None) else "ideal constants"
+            print(f"rank {e['rank']}: cores allocated by {e['control']} ({e['control_cores']} core{'s' * (e['control_cores'] != 1)}, {source}), "
+                  f"{e['replans']} re-plan(s) over {e['steps']} steps")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": args.command_line, "dataset": args.dataset, "cloud": cloud, "edges": edges}, fh,

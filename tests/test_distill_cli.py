@@ -61,6 +61,16 @@ def test_one_cloud_two_edges_write_results_and_students(tmp_path, teacher):
     assert proc.stderr.count("no CUDA device visible to torch; running on the CPU") == 1
 
 
+def test_the_output_says_which_controller_allocated_the_cores(tmp_path, teacher):
+    """`train distill --control planner --constants F` printed the same table as an uncontrolled run."""
+    constants = tmp_path / "c.json"
+    constants.write_text(json.dumps({"f": {"a1": 0.2, "a2": 0.05}, "g": {"b1": 100.0, "b2": 10.0, "b3": 1.0}}))
+    proc = distill(2, "--teacher", teacher, "--nets", "1", "--control", "planner", "--constants", str(constants))
+    assert proc.returncode == 0, proc.stderr
+    assert f"rank 1: cores allocated by planner (" in proc.stdout and f"constants from {constants})" in proc.stdout
+    assert "re-plan(s) over 4 steps" in proc.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--teacher", "{ten}"], "--teacher must be a cloud net trained on tiny"),
     (["--wire", "topk:3"], "--wire topk:3 must keep between 1 and 2 of the 3 classes"),
