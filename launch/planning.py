@@ -182,6 +182,11 @@ def add_parser(sub) -> None:
                          help="gather the last map to rank 0, or split the first Linear by columns")
     program.add_argument("--rank", type=options.non_negative_int, default=None,
                          help="print this rank's program only (default: every rank's)")
+    program.add_argument("--stages", type=options.positive_int, default=1,
+                         help="a pipeline: --ranks form ranks/S clusters of S stages; prints its deployment (what "
+                         "every rank agrees on) and each stage's programs (--weights: one per cluster)")
+    program.add_argument("--cuts", type=options.int_list, default=None, metavar="L1,L2,...",
+                         help="with --stages: the S-1 stage cuts as layer indices (default: equal layers)")
     p.add_argument("command", nargs="...", metavar="-- COMMAND",
                    help="the aflkd command the printed lines run (default: aflkd ranks)")
     p.set_defaults(func=_plan, one_process=True)
@@ -198,6 +203,8 @@ def _programs(args) -> int:
 
     if args.rank is not None and args.rank >= args.ranks:
         raise UsageError(f"--rank {args.rank}: there are only --ranks {args.ranks} (0 to {args.ranks - 1})")
+    if args.stages > 1:
+        return _pipeline_programs(args)
     weights = check_weights(args.weights, args.ranks)
     with empty_weights():
         model = build_model(args.net, 3, args.size, 10).eval()
@@ -209,6 +216,63 @@ def _programs(args) -> int:
     problems = check_programs(programs)
     print(f"pairing check of the {args.ranks} programs: " + ("they pair and run to the end" if not problems
                                                              else "FAILED\n  " + "\n  ".join(problems)))
+    return 0 if not problems else 1
+
+
+def pipeline_programs(net: str, size: int, ranks: int, stages: int, cuts=None, weights=None, head: str = "gather"):
+    """A pipeline's :class:`runtime.deployment.Deployment` (with each stage's plan digest, as
+    :class:`runtime.pipeline.PipelineExecutor` computes it) and ``{rank: (title, Program)}``, and the pairing
+    check's problems, built without MPI from a skeleton of ``net``."""
+    from models import build_model
+    from runtime.deployment import pipeline_deployment, plan_digest
+    from runtime.graph import trace_model
+    from runtime.pipeline import Grid, split_head_plan, stage_module, tail_module
+    from runtime.plan import check_weights, plan_split
+    from runtime.program import check_programs, lower_all
+    from runtime.skeleton import empty_weights
+    from runtime.stages import equal_stages, split_layers
+
+    if ranks % stages:
+        raise UsageError(f"--stages {stages} does not divide --ranks {ranks} into clusters")
+    grid = Grid(ranks // stages, stages)
+    shares = check_weights(weights, grid.clusters)
+    with empty_weights():
+        model = build_model(net, 3, size, 10).eval()
+    layers = split_layers(trace_model(model, (3, size, size)))
+    n = len(layers)
+    if grid.stages > n:
+        raise UsageError(f"--stages {grid.stages}: {net} has only {n} layers to share")
+    bounds = [0, *cuts, n] if cuts is not None else list(equal_stages(n, grid.stages))
+    if len(bounds) != grid.stages + 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise UsageError(f"--cuts: need {grid.stages - 1} layer indices rising strictly between 0 and {n}")
+    split_head = head == "split" and split_head_plan(layers, shares)[0] is not None
+    digests, programs, problems = [], {}, []
+    for s in range(grid.stages):
+        first, stop = bounds[s], bounds[s + 1]
+        tail = s == grid.stages - 1 and split_head
+        module = tail_module(model, layers, first) if tail else stage_module(model, layers, first, stop)
+        plan = plan_split(trace_model(module, layers.cut_shape(first)), shares, head="split" if tail else "gather")
+        digests.append(plan_digest(plan))
+        lowered = lower_all(plan, module, head=tail)
+        problems += [f"stage {s}: {p}" for p in check_programs(lowered)]
+        for c, program in enumerate(lowered):
+            programs[grid.rank(c, s)] = (f"cluster {c}, stage {s}, layers {first}:{stop}", program)
+    deployment = pipeline_deployment(layers, grid.clusters, grid.stages, bounds, shares,
+                                     "split" if split_head else "gather", digests)
+    return deployment, programs, problems
+
+
+def _pipeline_programs(args) -> int:
+    """``aflkd plan --program --stages S``: the pipeline's deployment, then each stage's programs, checked."""
+    deployment, programs, problems = pipeline_programs(args.net, args.size, args.ranks, args.stages, args.cuts,
+                                                       args.weights, args.head)
+    print(deployment.text() + " (every rank agrees on this digest before any image moves)")
+    for rank in sorted(programs):
+        if args.rank is None or args.rank == rank:
+            title, program = programs[rank]
+            print(f"job rank {rank} ({title}), {program.text()}")
+    print(f"pairing check of the {deployment.stages} stages' programs: " + (
+        "they pair and run to the end" if not problems else "FAILED\n  " + "\n  ".join(problems)))
     return 0 if not problems else 1
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from .plan import GraphPlan
 
-__all__ = ["plan_digest", "Deployment"]
+__all__ = ["plan_digest", "Deployment", "pipeline_deployment", "stage_plans_of"]
 
 
 def _digest(obj) -> str:
@@ -48,7 +48,7 @@ class Deployment:
     clusters: int
     stages: int
     bounds: tuple[int, ...]
-    rows: tuple[tuple[int, int], ...]
+    rows: tuple  # RowRange per cluster: the rows of the last stage's output each cluster owns
     head: str
     layers: tuple[str, ...]
     stage_plans: tuple[str, ...]
@@ -57,10 +57,22 @@ class Deployment:
         return _digest(self)
 
     def text(self) -> str:
-        rows = ", ".join(f"{a}-{b}" for a, b in self.rows)
+        rows = ", ".join(f"{r.start}-{r.stop}" for r in self.rows)
         return (f"deployment {self.digest()}: {self.clusters} cluster(s) x {self.stages} stage(s), stage cuts "
-                f"{list(self.bounds)} of {len(self.layers)} layers, output rows per cluster {rows}, head "
+                f"{list(self.bounds)} of {self.bounds[-1]} layers, output rows per cluster {rows}, head "
                 f"{self.head}, stage plans {', '.join(self.stage_plans)}")
+
+
+def pipeline_deployment(layers, clusters: int, stages: int, bounds: Sequence[int], shares: Sequence[float],
+                        head: str, stage_plans: Sequence[str] = ()) -> Deployment:
+    """The :class:`Deployment` of a pipeline over ``layers`` (:class:`runtime.stages.Layers`): what
+    :class:`runtime.pipeline.PipelineExecutor` agrees on and ``aflkd plan --program --stages`` prints."""
+    from .geometry import split_rows
+
+    n = len(layers)
+    return Deployment(clusters, stages, tuple(int(b) for b in bounds), split_rows(layers.cut_shape(n)[1], shares),
+                      head, tuple(f"{x.label}:{x.out_shape}" for x in layers.layers) + tuple(layers.head),
+                      tuple(stage_plans))
 
 
 def stage_plans_of(reports: Sequence[tuple[int, str]], stages: int) -> tuple[tuple[str, ...], list[str]]:

@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch.fx import Graph, GraphModule
 
 from . import transport as mpi
-from .deployment import Deployment, plan_digest, stage_plans_of
+from .deployment import pipeline_deployment, plan_digest, stage_plans_of
 from .skeleton import empty_weights
 from .errors import UsageError
 from .geometry import split_rows
@@ -209,8 +209,7 @@ class PipelineExecutor:
         except UsageError as err:
             problem = f"stage {self.stage} (layers {first}:{stop}): {err}"
         # one collective: every rank's problem, its stage's plan and its view of the whole deployment
-        shape = Deployment(grid.clusters, grid.stages, bounds, tuple(split_rows(layers.cut_shape(n)[1], self.shares)),
-                           head, tuple(f"{x.label}:{x.out_shape}" for x in layers.layers) + tuple(layers.head), ())
+        shape = pipeline_deployment(layers, grid.clusters, grid.stages, bounds, self.shares, head)
         stage_digest = plan_digest(plan) if problem is None else ""
         reports = mpi.allgather_objects(comm, (problem, self.stage, stage_digest, shape.digest()),
                                         what="the deployment agreement")

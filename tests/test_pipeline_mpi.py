@@ -206,3 +206,20 @@ def test_a_rank_with_other_cuts_or_shares_is_named_on_every_rank(world):
     shares = [1.0] * world.size if world.rank != 1 else [1.0] + [3.0] * (world.size - 1)
     with pytest.raises(AgreedError, match=r"^rank 1\b.*another deployment"):
         PipelineExecutor(model, (3, 32, 32), Grid(world.size, 1), [0, n], shares, comm=world)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_plan_program_prints_the_deployment_the_executors_agree_on(world):
+    """`aflkd plan --program --stages S` (built without MPI from a skeleton) names the same deployment digest
+    as the executors of a real job, for every grid of this size, and its stage programs pair."""
+    from launch.planning import pipeline_programs
+    from runtime.stages import equal_stages
+
+    model = build_net("edge3", 3, 32, 10).eval()
+    n = len(split_layers(trace_model(model, (3, 32, 32))))
+    for grid in grids(world.size):
+        deployment, programs, problems = pipeline_programs("edge3", 32, world.size, grid.stages)
+        executor = PipelineExecutor(model, (3, 32, 32), grid, list(equal_stages(n, grid.stages)), comm=world)
+        assert executor.deployment.digest() == deployment.digest() and not problems, grid
+        assert sorted(programs) == list(range(world.size))
+        executor.close()

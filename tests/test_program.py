@@ -135,3 +135,20 @@ def test_plan_program_prints_every_rank_and_the_check(capsys):
     assert out.rstrip().endswith("pairing check of the 3 programs: they pair and run to the end")
     assert main(["plan", "--program", "--ranks", "2", "--rank", "2"]) == 2
     assert "--rank 2: there are only --ranks 2" in capsys.readouterr().err
+
+
+def test_plan_program_prints_a_pipelines_deployment_and_its_stages(capsys):
+    from launch.cli import main
+
+    assert main(["plan", "--program", "--net", "edge3", "--size", "32", "--ranks", "4", "--stages", "2",
+                 "--cuts", "12", "--head", "split"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deployment ") and "2 cluster(s) x 2 stage(s), stage cuts [0, 12, 33]" in out
+    assert "head split" in out and "SplitLinear" in out
+    assert [line.split(" (")[0] for line in out.splitlines() if line.startswith("job rank")] == \
+        [f"job rank {r}" for r in range(4)]
+    assert out.rstrip().endswith("pairing check of the 2 stages' programs: they pair and run to the end")
+    assert main(["plan", "--program", "--ranks", "4", "--stages", "2", "--cuts", "40"]) == 2
+    assert "--cuts: need 1 layer indices" in capsys.readouterr().err
+    assert main(["plan", "--program", "--ranks", "3", "--stages", "2"]) == 2
+    assert "--stages 2 does not divide --ranks 3" in capsys.readouterr().err
