@@ -186,6 +186,7 @@ class Controller:
     cpus: list[int] = field(default_factory=list)
     replans: list[dict] = field(default_factory=list)
     log: list[dict] = field(default_factory=list)
+    background: bool = True  # re-plans on a planning thread: the trainer keeps the old plan until the new is ready
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -206,22 +207,86 @@ class Controller:
         self._comm_tid: Optional[int] = None
         self._current: Optional[Allocation] = None
         self._off = 0  # consecutive drifting batches
+        self._cv = threading.Condition()
+        self._wanted: Optional[tuple] = None  # (first step, workloads, request number) for the planning thread
+        self._ready: Optional[tuple] = None  # (first step, phases, plan ms, request number) from it
+        self._planner: Optional[threading.Thread] = None
+        self._requests = self._taken = 0
         self.plan_from(0)
 
     # -- the plan ---------------------------------------------------------------------------------------------
+    def _phases_from(self, step: int, workloads: tuple) -> tuple[dict, float]:
+        began = time.perf_counter()
+        f, b, y = workloads
+        cs = phase_cores(self.policy, self.cost, self.steps - step, self.cores, f, b, y)
+        return {(step + i // 2, i % 2): c for i, c in enumerate(cs)}, 1e3 * (time.perf_counter() - began)
+
     def plan_from(self, step: int) -> None:
-        """(Re-)plan batches ``step`` .. steps-1 with the current workloads."""
+        """(Re-)plan batches ``step`` .. steps-1 with the current workloads, on this thread."""
         if self.policy == "none":
             self._phases = {}
             return
-        began = time.perf_counter()
-        f, b, y = self.workloads
-        cs = phase_cores(self.policy, self.cost, self.steps - step, self.cores, f, b, y)
-        self._phases = {(step + i // 2, i % 2): c for i, c in enumerate(cs)}
-        self.plan_ms = 1e3 * (time.perf_counter() - began)
+        self._phases, self.plan_ms = self._phases_from(step, self.workloads)
+
+    def _request_plan(self, step: int) -> None:
+        """Ask the planning thread for a plan of batches ``step``.. with the current workloads (the newest
+        request wins); the trainer keeps the plan it has until :meth:`comm_cores` finds the new one ready."""
+        with self._cv:
+            self._requests += 1
+            self._wanted = (step, self.workloads, self._requests)
+            self._cv.notify()
+        if self._planner is None:
+            self._planner = threading.Thread(target=self._plan_loop, name="aflkd-planner", daemon=True)
+            self._planner.start()
+
+    def _plan_loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._wanted is None:
+                    self._cv.wait()
+                step, workloads, number = self._wanted
+                self._wanted = None
+            if step < 0:
+                return
+            phases, ms = self._phases_from(step, workloads)
+            with self._cv:
+                self._ready = (step, phases, ms, number)
+                self._cv.notify_all()
+
+    def wait_for_plan(self, timeout_s: float = 60.0) -> None:
+        """Block until the last requested plan is in use (tests; a run never waits for its planner)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._taken != self._requests and (self._ready is None or self._ready[3] != self._requests):
+                if not self._cv.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError("the planning thread gave no plan")
+        self._take_plan()
+
+    def _take_plan(self) -> None:
+        with self._cv:
+            ready, self._ready = self._ready, None
+        if ready is None:
+            return
+        step, phases, ms, number = ready
+        self._phases.update(phases)  # batches from ``step`` on; the ones already run are never read again
+        self.plan_ms, self._taken = ms, number
+        for entry in self.replans:
+            if entry.get("request") == number:
+                entry["plan_ms"] = ms
+
+    def close(self) -> None:
+        """Stop the planning thread (if one was started)."""
+        if self._planner is not None:
+            with self._cv:
+                self._wanted = (-1, self.workloads, -1)
+                self._cv.notify()
+            self._planner.join(timeout=5)
+            self._planner = None
 
     def comm_cores(self, step: int, phase: int) -> int:
         """Cores communication holds in batch ``step``'s phase 0 (Forward) or 1 (Backward)."""
+        if self._ready is not None:
+            self._take_plan()
         return self._phases[(step, phase)]
 
     # -- applying it --------------------------------------------------------------------------------------------
@@ -255,7 +320,8 @@ class Controller:
         return None if self.policy == "none" else allocation(self.cpus, self.cores)
 
     def restore(self) -> None:
-        """Threads and affinity as they were before control."""
+        """Threads and affinity as they were before control (and no planning thread)."""
+        self.close()
         threads, cpus = self._saved
         torch.set_num_threads(threads)
         if self.policy != "none":
@@ -291,9 +357,14 @@ class Controller:
                        for r in recent) / len(recent))
         old = self.workloads
         self.workloads = tuple(max(v, 1e-9) for v in est)
-        self.plan_from(step + 1)
-        self.replans.append({"after_step": step, "drift": worst, "old": old, "new": self.workloads,
-                             "plan_ms": self.plan_ms})
+        if self.background:
+            self._request_plan(step + 1)
+            self.replans.append({"after_step": step, "drift": worst, "old": old, "new": self.workloads,
+                                 "plan_ms": None, "request": self._requests})
+        else:
+            self.plan_from(step + 1)
+            self.replans.append({"after_step": step, "drift": worst, "old": old, "new": self.workloads,
+                                 "plan_ms": self.plan_ms})
         self._off = 0
         return True
 

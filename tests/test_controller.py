@@ -2,6 +2,7 @@
 drift triggers a re-plan, and control changes timing, not arithmetic (given the thread count)."""
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -89,8 +90,45 @@ def test_drift_beyond_tolerance_for_patience_batches_replans_with_measured_workl
     assert ctl.observe(4, f * 3.0, b * 3.0, y)       # second in a row: re-plan
     assert len(ctl.replans) == 1 and ctl.replans[0]["after_step"] == 4
     np.testing.assert_allclose(ctl.workloads, (3.0, 3.0, 1.0), rtol=1e-9)   # x = t / f(1, c) from the drift
+    ctl.wait_for_plan()
+    assert ctl.replans[0]["plan_ms"] is not None
     f2, b2, _ = ctl.predicted(5)
     assert not ctl.observe(5, f2, b2, y)             # the new model fits the new times
+    ctl.close()
+
+
+def test_a_replan_runs_on_the_planning_thread_while_the_trainer_keeps_its_plan():
+    """The planner ran on the training thread (2000 steps: up to 0.3 s per re-plan, 142 re-plans, charged to
+    the next Forward).  Now observe() returns at once: the plan in use changes only when the planning
+    thread's is ready, computed on another OS thread (checked from /proc, not from the controller)."""
+    import scheduling.controller as C
+
+    seen = {}
+    slow = threading.Event()
+
+    def phase_cores(*args, **kwargs):
+        seen["tid"] = threading.get_native_id()
+        slow.wait(5)  # the planner is slow: the trainer must not wait for it
+        return [1] * (2 * args[2])
+
+    ctl = Controller("planner", 2, steps=10, patience=1, tolerance=0.2)
+    before = {(s, p): ctl.comm_cores(s, p) for s in range(5, 10) for p in (0, 1)}
+    original = C.phase_cores
+    C.phase_cores = phase_cores
+    try:
+        f, b, y = ctl.predicted(3)
+        started = time.perf_counter()
+        assert ctl.observe(3, f * 5.0, b * 5.0, y)
+        assert time.perf_counter() - started < 1.0
+        assert {(s, p): ctl.comm_cores(s, p) for s in range(5, 10) for p in (0, 1)} == before  # old plan in use
+        slow.set()
+        ctl.wait_for_plan()
+        assert {ctl.comm_cores(s, p) for s in range(4, 10) for p in (0, 1)} == {1}
+        assert seen["tid"] != threading.get_native_id()
+        assert str(seen["tid"]) in os.listdir("/proc/self/task")  # a thread of this process, not this one
+    finally:
+        C.phase_cores = original
+        ctl.close()
 
 
 @two_cores
