@@ -226,8 +226,8 @@ def pipeline_programs(net: str, size: int, ranks: int, stages: int, cuts=None, w
     from models import build_model
     from runtime.deployment import pipeline_deployment, plan_digest
     from runtime.graph import trace_model
-    from runtime.pipeline import Grid, split_head_plan, stage_module, tail_module
-    from runtime.plan import check_weights, plan_split
+    from runtime.pipeline import Grid, split_head_plan, stage_plan
+    from runtime.plan import check_weights
     from runtime.program import check_programs, lower_all
     from runtime.skeleton import empty_weights
     from runtime.stages import equal_stages, split_layers
@@ -249,11 +249,9 @@ def pipeline_programs(net: str, size: int, ranks: int, stages: int, cuts=None, w
     digests, programs, problems = [], {}, []
     for s in range(grid.stages):
         first, stop = bounds[s], bounds[s + 1]
-        tail = s == grid.stages - 1 and split_head
-        module = tail_module(model, layers, first) if tail else stage_module(model, layers, first, stop)
-        plan = plan_split(trace_model(module, layers.cut_shape(first)), shares, head="split" if tail else "gather")
+        module, plan = stage_plan(model, layers, bounds, s, shares, split_head)
         digests.append(plan_digest(plan))
-        lowered = lower_all(plan, module, head=tail)
+        lowered = lower_all(plan, module, head=split_head and s == grid.stages - 1)
         problems += [f"stage {s}: {p}" for p in check_programs(lowered)]
         for c, program in enumerate(lowered):
             programs[grid.rank(c, s)] = (f"cluster {c}, stage {s}, layers {first}:{stop}", program)

@@ -226,14 +226,18 @@ def _run(args, comm, model, shape, source, log, rule) -> int:
 
     todo = _todo(args, rank, source, log, size, shape, f"rebalancing {'off' if rule is None else 'on'}")
 
-    def record(image, topk, epoch, latency_ms):
-        log.append([(image, topk[0][0], topk, epoch, latency_ms)])
-
     report = serve_stream(comm, build, weights, shape[1], todo, source.image if source else None,
-                          record=record if rank == 0 else None, rule=rule, slowdowns=args.slow, rate=args.rate,
-                          topk=args.topk, progress=None if args.no_progress else _progress,
+                          record=_recorder(log) if rank == 0 else None, rule=rule, slowdowns=args.slow,
+                          rate=args.rate, topk=args.topk, progress=None if args.no_progress else _progress,
                           progress_every_s=args.interval)
     return _finish(args, report, todo, source, log, size)
+
+
+def _recorder(log):
+    """Commit one result to the results log (rank 0)."""
+    def record(image, topk, epoch, latency_ms):
+        log.append([(image, topk[0][0], topk, epoch, latency_ms)])
+    return record
 
 
 def _todo(args, rank, source, log, size, shape, what):
@@ -284,11 +288,8 @@ def _run_pipeline(args, comm, model, shape, source, log, rule) -> int:
     todo = _todo(args, rank, source, log, size, shape, f"{grid.clusters} cluster(s) x {grid.stages} stages, cuts "
                  f"{bounds} of {len(layers)} layers, rebalancing {'off' if rule is None else 'on'}")
 
-    def record(image, topk, epoch, latency_ms):
-        log.append([(image, topk[0][0], topk, epoch, latency_ms)])
-
     report = serve_pipeline_stream(comm, build, bounds, todo, source.image if source else None,
-                                   record=record if rank == 0 else None, rule=rule,
+                                   record=_recorder(log) if rank == 0 else None, rule=rule,
                                    model=CutModel(tuple(costs), tuple(out_bytes), grid.clusters, grid.stages, shares),
                                    chunk=args.chunk, slowdowns=args.slow, topk=args.topk,
                                    progress=None if args.no_progress else _progress, progress_every_s=args.interval)

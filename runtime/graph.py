@@ -447,7 +447,7 @@ class _ShapeRecorder(torch.fx.Interpreter):
         if self.lenient and any(isinstance(self.env.get(a), _Unknown) for a in n.all_input_nodes):
             return self._unknown(n)
         try:
-            result = self._same_shape(n)
+            result = self._shape_by_rule(n)
             if result is None:
                 result = super().run_node(n)
         except Exception as err:
@@ -460,9 +460,10 @@ class _ShapeRecorder(torch.fx.Interpreter):
             result, lambda r: _Shape(tuple(int(d) for d in r.shape)) if isinstance(r, torch.Tensor) else None)
         return result
 
-    def _same_shape(self, n):
-        """The input itself for a node that keeps its input's shape and needs no kernel to say so: BatchNorm on
-        meta runs torch's Python decompositions, whose first call imports dynamo (about 115 MB)."""
+    def _shape_by_rule(self, n):
+        """The output, on meta, of a node whose shape torch's formula gives without a kernel (None: run the
+        node): Conv2d/pools/Linear by their formulas, shape-keeping modules as their input.  Their meta kernels
+        are Python: the first ``torch._check`` imports sympy, BatchNorm's and addmm's decompositions dynamo."""
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if not args or not isinstance(args[0], torch.Tensor):
             return None

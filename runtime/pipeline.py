@@ -122,6 +122,18 @@ def split_head_plan(layers: Layers, shares: Sequence[float]):
     return hs, plan.head_note
 
 
+def stage_plan(model: nn.Module, layers: Layers, bounds: Sequence[int], stage: int, shares: Sequence[float],
+               split_head: bool):
+    """Stage ``stage``'s module (the tail with the head when the head is split) and its split plan: what the
+    stage's executors run and what ``aflkd plan --program --stages`` prints, built in one place so that
+    their digests agree."""
+    first, stop = bounds[stage], bounds[stage + 1]
+    tail = split_head and stage == len(bounds) - 2
+    module = (tail_module(model, layers, first) if tail else stage_module(model, layers, first, stop)).eval()
+    plan = plan_split(trace_model(module, layers.cut_shape(first)), shares, head="split" if tail else "gather")
+    return module, plan
+
+
 def head_module(model: nn.Module, layers: Layers) -> GraphModule:
     """What follows the last cut (flatten, classifier), from the gathered map to the model's output."""
     fx_nodes = list(layers.graph.fx.nodes)
@@ -197,14 +209,11 @@ class PipelineExecutor:
         problem = None
         last = self.stage == grid.stages - 1
         try:
+            self.module, plan = stage_plan(model, layers, bounds, self.stage, self.shares, self.split_head)
             if last and self.split_head:
-                self.module = tail_module(model, layers, first).eval()
-                plan = plan_split(trace_model(self.module, self.in_shape), self.shares, head="split")
                 self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=True,
                                               head_columns=head_columns, agree=False)
             else:
-                self.module = stage_module(model, layers, first, stop).eval()
-                plan = plan_split(trace_model(self.module, self.in_shape), self.shares)
                 self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=False, agree=False)
         except UsageError as err:
             problem = f"stage {self.stage} (layers {first}:{stop}): {err}"
