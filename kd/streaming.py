@@ -12,6 +12,11 @@
       wait logits s (deadline) ◀──────
       loss, backward, step
 
+With ``--frames raw|jpeg`` (:mod:`kd.frames`) an edge instead uploads each
+batch's frames (as AFLKD's edge sends what it collected to the cloud for
+labelling) and the cloud answers with their logits: the frames message is the
+credit, one batch in flight.
+
 The cloud answers credits round-robin over its edges, one batch per credit,
 so it never runs more than ``run_ahead`` batches ahead of any edge.  Every wait
 has a deadline: an edge whose cloud falls silent raises
@@ -44,6 +49,7 @@ __all__ = ["EdgeJob", "EdgeLost", "open_edge", "open_cloud", "Cloud", "subset_di
 
 HELLO, VERDICT = 10, 11
 LOGITS, CREDIT = StreamedTeacher.LOGITS, StreamedTeacher.CREDIT
+FRAMES = 3  # kd.teacher_source.UploadingTeacher.FRAMES
 
 
 class EdgeLost(RuntimeError):
@@ -58,6 +64,8 @@ class EdgeJob:
     train_idx: np.ndarray
     wire: WireFormat = field(default_factory=lambda: WireFormat("float32"))
     run_ahead: int = 2
+    frames: Optional[object] = None  # a kd.frames.FrameFormat: upload the frames (None: the cloud rebuilds batches)
+    encode_threads: int = 1  # encoder threads the edge keeps for its frames (a controller uses up to this many)
 
 
 def subset_digest(data: ImageArrays, train_idx: np.ndarray) -> str:
@@ -107,7 +115,8 @@ def open_edge(comm, cloud: int, job: EdgeJob, data: ImageArrays, timeout_s: floa
     hello = {"rank": comm.Get_rank(), "problem": problem, "config": asdict(config), "dataset": data.name,
              "classes": data.classes, "shape": _input_shape(data), "train_idx": np.asarray(job.train_idx),
              "digest": subset_digest(data, job.train_idx), "layers": layers, "wire": str(job.wire),
-             "run_ahead": job.run_ahead, "batches": batches}
+             "run_ahead": job.run_ahead, "batches": batches,
+             "frames": None if job.frames is None else asdict(job.frames)}
     private = transport.dup(comm)
     try:
         request = transport.send_object(private, hello, cloud, HELLO)
@@ -124,8 +133,16 @@ def open_edge(comm, cloud: int, job: EdgeJob, data: ImageArrays, timeout_s: floa
 
         raise AgreedError(verdict["problem"])
     batch = min(config.batch, len(job.train_idx))  # as BatchStream: full batches only
-    source = StreamedTeacher(private, cloud, config.steps, batch, data.classes, job.wire, job.run_ahead,
-                             timeout_s, verdict["weights"])
+    if job.frames is not None:
+        from .frames import FrameEncoder
+        from .teacher_source import UploadingTeacher
+
+        encoder = FrameEncoder(job.frames, data.mean, data.std, data.channels, max_threads=job.encode_threads)
+        source = UploadingTeacher(private, cloud, config.steps, batch, data.classes, job.wire, encoder, timeout_s,
+                                  verdict["weights"])
+    else:
+        source = StreamedTeacher(private, cloud, config.steps, batch, data.classes, job.wire, job.run_ahead,
+                                 timeout_s, verdict["weights"])
     source.owns_comm = True
     return source
 
@@ -144,6 +161,13 @@ def _verdict(hellos: list[dict], cloud: int, classes: int, shape: tuple, dataset
             return (f"the teacher on cloud rank {cloud} has {classes} classes but the student on edge rank {r} "
                     f"has {h['classes']} ({h['dataset']}); give every rank the same --dataset and a teacher "
                     "trained on it")
+        if h.get("frames"):
+            from .frames import FrameFormat
+
+            try:
+                FrameFormat(**h["frames"]).check(shape[1])
+            except (UsageError, TypeError) as err:
+                return f"edge rank {r}: {err}"
         if tuple(h["shape"]) != tuple(shape):
             return (f"the teacher on cloud rank {cloud} takes {tuple(shape)} images but edge rank {r} trains on "
                     f"{tuple(h['shape'])} ({h['dataset']}); give every rank the same --dataset")
@@ -215,6 +239,9 @@ class _Edge:
         self.steps = hello["batches"]  # batches of logits it will ask for (0: it does not distil)
         self.wire = parse_wire(hello["wire"])
         self.run_ahead = hello["run_ahead"]
+        from .frames import FrameFormat
+
+        self.frames = FrameFormat(**hello["frames"]) if hello.get("frames") else None
         self.batches = BatchStream(to_tensor(data.x_train[hello["train_idx"]], data), self.config.batch,
                                    self.config.seed)
         self.nbytes = self.wire.nbytes(self.batches.batch, data.classes)
@@ -224,6 +251,7 @@ class _Edge:
         self.credit_request = None
         self.served = 0
         self.bytes_sent = 0
+        self.bytes_received = 0  # uploaded frames
 
 
 class Cloud:
@@ -233,7 +261,9 @@ class Cloud:
                  timeout_s: float):
         self.comm, self.rank, self.teacher, self.timeout_s = comm, rank, teacher, timeout_s
         self.edges = [_Edge(h, data) for h in hellos]
-        self.teacher_s = 0.0
+        self.teacher_s = self.decode_s = 0.0
+        self.channels, self.mean, self.std = data.channels, data.mean, data.std
+        self.image_size = _input_shape(data)[1]
 
     def serve(self, progress: bool = False) -> list[dict]:
         """Answer credits until every edge has all its batches; per edge: rank, steps, bytes sent, wire."""
@@ -241,7 +271,8 @@ class Cloud:
 
         active = [e for e in self.edges if e.steps > 0]
         for e in active:
-            e.credit_request = transport.irecv(self.comm, e.credit, e.rank, CREDIT)
+            if e.frames is None:
+                e.credit_request = transport.irecv(self.comm, e.credit, e.rank, CREDIT)
         bar = progress_bar(total=sum(e.steps for e in self.edges), desc=f"cloud rank {self.rank}", unit="batch",
                    disable=not progress)
         deadline = time.monotonic() + self.timeout_s
@@ -249,14 +280,20 @@ class Cloud:
             while active:
                 progressed = False
                 for e in list(active):
-                    if not e.credit_request.Test():
-                        continue
-                    self._answer(e, int(e.credit[0]))
-                    if e.served < e.steps:
-                        e.credit_request = transport.irecv(self.comm, e.credit, e.rank, CREDIT)
+                    if e.frames is not None:
+                        probed = transport.probe_bytes(self.comm, e.rank, FRAMES)
+                        if probed is None:
+                            continue
+                        self._answer_frames(e, probed)
                     else:
+                        if not e.credit_request.Test():
+                            continue
+                        self._answer(e, int(e.credit[0]))
+                    if e.served >= e.steps:
                         e.credit_request = None
                         active.remove(e)
+                    elif e.frames is None:
+                        e.credit_request = transport.irecv(self.comm, e.credit, e.rank, CREDIT)
                     progressed = True
                     bar.update()
                 if progressed:
@@ -274,22 +311,47 @@ class Cloud:
         finally:
             bar.close()
         return [{"rank": e.rank, "steps": e.served, "wire": str(e.wire), "bytes_per_batch": e.nbytes,
-                 "bytes_sent": e.bytes_sent} for e in self.edges]
+                 "bytes_sent": e.bytes_sent, "frames": str(e.frames) if e.frames else None,
+                 "frame_bytes_received": e.bytes_received} for e in self.edges]
 
     def _answer(self, edge: _Edge, step: int) -> None:
         """Rebuild ``edge``'s batch ``step``, run the teacher, send the encoded logits."""
-        from runtime import transport
-
         if step != edge.served:
             raise RuntimeError(f"edge rank {edge.rank} asked for batch {step}, expected {edge.served}")
+        rows = edge.batches.rows(step)
+        self._reply(edge, step, rows, edge.batches.images(step, rows))
+
+    def _answer_frames(self, edge: _Edge, probed) -> None:
+        """Receive ``edge``'s uploaded frames, decode them back to images, reply with their logits."""
+        from runtime import transport
+
+        from .frames import decode_message, frames_to_images
+
+        step = edge.served
+        began = time.perf_counter()
+        message = transport.recv_probed(probed, time.monotonic() + self.timeout_s,
+                                        f"edge rank {edge.rank} stopped sending the frames of step {step} within "
+                                        f"{self.timeout_s:g} s (--timeout)")
+        try:
+            frames = decode_message(message, edge.frames, edge.batches.batch, self.channels, step)
+        except ValueError as err:
+            raise transport.TransportError(f"edge rank {edge.rank} sent frames the cloud cannot read: {err}") from None
+        images = frames_to_images(frames, self.mean, self.std, self.image_size)
+        self.decode_s += time.perf_counter() - began
+        edge.bytes_received += message.nbytes
+        self._reply(edge, step, None, images)
+
+    def _reply(self, edge: _Edge, step: int, rows, images: torch.Tensor) -> None:
+        """Run the teacher on batch ``step``'s images and send ``edge`` the encoded logits."""
+        from runtime import transport
+
         slot = step % edge.run_ahead
         if edge.sends[slot] is not None and not transport.wait_by([edge.sends[slot]],
                                                                time.monotonic() + self.timeout_s):
             raise EdgeLost(f"edge rank {edge.rank} took no logits within {self.timeout_s:g} s (--timeout): "
                            "died or stalled")
-        rows = edge.batches.rows(step)
         began = time.perf_counter()
-        self.teacher.start(step, rows, edge.batches.images(step, rows))
+        self.teacher.start(step, rows, images)
         logits = self.teacher.logits(step)
         self.teacher_s += time.perf_counter() - began
         edge.slots[slot].copy_(edge.wire.encode(logits))

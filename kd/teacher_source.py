@@ -14,6 +14,8 @@ its augmented images (the same ones the student sees).
 * :class:`LocalTeacher` -- a teacher module in this process (on its device, eval mode, no grad).
 * :class:`PrecomputedLogits` -- a fixed ``(N, classes)`` table, indexed by ``rows`` (incremental updates).
 * :class:`StreamedTeacher` -- logits sent by a cloud rank over MPI (:mod:`kd.streaming` sets it up).
+* :class:`UploadingTeacher` -- the edge uploads each batch's frames (:mod:`kd.frames`), the cloud answers
+  with their logits: communication that costs the edge CPU (encoding) and bandwidth (MB per batch).
 
 ``weights`` is the teacher's state dict where the source has it (the student
 of SSLF/AFLKD starts from the teacher's first blocks), else None.
@@ -29,7 +31,8 @@ import torch.nn as nn
 from .device import autocast
 from .wire import WireFormat
 
-__all__ = ["TeacherSource", "LocalTeacher", "PrecomputedLogits", "StreamedTeacher", "run_teacher", "CloudLost"]
+__all__ = ["TeacherSource", "LocalTeacher", "PrecomputedLogits", "StreamedTeacher", "UploadingTeacher", "run_teacher",
+           "CloudLost"]
 
 CL = torch.channels_last
 
@@ -64,6 +67,9 @@ class TeacherSource:
     def logits(self, step: int) -> torch.Tensor:
         """Wait for batch ``step``'s logits: float32 ``(batch, classes)`` on the CPU."""
         raise NotImplementedError
+
+    def forward(self, step: int) -> None:
+        """Batch ``step``'s forward pass begins (a controller marks its phases here; sources ignore it)."""
 
     def close(self) -> None:
         """Release what the source holds (posted receives, buffers)."""
@@ -177,6 +183,75 @@ class StreamedTeacher(TeacherSource):
         transport.cancel(list(self._recv.values()))
         transport.cancel([r for r in self._credit_req if r is not None])
         self._recv.clear()
+        if self.owns_comm:
+            self.owns_comm = False
+            transport.free(self.comm)
+
+
+class UploadingTeacher(TeacherSource):
+    """Logits of frames this edge uploads: ``start(s)`` encodes batch s's images and sends them, the cloud
+    labels them, ``logits(s)`` waits for the answer.  One batch in flight: the frames of step s+1 exist only
+    once the trainer hands them over (it does so as batch s's backward pass begins).
+
+    ``threads`` is how many encoder threads the next :meth:`start` uses (a controller sets it per phase).
+    """
+
+    LOGITS, FRAMES = StreamedTeacher.LOGITS, 3
+
+    def __init__(self, comm, cloud: int, steps: int, batch: int, classes: int, wire: WireFormat, encoder,
+                 timeout_s: float = 120.0, weights: Optional[dict] = None):
+        self.comm, self.cloud, self.steps, self.batch, self.classes = comm, cloud, steps, batch, classes
+        self.wire, self.encoder, self.timeout_s, self.weights = wire, encoder, timeout_s, weights
+        self.threads = 1
+        self.nbytes = wire.nbytes(batch, classes)
+        self.bytes_received = self.bytes_sent = 0
+        self.wait_s = self.encode_s = 0.0
+        self._slot = torch.empty(self.nbytes, dtype=torch.uint8)
+        self._recv = self._send = None
+        self._message: Optional[torch.Tensor] = None
+        self._pending: Optional[int] = None
+        self._taken = 0
+        self.owns_comm = False
+
+    def start(self, step, sample_idx, images):
+        from runtime import transport
+
+        if step != self._taken or self._pending is not None:
+            raise ValueError(f"frames are uploaded one batch at a time, in step order: expected step {self._taken}, "
+                             f"got {step}")
+        began = time.perf_counter()
+        message = self.encoder.encode(step, images, self.threads)
+        self.encode_s += time.perf_counter() - began
+        self._recv = transport.irecv(self.comm, self._slot, self.cloud, self.LOGITS)
+        if self._send is not None:  # the previous batch's frames: their logits came back, so they arrived
+            self._wait([self._send], f"took no frames of step {step - 1}")
+        self._message = message
+        self._send = transport.isend(self.comm, message, self.cloud, self.FRAMES)
+        self.bytes_sent += message.numel()
+        self._pending = step
+
+    def logits(self, step):
+        if step != self._pending:
+            raise ValueError(f"logits of step {step} were not started (next: {self._taken})")
+        began = time.perf_counter()
+        self._wait([self._recv], f"sent no logits for the frames of step {step}")
+        self.wait_s += time.perf_counter() - began
+        self._recv, self._pending = None, None
+        self._taken += 1
+        self.bytes_received += self.nbytes
+        return self.wire.decode(self._slot, self.batch, self.classes)
+
+    def _wait(self, requests: list, what: str) -> None:
+        from runtime import transport
+
+        transport.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
+
+    def close(self):
+        from runtime import transport
+
+        transport.cancel([r for r in (self._recv, self._send) if r is not None])
+        self._recv = self._send = None
+        self.encoder.close()
         if self.owns_comm:
             self.owns_comm = False
             transport.free(self.comm)

@@ -122,6 +122,7 @@ def train_edge(
 
         batches = ViewBatchStream(x_train, train_idx, views, config.batch, config.seed)
     history, step, start = [], 0, time.perf_counter()
+    ahead = None  # (step, rows, images) of a batch whose logits were already asked for
     bar = progress_bar(total=config.steps, desc=f"{config.method} edge net {config.net}", unit="step", disable=not progress)
     try:
         while step < config.steps:
@@ -131,13 +132,24 @@ def train_edge(
             prefix = names.index(units[n - 1][-1]) + 1 if n else 0
             epoch_start, epoch = time.perf_counter(), batches.epoch(step)
             while step < config.steps and batches.epoch(step) == epoch:
-                rows = batches.rows(step)
-                xb, yb = batches.images(step, rows), y_train[rows].to(device)
+                if ahead is not None and ahead[0] == step:
+                    rows, xb = ahead[1], ahead[2]
+                else:
+                    rows = batches.rows(step)
+                    xb = batches.images(step, rows)
+                    if method.distils:
+                        source.start(step, batches.keys(step, rows), xb)
+                yb = y_train[rows].to(device)
                 if method.distils:
-                    source.start(step, batches.keys(step, rows), xb)  # the cloud computes while the student runs forward
+                    source.forward(step)
                 with autocast(device):
                     logits = _forward(student, xb.to(device, non_blocking=True), prefix)
                 teacher_logits = source.logits(step).to(device) if method.distils else None
+                ahead = None
+                if method.distils and step + 1 < config.steps:  # batch s+1's logits are asked for now, so their
+                    nxt = batches.rows(step + 1)                # transfer overlaps this backward pass and the next
+                    ahead = (step + 1, nxt, batches.images(step + 1, nxt))  # forward (the round model's Comm chain)
+                    source.start(step + 1, batches.keys(step + 1, nxt), ahead[2])
                 losses = method.losses(logits.float(), teacher_logits, yb, step)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(sum(losses.values())).backward()

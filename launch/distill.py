@@ -73,6 +73,7 @@ def add_parser(what) -> None:
     distill.add_argument("--json", default=None, metavar="FILE",
                          help="write the per-edge results as JSON (default: not written; folders are created)")
     distill.add_argument("--no-progress", action="store_true", help="hide the cloud's progress bar")
+    frame_options(distill)
     control_options(distill)
     distill.set_defaults(func=_distill, sets_own_threads=True)
 
@@ -81,15 +82,45 @@ def control_options(parser) -> None:
     """--control, --control-cores, --constants: the edge ranks' core allocation (scheduling/controller.py)."""
     from scheduling.policies import POLICIES
 
-    parser.add_argument("--control", choices=POLICIES, default="none",
-                        help="core allocation on each edge rank between receiving logits and training: planner "
-                        "(the exact plan, re-planned on drift), priority (exclusive, never shared) or none "
-                        "(torch's threads, nothing pinned)")
+    parser.add_argument("--control", type=options.as_type("policy", _policy), default="none",
+                        metavar="{" + ",".join(POLICIES) + ",static:C}",
+                        help="core allocation on each edge rank between communication (receiving logits, encoding "
+                        "and uploading frames) and training: planner (the exact plan, re-planned on drift), "
+                        "priority (exclusive, never shared), static:C (C cores to communication in every phase) "
+                        "or none (the same threads, nothing moved: the OS shares the cores)")
     parser.add_argument("--control-cores", type=options.positive_int, default=None,
                         help="cores the controller divides (default: the cores this rank may use / ranks on host)")
     parser.add_argument("--constants", default=None, metavar="FILE",
                         help="f and g constants from 'aflkd schedule profile' for the planner (default: an ideal "
                         "model: compute scales with its cores; the first re-plan measures the workloads)")
+
+
+def _policy(text: str) -> str:
+    from scheduling.policies import parse_policy
+
+    parse_policy(text)
+    return text
+
+
+def frame_options(parser) -> None:
+    """--frames, --frame-size, --jpeg-quality: the edge uploads its frames to the cloud (kd/frames.py)."""
+    parser.add_argument("--frames", choices=("none", "raw", "jpeg"), default="none",
+                        help="what the edge sends the cloud per batch: none (a credit; the cloud rebuilds the batch "
+                        "from the shared subset and seed), raw (the batch's frames as uint8 pixels) or jpeg (each "
+                        "frame JPEG-encoded on the edge, decoded on the cloud): the upload AFLKD's edge makes, and "
+                        "the communication that costs the edge CPU")
+    parser.add_argument("--frame-size", type=options.positive_int, default=224, metavar="PIXELS",
+                        help="side of a frame: the 32x32 images are sent upsampled to this (a multiple of 32), as "
+                        "a camera at that resolution would give them")
+    parser.add_argument("--jpeg-quality", type=options.positive_int, default=90, metavar="Q",
+                        help="JPEG quality of --frames jpeg, 1..100")
+
+
+def frame_format(args):
+    """The checked :class:`kd.frames.FrameFormat` of the frame options (None: no upload)."""
+    from kd.frames import parse_frames
+
+    return parse_frames(args.frames, args.frame_size, args.jpeg_quality)
 
 
 def control_cost(args):
@@ -126,7 +157,7 @@ def _distill(args) -> int:
     abort_on_uncaught_exception(comm)
     try:
         return _run(comm, args)
-    except (CloudLost, EdgeLost, transport.PeerTimeout) as err:
+    except (CloudLost, EdgeLost, transport.TransportError) as err:
         print(f"aflkd: error: rank {comm.Get_rank()}: {err}", file=sys.stderr, flush=True)
         transport.abort(comm, 3)  # the stalled peer never sees an error: end the whole job
         return 3
@@ -159,6 +190,7 @@ def _run(comm, args) -> int:
     cost = control_cost(args)
     if cost is not None:
         cost.check(cores)
+    frames = frame_format(args)
     data, problem = None, None
     try:  # a dataset missing on one board only: agreed, so every rank ends with the same line, exit 2
         data = load_dataset(args.dataset, args.data_root)
@@ -180,12 +212,13 @@ def _run(comm, args) -> int:
         finally:
             server.close()
         mine = {"rank": rank, "role": "cloud", "device": device_name(device), "teacher_seconds": server.teacher_s,
+                "frame_decode_seconds": round(server.decode_s, 3),
                 "seconds": time.perf_counter() - began, "served": served}
     else:
         i = edges.index(rank)
         config = EdgeConfig(args.method, nets[i], steps=args.steps, t_rule=args.t_rule, unit=args.unit, seed=seeds[i])
         idx = balanced_subset(data.y_train, args.size, data.classes, seed=seeds[i])
-        job = EdgeJob(config, idx, wires[i], args.run_ahead)
+        job = EdgeJob(config, idx, wires[i], args.run_ahead, frames, encode_threads=cores)
         source = open_edge(comm, cloud, job, data, args.timeout)
         ctl = controlled(source, args.control, cores, config.steps, cost, cpus=cpus)
         result = train_edge(config, data, idx, source=ctl)
@@ -193,6 +226,8 @@ def _run(comm, args) -> int:
         mine = {"rank": rank, "role": "edge", "device": "cpu", "net": nets[i], "seed": seeds[i],
                 "method": args.method, "size": args.size, "steps": args.steps, "wire": str(wires[i]),
                 "bytes_per_batch": source.nbytes, "bytes_received": source.bytes_received,
+                "frames": str(frames) if frames else None, "frame_bytes_sent": getattr(source, "bytes_sent", 0),
+                "encode_seconds": round(getattr(source, "encode_s", 0.0), 3),
                 "logit_wait_seconds": round(source.wait_s, 3), "test_acc": result.test_acc,
                 "seconds": result.seconds, "final_T": last.get("T"), "final_frozen": last.get("frozen"),
                 "control": args.control, "control_cores": cores, "replans": len(ctl.ctl.replans),
@@ -228,6 +263,12 @@ def _report(rows: list[dict], args) -> None:
     for e in edges:
         print(f"{e['rank']:>4} {e['net']:>3} {e['seed']:>4} {e['wire']:>8} {e['bytes_per_batch']:>11} "
               f"{e['bytes_received'] / 1e6:>8.3f} {e['logit_wait_seconds']:>7.2f} {e['test_acc']:>8.2%}")
+    for e in edges:
+        if e.get("frames"):
+            print(f"rank {e['rank']}: uploaded {e['steps']} batches of {e['frames']} frames, "
+                  f"{e['frame_bytes_sent'] / 1e6:.1f} MB ({e['frame_bytes_sent'] / max(1, e['steps']) / 1e6:.2f} MB "
+                  f"per batch), encoding {e['encode_seconds']:.1f} s; the cloud decoded them in "
+                  f"{cloud.get('frame_decode_seconds', 0):.1f} s")
     for e in edges:
         if e.get("control", "none") != "none":
             source = f"constants from {args.constants}" if getattr(args, "constants", None) else "ideal constants"

@@ -819,6 +819,28 @@ def recv_object_by(comm: MPI.Comm, source: int, tag: int, deadline: Optional[flo
     return comm.recv(source=source, tag=tag)
 
 
+def probe_bytes(comm: MPI.Comm, source: int, tag: int):
+    """A message from ``source`` with ``tag`` that has arrived, matched for this caller alone: (its size in
+    bytes, a handle for :func:`recv_probed`), or None.  For messages whose size only the sender knows
+    (a batch of JPEG frames): the receiver sizes its buffer from the message itself."""
+    status = MPI.Status()
+    message = comm.Improbe(source=source, tag=tag, status=status)
+    if message is None:
+        return None
+    return status.Get_count(MPI.BYTE), message
+
+
+def recv_probed(probed, deadline: Optional[float], what: str) -> np.ndarray:
+    """The bytes of a message :func:`probe_bytes` matched, received by ``deadline``; :class:`PeerTimeout`
+    naming ``what`` if its data stops coming."""
+    nbytes, message = probed
+    buffer = np.empty(nbytes, dtype=np.uint8)
+    request = message.Irecv([buffer, MPI.BYTE])
+    if not wait_by([request], deadline):
+        raise PeerTimeout(what)
+    return buffer
+
+
 #: seconds between the last line a rank prints and leaving the job: Hydra forwards a rank's stderr
 #: asynchronously and tears its proxies down on abort, so a line printed just before could be lost
 #: (seen: 1 run in 4 of the stalled-cloud test printed nothing)

@@ -20,36 +20,44 @@ cores can be set:
 
 All MPI calls of the stream happen on the receive thread (the main thread makes
 none while training), which MPICH allows at ``MPI_THREAD_MULTIPLE`` (mpi4py's
-default request; checked at start).
+default request; checked at start).  A source that uploads frames
+(:class:`kd.teacher_source.UploadingTeacher`) encodes them on its encoder
+threads, pinned with the receive thread.
 
 Phases and what a plan means here
 ---------------------------------
-The trainer calls ``start(s)`` before batch s's forward and ``logits(s)``
-before its loss, so the wrapper sees three phases per batch: **Forward_s**
-(``start(s)`` .. ``logits(s)``; the receive thread completes batch s's logits
-meanwhile -- Comm overlaps Forward, Fig. 3), **Wait_s** (inside ``logits(s)``
-while the logits are not there: computation is idle, so the receive thread gets
-every core -- the planner's Comm-alone round) and **Backward_s**
-(``logits(s)`` .. ``start(s+1)``).  Each Forward/Backward phase gets ``c``, the
-cores communication holds during it:
+The trainer marks **Forward_s** with ``forward(s)`` and ends it with
+``logits(s)``; **Backward_s** runs from there to ``forward(s+1)``.  It hands
+over batch s+1 (``start(s+1)``) as Backward_s begins, so the receive thread
+works on batch s+1's communication (encoding and uploading its frames,
+receiving its logits) during Backward_s and Forward_{s+1}: the round model's
+Comm chain, one batch ahead of the Comp chain.  **Wait_s** is the time inside
+``logits(s)`` while the logits are not there: computation is idle, so
+communication gets every core (the planner's Comm-alone round).  Each
+Forward/Backward phase gets ``c``, the cores communication holds during it:
 
-* ``0 < c < c_total``: receive thread on the last ``c`` cores, the rest of the
+* ``0 < c < c_total``: the receive and encoder threads on the last ``c`` cores
+  (an encoding task started now uses ``c`` encoder threads), the rest of the
   process on the first ``c_total - c`` with as many torch threads (a "pair" round);
 * ``c = 0``: computation alone on every core with ``c_total`` threads, and the
-  receive thread is *held* (it does not touch MPI or decode until the phase ends:
-  a Comp-alone round, as priority allocation demands);
+  receive thread is *held* (it starts no task until the phase ends: a
+  Comp-alone round, as priority allocation demands);
+* whatever the plan says, a phase entered while communication has nothing to do
+  gives computation every core: no core is kept for a thread that would sleep.
 
 Policies: ``planner`` takes ``c`` for the k-th Comp task (F1, B1, F2, B2, ...)
 from :func:`scheduling.planner.plan` (the rounds whose decision runs a Comp
 task, in order); ``priority`` (the paper's priority allocation) is ``c = 0``
-for every phase: exclusive, never shared; ``none`` applies nothing (torch's
-threads as they were, no pinning, no receive thread).
+for every phase: exclusive, never shared; ``static:C`` is ``c = C`` in every
+phase (the best fixed split is found by trying each); ``none`` runs the same
+threads (equal thread counts: ``c_total`` torch threads, ``c_total`` encoder
+threads, the receive thread), keeps the rank on its CPUs and moves nothing:
+the OS shares the cores.
 
-Known mismatch: the planner's Comm chain runs ahead freely, but this trainer
-starts batch s+1's logits only at ``start(s+1)``, so during Backward_s the
-receive thread has nothing to do; a plan that gives Comm cores in a Backward
-round leaves them idle.  And torch's thread count only changes at phase
-boundaries (not at the round's mid-phase event where the first task finishes).
+Known mismatches with the round model: the Comm chain runs at most one batch
+ahead (batch s+2's images are handed over only at Backward_{s+1}); threads
+change only at phase boundaries, so a task that finishes mid-phase leaves its
+cores idle until the phase ends (the model moves them at once, Eq. 5's c-hat).
 
 Re-planning
 -----------
@@ -77,10 +85,10 @@ from runtime.errors import UsageError
 
 from .costmodel import CommModel, CompModel, CostModel
 
-__all__ = ["POLICIES", "Allocation", "allocation", "machine_cpus", "rank_cpus", "check_cores", "ideal_cost", "phase_cores",
+__all__ = ["POLICIES", "parse_policy", "Allocation", "allocation", "machine_cpus", "rank_cpus", "check_cores", "ideal_cost", "phase_cores",
            "Controller", "ControlledSource", "controlled"]
 
-from .policies import POLICIES  # noqa: E402 (the CLI reads it without torch)
+from .policies import POLICIES, parse_policy  # noqa: E402 (the CLI reads them without torch)
 
 
 def machine_cpus() -> list[int]:
@@ -157,6 +165,9 @@ def phase_cores(policy: str, cost: CostModel, cycles: int, cores: int, forward: 
     """Communication cores for the Comp phases F1, B1, ..., FN, BN (length 2N) under ``policy``."""
     from .planner import Workload, plan
 
+    static = parse_policy(policy)
+    if static is not None:
+        return [static] * (2 * cycles)
     if policy == "priority" or cores == 1:
         return [0] * (2 * cycles)
     if policy != "planner":
@@ -189,8 +200,7 @@ class Controller:
     background: bool = True  # re-plans on a planning thread: the trainer keeps the old plan until the new is ready
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise UsageError(f"--control {self.policy!r}: choose from {', '.join(POLICIES)}")
+        self.static = parse_policy(self.policy)
         if self.steps < 1:
             raise UsageError(f"a controlled run needs at least 1 step, got {self.steps}")
         if not self.tolerance > 0 or self.patience < 1:
@@ -204,7 +214,10 @@ class Controller:
         self.cost = self.cost or ideal_cost(self.cores)
         self.cost.check(self.cores)
         self._saved = (torch.get_num_threads(), set(machine))
-        self._comm_tid: Optional[int] = None
+        if self.static is not None and not 1 <= self.static < self.cores:
+            raise UsageError(f"--control {self.policy}: a static split gives communication 1..{self.cores - 1} of "
+                             f"the {self.cores} cores")
+        self._comm_tids: set = set()
         self._current: Optional[Allocation] = None
         self._off = 0  # consecutive drifting batches
         self._cv = threading.Condition()
@@ -290,8 +303,19 @@ class Controller:
         return self._phases[(step, phase)]
 
     # -- applying it --------------------------------------------------------------------------------------------
-    def attach(self, comm_tid: int) -> None:
-        self._comm_tid = comm_tid
+    def attach(self, comm_tids: Sequence[int]) -> None:
+        """The OS threads that communicate (the receive thread, encoder threads); under ``none`` the whole
+        rank is kept on its CPUs once, and nothing moves after."""
+        self._comm_tids = set(comm_tids)
+        if self.policy == "none":
+            self._pin(set(self.cpus), set(self.cpus))
+
+    def comm_threads(self) -> int:
+        """Encoder threads for a communication task starting now: the cores it holds (every core under none)."""
+        current = self._current
+        if self.policy == "none" or current is None:
+            return self.cores
+        return len(current.comm_cpus)
 
     def apply(self, alloc: Optional[Allocation]) -> None:
         """Set torch's threads and both affinities (no-op when unchanged or under policy ``none``)."""
@@ -306,14 +330,16 @@ class Controller:
         for name in os.listdir("/proc/self/task"):
             tid = int(name)
             try:
-                os.sched_setaffinity(tid, comm if tid == self._comm_tid else compute)
+                os.sched_setaffinity(tid, comm if tid in self._comm_tids else compute)
             except (ProcessLookupError, FileNotFoundError):  # a thread that just ended
                 pass
 
-    def phase(self, step: int, phase: int) -> Optional[Allocation]:
+    def phase(self, step: int, phase: int, idle: bool = False) -> Optional[Allocation]:
+        """The allocation of batch ``step``'s phase; ``idle``: communication has nothing to do, so computation
+        gets every core whatever the plan says."""
         if self.policy == "none":
             return None
-        return allocation(self.cpus, self.comm_cores(step, phase))
+        return allocation(self.cpus, self.cores if idle else self.comm_cores(step, phase))
 
     def waiting(self) -> Optional[Allocation]:
         """Computation waits for logits: the receive thread gets every core."""
@@ -324,8 +350,7 @@ class Controller:
         self.close()
         threads, cpus = self._saved
         torch.set_num_threads(threads)
-        if self.policy != "none":
-            self._pin(cpus, cpus)
+        self._pin(cpus, cpus)
         self._current = None
 
     # -- drift ----------------------------------------------------------------------------------------------
@@ -336,9 +361,13 @@ class Controller:
         return (self.cost.comp_time(f, cf), self.cost.comp_time(b, cb),
                 self.cost.comm_time(y, cf if cf > 0 else self.cores))
 
-    def observe(self, step: int, forward_s: float, backward_s: float, comm_s: float) -> bool:
-        """Record batch ``step``'s measured times; re-plan the rest after ``patience`` drifting batches (planner)."""
-        row = {"step": step, "forward_s": forward_s, "backward_s": backward_s, "comm_s": comm_s}
+    def observe(self, step: int, forward_s: float, backward_s: float, comm_s: float, wait_s: float = 0.0,
+                threads: Optional[tuple[int, int]] = None) -> bool:
+        """Record batch ``step``'s measured times (``wait_s``: computation idle, waiting for logits; ``threads``:
+        torch's threads in its forward and backward); re-plan the rest after ``patience`` drifting batches."""
+        row = {"step": step, "forward_s": forward_s, "backward_s": backward_s, "comm_s": comm_s, "wait_s": wait_s}
+        if threads is not None:
+            row["threads"] = tuple(threads)
         if self.policy == "none":
             self.log.append(row)
             return False
@@ -373,11 +402,14 @@ _STOP = object()
 
 
 class ControlledSource:
-    """A :class:`kd.teacher_source.TeacherSource` whose calls run on a pinned receive thread, under a controller.
+    """A :class:`kd.teacher_source.TeacherSource` whose calls run on a receive thread, under a controller.
 
     Pass it to ``train_edge(source=...)`` in place of the source it wraps; the
-    loop does not change.  Policy ``none`` calls the wrapped source directly on
-    the trainer's thread (no receive thread, nothing pinned).
+    loop does not change.  Every policy runs the same threads (equal thread
+    counts): the trainer's, torch's pool, one receive thread and the wrapped
+    source's encoder threads (``inner.encoder.tids``, when it uploads frames).
+    Policy ``none`` keeps the whole rank on its CPUs and never moves a thread:
+    the OS shares the cores; the others pin per phase (module doc).
     """
 
     def __init__(self, inner, controller: Controller, timeout_s: Optional[float] = None):
@@ -391,20 +423,22 @@ class ControlledSource:
         self._cond = threading.Condition()
         self._go = threading.Event()
         self._go.set()
-        self._thread: Optional[threading.Thread] = None
+        self._outstanding = 0  # jobs queued or running on the receive thread
+        self._phase: Optional[tuple[int, int]] = None  # the phase the trainer is in
         self._marks: dict = {}
         self.comm_tid: Optional[int] = None
-        if controller.policy != "none":
-            from mpi4py import MPI
+        from mpi4py import MPI
 
-            if MPI.Is_initialized() and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-                raise UsageError("the controller's receive thread needs MPI_THREAD_MULTIPLE; this MPI gives less "
-                                 "(use --control none)")
-            ready = threading.Event()
-            self._thread = threading.Thread(target=self._receive, args=(ready,), name="aflkd-receive", daemon=True)
-            self._thread.start()
-            ready.wait()
-            controller.attach(self.comm_tid)
+        if MPI.Is_initialized() and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise UsageError("the controller's receive thread needs MPI_THREAD_MULTIPLE; this MPI gives less "
+                             "(use a build of MPI with thread support)")
+        ready = threading.Event()
+        self._thread: Optional[threading.Thread] = threading.Thread(target=self._receive, args=(ready,),
+                                                                    name="aflkd-receive", daemon=True)
+        self._thread.start()
+        ready.wait()
+        encoder = getattr(inner, "encoder", None)
+        controller.attach([self.comm_tid] + list(getattr(encoder, "tids", [])))
 
     # the receive thread ---------------------------------------------------------------------------------------
     def _receive(self, ready: threading.Event) -> None:
@@ -418,42 +452,51 @@ class ControlledSource:
             self._go.wait()  # held while computation has every core
             began = time.perf_counter()
             try:
+                if hasattr(self.inner, "threads"):  # encoder threads: the cores communication holds now
+                    self.inner.threads = self.ctl.comm_threads()
                 self.inner.start(step, rows, images)
                 result = (self.inner.logits(step), None)
             except BaseException as err:  # handed to the trainer's thread
                 result = (None, err)
             with self._cond:
                 self._done[step] = result + (time.perf_counter() - began,)
+                self._outstanding -= 1
                 self._cond.notify_all()
 
     # the trainer's calls ---------------------------------------------------------------------------------------
     def _enter(self, step: int, phase: int) -> None:
-        alloc = self.ctl.phase(step, phase)
+        """Apply the plan of batch ``step``'s ``phase``; with nothing for communication to do, computation gets
+        every core (no core is kept for a receive thread that would sleep)."""
+        self._phase = (step, phase)
+        with self._cond:
+            idle = self._outstanding == 0
+        alloc = self.ctl.phase(step, phase, idle)
         if alloc is not None and alloc.hold:
             self._go.clear()
         else:
             self._go.set()
         self.ctl.apply(alloc)
 
-    def start(self, step, sample_idx, images):
+    def forward(self, step):
         now = time.perf_counter()
         self._finish_batch(step - 1, now)
-        if self._thread is None:
-            self.inner.start(step, sample_idx, images)
-            self._marks[step] = [now, None, None, 0.0]
-            return
+        self._marks[step] = [now, None, None, 0.0, 0.0, torch.get_num_threads(), None]
         self._enter(step, 0)
-        self._marks[step] = [now, None, None, 0.0]
+        self._marks[step][5] = torch.get_num_threads()
+
+    def start(self, step, sample_idx, images):
+        with self._cond:
+            self._outstanding += 1
         self._jobs.put((step, sample_idx, images))
+        if self._phase is not None:  # communication has work again: the current phase's plan applies
+            self._enter(*self._phase)
 
     def logits(self, step):
+        if step not in self._marks:  # a caller that does not mark forward passes: the phase starts here
+            self._finish_batch(step - 1, time.perf_counter())
+            self._marks[step] = [time.perf_counter(), None, None, 0.0, 0.0, torch.get_num_threads(), None]
         mark = self._marks[step]
         mark[1] = time.perf_counter()
-        if self._thread is None:
-            out = self.inner.logits(step)
-            mark[2] = time.perf_counter()
-            mark[3] = mark[2] - mark[1]
-            return out
         with self._cond:
             if step not in self._done:
                 self._go.set()
@@ -466,16 +509,17 @@ class ControlledSource:
             out, err, busy = self._done.pop(step)
         if err is not None:
             raise err
-        mark[2], mark[3] = time.perf_counter(), busy
-        self._enter(step, 1)
+        mark[2], mark[3], mark[4] = time.perf_counter(), busy, time.perf_counter() - mark[1]
+        self._phase = (step, 1)  # applied when the trainer hands over the next batch (start) or goes on
         return out
 
     def _finish_batch(self, step: int, now: float) -> None:
         mark = self._marks.pop(step, None)
         if mark is None or mark[2] is None:
             return
-        start, fwd_end, logits_end, comm_s = mark
-        self.ctl.observe(step, fwd_end - start, now - logits_end, comm_s)
+        start, fwd_end, logits_end, comm_s, wait_s, forward_threads, _ = mark
+        self.ctl.observe(step, fwd_end - start, now - logits_end, comm_s, wait_s=wait_s,
+                         threads=(forward_threads, torch.get_num_threads()))
 
     def close(self):
         self._finish_batch(max(self._marks, default=-1), time.perf_counter())

@@ -72,8 +72,9 @@ def test_during_training_forward_runs_on_the_compute_cores_and_logits_on_the_rec
     train_edge(config, data, np.arange(40), source=src, student=student)
     forwards = student_seen[:steps]          # training forwards (evaluation follows, uncontrolled)
     for row, (threads, cpus) in zip(src.ctl.log, forwards):
-        want = allocation(src.ctl.cpus, row["comm_cores"][0])
-        assert threads == want.compute_threads and cpus == set(want.compute_cpus), row
+        planned = allocation(src.ctl.cpus, row["comm_cores"][0])
+        assert threads == row["threads"][0] and cpus == set(src.ctl.cpus[:threads]), row   # seen from the OS
+        assert threads in (planned.compute_threads, 2), row  # the plan's, or every core (communication idle)
     assert all(tid == src.comm_tid != threading.get_native_id() for tid, _ in probe.seen)
     if policy == "priority":   # computation waits, so the receive thread has every core
         assert all(cpus == set(CPUS[:2]) for _, cpus in probe.seen)
@@ -150,9 +151,8 @@ class PhaseThreads(PrecomputedLogits):
         super().__init__(rows)
         self.phases = phases
 
-    def start(self, step, rows, images):
+    def forward(self, step):
         torch.set_num_threads(self.phases[step][0])
-        super().start(step, rows, images)
 
     def logits(self, step):
         out = super().logits(step)
@@ -169,7 +169,8 @@ def test_planner_weights_equal_a_plain_run_with_the_same_thread_counts_bitwise()
     torch.set_num_threads(1)
     src = controlled(PrecomputedLogits(_logits(data)), "planner", 2, 6)
     got = train_edge(config, data, idx, source=src).model.state_dict()
-    threads = [tuple(allocation(src.ctl.cpus, c).compute_threads for c in r["comm_cores"]) for r in src.ctl.log]
+    threads = [r["threads"] for r in src.ctl.log]  # torch's threads in each phase, as set (an idle receive
+    assert any(t != (2, 2) for t in threads)         # thread gives computation every core)
     want = train_edge(config, data, idx, source=PhaseThreads(_logits(data), threads)).model.state_dict()
     torch.set_num_threads(1)
     assert all(torch.equal(want[k], got[k]) for k in want)
