@@ -180,3 +180,79 @@ def test_a_stalled_edge_is_noticed_by_the_cloud_within_the_timeout(world, agree)
         idle_barrier(world)  # stalled: never trains
         source.close()
     agree(world, problems)
+
+
+class _Recording:
+    """A teacher source that keeps every batch's images and the logits its wrapped source gave for them."""
+
+    def __init__(self, inner):
+        self.inner, self.classes, self.weights = inner, inner.classes, inner.weights
+        self.images, self.got = {}, {}
+
+    def start(self, step, rows, images):
+        self.images[step] = images.clone()
+        self.inner.start(step, rows, images)
+
+    def forward(self, step):
+        self.inner.forward(step)
+
+    def logits(self, step):
+        self.got[step] = self.inner.logits(step)
+        return self.got[step]
+
+    def close(self):
+        self.inner.close()
+
+
+def _sensitive_teacher(classes=3):
+    """A small teacher whose logits move with every pixel level (a random cloud net's barely do: 1e-8)."""
+    torch.manual_seed(11)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(16, classes)).eval()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("kind", ["raw", "jpeg"])
+def test_uploaded_frames_are_labelled_as_the_images_the_student_trains_on(world, agree, kind):
+    """Every edge uploads each batch's frames (at 2x the images' size); the logits that come back must be
+    the teacher's on those images rounded to uint8 pixels, computed here with plain torch (raw: to 1e-5;
+    JPEG: within its loss).  The teacher moves by ~1e-3 per pixel level, so a wrong rounding fails."""
+    from kd.frames import FrameFormat
+    from kd.teacher_source import run_teacher
+
+    data = tiny(n=48)
+    fmt = FrameFormat(kind, 64, quality=95)
+    problems = []
+    if world.rank == 0:
+        server = open_cloud(world, 0, _sensitive_teacher(), data, timeout_s=60.0)
+        try:
+            served = server.serve()
+        finally:
+            server.close()
+        for row in served:
+            if row["frames"] != str(fmt) or row["frame_bytes_received"] == 0:
+                problems.append(f"cloud: edge {row['rank']} served {row}")
+    else:
+        base = _job(world.rank)
+        config = EdgeConfig("kd", base.config.net, steps=5, batch=8, seed=base.config.seed)
+        job = EdgeJob(config, base.train_idx, frames=fmt, encode_threads=2)
+        source = _Recording(open_edge(world, 0, job, data, timeout_s=60.0))
+        train_edge(job.config, data, job.train_idx, source=source)
+        teacher = _sensitive_teacher()
+        m = torch.tensor(data.mean).view(1, -1, 1, 1)
+        sd = torch.tensor(data.std).view(1, -1, 1, 1)
+        worst = 0.0
+        for step, images in source.images.items():
+            pixels = torch.round(torch.clamp((images * sd + m) * 255.0, 0, 255))
+            want = run_teacher(teacher, ((pixels / 255.0 - m) / sd).contiguous(memory_format=torch.channels_last))
+            worst = max(worst, float((source.got[step] - want).abs().max()))
+        limit = 1e-5 if kind == "raw" else 0.02
+        if not worst <= limit:
+            problems.append(f"edge {world.rank}: logits off by {worst:.3g} (limit {limit:.3g})")
+        if sorted(source.got) != list(range(config.steps)):
+            problems.append(f"edge {world.rank}: logits for steps {sorted(source.got)}")
+        sent, raw = source.inner.bytes_sent, config.steps * 8 * 3 * 64 * 64
+        if not (sent > raw if kind == "raw" else 0 < sent < raw):
+            problems.append(f"edge {world.rank}: sent {sent} bytes of frames ({kind}; raw pixels: {raw})")
+    agree(world, problems)
