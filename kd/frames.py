@@ -33,7 +33,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from runtime.errors import UsageError
 
@@ -59,7 +58,7 @@ class FrameFormat:
 
     def check(self, image_size: int = 32) -> None:
         if self.kind not in KINDS:
-            raise UsageError(f"--frames {self.kind!r}: choose none, raw or jpeg")
+            raise UsageError(f"--upload {self.kind!r}: choose none, raw or jpeg")
         if self.size < image_size or self.size % image_size:
             raise UsageError(f"--frame-size {self.size} must be a multiple of the images' size ({image_size}), "
                              f"e.g. {7 * image_size}: the cloud averages each block back to one pixel")
@@ -71,7 +70,7 @@ class FrameFormat:
 
 
 def parse_frames(kind: str, size: int = 224, quality: int = 90, image_size: int = 32) -> Optional[FrameFormat]:
-    """The format of ``--frames kind --frame-size size --jpeg-quality quality`` (None for ``none``), checked."""
+    """The format of ``--upload kind --frame-size size --jpeg-quality quality`` (None for ``none``), checked."""
     if kind == "none":
         return None
     fmt = FrameFormat(kind, size, quality)
@@ -220,10 +219,12 @@ def frames_to_images(frames: torch.Tensor, mean, std, image_size: int = 32) -> t
     """uint8 frames ``(B, C, S, S)`` back to normalised float images ``(B, C, image_size, image_size)``,
     channels-last: each ``k x k`` block averaged (``k = S / image_size``), then normalised as the dataset is."""
     k = frames.shape[-1] // image_size
-    x = frames.float()
-    if k > 1:
-        x = F.avg_pool2d(x, k)
-    x = x.div_(255.0)
+    b, c = frames.shape[:2]
+    if k > 1:  # block sums in int32 straight from the uint8 frames: no float copy of the full-size frames
+        x = frames.reshape(b, c, image_size, k, image_size, k).sum(dim=(3, 5), dtype=torch.int32).float()
+        x = x.div_(float(k * k * 255))
+    else:
+        x = frames.float().div_(255.0)
     m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
     return ((x - m) / s).contiguous(memory_format=torch.channels_last)

@@ -12,7 +12,7 @@
       wait logits s (deadline) ◀──────
       loss, backward, step
 
-With ``--frames raw|jpeg`` (:mod:`kd.frames`) an edge instead uploads each
+With ``--upload raw|jpeg`` (:mod:`kd.frames`) an edge instead uploads each
 batch's frames (as AFLKD's edge sends what it collected to the cloud for
 labelling) and the cloud answers with their logits: the frames message is the
 credit, one batch in flight.

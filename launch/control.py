@@ -1,74 +1,164 @@
-"""``aflkd control``: wall time per epoch of one streamed-distillation run under each core-allocation policy.
+"""``aflkd control``: the same streamed distillation under each core-allocation policy, repeated and interleaved.
 
 Under ``mpiexec -n 2`` (rank 0 the cloud, rank 1 the edge): the same student
-(net, seed, subset, steps, batches) is trained once per policy -- ``planner``,
-``priority``, ``none`` (scheduling/controller.py) -- in ONE job, each run
-opening its own stream, and the edge's per-epoch wall times are printed as a
-table and written as JSON.  The test accuracy of each run is printed too:
-control changes timing, not the recipe (weights differ only through the
-thread count's summation order).
+(net, seed, subset, steps, batches) is trained once per policy per repeat --
+``none``, ``priority``, ``planner``, and ``static`` (every fixed split
+``static:1`` .. ``static:C-1``, the best of which is reported as the static
+best) -- in ONE job, each run opening its own stream, the policies taken in a
+rotated order each repeat so that drift of the machine falls on all of them.
+Every policy runs the same threads (scheduling/controller.py); each rank keeps
+to its own block of the host's CPUs, so the cloud has cores of its own.
+
+Printed and written (``--json``, ``--plot``): per policy the median over repeats
+of the mean step time with its spread (min..max), the speed-up against
+``none`` and ``priority``, and the mean Forward, Backward, communication
+(encode + upload + receive) and wait times per step.  With ``--upload raw|jpeg``
+communication is the frame upload of :mod:`kd.frames` (MB per batch, encoding
+on the edge's cores), the load the edge-KD paper schedules; without it, only the
+teacher's logits travel (KB per batch: nearly free).
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 
 from runtime.errors import UsageError
 
 from . import options
-from .distill import control_cost
+from .distill import control_cost, frame_format, frame_options
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "expand_policies", "summarise"]
 
 EPILOG = """\
 examples:
-  .venv/bin/mpiexec -n 2 .venv/bin/aflkd control --dataset cifar10 --net 3 --size 500 --steps 40 \\
-      --control-cores 2 --json out/control.json
+  .venv/bin/mpiexec -n 2 .venv/bin/aflkd control --dataset cifar10 --net 3 --size 500 --steps 200 \\
+      --upload jpeg --frame-size 224 --repeats 5 --json out/control.json --plot out/control.png
 """
 
 
-def _policies(text: str) -> list[str]:
-    from scheduling.policies import POLICIES
+def expand_policies(text: str, cores: int) -> list[str]:
+    """The policies of ``--policies``: names, ``static:C``, and ``static`` for every split 1..cores-1."""
+    from scheduling.policies import POLICIES, parse_policy
 
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if t not in POLICIES]
-    if not items or bad:
-        raise UsageError(f"--policies {text!r}: give a comma list of {', '.join(POLICIES)}")
-    return items
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item == "static":
+            out += [f"static:{c}" for c in range(1, cores)]
+            continue
+        try:
+            c = parse_policy(item)
+        except UsageError:
+            raise UsageError(f"--policies {text!r}: give a comma list of {', '.join(POLICIES)}, static (every "
+                             "fixed split) or static:C") from None
+        if c is not None and not 1 <= c < cores:
+            raise UsageError(f"--policies: {item} needs 1 <= C < {cores} (the cores divided)")
+        out.append(item)
+    if not out:
+        raise UsageError(f"--policies {text!r}: no policy to run (static alone has no split on {cores} core)")
+    return list(dict.fromkeys(out))
 
 
 def add_parser(sub) -> None:
     from kd.config import METHODS
 
-    p = sub.add_parser("control", help="epoch wall times of a streamed run with the controller, priority and no "
-                       "control (mpiexec -n 2)", description=__doc__, epilog=EPILOG,
+    p = sub.add_parser("control", help="step times of a streamed run under each core-allocation policy, repeated "
+                       "and interleaved (mpiexec -n 2)", description=__doc__, epilog=EPILOG,
                        formatter_class=options.ExamplesFormatter)
     options.data_options(p, teacher=True)
     p.add_argument("--net", type=options.edge_net, default="edge3",
                    help="edge net the edge rank trains: 1, 2 or 3 (or edge1, edge2, edge3)")
     p.add_argument("--size", type=options.positive_int, default=500, help="training images of the edge")
-    p.add_argument("--steps", type=options.positive_int, default=40, help="optimiser steps per run")
+    p.add_argument("--steps", type=options.positive_int, default=200, help="optimiser steps per run")
+    p.add_argument("--repeats", type=options.positive_int, default=5,
+                   help="runs per policy, interleaved (the order rotates each repeat)")
     p.add_argument("--method", default="aflkd", choices=METHODS, help="how the student is trained")
     p.add_argument("--seed", type=options.non_negative_int, default=0, help="seed of subset, weights and batches")
     p.add_argument("--control-cores", type=options.positive_int, default=None,
                    help="cores the controller divides on the edge (default: this rank's share of the host)")
-    p.add_argument("--constants", default=None, metavar="FILE", help="f, g constants from 'aflkd schedule profile' for the planner (default: the ideal model, "
-                   "calibrated by the first re-plan)")
-    p.add_argument("--policies", default="planner,priority,none", help="policies, run in this order")
+    p.add_argument("--constants", default=None, metavar="FILE", help="f, g constants from 'aflkd schedule profile' "
+                   "for the planner (default: the ideal model, calibrated by the first re-plan)")
+    p.add_argument("--policies", default="none,priority,planner,static",
+                   help="policies: none, priority, planner, static:C, or static for every fixed split")
+    frame_options(p)
     p.add_argument("--timeout", type=options.positive_float, default=120.0, help="seconds a rank waits for its peer")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON (default: not written)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every run and the summary as JSON "
+                   "(default: not written)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw step times per policy and their phases "
+                   "(default: not drawn)")
     p.set_defaults(func=_control, sets_own_threads=True)
 
 
 def _control(args) -> int:
     from mpi4py import MPI
 
+    from kd.streaming import EdgeLost
+    from kd.teacher_source import CloudLost
+    from runtime import transport
     from runtime.transport import abort_on_uncaught_exception
 
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exception(comm)
-    return _run(comm, args)
+    try:
+        return _run(comm, args)
+    except (CloudLost, EdgeLost, transport.TransportError) as err:
+        print(f"aflkd: error: rank {comm.Get_rank()}: {err}", file=sys.stderr, flush=True)
+        transport.abort(comm, 3)
+        return 3
+
+
+def run_row(policy: str, repeat: int, ctl, result, source) -> dict:
+    """One run's figures from the controller's per-step log (times measured on the edge's trainer thread)."""
+    log = ctl.log
+    steps = len(log)
+    mean = {k: sum(r[k] for r in log) / max(1, steps) for k in ("forward_s", "backward_s", "comm_s", "wait_s")}
+    wall = [r["forward_s"] + r["wait_s"] + r["backward_s"] for r in log]
+    return {"policy": policy, "repeat": repeat, "steps": steps, "train_s": sum(h["epoch_seconds"] for h in result.history),
+            "mean_step_s": sum(wall) / max(1, steps), "median_step_s": statistics.median(wall) if wall else None,
+            **{f"mean_{k}": v for k, v in mean.items()}, "replans": len(ctl.replans),
+            "frame_bytes_sent": getattr(source, "bytes_sent", 0), "encode_s": getattr(source, "encode_s", 0.0),
+            "test_acc": result.test_acc}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per policy: the median over repeats of the mean step time, its min and max, the speed-ups against none
+    and priority (ratios of medians), and the median of each phase's mean time.  ``static best``: the fixed
+    split whose median is lowest."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["policy"], []).append(r)
+    out = []
+    for policy, runs in by.items():
+        times = [r["mean_step_s"] for r in runs]
+        row = {"policy": policy, "repeats": len(runs), "median_step_s": statistics.median(times),
+               "min_step_s": min(times), "max_step_s": max(times)}
+        for k in ("forward_s", "backward_s", "comm_s", "wait_s"):
+            row[k] = statistics.median(r[f"mean_{k}"] for r in runs)
+        row["test_acc"] = statistics.median(r["test_acc"] for r in runs)
+        out.append(row)
+    static = [r for r in out if r["policy"].startswith("static:")]
+    if static:
+        best = dict(min(static, key=lambda r: r["median_step_s"]))
+        best["best_of"] = best["policy"]
+        best["policy"] = "static best"
+        out.append(best)
+    medians = {r["policy"]: r["median_step_s"] for r in out}
+    for r in out:
+        for base in ("none", "priority"):
+            if base in medians:
+                r[f"speedup_vs_{base}"] = medians[base] / r["median_step_s"]
+    return out
+
+
+def _pin_rank(cpus: list[int]) -> None:
+    """Keep this rank on its block of the host (the cloud on its own cores)."""
+    import torch
+
+    os.sched_setaffinity(0, set(cpus))
+    torch.set_num_threads(len(cpus))
 
 
 def _run(comm, args) -> int:
@@ -77,22 +167,23 @@ def _run(comm, args) -> int:
     from kd.datasets import balanced_subset, load_dataset
     from kd.streaming import EdgeJob, open_cloud, open_edge
     from kd.trainer import EdgeConfig, train_edge
+    from runtime import transport
     from scheduling.controller import check_cores, controlled
 
-    from .ranks import controlled_cpus, default_threads, on_root_then_bcast, set_threads
+    from .ranks import controlled_cpus, default_threads, on_root_then_bcast
 
     threads = default_threads(comm)
     cores = check_cores(args.control_cores or threads, option="--control-cores")
-    cpus = controlled_cpus(comm, cores)  # the edge's own block of the host: off the cloud's cores
-    policies = _policies(args.policies)
     if comm.Get_size() != 2:
         raise UsageError(f"aflkd control runs one cloud and one edge: use 'mpiexec -n 2' (got {comm.Get_size()})")
-    on_root_then_bcast(comm, lambda: options.prepare_output(args.json, "--json"))
+    cpus = controlled_cpus(comm, cores)  # each rank its own block of the host: the cloud off the edge's cores
+    policies = expand_policies(args.policies, cores)
+    frames = frame_format(args)
+    on_root_then_bcast(comm, lambda: (options.prepare_output(args.json, "--json"),
+                                      options.prepare_output(args.plot, "--plot")))
     cost = control_cost(args)
     if cost is not None:
         cost.check(cores)
-    from runtime import transport
-
     data, teacher, problem = None, None, None
     try:  # a dataset or teacher missing on one board only: agreed, every rank ends with the same line, exit 2
         data = load_dataset(args.dataset, args.data_root)
@@ -101,42 +192,93 @@ def _run(comm, args) -> int:
     except UsageError as err:
         problem = str(err)
     transport.agree(comm, problem, "data set-up")
+    _pin_rank(cpus)
+    config = EdgeConfig(args.method, args.net, steps=args.steps, seed=args.seed)
+    idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)
     rows = []
-    for policy in policies:
-        set_threads(threads)  # every run starts from the same torch threads
-        if comm.Get_rank() == 0:
-            server = open_cloud(comm, 0, teacher, data, args.timeout)
-            try:
-                server.serve()
-            finally:
-                server.close()
-            continue
-        config = EdgeConfig(args.method, args.net, steps=args.steps, seed=args.seed)
-        idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)
-        source = open_edge(comm, 0, EdgeJob(config, idx), data, args.timeout)
-        ctl = controlled(source, policy, cores, config.steps, cost, cpus=cpus)
-        result = train_edge(config, data, idx, source=ctl)
-        epochs = [h["epoch_seconds"] for h in result.history]
-        rows.append({"policy": policy, "cores": cores, "steps": args.steps, "epochs": len(epochs),
-                     "epoch_seconds": epochs, "median_epoch_s": statistics.median(epochs),
-                     "train_s": sum(epochs), "logit_wait_s": source.wait_s,
-                     "replans": len(ctl.ctl.replans), "test_acc": result.test_acc})
-    from runtime import transport
+    for repeat in range(args.repeats):
+        shift = repeat % len(policies)
+        for policy in policies[shift:] + policies[:shift]:
+            _pin_rank(cpus)  # every run starts from the same threads
+            if comm.Get_rank() == 0:
+                server = open_cloud(comm, 0, teacher, data, args.timeout)
+                try:
+                    server.serve()
+                finally:
+                    server.close()
+                continue
+            source = open_edge(comm, 0, EdgeJob(config, idx, frames=frames, encode_threads=cores), data, args.timeout)
+            ctl = controlled(source, policy, cores, config.steps, cost, cpus=cpus)
+            result = train_edge(config, data, idx, source=ctl)
+            rows.append(run_row(policy, repeat, ctl.ctl, result, source))
+            print(f"repeat {repeat + 1}/{args.repeats} {policy}: {1e3 * rows[-1]['mean_step_s']:.1f} ms/step",
+                  file=sys.stderr, flush=True)
     if comm.Get_rank() == 1:
         transport.send_object(comm, rows, 0, 78).wait()
         return 0
     rows = transport.recv_object_by(comm, 1, 78, None, "")
-    print(f"edge rank 1: {args.net and f'edge net {args.net}'}, {args.steps} steps, {cores} core(s) divided, "
-          f"threads before control {threads}")
-    print(f"{'policy':>9} {'epochs':>6} {'median epoch s':>14} {'train s':>8} {'logit wait s':>12} {'replans':>7} "
-          f"{'test acc':>8}")
-    for r in rows:
-        print(f"{r['policy']:>9} {r['epochs']:>6} {r['median_epoch_s']:>14.3f} {r['train_s']:>8.2f} "
-              f"{r['logit_wait_s']:>12.3f} {r['replans']:>7} {r['test_acc']:>8.2%}")
+    summary = summarise(rows)
+    _print(summary, args, cores, cpus, frames, threads)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": args.command_line, "dataset": args.dataset, "net": args.net, "cores": cores,
-                       "rows": rows}, fh, indent=1)
+                       "frames": str(frames) if frames else None, "steps": args.steps, "repeats": args.repeats,
+                       "summary": summary, "runs": rows}, fh, indent=1)
         print(f"wrote {args.json}")
+    if args.plot:
+        plot(summary, args.plot, f"edge net {args.net}, {cores} edge core(s), frames {frames or 'none'}, "
+                                 f"{args.steps} steps x {args.repeats}")
+        print(f"wrote {args.plot}")
     sys.stdout.flush()
     return 0
+
+
+def _print(summary: list[dict], args, cores: int, cpus: list[int], frames, threads: int) -> None:
+    print(f"edge rank 1: edge net {args.net}, {args.steps} steps x {args.repeats} repeats, {cores} core(s) divided "
+          f"(CPUs {cpus}; the cloud on its own), frames {frames or 'none (logits only)'}")
+    head = (f"{'policy':>12} {'median ms':>9} {'min..max ms':>15} {'vs none':>7} {'vs prio':>7} {'fwd ms':>7} "
+            f"{'bwd ms':>7} {'comm ms':>7} {'wait ms':>7} {'test acc':>8}")
+    print(head)
+    for r in summary:
+        spread = f"{1e3 * r['min_step_s']:.1f}..{1e3 * r['max_step_s']:.1f}"
+        name = r["policy"] + (f" ({r['best_of']})" if "best_of" in r else "")
+        print(f"{name:>12} {1e3 * r['median_step_s']:>9.1f} {spread:>15} {r.get('speedup_vs_none', float('nan')):>7.3f} "
+              f"{r.get('speedup_vs_priority', float('nan')):>7.3f} {1e3 * r['forward_s']:>7.1f} "
+              f"{1e3 * r['backward_s']:>7.1f} {1e3 * r['comm_s']:>7.1f} {1e3 * r['wait_s']:>7.1f} "
+              f"{r['test_acc']:>8.2%}")
+    if cores == 1:
+        print("note: with 1 core the edge cannot split: planner, priority and every static split are the same "
+              "plan (communication only while computation waits); only none (the OS sharing the core) differs")
+
+
+def plot(summary: list[dict], path: str, title: str) -> None:
+    """Median step time per policy with its min..max, and its phases stacked beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["policy"] + (f"\n({r['best_of']})" if "best_of" in r else "") for r in summary]
+    x = range(len(summary))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    med = [1e3 * r["median_step_s"] for r in summary]
+    lo = [m - 1e3 * r["min_step_s"] for m, r in zip(med, summary)]
+    hi = [1e3 * r["max_step_s"] - m for m, r in zip(med, summary)]
+    a.bar(x, med, yerr=[lo, hi], capsize=4, color="tab:blue")
+    a.set_xticks(list(x), names, fontsize=8)
+    a.set_ylabel("ms per step (median of repeats; min..max)")
+    a.set_title("step time per policy")
+    bottom = [0.0] * len(summary)
+    for key, colour in (("forward_s", "tab:green"), ("backward_s", "tab:orange"), ("wait_s", "tab:red")):
+        vals = [1e3 * r[key] for r in summary]
+        b.bar(x, vals, bottom=bottom, label=key[:-2], color=colour)
+        bottom = [p + v for p, v in zip(bottom, vals)]
+    b.plot(list(x), [1e3 * r["comm_s"] for r in summary], "k^", label="communication (overlapped)")
+    b.set_xticks(list(x), names, fontsize=8)
+    b.set_ylabel("ms per step")
+    b.set_title("phases (trainer's view) and communication")
+    b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -103,24 +103,25 @@ def _policy(text: str) -> str:
 
 
 def frame_options(parser) -> None:
-    """--frames, --frame-size, --jpeg-quality: the edge uploads its frames to the cloud (kd/frames.py)."""
-    parser.add_argument("--frames", choices=("none", "raw", "jpeg"), default="none",
+    """--upload, --frame-size, --jpeg-quality: the edge uploads its frames to the cloud (kd/frames.py).  Not
+    --frames: that is 'update add''s file of frames, and one option name has one kind of value."""
+    parser.add_argument("--upload", choices=("none", "raw", "jpeg"), default="none",
                         help="what the edge sends the cloud per batch: none (a credit; the cloud rebuilds the batch "
                         "from the shared subset and seed), raw (the batch's frames as uint8 pixels) or jpeg (each "
                         "frame JPEG-encoded on the edge, decoded on the cloud): the upload AFLKD's edge makes, and "
                         "the communication that costs the edge CPU")
     parser.add_argument("--frame-size", type=options.positive_int, default=224, metavar="PIXELS",
                         help="side of a frame: the 32x32 images are sent upsampled to this (a multiple of 32), as "
-                        "a camera at that resolution would give them")
+                        "a camera at that resolution would give them (with --upload raw|jpeg)")
     parser.add_argument("--jpeg-quality", type=options.positive_int, default=90, metavar="Q",
-                        help="JPEG quality of --frames jpeg, 1..100")
+                        help="JPEG quality of --upload jpeg, 1..100")
 
 
 def frame_format(args):
     """The checked :class:`kd.frames.FrameFormat` of the frame options (None: no upload)."""
     from kd.frames import parse_frames
 
-    return parse_frames(args.frames, args.frame_size, args.jpeg_quality)
+    return parse_frames(args.upload, args.frame_size, args.jpeg_quality)
 
 
 def control_cost(args):

@@ -277,3 +277,68 @@ def test_a_silent_source_is_one_peer_timeout_and_close_does_not_hang():
         src.logits(0)
     src.close()
     assert time.monotonic() - began < 5
+
+
+def test_static_policy_gives_communication_c_cores_in_every_phase():
+    ctl = Controller("static:1", 2, steps=5)
+    assert {ctl.comm_cores(s, p) for s in range(5) for p in (0, 1)} == {1}
+    for bad in ("static:2", "static:0", "static:x", "fastest"):
+        with pytest.raises(UsageError) as err:
+            Controller(bad, 2, steps=5)
+        assert "\n" not in str(err.value)
+
+
+def test_a_phase_with_nothing_to_communicate_gives_computation_every_core():
+    ctl = Controller("static:1", 2, steps=3)
+    assert ctl.phase(0, 0).compute_threads == 1
+    idle = ctl.phase(0, 0, idle=True)
+    assert idle.compute_threads == 2 and set(idle.compute_cpus) == set(ctl.cpus) and not idle.hold
+
+
+def _cpu_seconds(tid: int) -> float:
+    """User + system CPU time of one thread of this process, from /proc (the OS's count, not ours)."""
+    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_idle_receive_thread_sleeps_measured_by_the_os():
+    """Between batches the receive thread blocks on its queue: over 1 s idle it uses (almost) no CPU."""
+    src = ControlledSource(PrecomputedLogits(torch.zeros(4, 3)), Controller("none", 1, steps=3))
+    try:
+        before = _cpu_seconds(src.comm_tid)
+        time.sleep(1.0)
+        assert _cpu_seconds(src.comm_tid) - before <= 0.03
+    finally:
+        src.close()
+
+
+def test_control_policies_expand_and_refuse_in_one_line():
+    from launch.control import expand_policies
+
+    assert expand_policies("none,priority,planner,static", 4) == ["none", "priority", "planner", "static:1",
+                                                                  "static:2", "static:3"]
+    assert expand_policies("static,static:2", 3) == ["static:1", "static:2"]
+    for text, cores in (("static", 1), ("fast", 2), ("static:4", 4), ("", 2)):
+        with pytest.raises(UsageError) as err:
+            expand_policies(text, cores)
+        assert "\n" not in str(err.value)
+
+
+def test_control_summary_medians_spreads_speedups_and_the_static_best():
+    from launch.control import summarise
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for policy, base in (("none", 0.30), ("priority", 0.25), ("static:1", 0.22), ("static:2", 0.27)):
+        for r in range(5):
+            t = base * rng.uniform(0.9, 1.1)
+            rows.append({"policy": policy, "repeat": r, "mean_step_s": t, "mean_forward_s": t / 3,
+                         "mean_backward_s": t / 3, "mean_comm_s": t / 2, "mean_wait_s": t / 3, "test_acc": 0.5})
+    out = {r["policy"]: r for r in summarise(rows)}
+    for policy in ("none", "priority", "static:1", "static:2"):
+        times = sorted(r["mean_step_s"] for r in rows if r["policy"] == policy)
+        assert out[policy]["median_step_s"] == times[2]                      # the middle of five
+        assert (out[policy]["min_step_s"], out[policy]["max_step_s"]) == (times[0], times[-1])
+    assert out["static best"]["best_of"] == "static:1"
+    assert out["none"]["speedup_vs_none"] == 1.0
+    assert out["static:1"]["speedup_vs_priority"] == out["priority"]["median_step_s"] / out["static:1"]["median_step_s"]
