@@ -363,5 +363,7 @@ class Cloud:
         from runtime import transport
 
         transport.cancel([e.credit_request for e in self.edges if e.credit_request is not None])
-        transport.cancel([r for e in self.edges for r in e.sends if r is not None])
-        transport.free(self.comm)
+        sends = [r for e in self.edges for r in e.sends if r is not None]
+        clean = all(e.served >= e.steps for e in self.edges) and transport.wait_by(sends, time.monotonic())
+        transport.cancel(sends)
+        transport.free(self.comm, clean=clean)

@@ -170,7 +170,9 @@ class StreamedTeacher(TeacherSource):
         self.wait_s += time.perf_counter() - began
         self._taken += 1
         self.bytes_received += self.nbytes
-        return self.wire.decode(self._slots[step % self.run_ahead], self.batch, self.classes)
+        # a copy: the slot takes batch s + run_ahead's logits as soon as the trainer asks for batch s+1,
+        # which it does before batch s's loss (the transfer overlaps the backward pass)
+        return self.wire.decode(self._slots[step % self.run_ahead], self.batch, self.classes).clone()
 
     def _wait(self, requests: list, what: str) -> None:
         from runtime import transport
@@ -185,7 +187,7 @@ class StreamedTeacher(TeacherSource):
         self._recv.clear()
         if self.owns_comm:
             self.owns_comm = False
-            transport.free(self.comm)
+            transport.free(self.comm, clean=self._taken >= self.steps)
 
 
 class UploadingTeacher(TeacherSource):
@@ -239,7 +241,7 @@ class UploadingTeacher(TeacherSource):
         self._recv, self._pending = None, None
         self._taken += 1
         self.bytes_received += self.nbytes
-        return self.wire.decode(self._slot, self.batch, self.classes)
+        return self.wire.decode(self._slot, self.batch, self.classes).clone()  # the slot is reused at start(s+1)
 
     def _wait(self, requests: list, what: str) -> None:
         from runtime import transport
@@ -254,4 +256,4 @@ class UploadingTeacher(TeacherSource):
         self.encoder.close()
         if self.owns_comm:
             self.owns_comm = False
-            transport.free(self.comm)
+            transport.free(self.comm, clean=self._taken >= self.steps)

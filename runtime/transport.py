@@ -755,8 +755,22 @@ def dup(comm: MPI.Comm) -> MPI.Comm:
     return comm.Dup()
 
 
-def free(comm: MPI.Comm) -> None:
-    comm.Free()
+#: communicators of streams that ended early, kept rather than freed (see :func:`free`)
+_ABANDONED: list = []
+
+
+def free(comm: MPI.Comm, clean: bool = True) -> None:
+    """Free a stream's private communicator; one that ended early (``clean=False``) is kept instead.
+
+    MPICH reuses a freed communicator's context id for a later ``Dup``, and messages still in flight
+    on the old one (a credit or logits sent to a peer that gave up) then match the new stream's
+    receives: seen in a test, a stream got the previous stream's logits for its first two batches.
+    A communicator no rank has freed is never reused, so an abandoned one costs only its handle.
+    """
+    if clean:
+        comm.Free()
+    else:
+        _ABANDONED.append(comm)
 
 
 def isend(comm: MPI.Comm, buffer: torch.Tensor, dest: int, tag: int) -> MPI.Request:

@@ -256,3 +256,52 @@ def test_uploaded_frames_are_labelled_as_the_images_the_student_trains_on(world,
         if not (sent > raw if kind == "raw" else 0 < sent < raw):
             problems.append(f"edge {world.rank}: sent {sent} bytes of frames ({kind}; raw pixels: {raw})")
     agree(world, problems)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_stream_after_abandoned_streams_gets_only_its_own_messages(world, agree):
+    """A stalled cloud leaves the edge's credits unanswered; a stalled edge leaves the cloud's logits
+    untaken.  MPICH reuses a freed communicator's context for the next Dup, so those messages matched the
+    next stream's receives (it trained on the old stream's logits for two batches).  Streams that end
+    early now keep their communicator; the third stream's logits must equal the teacher's, computed here."""
+    from kd.teacher_source import run_teacher
+    from runtime.transport import idle_barrier
+
+    data, problems = tiny(n=48), []
+    job = EdgeJob(EdgeConfig("kd", 1, steps=4, batch=8, seed=world.rank), _job(world.rank).train_idx)
+    for stalled in ("cloud", "edge"):
+        if world.rank == 0:
+            server = open_cloud(world, 0, _teacher(), data, timeout_s=1.0)
+            try:
+                if stalled == "edge":
+                    server.serve()
+            except Exception:
+                pass
+            finally:
+                idle_barrier(world)
+                server.close()
+        else:
+            source = open_edge(world, 0, job, data, timeout_s=1.0)
+            try:
+                if stalled == "cloud":
+                    train_edge(job.config, data, job.train_idx, source=source)
+            except CloudLost:
+                pass
+            finally:
+                idle_barrier(world)
+                source.close()
+    if world.rank == 0:
+        server = open_cloud(world, 0, _sensitive_teacher(), data, timeout_s=60.0)
+        try:
+            server.serve()
+        finally:
+            server.close()
+    else:
+        source = _Recording(open_edge(world, 0, job, data, timeout_s=60.0))
+        train_edge(job.config, data, job.train_idx, source=source)
+        teacher = _sensitive_teacher()
+        for step, images in source.images.items():
+            err = float((source.got[step] - run_teacher(teacher, images)).abs().max())
+            if err > 1e-5:
+                problems.append(f"edge {world.rank} step {step}: logits off by {err:.3g}")
+    agree(world, problems)
