@@ -1,15 +1,18 @@
-"""Where the trainer's teacher logits come from: one interface, three sources.
+"""Where the trainer's teacher logits come from: one interface, four sources.
 
 The trainer calls, for every optimiser step ``s`` that distils::
 
-    source.start(s, rows, images)   # before the student's forward: ask for batch s's logits
+    source.start(s, rows, images)   # ask for batch s's logits (for s > 0: as batch s-1's backward begins)
+    source.forward(s)               # batch s's forward pass begins (a controller marks its phases here)
     ...student forward...
-    source.logits(s)                # before the loss: wait for them -- float32 (B, classes), CPU
+    source.logits(s)                # before the loss: wait for them -- float32 (B, classes), CPU, a copy
+    source.start(s+1, ...)          # batch s+1, so its transfer overlaps this backward and the next forward
+    ...loss, backward, step...
 
 so a source that computes elsewhere (the cloud rank) overlaps the student's
-forward pass (edge-KD paper, Fig. 3: Comm overlaps Forward, Backward depends on
-Comm).  ``rows`` are the batch's indices into the training subset, ``images``
-its augmented images (the same ones the student sees).
+forward and backward passes (edge-KD paper, Fig. 3: Comm overlaps computation,
+Backward depends on Comm).  ``rows`` are the batch's indices into the training
+subset, ``images`` its augmented images (the same ones the student sees).
 
 * :class:`LocalTeacher` -- a teacher module in this process (on its device, eval mode, no grad).
 * :class:`PrecomputedLogits` -- a fixed ``(N, classes)`` table, indexed by ``rows`` (incremental updates).

@@ -11,7 +11,9 @@ student parameters (and T).  Frozen units run under ``no_grad`` and in eval
 mode, so they cost no backward pass and their BatchNorm statistics stay put.
 Schedules are in optimiser steps, not epochs: 500 images are only a handful of
 batches per epoch.  Batch ``s`` depends only on ``(seed, s)``
-(:class:`kd.batches.BatchStream`), so a cloud rank can rebuild it.  Images are
+(:class:`kd.batches.BatchStream`), so a cloud rank can rebuild it, and the trainer
+hands batch s+1 to its teacher source as batch s's backward begins (its logits
+travel during that backward and the next forward: :mod:`kd.teacher_source`).  Images are
 made on the CPU and moved to ``device``; on CUDA the forward pass runs under
 autocast (:mod:`kd.device`), losses in float32.
 """

@@ -264,3 +264,42 @@ def test_the_loop_equals_a_plain_torch_loop(method):
         schedule.step()
     want = student.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_the_trainer_asks_for_batch_s_plus_1_before_batch_s_backward():
+    """The round model's Comm chain: batch s+1's communication may run during Backward_s, so the trainer
+    must hand it over before that backward pass (seen from a hook on the student's gradients)."""
+    import numpy as np
+
+    from kd.teacher_source import PrecomputedLogits
+    from kd.trainer import EdgeConfig, train_edge
+    from models import edge_net
+    from tests.test_teacher import tiny
+
+    events = []
+
+    class Order(PrecomputedLogits):
+        def start(self, step, rows, images):
+            events.append(("start", step))
+            super().start(step, rows, images)
+
+        def forward(self, step):
+            events.append(("forward", step))
+
+        def logits(self, step):
+            events.append(("logits", step))
+            return super().logits(step)
+
+    data, steps = tiny(n=48), 5
+    torch.manual_seed(0)
+    student = edge_net(1, 3, 32, 3)
+    step_of = iter(range(steps))
+    student[0].weight.register_hook(lambda g: events.append(("backward", next(step_of))))
+    config = EdgeConfig("kd", 1, steps=steps, batch=8, seed=1)
+    train_edge(config, data, np.arange(40), source=Order(torch.randn(40, 3)), student=student)
+    for s in range(steps):
+        at = {e: events.index((e, s)) for e in ("start", "forward", "logits", "backward")}
+        assert at["start"] < at["forward"] < at["logits"] < at["backward"], (s, events)
+        if s + 1 < steps:
+            assert at["logits"] < events.index(("start", s + 1)) < at["backward"], (s, events)
+    assert [e for e in events if e[0] == "start"] == [("start", s) for s in range(steps)]
