@@ -249,8 +249,40 @@ def _verify(args) -> int:
     return 0 if result["max_rel_gap"] <= 1e-9 else 1
 
 
+def _frame_link(fmt, cores: int):
+    """Communication of the frame-upload load: encode a batch of frames on c threads and send the message
+    (a self-send over MPI_COMM_SELF).  The images are smooth (8x8 noise upsampled to 32x32), as photos are
+    closer to that than to pixel noise, which JPEG barely compresses."""
+    import torch
+    import torch.nn.functional as F
+
+    from kd.frames import FrameEncoder
+    from runtime import transport as comm
+
+    encoder = FrameEncoder(fmt, (0.5,) * 3, (0.25,) * 3, 3, max_threads=cores)
+    generator = torch.Generator().manual_seed(0)
+    cache = {}
+
+    def make(frames: int, c: int):
+        if frames not in cache:
+            small = torch.randn(frames, 3, 8, 8, generator=generator)
+            images = F.interpolate(small, size=32, mode="bilinear", align_corners=False)
+            message = encoder.encode(0, images, 1)
+            cache[frames] = (images, torch.empty_like(message))
+
+        images, recv = cache[frames]
+
+        def once():
+            message = encoder.encode(0, images, c)
+            if message.numel() != recv.numel():
+                recv.resize_(message.numel())
+            comm.sendrecv(comm.self_comm(), message, 0, recv, 0, tag=7)
+        return once
+    return encoder, make
+
+
 def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0), repeat: int = 3,
-                    progress: bool = False) -> tuple[dict, dict]:
+                    progress: bool = False, upload=None) -> tuple[dict, dict]:
     """Measure (workload, comm cores, seconds) for computation and communication on this machine.
 
     Computation: edge net 3 on 32x32 images, forward + backward + SGD step on a
@@ -259,6 +291,11 @@ def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0),
     MPI_COMM_SELF of y MiB of float32 teacher logits (10 classes) plus their decode
     (temperature softmax), with ``torch.set_num_threads(c)`` for c = 1..cores.  The
     MPI copy is single-threaded; only the decode can use the c threads.
+
+    With ``upload`` (a :class:`kd.frames.FrameFormat`), communication is the frame
+    upload instead: encoding y batches of 64 frames on c encoder threads and
+    sending them (y in 0.5, 1, 2), the load of ``--upload`` in ``train distill``
+    and ``control``.
     """
     import numpy as np
     import torch
@@ -275,6 +312,7 @@ def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0),
     link = {"data": [], "cores": [], "seconds": []}
     jobs = [("comp", c, b) for c in range(cores) for b in batches] + \
            [("comm", c, m) for c in range(1, cores + 1) for m in megabytes]
+    encoder, frame_job = _frame_link(upload, cores) if upload is not None else (None, None)
     try:
         for kind, c, size in progress_bar(jobs, desc="profile", disable=not progress):
             if kind == "comp":
@@ -286,6 +324,10 @@ def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0),
                     torch.nn.functional.cross_entropy(net(images), labels).backward()
                     opt.step()
                 table, amount = comp, size / 64
+            elif frame_job is not None:
+                torch.set_num_threads(1)
+                once = frame_job(int(size * 64), c)
+                table, amount = link, size
             else:
                 torch.set_num_threads(c)
                 rows = int(size * 2 ** 20 / (4 * 10))
@@ -306,6 +348,8 @@ def profile_machine(cores: int, batches=(16, 32, 64), megabytes=(0.5, 1.0, 2.0),
             table["seconds"].append(float(np.median(times)))
     finally:
         torch.set_num_threads(old)
+        if encoder is not None:
+            encoder.close()
     return comp, link
 
 
@@ -322,7 +366,10 @@ def _profile(args) -> int:
         note = (f"this machine has {machine} cores; splits above {machine} oversubscribe (more threads than "
                 f"cores), so the points at c > {machine} measure time-sharing, not extra cores")
         print(f"note: {note}")
-    comp, link = profile_machine(cores, repeat=args.repeat, progress=True)
+    from .distill import frame_format
+
+    upload = frame_format(args)
+    comp, link = profile_machine(cores, repeat=args.repeat, progress=True, upload=upload)
     free = fit_f(comp["work"], comp["cores"], comp["seconds"])
     cost = CostModel(fit_f(comp["work"], comp["cores"], comp["seconds"], nonnegative=True),
                      fit_g(link["data"], link["cores"], link["seconds"]),
@@ -331,12 +378,15 @@ def _profile(args) -> int:
     data["f_free_fit"] = {"a1": free.a1, "a2": free.a2, "rms_rel_error": free.rms_rel_error}
     data.update({"command": args.command_line, "machine_cores": machine, "c_total": cores, "note": note,
                  "units": {"x": "batches of 64 (edge net 3, 32x32, forward+backward+step)",
-                           "y": "MiB of float32 logits (self-send/recv + softmax decode)", "time": "seconds"},
+                           "y": (f"batches of 64 {upload} frames (encode on c threads + self-send)" if upload else
+                                 "MiB of float32 logits (self-send/recv + softmax decode)"), "time": "seconds"},
+                 "upload": str(upload) if upload else None,
                  "measurements": {"computation": comp, "communication": link}})
     Path(args.json).write_text(json.dumps(data, indent=1))
     print(f"f: a1={cost.comp.a1:.4g} s/batch, a2={cost.comp.a2:.4g}  RMS relative error "
           f"{100 * cost.comp.rms_rel_error:.1f}% over {cost.comp.points} points")
-    print(f"g: b1={cost.comm.b1:.4g}, b2={cost.comm.b2:.4g}, b3={cost.comm.b3:.4g} (MiB/s)  RMS relative error "
+    unit = "batches of frames/s" if upload else "MiB/s"
+    print(f"g: b1={cost.comm.b1:.4g}, b2={cost.comm.b2:.4g}, b3={cost.comm.b3:.4g} ({unit})  RMS relative error "
           f"{100 * cost.comm.rms_rel_error:.1f}% over {cost.comm.points} points")
     if free.a2 < 0:
         print(f"note: the free fit of f gave a2={free.a2:.4g} < 0 (computation faster when communication takes "
@@ -411,4 +461,7 @@ def add_parser(sub) -> None:
     prof.add_argument("--cores", type=options.positive_int, default=None,
                       help="c_total to split (default: this machine's cores, at least 3 for g's 3 constants)")
     prof.add_argument("--repeat", type=options.positive_int, default=3, help="timings per point, median (3)")
+    from .distill import frame_options
+
+    frame_options(prof)
     prof.set_defaults(func=_profile, sets_own_threads=True, one_process=True)
