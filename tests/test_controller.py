@@ -342,3 +342,40 @@ def test_control_summary_medians_spreads_speedups_and_the_static_best():
     assert out["static best"]["best_of"] == "static:1"
     assert out["none"]["speedup_vs_none"] == 1.0
     assert out["static:1"]["speedup_vs_priority"] == out["priority"]["median_step_s"] / out["static:1"]["median_step_s"]
+
+
+def test_control_cli_runs_each_policy_repeatedly_with_uploads_and_summarises_its_runs(tmp_path):
+    """aflkd control end to end at 2 ranks on tiny data: every (policy, repeat) ran its steps with raw
+    frames uploaded (bytes computed here from the format), and the summary is the median of the runs."""
+    import json
+    import statistics
+    import subprocess
+    import sys
+
+    from tests.test_distill_cli import MPIEXEC, REPO, SCRIPT
+
+    if not MPIEXEC.exists():
+        pytest.skip("no mpiexec beside this Python")
+    from models import cloud_net, save_atomic
+
+    teacher = tmp_path / "teacher.pt"
+    save_atomic(cloud_net(3, 32, 3).state_dict(), str(teacher))
+    out = tmp_path / "c.json"
+    cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-c", SCRIPT, "run", "control", "--dataset", "cifar10",
+           "--teacher", str(teacher), "--net", "1", "--size", "30", "--steps", "3", "--repeats", "2",
+           "--method", "kd", "--policies", "none,priority", "--upload", "raw", "--frame-size", "64",
+           "--json", str(out), "--plot", str(tmp_path / "c.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    runs = data["runs"]
+    assert sorted((r["policy"], r["repeat"]) for r in runs) == [("none", 0), ("none", 1), ("priority", 0),
+                                                                ("priority", 1)]
+    assert [r["policy"] for r in runs[:2]] == ["none", "priority"] and runs[2]["policy"] == "priority"  # rotated
+    batch = 30  # min(64, 30 images): full batches only
+    per_batch = 8 * (3 + batch) + batch * 3 * 64 * 64
+    assert all(r["steps"] == 3 and r["frame_bytes_sent"] == 3 * per_batch for r in runs)
+    for row in data["summary"]:
+        times = [r["mean_step_s"] for r in runs if r["policy"] == row["policy"]]
+        assert row["median_step_s"] == statistics.median(times)
+    assert (tmp_path / "c.png").stat().st_size > 10000
