@@ -31,6 +31,10 @@ from .distill import control_cost, frame_format, frame_options
 
 __all__ = ["add_parser", "expand_policies", "summarise"]
 
+#: per step, on the edge: computation (forward, backward), computation held while communication ran alone
+#: first, computation idle waiting for logits; communication's CPU part (encode, send) and its wait on the cloud
+PHASES = ("forward_s", "backward_s", "first_s", "wait_s", "comm_s", "remote_s")
+
 EPILOG = """\
 examples:
   .venv/bin/mpiexec -n 2 .venv/bin/aflkd control --dataset cifar10 --net 3 --size 500 --steps 200 \\
@@ -114,8 +118,8 @@ def run_row(policy: str, repeat: int, ctl, result, source) -> dict:
     """One run's figures from the controller's per-step log (times measured on the edge's trainer thread)."""
     log = ctl.log
     steps = len(log)
-    mean = {k: sum(r[k] for r in log) / max(1, steps) for k in ("forward_s", "backward_s", "comm_s", "wait_s")}
-    wall = [r["forward_s"] + r["wait_s"] + r["backward_s"] for r in log]
+    mean = {k: sum(r[k] for r in log) / max(1, steps) for k in PHASES}
+    wall = [r["forward_s"] + r["first_s"] + r["wait_s"] + r["backward_s"] for r in log]
     return {"policy": policy, "repeat": repeat, "steps": steps, "train_s": sum(h["epoch_seconds"] for h in result.history),
             "mean_step_s": sum(wall) / max(1, steps), "median_step_s": statistics.median(wall) if wall else None,
             **{f"mean_{k}": v for k, v in mean.items()}, "replans": len(ctl.replans),
@@ -135,7 +139,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         times = [r["mean_step_s"] for r in runs]
         row = {"policy": policy, "repeats": len(runs), "median_step_s": statistics.median(times),
                "min_step_s": min(times), "max_step_s": max(times)}
-        for k in ("forward_s", "backward_s", "comm_s", "wait_s"):
+        for k in PHASES:
             row[k] = statistics.median(r[f"mean_{k}"] for r in runs)
         row["test_acc"] = statistics.median(r["test_acc"] for r in runs)
         out.append(row)
@@ -237,14 +241,17 @@ def _print(summary: list[dict], args, cores: int, cpus: list[int], frames, threa
     print(f"edge rank 1: edge net {args.net}, {args.steps} steps x {args.repeats} repeats, {cores} core(s) divided "
           f"(CPUs {cpus}; the cloud on its own), frames {frames or 'none (logits only)'}")
     head = (f"{'policy':>12} {'median ms':>9} {'min..max ms':>15} {'vs none':>7} {'vs prio':>7} {'fwd ms':>7} "
-            f"{'bwd ms':>7} {'comm ms':>7} {'wait ms':>7} {'test acc':>8}")
+            f"{'bwd ms':>7} {'first ms':>8} {'wait ms':>7} {'comm ms':>7} {'cloud ms':>8} {'test acc':>8}")
     print(head)
+    print("  (fwd, bwd: computation; first: computation held while communication ran alone; wait: computation "
+          "idle for logits; comm: communication's CPU part, encode + send; cloud: waiting on the cloud and wire)")
     for r in summary:
         spread = f"{1e3 * r['min_step_s']:.1f}..{1e3 * r['max_step_s']:.1f}"
         name = r["policy"] + (f" ({r['best_of']})" if "best_of" in r else "")
         print(f"{name:>12} {1e3 * r['median_step_s']:>9.1f} {spread:>15} {r.get('speedup_vs_none', float('nan')):>7.3f} "
               f"{r.get('speedup_vs_priority', float('nan')):>7.3f} {1e3 * r['forward_s']:>7.1f} "
-              f"{1e3 * r['backward_s']:>7.1f} {1e3 * r['comm_s']:>7.1f} {1e3 * r['wait_s']:>7.1f} "
+              f"{1e3 * r['backward_s']:>7.1f} {1e3 * r['first_s']:>8.1f} {1e3 * r['wait_s']:>7.1f} "
+              f"{1e3 * r['comm_s']:>7.1f} {1e3 * r['remote_s']:>8.1f} "
               f"{r['test_acc']:>8.2%}")
     if cores == 1:
         print("note: with 1 core the edge cannot split: planner, priority and every static split are the same "
@@ -269,11 +276,12 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     a.set_ylabel("ms per step (median of repeats; min..max)")
     a.set_title("step time per policy")
     bottom = [0.0] * len(summary)
-    for key, colour in (("forward_s", "tab:green"), ("backward_s", "tab:orange"), ("wait_s", "tab:red")):
+    for key, colour in (("forward_s", "tab:green"), ("backward_s", "tab:orange"), ("first_s", "tab:purple"),
+                        ("wait_s", "tab:red")):
         vals = [1e3 * r[key] for r in summary]
         b.bar(x, vals, bottom=bottom, label=key[:-2], color=colour)
         bottom = [p + v for p, v in zip(bottom, vals)]
-    b.plot(list(x), [1e3 * r["comm_s"] for r in summary], "k^", label="communication (overlapped)")
+    b.plot(list(x), [1e3 * r["comm_s"] for r in summary], "k^", label="communication's CPU part (encode, send)")
     b.set_xticks(list(x), names, fontsize=8)
     b.set_ylabel("ms per step")
     b.set_title("phases (trainer's view) and communication")

@@ -41,18 +41,31 @@ Forward/Backward phase gets ``c``, the cores communication holds during it:
   process on the first ``c_total - c`` with as many torch threads (a "pair" round);
 * ``c = 0``: computation alone on every core with ``c_total`` threads, and the
   receive thread is *held* (it starts no task until the phase ends: a
-  Comp-alone round, as priority allocation demands);
-* whatever the plan says, a phase entered while communication has nothing to do
-  gives computation every core: no core is kept for a thread that would sleep.
+  Comp-alone round);
+* ``first``: the plan ran the pending communication alone before this Comp
+  task (a Comm-alone round), so its CPU part (encoding, sending) runs now on
+  every core while computation waits, then the phase goes on;
+* communication has a CPU part (encode and send: ``start``) and a remote part
+  (the cloud decodes and runs the teacher, the logits cross the wire:
+  ``logits``), which needs no core.  A phase entered while no CPU part is
+  pending gives computation every core whatever the plan says: no core is kept
+  for a thread that would sleep.
 
 Policies: ``planner`` takes ``c`` for the k-th Comp task (F1, B1, F2, B2, ...)
 from :func:`scheduling.planner.plan` (the rounds whose decision runs a Comp
 task, in order); ``priority`` (the paper's priority allocation) is ``c = 0``
-for every phase: exclusive, never shared; ``static:C`` is ``c = C`` in every
+for every phase with ``first`` (exclusive, never shared, communication first:
+the round model prices Comm-first and Comp-first the same, but only
+Comm-first lets the remote part overlap the computation that follows);
+``static:C`` is ``c = C`` in every
 phase (the best fixed split is found by trying each); ``none`` runs the same
 threads (equal thread counts: ``c_total`` torch threads, ``c_total`` encoder
 threads, the receive thread), keeps the rank on its CPUs and moves nothing:
 the OS shares the cores.
+
+The round model counts communication as CPU work only.  Its ties between
+Comm-alone and Comp-alone rounds are broken towards communication (the DP
+tries it first), which here is what lets the remote part overlap.
 
 Known mismatches with the round model: the Comm chain runs at most one batch
 ahead (batch s+2's images are handed over only at Backward_{s+1}); threads
@@ -161,19 +174,32 @@ def allocation(cpus: list[int], comm_cores: int) -> Allocation:
 
 
 def phase_cores(policy: str, cost: CostModel, cycles: int, cores: int, forward: float, backward: float,
-                comm: float) -> list[int]:
-    """Communication cores for the Comp phases F1, B1, ..., FN, BN (length 2N) under ``policy``."""
+                comm: float) -> list[tuple[int, bool]]:
+    """(c, first) for the Comp phases F1, B1, ..., FN, BN (length 2N) under ``policy``.
+
+    ``c``: the cores communication holds during the phase.  ``first``: the communication pending when the
+    phase begins (the next batch's, handed over one batch ahead) runs alone on every core before the phase's
+    computation -- the plan's Comm-alone round before that Comp task.  The plan's state when Comp task
+    (F or B) of cycle j+1 begins is (i, j, k); the communication pending then in the trainer is cycle j+1's,
+    so ``first`` is set where the plan has finished it alone (i >= j+1) and the task runs alone.
+    """
     from .planner import Workload, plan
 
     static = parse_policy(policy)
     if static is not None:
-        return [static] * (2 * cycles)
-    if policy == "priority" or cores == 1:
-        return [0] * (2 * cycles)
+        return [(static, False)] * (2 * cycles)
+    if policy == "priority":  # exclusive, communication first: its remote part then overlaps computation
+        return [(0, True)] * (2 * cycles)
     if policy != "planner":
         raise UsageError(f"no phase plan for policy {policy!r}")
     steps = plan(cost, Workload(cycles, comm, forward, backward, cores)).steps
-    out = [s.comm_cores if s.decision[0] == "pair" else 0 for s in steps if s.decision[0] != "comm"]
+    out = []
+    for st in steps:
+        if st.decision[0] == "comm":
+            continue
+        i, j, _ = st.state
+        pair = st.decision[0] == "pair"
+        out.append((st.comm_cores if pair else 0, not pair and i >= j + 1))
     assert len(out) == 2 * cycles, (len(out), cycles)
     return out
 
@@ -300,7 +326,15 @@ class Controller:
         """Cores communication holds in batch ``step``'s phase 0 (Forward) or 1 (Backward)."""
         if self._ready is not None:
             self._take_plan()
-        return self._phases[(step, phase)]
+        return self._phases[(step, phase)][0] if self.policy != "none" else 0
+
+    def comm_first(self, step: int, phase: int) -> bool:
+        """Whether communication pending when the phase begins runs alone first (a Comm-alone round)."""
+        if self.policy == "none":
+            return False
+        if self._ready is not None:
+            self._take_plan()
+        return self._phases[(step, phase)][1]
 
     # -- applying it --------------------------------------------------------------------------------------------
     def attach(self, comm_tids: Sequence[int]) -> None:
@@ -362,18 +396,32 @@ class Controller:
                 self.cost.comm_time(y, cf if cf > 0 else self.cores))
 
     def observe(self, step: int, forward_s: float, backward_s: float, comm_s: float, wait_s: float = 0.0,
-                threads: Optional[tuple[int, int]] = None) -> bool:
-        """Record batch ``step``'s measured times (``wait_s``: computation idle, waiting for logits; ``threads``:
-        torch's threads in its forward and backward); re-plan the rest after ``patience`` drifting batches."""
-        row = {"step": step, "forward_s": forward_s, "backward_s": backward_s, "comm_s": comm_s, "wait_s": wait_s}
+                threads: Optional[tuple[int, int]] = None, first_s: float = 0.0, remote_s: float = 0.0,
+                comm_used: Optional[int] = None) -> bool:
+        """Record batch ``step``'s measured times; re-plan the rest after ``patience`` drifting batches.
+
+        ``forward_s``/``backward_s``: computation only; ``comm_s``: the CPU part of its communication
+        (encoding, sending); ``wait_s``: computation idle, waiting for logits; ``first_s``: computation held
+        while communication ran alone first; ``remote_s``: communication waiting on the cloud and the wire
+        (no core needed); ``threads``: torch's threads in the forward and backward (so the cores computation
+        really had, ``c_total - threads``, which an idle phase makes differ from the plan); ``comm_used``: the
+        cores communication held when its CPU part started.  Predictions and re-estimates use these."""
+        row = {"step": step, "forward_s": forward_s, "backward_s": backward_s, "comm_s": comm_s, "wait_s": wait_s,
+               "first_s": first_s, "remote_s": remote_s}
         if threads is not None:
             row["threads"] = tuple(threads)
         if self.policy == "none":
             self.log.append(row)
             return False
-        pred = self.predicted(step)
-        worst = max(abs(m / p - 1.0) for m, p in zip((forward_s, backward_s, comm_s), pred))
-        row.update(comm_cores=(self.comm_cores(step, 0), self.comm_cores(step, 1)), drift=worst)
+        planned = (self.comm_cores(step, 0), self.comm_cores(step, 1))
+        taken = tuple(self.cores - t for t in threads) if threads is not None else planned  # cores not computing
+        used = comm_used if comm_used else (planned[0] or self.cores)
+        f, b, y = self.workloads
+        pred = (self.cost.comp_time(f, taken[0]), self.cost.comp_time(b, taken[1]), self.cost.comm_time(y, used))
+        measured = (forward_s, backward_s, comm_s)
+        worst = max(abs(m / p - 1.0) for m, p in zip(measured, pred))
+        row.update(comm_cores=planned, taken=taken, comm_used=used,
+                   first=(self.comm_first(step, 0), self.comm_first(step, 1)), drift=worst)
         self.log.append(row)
         self._off = self._off + 1 if worst > self.tolerance else 0
         if self.policy != "planner" or self._off < self.patience or step + 1 >= self.steps:
@@ -381,9 +429,8 @@ class Controller:
         recent = self.log[-self.patience:]
         est = []
         for key, phase in (("forward_s", 0), ("backward_s", 1)):
-            est.append(sum(r[key] / self.cost.comp_time(1.0, r["comm_cores"][phase]) for r in recent) / len(recent))
-        est.append(sum(r["comm_s"] / self.cost.comm_time(1.0, r["comm_cores"][0] or self.cores)
-                       for r in recent) / len(recent))
+            est.append(sum(r[key] / self.cost.comp_time(1.0, r["taken"][phase]) for r in recent) / len(recent))
+        est.append(sum(r["comm_s"] / self.cost.comm_time(1.0, r["comm_used"]) for r in recent) / len(recent))
         old = self.workloads
         self.workloads = tuple(max(v, 1e-9) for v in est)
         if self.background:
@@ -423,7 +470,9 @@ class ControlledSource:
         self._cond = threading.Condition()
         self._go = threading.Event()
         self._go.set()
-        self._outstanding = 0  # jobs queued or running on the receive thread
+        self._outstanding = 0  # jobs queued on the receive thread whose CPU part (encode, send) is not done
+        self._queued: Optional[int] = None  # the last step handed to the receive thread
+        self._first_in: dict = {}  # (step, phase): seconds computation was held while communication ran first
         self._phase: Optional[tuple[int, int]] = None  # the phase the trainer is in
         self._marks: dict = {}
         self.comm_tid: Optional[int] = None
@@ -451,26 +500,49 @@ class ControlledSource:
             step, rows, images = job
             self._go.wait()  # held while computation has every core
             began = time.perf_counter()
+            used = self.ctl.comm_threads()
+            sent = None
             try:
                 if hasattr(self.inner, "threads"):  # encoder threads: the cores communication holds now
-                    self.inner.threads = self.ctl.comm_threads()
+                    self.inner.threads = used
                 self.inner.start(step, rows, images)
+                sent = time.perf_counter()
+                with self._cond:  # the CPU part is done: the rest waits on the cloud and the wire
+                    self._outstanding -= 1
+                    self._cond.notify_all()
                 result = (self.inner.logits(step), None)
             except BaseException as err:  # handed to the trainer's thread
                 result = (None, err)
             with self._cond:
-                self._done[step] = result + (time.perf_counter() - began,)
-                self._outstanding -= 1
+                if sent is None:
+                    self._outstanding -= 1
+                    sent = time.perf_counter()
+                self._done[step] = result + (sent - began, time.perf_counter() - sent, used)
                 self._cond.notify_all()
 
     # the trainer's calls ---------------------------------------------------------------------------------------
     def _enter(self, step: int, phase: int) -> None:
-        """Apply the plan of batch ``step``'s ``phase``; with nothing for communication to do, computation gets
-        every core (no core is kept for a receive thread that would sleep)."""
+        """Apply the plan of batch ``step``'s ``phase``.  Communication the plan runs first does its CPU part
+        now, alone on every core, while computation waits; a phase entered with no CPU part pending (none
+        queued, or only waiting on the cloud) gives computation every core: no core is kept for a thread
+        that would sleep."""
         self._phase = (step, phase)
         with self._cond:
-            idle = self._outstanding == 0
-        alloc = self.ctl.phase(step, phase, idle)
+            pending = self._outstanding > 0
+        if pending and self.ctl.comm_first(step, phase):
+            began = time.perf_counter()
+            self._go.set()
+            self.ctl.apply(self.ctl.waiting())
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._outstanding == 0, self.timeout_s):
+                    from runtime.transport import PeerTimeout
+
+                    raise PeerTimeout(f"the receive thread did not send batch {self._queued}'s request within "
+                                      f"{self.timeout_s:g} s")
+            key = (step, phase)
+            self._first_in[key] = self._first_in.get(key, 0.0) + time.perf_counter() - began
+            pending = False
+        alloc = self.ctl.phase(step, phase, not pending)
         if alloc is not None and alloc.hold:
             self._go.clear()
         else:
@@ -480,13 +552,14 @@ class ControlledSource:
     def forward(self, step):
         now = time.perf_counter()
         self._finish_batch(step - 1, now)
-        self._marks[step] = [now, None, None, 0.0, 0.0, torch.get_num_threads(), None]
+        self._marks[step] = [now, None, None, 0.0, 0.0, None, 0.0, 0.0, None]
         self._enter(step, 0)
         self._marks[step][5] = torch.get_num_threads()
 
     def start(self, step, sample_idx, images):
         with self._cond:
             self._outstanding += 1
+            self._queued = step
         self._jobs.put((step, sample_idx, images))
         if self._phase is not None:  # communication has work again: the current phase's plan applies
             self._enter(*self._phase)
@@ -494,7 +567,8 @@ class ControlledSource:
     def logits(self, step):
         if step not in self._marks:  # a caller that does not mark forward passes: the phase starts here
             self._finish_batch(step - 1, time.perf_counter())
-            self._marks[step] = [time.perf_counter(), None, None, 0.0, 0.0, torch.get_num_threads(), None]
+            self._marks[step] = [time.perf_counter(), None, None, 0.0, 0.0, torch.get_num_threads(), 0.0, 0.0,
+                                 None]
         mark = self._marks[step]
         mark[1] = time.perf_counter()
         with self._cond:
@@ -506,10 +580,11 @@ class ControlledSource:
 
                     raise PeerTimeout(f"the receive thread gave no teacher logits for step {step} within "
                                       f"{self.timeout_s:g} s (the cloud stalled or the link is down)")
-            out, err, busy = self._done.pop(step)
+            out, err, busy, remote, used = self._done.pop(step)
         if err is not None:
             raise err
         mark[2], mark[3], mark[4] = time.perf_counter(), busy, time.perf_counter() - mark[1]
+        mark[7], mark[8] = remote, used
         self._phase = (step, 1)  # applied when the trainer hands over the next batch (start) or goes on
         return out
 
@@ -517,9 +592,14 @@ class ControlledSource:
         mark = self._marks.pop(step, None)
         if mark is None or mark[2] is None:
             return
-        start, fwd_end, logits_end, comm_s, wait_s, forward_threads, _ = mark
-        self.ctl.observe(step, fwd_end - start, now - logits_end, comm_s, wait_s=wait_s,
-                         threads=(forward_threads, torch.get_num_threads()))
+        start, fwd_end, logits_end, comm_s, wait_s, forward_threads, _, remote_s, used = mark
+        # the time computation was held for communication that ran first is not computation: taken out of
+        # the phases (it fell in the forward, or in the backward when the next batch was handed over)
+        first_f, first_b = self._first_in.pop((step, 0), 0.0), self._first_in.pop((step, 1), 0.0)
+        forward_s, backward_s, first_s = fwd_end - start - first_f, now - logits_end - first_b, first_f + first_b
+        self.ctl.observe(step, forward_s, backward_s, comm_s, wait_s=wait_s,
+                         threads=(forward_threads, torch.get_num_threads()), first_s=first_s, remote_s=remote_s,
+                         comm_used=used)
 
     def close(self):
         self._finish_batch(max(self._marks, default=-1), time.perf_counter())

@@ -110,7 +110,7 @@ def test_a_replan_runs_on_the_planning_thread_while_the_trainer_keeps_its_plan()
     def phase_cores(*args, **kwargs):
         seen["tid"] = threading.get_native_id()
         slow.wait(5)  # the planner is slow: the trainer must not wait for it
-        return [1] * (2 * args[2])
+        return [(1, False)] * (2 * args[2])
 
     ctl = Controller("planner", 2, steps=10, patience=1, tolerance=0.2)
     before = {(s, p): ctl.comm_cores(s, p) for s in range(5, 10) for p in (0, 1)}
@@ -333,7 +333,8 @@ def test_control_summary_medians_spreads_speedups_and_the_static_best():
         for r in range(5):
             t = base * rng.uniform(0.9, 1.1)
             rows.append({"policy": policy, "repeat": r, "mean_step_s": t, "mean_forward_s": t / 3,
-                         "mean_backward_s": t / 3, "mean_comm_s": t / 2, "mean_wait_s": t / 3, "test_acc": 0.5})
+                         "mean_backward_s": t / 3, "mean_comm_s": t / 2, "mean_wait_s": t / 3, "mean_first_s": 0.0,
+                         "mean_remote_s": t, "test_acc": 0.5})
     out = {r["policy"]: r for r in summarise(rows)}
     for policy in ("none", "priority", "static:1", "static:2"):
         times = sorted(r["mean_step_s"] for r in rows if r["policy"] == policy)
@@ -379,3 +380,64 @@ def test_control_cli_runs_each_policy_repeatedly_with_uploads_and_summarises_its
         times = [r["mean_step_s"] for r in runs if r["policy"] == row["policy"]]
         assert row["median_step_s"] == statistics.median(times)
     assert (tmp_path / "c.png").stat().st_size > 10000
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 5])
+@pytest.mark.parametrize("ratio", [0.2, 1.0, 4.0])
+def test_phase_plan_follows_the_rounds_of_the_exact_plan(cores, ratio):
+    """(c, first) per Comp phase, read off the plan's rounds (the plan itself is checked against exhaustive
+    search in test_scheduling): c is a pair round's cores (else 0); first is set exactly where the Comp task
+    runs alone after the plan finished, alone, the communication of its own cycle (state i >= j + 1)."""
+    from scheduling.controller import ideal_cost, phase_cores
+    from scheduling.planner import Workload, plan
+
+    n, cost = 6, ideal_cost(cores)
+    got = phase_cores("planner", cost, n, cores, 1.0, 2.0, ratio)
+    steps = plan(cost, Workload(n, ratio, 1.0, 2.0, cores)).steps
+    want = []
+    for st in steps:
+        if st.decision[0] == "comm":
+            continue
+        i, j, _ = st.state
+        want.append((st.decision[1], False) if st.decision[0] == "pair" else (0, i >= j + 1))
+    assert got == want
+    if cores == 1:  # no split: communication alone first wherever some is pending (ties go to communication);
+        assert got == [(0, True)] * (2 * n - 1) + [(0, False)]  # after the last backward's, none is
+    assert phase_cores("priority", cost, n, cores, 1.0, 2.0, ratio) == [(0, True)] * (2 * n)
+
+
+class SlowStart(PrecomputedLogits):
+    """Communication with a CPU part: start() takes 0.1 s (as encoding frames does); records when."""
+
+    def __init__(self, rows):
+        super().__init__(rows)
+        self.starts = {}
+
+    def start(self, step, rows, images):
+        began = time.perf_counter()
+        time.sleep(0.1)
+        super().start(step, rows, images)
+        self.starts[step] = (began, time.perf_counter())
+
+
+def test_priority_runs_communication_first_and_alone_then_computes():
+    """Priority: the next batch's CPU part runs as soon as it is handed over (comm first), while the trainer
+    waits -- never during a backward pass (seen from a gradient hook's timestamps); its time is counted
+    apart from the phases (first_s), which keep only computation."""
+    from models import edge_net
+
+    data, steps = tiny(n=48), 4
+    config = EdgeConfig("kd", 1, steps=steps, batch=8, seed=3)
+    torch.manual_seed(3)
+    student = edge_net(1, 3, 32, 3)
+    backward_at = []
+    student[0].weight.register_hook(lambda g: backward_at.append(time.perf_counter()))
+    source = SlowStart(_logits(data))
+    ctl = ControlledSource(source, Controller("priority", 1, steps))
+    train_edge(config, data, np.arange(40), source=ctl, student=student)
+    for s in range(steps - 1):
+        began, ended = source.starts[s + 1]
+        assert ended < backward_at[s], (s, "batch s+1's CPU part must finish before backward s starts")
+    firsts = [r["first_s"] for r in ctl.ctl.log]
+    assert all(f >= 0.09 for f in firsts[:-1]), firsts   # the hand-over of batch s+1 held computation
+    assert all(r["backward_s"] < 0.09 for r in ctl.ctl.log), ctl.ctl.log  # and was not counted as backward
