@@ -254,8 +254,8 @@ def _print(summary: list[dict], args, cores: int, cpus: list[int], frames, threa
               f"{1e3 * r['comm_s']:>7.1f} {1e3 * r['remote_s']:>8.1f} "
               f"{r['test_acc']:>8.2%}")
     if cores == 1:
-        print("note: with 1 core the edge cannot split: planner, priority and every static split are the same "
-              "plan (communication only while computation waits); only none (the OS sharing the core) differs")
+        print("note: with 1 core the edge cannot split: the planner's plan is priority's (each batch's encoding "
+              "alone, first, then computation while the cloud works); none lets the OS share the core")
 
 
 def plot(summary: list[dict], path: str, title: str) -> None:
