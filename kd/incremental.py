@@ -52,9 +52,10 @@ __all__ = ["Fault", "UpdateRecord", "reconcile", "run_updates", "update_student"
 
 #: Called at each step boundary with the step's name (tests kill the process there).
 Fault = Callable[[str], None]
-#: ``update(student_state, images uint8 (n,H,W,C), logits float32 (n,classes), generation) -> (new state, info)``;
-#: ``info`` (JSON-able, e.g. the test accuracy) is recorded with the generation.
-Update = Callable[[dict, np.ndarray, np.ndarray, int], tuple[dict, dict]]
+#: ``update(student_state, images uint8 (n,H,W,C), logits float32 (n,classes), generation, temperature)
+#: -> (new state, info)``; ``temperature`` is the T the previous generation ended with (None when it did not
+#: record one); ``info`` (JSON-able, e.g. the test accuracy, ``final_T``) is recorded with the generation.
+Update = Callable[[dict, np.ndarray, np.ndarray, int, Optional[float]], tuple[dict, dict]]
 
 KIND_REQUEST, KIND_HEARTBEAT, KIND_BYE, KIND_REPLY = 1, 2, 3, 4
 TAG_HEADER, TAG_DATA = 7001, 7002
@@ -192,11 +193,14 @@ def run_updates(buffer: Buffer, student: str, cloud, update: Update, increment: 
             log(f"buffer {buffer.path}: batch {batch} was labelled by an interrupted run; updating with it now")
         _, images, logits = buffer.batch(batch)
         latest = buffer.latest()
-        state, _ = read_student(student)
+        state, meta = read_student(student)
+        # Alg. 2 goes on updating W and T (lines 5-6) and initialises neither: T is where the last update
+        # left it, as in the experiments' chain (kd/experiments.py); only Alg. 1 draws a starting T
+        temperature = ((meta or {}).get("info") or {}).get("final_T")
         generation = latest.generation + 1
         keepalive = getattr(cloud, "keepalive", None)
         with keepalive() if keepalive else nullcontext():
-            new_state, info = update(state, images, logits, generation)
+            new_state, info = update(state, images, logits, generation, temperature)
         fault("trained")
         sha = save_student(student, new_state, {"buffer": buffer.uuid, "generation": generation, "batch": batch,
                                                 "info": info}, fault)
@@ -212,14 +216,17 @@ def run_updates(buffer: Buffer, student: str, cloud, update: Update, increment: 
 
 # ---------------------------------------------------------------------- the exchange over MPI
 def update_student(config, data, state: dict, images: np.ndarray, logits: np.ndarray, generation: int,
-                   device=None, progress: bool = False, wrap_source: Optional[Callable] = None):
+                   device=None, progress: bool = False, wrap_source: Optional[Callable] = None,
+                   temperature: Optional[float] = None):
     """One incremental update: the student in ``state`` trained on cloud-labelled ``images``.
 
     The cloud's argmax is the label (the paper takes the cloud's output as the true
     label) and its logits the soft target; T is learnt and Eq. 17 freezes as in the
     initial training.  ``wrap_source(source, config)`` may wrap the logits' source
-    (the whole system's core-allocation controller).  Returns the new state (CPU
-    tensors), a summary, and the source used.
+    (the whole system's core-allocation controller).  ``temperature``: the T the
+    previous generation ended with; a method that learns T (aflkd, ctkd) starts from
+    it, within [t_min, t_max] (else from ``config.temperature``).  Returns the new
+    state (CPU tensors), a summary, and the source used.
     """
     from dataclasses import replace
 
@@ -234,6 +241,8 @@ def update_student(config, data, state: dict, images: np.ndarray, logits: np.nda
     batch = ImageArrays(data.name, images, logits.argmax(1).astype(np.int64), data.x_test, data.y_test,
                         data.classes, data.mean, data.std)
     config = replace(config, seed=config.seed + generation)
+    if temperature is not None and config.method in ("aflkd", "ctkd"):
+        config = replace(config, temperature=min(max(float(temperature), config.t_min), config.t_max))
     source = PrecomputedLogits(torch.from_numpy(logits))
     if wrap_source is not None:
         source = wrap_source(source, config)

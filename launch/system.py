@@ -351,7 +351,7 @@ class ControlledUpdate:
         self.config, self.data, self.device = config, data, device
         self.policy, self.cores, self.cost, self.cpus = policy, cores, cost, list(cpus)
 
-    def __call__(self, state: dict, images, logits, generation: int):
+    def __call__(self, state: dict, images, logits, generation: int, temperature=None):
         from kd.incremental import update_student
         from scheduling.controller import controlled
 
@@ -359,7 +359,7 @@ class ControlledUpdate:
             return controlled(source, self.policy, self.cores, config.steps, self.cost, cpus=self.cpus)
 
         state, info, source = update_student(self.config, self.data, state, images, logits, generation,
-                                             device=self.device, wrap_source=wrap)
+                                             device=self.device, wrap_source=wrap, temperature=temperature)
         info.update(replans=len(source.ctl.replans), cores=self.cores,
                     comm_cores=[list(r["comm_cores"]) for r in source.ctl.log if "comm_cores" in r])
         return state, info

@@ -336,11 +336,11 @@ class AflkdUpdate:
     def __init__(self, config, data, device, progress: bool):
         self.config, self.data, self.device, self.progress = config, data, device, progress
 
-    def __call__(self, state: dict, images, logits, generation: int):
+    def __call__(self, state: dict, images, logits, generation: int, temperature=None):
         from kd.incremental import update_student
 
         state, info, _ = update_student(self.config, self.data, state, images, logits, generation,
-                                        device=self.device, progress=self.progress)
+                                        device=self.device, progress=self.progress, temperature=temperature)
         return state, info
 
 

@@ -342,3 +342,41 @@ def test_a_buffer_is_made_where_hard_links_are_not(tmp_path, monkeypatch):
     b = Buffer(tmp_path / "b.sqlite", SHAPE)
     b.append(np.zeros((1, *SHAPE), np.uint8))
     assert b.counts()["pending"] == 1 and not list(tmp_path.glob("*.creating*"))
+
+
+def test_each_update_starts_from_the_temperature_the_last_one_ended_with(tmp_path):
+    """Alg. 2 updates W and T and initialises neither: generation g+1 gets generation g's final T (the first
+    update, from a plain student file, has none to carry)."""
+    buf, student = str(tmp_path / "b.sqlite"), str(tmp_path / "s.pt")
+    _new_student(student)
+    given = []
+
+    def update(state, images, logits, generation, temperature):
+        given.append(temperature)
+        new, info = counting_update(state, images, logits, generation)
+        return new, {**info, "final_T": 2.5 + generation}  # what a learnt T would have ended at
+
+    with Buffer(buf, SHAPE) as b:
+        b.append(images_for(range(15)))
+        run_updates(b, student, StandInCloud(), update, increment=5)
+    assert given == [None, 3.5, 4.5]
+
+
+@pytest.mark.parametrize("method, carried", [("aflkd", 7.25), ("ctkd", 7.25), ("kd", None)])
+def test_update_student_starts_a_learnt_temperature_where_it_is_given(method, carried):
+    """With T's learning rate 0 the final T is the starting T: the carried one for a method that learns T,
+    clamped into [t_min, t_max]; the fixed --temperature otherwise."""
+    from kd.incremental import update_student
+    from kd.trainer import EdgeConfig
+    from models import edge_net
+    from tests.test_teacher import tiny
+
+    data = tiny(n=24)
+    config = EdgeConfig(method, 1, steps=2, batch=8, t_lr=0.0)
+    state = edge_net(1, 3, 32, 3).state_dict()
+    images = data.x_train[:16]
+    logits = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    _, info, _ = update_student(config, data, state, images, logits, 1, temperature=7.25)
+    assert info["final_T"] == pytest.approx(carried if carried is not None else config.temperature)
+    _, info, _ = update_student(config, data, state, images, logits, 1, temperature=99.0)
+    assert info["final_T"] == pytest.approx(config.t_max if carried is not None else config.temperature)
