@@ -87,7 +87,7 @@ def control_options(parser) -> None:
                         help="core allocation on each edge rank between communication (receiving logits, encoding "
                         "and uploading frames) and training: planner (the exact plan, re-planned on drift), "
                         "priority (exclusive, never shared), static:C (C cores to communication in every phase) "
-                        "or none (the same threads, nothing moved: the OS shares the cores)")
+                        "or none (the same threads, kept on the rank's CPUs and never moved: the OS shares them)")
     parser.add_argument("--control-cores", type=options.positive_int, default=None,
                         help="cores the controller divides (default: the cores this rank may use / ranks on host)")
     parser.add_argument("--constants", default=None, metavar="FILE",
