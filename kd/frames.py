@@ -178,8 +178,9 @@ class FrameEncoder:
 
 
 def decode_message(message: np.ndarray, fmt: FrameFormat, batch: int, channels: int,
-                   step: Optional[int] = None) -> torch.Tensor:
-    """The uint8 frames ``(B, C, size, size)`` of an upload message; ValueError saying what is wrong with it."""
+                   step: Optional[int] = None, pool: Optional[ThreadPoolExecutor] = None) -> torch.Tensor:
+    """The uint8 frames ``(B, C, size, size)`` of an upload message; ValueError saying what is wrong with it.
+    ``pool``: decode JPEG frames on its threads, a share each (libjpeg decodes one frame on one thread)."""
     message = np.asarray(message, dtype=np.uint8).reshape(-1)
     fixed = 8 * (3 + batch)
     if message.nbytes < fixed:
@@ -206,7 +207,12 @@ def decode_message(message: np.ndarray, fmt: FrameFormat, batch: int, channels: 
     parts = list(torch.split(body, lengths.tolist()))
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
-        frames = decode_jpeg(parts, mode=mode)
+        if pool is None or len(parts) < 2:
+            frames = decode_jpeg(parts, mode=mode)
+        else:
+            shares = [s for s in np.array_split(np.arange(len(parts)), pool._max_workers) if len(s)]
+            decoded = pool.map(lambda share: decode_jpeg([parts[i] for i in share], mode=mode), shares)
+            frames = [f for chunk in decoded for f in chunk]
     except RuntimeError as err:
         raise ValueError(f"a JPEG frame that does not decode ({str(err).splitlines()[0]})") from None
     out = torch.stack(frames)

@@ -264,6 +264,7 @@ class Cloud:
         self.teacher_s = self.decode_s = 0.0
         self.channels, self.mean, self.std = data.channels, data.mean, data.std
         self.image_size = _input_shape(data)[1]
+        self._pool = None  # JPEG decoding threads (made on the first upload)
 
     def serve(self, progress: bool = False) -> list[dict]:
         """Answer credits until every edge has all its batches; per edge: rank, steps, bytes sent, wire."""
@@ -333,13 +334,21 @@ class Cloud:
                                         f"edge rank {edge.rank} stopped sending the frames of step {step} within "
                                         f"{self.timeout_s:g} s (--timeout)")
         try:
-            frames = decode_message(message, edge.frames, edge.batches.batch, self.channels, step)
+            frames = decode_message(message, edge.frames, edge.batches.batch, self.channels, step, self._decoders())
         except ValueError as err:
             raise transport.TransportError(f"edge rank {edge.rank} sent frames the cloud cannot read: {err}") from None
         images = frames_to_images(frames, self.mean, self.std, self.image_size)
         self.decode_s += time.perf_counter() - began
         edge.bytes_received += message.nbytes
         self._reply(edge, step, None, images)
+
+    def _decoders(self):
+        """Threads decoding uploaded JPEG frames: as many as torch's threads on the cloud rank."""
+        if self._pool is None and torch.get_num_threads() > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="aflkd-decode")
+        return self._pool
 
     def _reply(self, edge: _Edge, step: int, rows, images: torch.Tensor) -> None:
         """Run the teacher on batch ``step``'s images and send ``edge`` the encoded logits."""
@@ -367,3 +376,6 @@ class Cloud:
         clean = all(e.served >= e.steps for e in self.edges) and transport.wait_by(sends, time.monotonic())
         transport.cancel(sends)
         transport.free(self.comm, clean=clean)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

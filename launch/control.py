@@ -88,6 +88,7 @@ def add_parser(sub) -> None:
     p.add_argument("--policies", default="none,priority,planner,static",
                    help="policies: none, priority, planner, static:C, or static for every fixed split")
     frame_options(p)
+    options.device_option(p, "cloud rank runs the teacher (the edge trains on its CPU)")
     p.add_argument("--timeout", type=options.positive_float, default=120.0, help="seconds a rank waits for its peer")
     p.add_argument("--json", default=None, metavar="FILE", help="write every run and the summary as JSON "
                    "(default: not written)")
@@ -192,7 +193,10 @@ def _run(comm, args) -> int:
     try:  # a dataset or teacher missing on one board only: agreed, every rank ends with the same line, exit 2
         data = load_dataset(args.dataset, args.data_root)
         options.check_student_options([args.size], data, "--size")
-        teacher = options.load_teacher(args, data, torch.device("cpu")) if comm.Get_rank() == 0 else None
+        if comm.Get_rank() == 0:
+            from kd.device import pick_device
+
+            teacher = options.load_teacher(args, data, pick_device(args.device))
     except UsageError as err:
         problem = str(err)
     transport.agree(comm, problem, "data set-up")

@@ -124,3 +124,16 @@ def test_encoder_threads_are_os_threads_and_threads_k_uses_k_of_them(monkeypatch
             assert (set(ran) <= set(encoder.tids)) if k > 1 else ran == [threading.get_native_id()]
     finally:
         encoder.close()
+
+
+def test_jpeg_frames_decoded_on_several_threads_equal_one_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    mean, std = _stats(3)
+    images = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    fmt = FrameFormat("jpeg", 64)
+    encoder = FrameEncoder(fmt, mean, std, 3)
+    message = encoder.encode(1, images).numpy()
+    alone = decode_message(message, fmt, 7, 3, 1)
+    with ThreadPoolExecutor(3) as pool:
+        assert torch.equal(decode_message(message, fmt, 7, 3, 1, pool), alone)
