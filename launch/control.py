@@ -182,6 +182,7 @@ def _run(comm, args) -> int:
     if comm.Get_size() != 2:
         raise UsageError(f"aflkd control runs one cloud and one edge: use 'mpiexec -n 2' (got {comm.Get_size()})")
     cpus = controlled_cpus(comm, cores)  # each rank its own block of the host: the cloud off the edge's cores
+    block = controlled_cpus(comm, threads)  # the whole share: what the cloud keeps
     policies = expand_policies(args.policies, cores)
     frames = frame_format(args)
     on_root_then_bcast(comm, lambda: (options.prepare_output(args.json, "--json"),
@@ -200,14 +201,15 @@ def _run(comm, args) -> int:
     except UsageError as err:
         problem = str(err)
     transport.agree(comm, problem, "data set-up")
-    _pin_rank(cpus)
+    mine = block if comm.Get_rank() == 0 else cpus
+    _pin_rank(mine)
     config = EdgeConfig(args.method, args.net, steps=args.steps, seed=args.seed)
     idx = balanced_subset(data.y_train, args.size, data.classes, seed=args.seed)
     rows = []
     for repeat in range(args.repeats):
         shift = repeat % len(policies)
         for policy in policies[shift:] + policies[:shift]:
-            _pin_rank(cpus)  # every run starts from the same threads
+            _pin_rank(mine)  # every run starts from the same threads
             if comm.Get_rank() == 0:
                 server = open_cloud(comm, 0, teacher, data, args.timeout)
                 try:
@@ -219,6 +221,7 @@ def _run(comm, args) -> int:
             ctl = controlled(source, policy, cores, config.steps, cost, cpus=cpus)
             result = train_edge(config, data, idx, source=ctl)
             rows.append(run_row(policy, repeat, ctl.ctl, result, source))
+            rows[-1]["edge_cpus"] = list(cpus)
             print(f"repeat {repeat + 1}/{args.repeats} {policy}: {1e3 * rows[-1]['mean_step_s']:.1f} ms/step",
                   file=sys.stderr, flush=True)
     if comm.Get_rank() == 1:
@@ -226,10 +229,11 @@ def _run(comm, args) -> int:
         return 0
     rows = transport.recv_object_by(comm, 1, 78, None, "")
     summary = summarise(rows)
-    _print(summary, args, cores, cpus, frames, threads)
+    _print(summary, args, cores, rows[0]["edge_cpus"] if rows else [], block, frames)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": args.command_line, "dataset": args.dataset, "net": args.net, "cores": cores,
+                       "edge_cpus": rows[0]["edge_cpus"] if rows else [], "cloud_cpus": list(block),
                        "frames": str(frames) if frames else None, "steps": args.steps, "repeats": args.repeats,
                        "summary": summary, "runs": rows}, fh, indent=1)
         print(f"wrote {args.json}")
@@ -241,9 +245,9 @@ def _run(comm, args) -> int:
     return 0
 
 
-def _print(summary: list[dict], args, cores: int, cpus: list[int], frames, threads: int) -> None:
+def _print(summary: list[dict], args, cores: int, edge_cpus: list[int], cloud_cpus: list[int], frames) -> None:
     print(f"edge rank 1: edge net {args.net}, {args.steps} steps x {args.repeats} repeats, {cores} core(s) divided "
-          f"(CPUs {cpus}; the cloud on its own), frames {frames or 'none (logits only)'}")
+          f"(CPUs {edge_cpus}; the cloud on CPUs {cloud_cpus}), frames {frames or 'none (logits only)'}")
     head = (f"{'policy':>12} {'median ms':>9} {'min..max ms':>15} {'vs none':>7} {'vs prio':>7} {'fwd ms':>7} "
             f"{'bwd ms':>7} {'first ms':>8} {'wait ms':>7} {'comm ms':>7} {'cloud ms':>8} {'test acc':>8}")
     print(head)
