@@ -37,7 +37,7 @@ import torch
 from runtime.errors import UsageError
 
 __all__ = ["FrameFormat", "parse_frames", "quantise", "upsample", "FrameEncoder", "decode_message",
-           "frames_to_images", "MAGIC"]
+           "frames_to_images", "frames_to_pixels", "MAGIC"]
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
@@ -152,7 +152,11 @@ class FrameEncoder:
 
     def encode(self, step: int, images: torch.Tensor, threads: int = 1) -> torch.Tensor:
         """Batch ``step``'s upload message: the header and every frame's bytes (uint8, 1-D)."""
-        pixels = quantise(images, self.mean, self.std)
+        return self.encode_pixels(step, quantise(images, self.mean, self.std), threads)
+
+    def encode_pixels(self, step: int, pixels: np.ndarray, threads: int = 1) -> torch.Tensor:
+        """The upload message of uint8 pixels ``(B, C, H, W)`` (a camera's frames, e.g. a buffer's)."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         if pixels.shape[1] != self.channels:
             raise ValueError(f"{pixels.shape[1]}-channel images for a {self.channels}-channel encoder")
         threads = max(1, min(threads, self.max_threads, len(pixels)))
@@ -219,6 +223,16 @@ def decode_message(message: np.ndarray, fmt: FrameFormat, batch: int, channels: 
     if tuple(out.shape[1:]) != (channels, side, side):
         raise ValueError(f"JPEG frames of {tuple(out.shape[1:])} where {(channels, side, side)} was agreed")
     return out
+
+
+def frames_to_pixels(frames: torch.Tensor, image_size: int) -> np.ndarray:
+    """uint8 frames ``(B, C, S, S)`` back to uint8 pixels ``(B, image_size, image_size, C)`` (a buffer's layout):
+    each ``k x k`` block averaged and rounded (raw frames: the pixels exactly)."""
+    k = frames.shape[-1] // image_size
+    b, c = frames.shape[:2]
+    sums = frames.reshape(b, c, image_size, k, image_size, k).sum(dim=(3, 5), dtype=torch.int32)
+    pixels = torch.div(sums * 2 + k * k, 2 * k * k, rounding_mode="floor")  # round half up, in integers
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def frames_to_images(frames: torch.Tensor, mean, std, image_size: int = 32) -> torch.Tensor:

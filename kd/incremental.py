@@ -34,6 +34,7 @@ import glob
 import hashlib
 import io
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -57,7 +58,7 @@ Fault = Callable[[str], None]
 #: record one); ``info`` (JSON-able, e.g. the test accuracy, ``final_T``) is recorded with the generation.
 Update = Callable[[dict, np.ndarray, np.ndarray, int, Optional[float]], tuple[dict, dict]]
 
-KIND_REQUEST, KIND_HEARTBEAT, KIND_BYE, KIND_REPLY = 1, 2, 3, 4
+KIND_REQUEST, KIND_HEARTBEAT, KIND_BYE, KIND_REPLY, KIND_FRAMES = 1, 2, 3, 4, 5
 TAG_HEADER, TAG_DATA = 7001, 7002
 HEADER = 8
 
@@ -278,8 +279,11 @@ def _heartbeats(send_heartbeat: Callable[[], None], timeout_s: float):
 class CloudLink:
     """The edge's end of the exchange with the cloud rank: bounded waits, heartbeats while training."""
 
-    def __init__(self, comm, cloud_rank: int, timeout_s: float):
-        self.comm, self.cloud, self.timeout_s = comm, cloud_rank, timeout_s
+    def __init__(self, comm, cloud_rank: int, timeout_s: float, encoder=None):
+        """``encoder`` (a :class:`kd.frames.FrameEncoder`): the images travel as frames at its size, raw or
+        JPEG (``--upload``), encoded on all its threads; None: as the buffer's uint8 pixels."""
+        self.comm, self.cloud, self.timeout_s, self.encoder = comm, cloud_rank, timeout_s, encoder
+        self.bytes_sent, self.encode_s = 0, 0.0
 
     def _send_header(self, *values: int) -> None:
         _send_header(self.comm, self.cloud, self.timeout_s, f"the cloud rank {self.cloud} took no message", *values)
@@ -288,9 +292,18 @@ class CloudLink:
         from runtime import transport
 
         n, h, w, c = images.shape
-        self._send_header(KIND_REQUEST, n, h, w, c)
-        pixels = torch.from_numpy(np.ascontiguousarray(images))
-        _wait([transport.isend(self.comm, pixels, self.cloud, TAG_DATA)], self.timeout_s,
+        if self.encoder is None:
+            self._send_header(KIND_REQUEST, n, h, w, c)
+            payload = torch.from_numpy(np.ascontiguousarray(images))
+        else:
+            began = time.perf_counter()
+            payload = self.encoder.encode_pixels(0, np.ascontiguousarray(images).transpose(0, 3, 1, 2),
+                                                 self.encoder.max_threads)
+            self.encode_s += time.perf_counter() - began
+            fmt = self.encoder.fmt
+            self._send_header(KIND_FRAMES, n, h, w, c, payload.numel(), fmt.size, int(fmt.kind == "jpeg"))
+        self.bytes_sent += payload.numel()
+        _wait([transport.isend(self.comm, payload, self.cloud, TAG_DATA)], self.timeout_s,
               f"the cloud rank {self.cloud} took none of {n} images")
         reply = torch.zeros(HEADER, dtype=torch.int64)
         while True:  # the cloud sends heartbeats while it labels, then the reply
@@ -314,6 +327,21 @@ class CloudLink:
         self._send_header(KIND_BYE)
 
 
+def _frames_back(message: np.ndarray, header: torch.Tensor, edge_rank: int) -> np.ndarray:
+    """The uint8 pixels ``(n, h, w, c)`` of an upload of frames (header: kind, n, h, w, c, bytes, size, jpeg)."""
+    from .frames import FrameFormat, decode_message, frames_to_pixels
+
+    n, h, w, c, _, size, jpeg = (int(v) for v in header[1:8])
+    fmt = FrameFormat("jpeg" if jpeg else "raw", size)
+    try:
+        fmt.check(h)
+        if h != w:
+            raise ValueError(f"frames of {h}x{w} images (square images only)")
+        return frames_to_pixels(decode_message(message, fmt, n, c, 0), h)
+    except (UsageError, ValueError) as err:
+        raise UsageError(f"the edge rank {edge_rank} sent frames the cloud cannot read: {err}") from None
+
+
 def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarray], timeout_s: float,
                 log: Callable[[str], None] = lambda s: None) -> int:
     """The cloud rank: answer the edge's requests with ``logits_of(images)`` until it says bye.
@@ -334,12 +362,17 @@ def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarr
             continue
         if kind == KIND_BYE:
             return served
-        if kind != KIND_REQUEST:
+        if kind not in (KIND_REQUEST, KIND_FRAMES):
             raise UsageError(f"the edge rank {edge_rank} sent an unknown message {header.tolist()}")
         n, h, w, c = (int(v) for v in header[1:5])
-        pixels = torch.empty(n, h, w, c, dtype=torch.uint8)
+        if kind == KIND_REQUEST:
+            pixels = torch.empty(n, h, w, c, dtype=torch.uint8)
+        else:  # frames (--upload): the bytes announced, decoded and averaged back to the buffer's pixels
+            pixels = torch.empty(int(header[5]), dtype=torch.uint8)
         _wait([transport.irecv(comm, pixels, edge_rank, TAG_DATA)], timeout_s,
               f"the edge rank {edge_rank} sent none of the {n} images it announced")
+        if kind == KIND_FRAMES:
+            pixels = torch.from_numpy(_frames_back(pixels.numpy(), header, edge_rank))
         with _heartbeats(lambda: _send_header(comm, edge_rank, timeout_s, f"the edge rank {edge_rank} took no "
                                               "heartbeat", KIND_HEARTBEAT), timeout_s):  # a slow teacher is not dead
             labels = logits_of(pixels.numpy())

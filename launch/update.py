@@ -142,6 +142,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=options.threads, default=None,
                         help="torch threads per rank (default: this host's cores / ranks on this host)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    from .distill import frame_options
+
+    frame_options(parser)
 
 
 # ---------------------------------------------------------------------- single-process tools
@@ -248,10 +251,34 @@ def _start(args, need_edge_data: bool = True) -> _Setup:
     try:
         device = pick_device(args.device)
         data = load_dataset(args.dataset, args.data_root)
+        _upload_format(args, data)  # a frame size the images do not divide: refused on both ranks
     except UsageError as err:
         role = "the cloud" if comm.Get_rank() == CLOUD else "the edge"
         return _Setup(comm, None, None, f"rank {comm.Get_rank()} ({role}): {err}")
     return _Setup(comm, data, device)
+
+
+def _upload_format(args, data):
+    """The checked frame format of --upload for this dataset's images (None: the buffer's pixels travel)."""
+    from kd.frames import parse_frames
+
+    return parse_frames(args.upload, args.frame_size, args.jpeg_quality, image_size=data.x_train.shape[1])
+
+
+def _link(setup: _Setup, args):
+    """The edge's CloudLink; with --upload, an increment's images travel as frames encoded on this rank's threads."""
+    import torch
+
+    from kd.frames import FrameEncoder
+    from kd.incremental import CloudLink
+
+    fmt = _upload_format(args, setup.data)
+    encoder = None
+    if fmt is not None:
+        data = setup.data
+        encoder = FrameEncoder(fmt, data.mean, data.std, data.channels, image_size=data.x_train.shape[1],
+                               max_threads=torch.get_num_threads())
+    return CloudLink(setup.comm, CLOUD, args.timeout, encoder)
 
 
 def _agree(setup: _Setup, args, mine: dict) -> dict:
@@ -438,10 +465,11 @@ def _run(args) -> int:
     _agree(setup, args, facts)
 
     def work() -> int:
-        from kd.incremental import CloudLink
-
-        link = CloudLink(setup.comm, CLOUD, args.timeout)
+        link = _link(setup, args)
         records = _edge_loop(setup, args, link, buffer, args.student, on_update=lambda r, s, i: _print_record(r, i))
+        if link.encoder is not None:
+            print(f"edge: uploaded the increments as {link.encoder.fmt} frames: {link.bytes_sent / 1e6:.1f} MB, "
+                  f"encoding {link.encode_s:.1f} s", flush=True)
         counts = buffer.counts()
         print(f"edge: {len(records)} update(s); buffer {args.buffer}: pending {counts['pending']}, consumed "
               f"{counts['consumed']}; student {args.student} is generation {buffer.latest().generation}", flush=True)
@@ -500,12 +528,12 @@ def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:
     import torch
 
     from kd.datasets import balanced_subset
-    from kd.incremental import CloudLink, file_sha256
+    from kd.incremental import file_sha256
     from kd.trainer import EdgeConfig, train_edge
     from models import cloud_net, load_weights, save_atomic
 
     data, out = setup.data, args.out
-    link = CloudLink(setup.comm, CLOUD, args.timeout)
+    link = _link(setup, args)
     initial = balanced_subset(data.y_train, args.initial, data.classes, seed=args.seed)
     if buffer.latest() is None and not os.path.exists(student_path):
         # Alg. 1 on the edge: the student starts from the cloud net's shared blocks (read here from the

@@ -137,3 +137,20 @@ def test_jpeg_frames_decoded_on_several_threads_equal_one_thread():
     alone = decode_message(message, fmt, 7, 3, 1)
     with ThreadPoolExecutor(3) as pool:
         assert torch.equal(decode_message(message, fmt, 7, 3, 1, pool), alone)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 6), channels=st.sampled_from([1, 3]), side=st.sampled_from([28, 32]),
+       factor=st.integers(1, 8), seed=st.integers(0, 2 ** 16))
+def test_a_buffers_pixels_sent_as_raw_frames_come_back_exactly(n, channels, side, factor, seed):
+    """update run --upload raw: the cloud's pixels are the buffer's, byte for byte (Fashion-MNIST's 28 too)."""
+    from kd.frames import frames_to_pixels
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(n, side, side, channels), dtype=np.uint8)
+    fmt = FrameFormat("raw", side * factor)
+    mean, std = _stats(channels)
+    encoder = FrameEncoder(fmt, mean, std, channels, image_size=side)
+    message = encoder.encode_pixels(0, pixels.transpose(0, 3, 1, 2))
+    back = frames_to_pixels(decode_message(message.numpy(), fmt, n, channels, 0), side)
+    assert back.dtype == np.uint8 and np.array_equal(back, pixels)
