@@ -61,10 +61,11 @@ def test_add_is_idempotent_per_frame_and_status_reports(tmp_path, capsys):
     assert "--train-range A:B needs 0 <= A < B" in capsys.readouterr().err
 
 
-def _update_run(buffer, student):
+def _update_run(buffer, student, *extra):
     """``mpiexec -n 2 aflkd update run`` with edge net 1 on CIFAR-10: the process and its 'aflkd: error:' lines."""
     cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "update", "run", "--buffer", str(buffer),
-           "--student", str(student), "--net", "1", "--dataset", "cifar10", "--device", "cpu", "--timeout", "30"]
+           "--student", str(student), "--net", "1", "--dataset", "cifar10", "--device", "cpu", "--timeout", "30",
+           *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent)
     return proc, [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
 
@@ -152,3 +153,20 @@ def test_a_second_training_job_on_one_buffer_is_refused(tmp_path):
         os.close(fd)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "another training job ('update run' or 'demo') holds it" in lines[0]
+
+
+@pytest.mark.skipif(not (MPIEXEC.exists() and HAVE_CIFAR10), reason="needs mpiexec and ../shared/data/cifar10")
+def test_update_run_uploads_its_increment_as_frames_and_refuses_a_frame_size_the_images_do_not_divide(tmp_path):
+    from launch.cli import main
+
+    student = tmp_path / "s.pt"
+    torch.save(edge_net(1, 3, 32, 10).state_dict(), student)
+    assert main(["update", "add", "--buffer", str(tmp_path / "b.sqlite"), "--train-range", "0:4",
+                 "--dataset", "cifar10"]) == 0
+    proc, lines = _update_run(tmp_path / "b.sqlite", student, "--upload", "raw", "--frame-size", "100")
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "--frame-size 100 must be a multiple of the images' size (32)" in lines[0]
+    proc, lines = _update_run(tmp_path / "b.sqlite", student, "--upload", "jpeg", "--increment", "4", "--steps", "2")
+    assert proc.returncode == 0 and not lines, proc.stderr
+    assert "edge: generation 1 from batch 1 (4 images)" in proc.stdout
+    assert "uploaded the increments as jpeg@224q90 frames" in proc.stdout
