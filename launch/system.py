@@ -70,9 +70,10 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", type=options.positive_float, default=120.0,
                    help="seconds a rank waits for a peer in any exchange before it ends the job")
     p.add_argument("--seed", type=int, default=0, help="seed of the stream order, the synthetic data and students")
-    from .distill import control_options
+    from .distill import control_options, frame_options
 
     control_options(p)  # --control, --control-cores, --constants: the training rank's core allocation
+    frame_options(p)  # --upload: the training rank sends each increment's images to the cloud as frames
     options.device_option(p, "cloud runs the teacher and the training rank trains")
     p.add_argument("--threads", type=options.threads, default=None,
                    help="torch threads per rank (default: this host's cores / ranks on this host)")
@@ -166,6 +167,10 @@ def _run(args) -> int:
         data = _data(args)
         if data.x_train.shape[1:3] not in ((32, 32), (28, 28)):
             raise UsageError(f"{args.dataset} images are {data.x_train.shape[1:3]}; the students take 32x32")
+        from kd.frames import parse_frames
+
+        args.upload_format = parse_frames(args.upload, args.frame_size, args.jpeg_quality,
+                                          image_size=data.x_train.shape[1])
         if args.updates * args.increment > len(data.x_train):
             raise UsageError(f"--updates x --increment = {args.updates * args.increment} camera images, more than "
                              f"the {len(data.x_train)} training images of {args.dataset}")
@@ -284,7 +289,13 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     config = EdgeConfig("aflkd", args.net, steps=args.steps, lr=args.lr, seed=args.seed)
     update = ControlledUpdate(config, data, device, args.control, args.control_cores, args.control_model,
                               cpus=args.control_cpus)
-    link_cloud = CloudLink(link, cloud, args.timeout)
+    encoder = None
+    if args.upload_format is not None:
+        from kd.frames import FrameEncoder
+
+        encoder = FrameEncoder(args.upload_format, data.mean, data.std, data.channels,
+                               image_size=data.x_train.shape[1], max_threads=torch.get_num_threads())
+    link_cloud = CloudLink(link, cloud, args.timeout, encoder)
     order = np.random.default_rng(args.seed).permutation(len(data.x_train))
 
     def record_student(generation: int, state: dict) -> None:
@@ -332,7 +343,9 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     report = {"command": getattr(args, "command_line", ""), "dataset": args.dataset, "net": args.net,
               "inference_ranks": mpi.size(link) - 2, "initial": {"generation": start_gen, "test_acc": initial_acc},
               "updates": rows, "served": served,
-              "cloud_labelled": clouded["labelled"], "control": args.control, "control_cores": args.control_cores}
+              "cloud_labelled": clouded["labelled"], "control": args.control, "control_cores": args.control_cores,
+              "upload": str(args.upload_format) if args.upload_format else None,
+              "upload_bytes": link_cloud.bytes_sent, "upload_encode_s": round(link_cloud.encode_s, 3)}
     with open(out / "system.json", "w") as fh:
         json.dump(report, fh, indent=2)
     _print_report(report, out / "system.json")

@@ -34,13 +34,13 @@ def error_lines(proc) -> list[str]:
 
 @needs_mpiexec
 @pytest.mark.slow
-@pytest.mark.parametrize("net, control", [(1, "none"), (2, "planner")])
-def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_path, net, control):
+@pytest.mark.parametrize("net, control, upload", [(1, "none", "none"), (2, "planner", "jpeg")])
+def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_path, net, control, upload):
     out, rec = tmp_path / "out", tmp_path / "rec"
     proc = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--record", str(rec), "--net", str(net),
                  "--images", "40", "--updates", "2", "--increment", "32", "--steps", "2", "--threads", "1",
                  "--timeout", "60", "--seed", str(net), "--control", control, "--control-cores", "2",
-                 "--no-progress")
+                 "--upload", upload, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = np.load(rec / "served.npz")
     inputs, outputs, gens = served["inputs"], served["outputs"], served["generations"]
@@ -64,6 +64,10 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
         assert any(0 < c < 2 for c in phases), phases
 
     assert report["cloud_labelled"] == 64 and report["served"]["images_per_s"] > 0
+    if upload == "jpeg":  # 64 images as 224x224 JPEG frames: bytes on the wire, far fewer than raw frames
+        assert report["upload"] == "jpeg@224q90" and 0 < report["upload_bytes"] < 64 * 3 * 224 * 224 / 4
+    else:  # the buffer's pixels, as before
+        assert report["upload"] is None and report["upload_bytes"] == 64 * 32 * 32 * 3
     # every served output equals what the student of that moment gives unsplit (plain torch)
     worst = 0.0
     students = {}
