@@ -1,6 +1,6 @@
 """``aflkd control``: the same streamed distillation under each core-allocation policy, repeated and interleaved.
 
-Under ``mpiexec -n 2`` (rank 0 the cloud, rank 1 the edge): the same student
+Under ``mpiexec -n 2`` or more (rank 0 the cloud, every other rank an edge): the same student
 (net, seed, subset, steps, batches) is trained once per policy per repeat --
 ``none``, ``priority``, ``planner``, and ``static`` (every fixed split
 ``static:1`` .. ``static:C-1``, the best of which is reported as the static
@@ -70,7 +70,7 @@ def add_parser(sub) -> None:
     from kd.config import METHODS
 
     p = sub.add_parser("control", help="step times of a streamed run under each core-allocation policy, repeated "
-                       "and interleaved (mpiexec -n 2)", description=__doc__, epilog=EPILOG,
+                       "and interleaved (mpiexec -n 2 or more: a cloud and edges)", description=__doc__, epilog=EPILOG,
                        formatter_class=options.ExamplesFormatter)
     options.data_options(p, teacher=True)
     p.add_argument("--net", type=options.edge_net, default="edge3",
@@ -179,8 +179,9 @@ def _run(comm, args) -> int:
 
     threads = default_threads(comm)
     cores = check_cores(args.control_cores or threads, option="--control-cores")
-    if comm.Get_size() != 2:
-        raise UsageError(f"aflkd control runs one cloud and one edge: use 'mpiexec -n 2' (got {comm.Get_size()})")
+    if comm.Get_size() < 2:
+        raise UsageError(f"aflkd control runs one cloud (rank 0) and one or more edges: use 'mpiexec -n 2' or more "
+                         f"(got {comm.Get_size()})")
     cpus = controlled_cpus(comm, cores)  # each rank its own block of the host: the cloud off the edge's cores
     block = controlled_cpus(comm, threads)  # the whole share: what the cloud keeps
     policies = expand_policies(args.policies, cores)
@@ -221,19 +222,19 @@ def _run(comm, args) -> int:
             ctl = controlled(source, policy, cores, config.steps, cost, cpus=cpus)
             result = train_edge(config, data, idx, source=ctl)
             rows.append(run_row(policy, repeat, ctl.ctl, result, source))
-            rows[-1]["edge_cpus"] = list(cpus)
-            print(f"repeat {repeat + 1}/{args.repeats} {policy}: {1e3 * rows[-1]['mean_step_s']:.1f} ms/step",
-                  file=sys.stderr, flush=True)
-    if comm.Get_rank() == 1:
+            rows[-1].update(edge_rank=comm.Get_rank(), edge_cpus=list(cpus))
+            print(f"edge rank {comm.Get_rank()}, repeat {repeat + 1}/{args.repeats} {policy}: "
+                  f"{1e3 * rows[-1]['mean_step_s']:.1f} ms/step", file=sys.stderr, flush=True)
+    if comm.Get_rank() != 0:
         transport.send_object(comm, rows, 0, 78).wait()
         return 0
-    rows = transport.recv_object_by(comm, 1, 78, None, "")
+    rows = [r for edge in range(1, comm.Get_size()) for r in transport.recv_object_by(comm, edge, 78, None, "")]
     summary = summarise(rows)
-    _print(summary, args, cores, rows[0]["edge_cpus"] if rows else [], block, frames)
+    _print(summary, args, cores, {r["edge_rank"]: r["edge_cpus"] for r in rows}, block, frames)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": args.command_line, "dataset": args.dataset, "net": args.net, "cores": cores,
-                       "edge_cpus": rows[0]["edge_cpus"] if rows else [], "cloud_cpus": list(block),
+                       "edge_cpus": {r["edge_rank"]: r["edge_cpus"] for r in rows}, "cloud_cpus": list(block),
                        "frames": str(frames) if frames else None, "steps": args.steps, "repeats": args.repeats,
                        "summary": summary, "runs": rows}, fh, indent=1)
         print(f"wrote {args.json}")
@@ -245,9 +246,12 @@ def _run(comm, args) -> int:
     return 0
 
 
-def _print(summary: list[dict], args, cores: int, edge_cpus: list[int], cloud_cpus: list[int], frames) -> None:
-    print(f"edge rank 1: edge net {args.net}, {args.steps} steps x {args.repeats} repeats, {cores} core(s) divided "
-          f"(CPUs {edge_cpus}; the cloud on CPUs {cloud_cpus}), frames {frames or 'none (logits only)'}")
+def _print(summary: list[dict], args, cores: int, edge_cpus: dict, cloud_cpus: list[int], frames) -> None:
+    where = "; ".join(f"edge rank {r} on CPUs {c}" for r, c in sorted(edge_cpus.items()))
+    print(f"edge net {args.net}, {args.steps} steps x {args.repeats} repeats, {cores} core(s) divided per edge "
+          f"({where}; the cloud on CPUs {cloud_cpus}), frames {frames or 'none (logits only)'}")
+    if len(edge_cpus) > 1:
+        print(f"(medians over the {len(edge_cpus)} edges' runs together; every run is in --json)")
     head = (f"{'policy':>12} {'median ms':>9} {'min..max ms':>15} {'vs none':>7} {'vs prio':>7} {'fwd ms':>7} "
             f"{'bwd ms':>7} {'first ms':>8} {'wait ms':>7} {'comm ms':>7} {'cloud ms':>8} {'test acc':>8}")
     print(head)

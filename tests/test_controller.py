@@ -345,9 +345,11 @@ def test_control_summary_medians_spreads_speedups_and_the_static_best():
     assert out["static:1"]["speedup_vs_priority"] == out["priority"]["median_step_s"] / out["static:1"]["median_step_s"]
 
 
-def test_control_cli_runs_each_policy_repeatedly_with_uploads_and_summarises_its_runs(tmp_path):
-    """aflkd control end to end at 2 ranks on tiny data: every (policy, repeat) ran its steps with raw
-    frames uploaded (bytes computed here from the format), and the summary is the median of the runs."""
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_control_cli_runs_each_policy_repeatedly_with_uploads_and_summarises_its_runs(tmp_path, ranks):
+    """aflkd control end to end on tiny data, one edge (2 ranks) and two (3): every (edge, policy, repeat) ran
+    its steps with raw frames uploaded (bytes computed here from the format), and the summary is the median
+    of the runs."""
     import json
     import statistics
     import subprocess
@@ -362,7 +364,7 @@ def test_control_cli_runs_each_policy_repeatedly_with_uploads_and_summarises_its
     teacher = tmp_path / "teacher.pt"
     save_atomic(cloud_net(3, 32, 3).state_dict(), str(teacher))
     out = tmp_path / "c.json"
-    cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-c", SCRIPT, "run", "control", "--dataset", "cifar10",
+    cmd = [str(MPIEXEC), "-n", str(ranks), sys.executable, "-c", SCRIPT, "run", "control", "--dataset", "cifar10",
            "--teacher", str(teacher), "--net", "1", "--size", "30", "--steps", "3", "--repeats", "2",
            "--method", "kd", "--policies", "none,priority", "--upload", "raw", "--frame-size", "64",
            "--json", str(out), "--plot", str(tmp_path / "c.png")]
@@ -370,9 +372,11 @@ def test_control_cli_runs_each_policy_repeatedly_with_uploads_and_summarises_its
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     runs = data["runs"]
-    assert sorted((r["policy"], r["repeat"]) for r in runs) == [("none", 0), ("none", 1), ("priority", 0),
-                                                                ("priority", 1)]
-    assert [r["policy"] for r in runs[:2]] == ["none", "priority"] and runs[2]["policy"] == "priority"  # rotated
+    edges = range(1, ranks)
+    assert sorted((r["edge_rank"], r["policy"], r["repeat"]) for r in runs) == sorted(
+        (e, p, k) for e in edges for p in ("none", "priority") for k in (0, 1))
+    first = [r for r in runs if r["edge_rank"] == 1]
+    assert [r["policy"] for r in first[:2]] == ["none", "priority"] and first[2]["policy"] == "priority"  # rotated
     batch = 30  # min(64, 30 images): full batches only
     per_batch = 8 * (3 + batch) + batch * 3 * 64 * 64
     assert all(r["steps"] == 3 and r["frame_bytes_sent"] == 3 * per_batch for r in runs)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The controller on a 16-core machine (issue 24): `aflkd control` with the edge on C = 4 and 6 cores of its own
-# and the cloud on the other half of the host, frames uploaded as JPEG at 224 -- what a 2-core machine cannot
-# show (pair rounds, static splits, the planner choosing c).  One call on a lent device machine, from the
+# The controller on a 16-core machine (issue 24): `aflkd control` with one edge of 6 cores (2 ranks: the cloud
+# and the edge, 8 CPUs each) and with two edges of 4 cores (3 ranks, 5 CPUs each), each rank on its own block,
+# frames uploaded as JPEG at 224 -- what a 2-core machine cannot show (pair rounds, static splits, the
+# planner choosing c).  One call on a lent device machine, from the
 # repository root, with these carried (ignored paths; see the device tool's README):
 #   .dev/wheels        cp312 wheels of mpich and mpi4py:
 #                      .venv/bin/pip download mpich mpi4py --python-version 3.12 --only-binary=:all: \
@@ -9,14 +10,14 @@
 #   .dev/control-data  a small CIFAR-10: .venv/bin/python results/control/pack_control_data.py --out .dev/control-data
 # Ends within BUDGET seconds whatever fails; the JSON, plots and log land in $OUT.
 # Local dry run (this 2-core machine, the venv's MPI, 1 edge core, a few steps):
-#   OUT=/tmp/dc PY=.venv/bin/python MPIEXEC=.venv/bin/mpiexec CORES="1" STEPS=10 REPEATS=1 BUDGET=300 \
+#   OUT=/tmp/dc PY=.venv/bin/python MPIEXEC=.venv/bin/mpiexec RUNS="2:1 3:1" STEPS=5 REPEATS=1 BUDGET=300 \
 #       bash results/control/device_control.sh
 START=$(date +%s)
 R=$(pwd)
 OUT=${OUT:?set OUT}
 PY=${PY:-python3}
 BUDGET=${BUDGET:-540}
-CORES=${CORES:-4 6}
+RUNS=${RUNS:-2:6 3:4}    # ranks:cores per edge
 STEPS=${STEPS:-200}
 REPEATS=${REPEATS:-3}
 DEVICE=${DEVICE:-auto}
@@ -44,17 +45,18 @@ PLOT=1
 "$PY" -c "import matplotlib" 2> /dev/null || { PLOT=0; say "no matplotlib here: no plots"; }
 DATA=.dev/control-data
 [ -f "$DATA/cifar10.npz.xz" ] || DATA=../shared/data
-say "start: budget $BUDGET s, cores '$CORES', $STEPS steps x $REPEATS, upload $UPLOAD, data $DATA, mpiexec $MPIEXEC"
-for C in $CORES; do
-    [ "$(left)" -gt 30 ] || { say "no time left for C=$C"; break; }
-    J=$OUT/control-upload-$UPLOAD-c$C.json
+say "start: budget $BUDGET s, runs '$RUNS', $STEPS steps x $REPEATS, upload $UPLOAD, data $DATA, mpiexec $MPIEXEC"
+for RUN in $RUNS; do
+    N=${RUN%%:*}; C=${RUN##*:}
+    [ "$(left)" -gt 30 ] || { say "no time left for $N ranks, C=$C"; break; }
+    J=$OUT/control-upload-$UPLOAD-n$N-c$C.json
     EXTRA=()
-    [ "$PLOT" = 1 ] && EXTRA=(--plot "$OUT/control-upload-$UPLOAD-c$C.png")
-    say "C=$C: at most $(left) s"
-    timeout -k 10 "$(left)" "$MPIEXEC" -n 2 -host localhost "$PY" -m launch.cli control --dataset cifar10 \
+    [ "$PLOT" = 1 ] && EXTRA=(--plot "$OUT/control-upload-$UPLOAD-n$N-c$C.png")
+    say "$N ranks, C=$C: at most $(left) s"
+    timeout -k 10 "$(left)" "$MPIEXEC" -n "$N" -host localhost "$PY" -m launch.cli control --dataset cifar10 \
         --data-root "$DATA" --net 3 --size 500 --steps "$STEPS" --repeats "$REPEATS" --control-cores "$C" \
         --policies none,priority,planner,static --upload "$UPLOAD" --frame-size 224 --device "$DEVICE" \
-        --json "$J" "${EXTRA[@]}" > "$OUT/control-c$C.txt" 2>&1
-    say "C=$C: exit status $? ($(grep -c 'ms/step' "$OUT/control-c$C.txt") runs)"
+        --json "$J" "${EXTRA[@]}" > "$OUT/control-n$N-c$C.txt" 2>&1
+    say "$N ranks, C=$C: exit status $? ($(grep -c 'ms/step' "$OUT/control-n$N-c$C.txt") runs)"
 done
 say "done"
