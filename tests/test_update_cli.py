@@ -70,15 +70,21 @@ def _update_run(buffer, student, *extra):
     return proc, [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
 
 
-@pytest.mark.skipif(not (MPIEXEC.exists() and HAVE_CIFAR10), reason="needs mpiexec and ../shared/data/cifar10")
-def test_a_student_of_another_net_is_one_line_on_every_rank_before_any_transfer(tmp_path):
+def _student_and_buffer(tmp_path, net: int, images: int):
+    """A fresh edge net ``net`` student file and a CIFAR-10 buffer of the first ``images`` training images."""
     from launch.cli import main
 
     student = tmp_path / "s.pt"
-    torch.save(edge_net(2, 3, 32, 10).state_dict(), student)
-    assert main(["update", "add", "--buffer", str(tmp_path / "b.sqlite"), "--train-range", "0:2",
+    torch.save(edge_net(net, 3, 32, 10).state_dict(), student)
+    assert main(["update", "add", "--buffer", str(tmp_path / "b.sqlite"), "--train-range", f"0:{images}",
                  "--dataset", "cifar10"]) == 0
-    proc, lines = _update_run(tmp_path / "b.sqlite", student)
+    return student, tmp_path / "b.sqlite"
+
+
+@pytest.mark.skipif(not (MPIEXEC.exists() and HAVE_CIFAR10), reason="needs mpiexec and ../shared/data/cifar10")
+def test_a_student_of_another_net_is_one_line_on_every_rank_before_any_transfer(tmp_path):
+    student, buffer = _student_and_buffer(tmp_path, 2, 2)
+    proc, lines = _update_run(buffer, student)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "does not match the net" in lines[0] and "check --net" in lines[0]
     assert "Traceback" not in proc.stderr and "MPI_Abort" not in proc.stderr  # refused, not aborted
@@ -157,16 +163,11 @@ def test_a_second_training_job_on_one_buffer_is_refused(tmp_path):
 
 @pytest.mark.skipif(not (MPIEXEC.exists() and HAVE_CIFAR10), reason="needs mpiexec and ../shared/data/cifar10")
 def test_update_run_uploads_its_increment_as_frames_and_refuses_a_frame_size_the_images_do_not_divide(tmp_path):
-    from launch.cli import main
-
-    student = tmp_path / "s.pt"
-    torch.save(edge_net(1, 3, 32, 10).state_dict(), student)
-    assert main(["update", "add", "--buffer", str(tmp_path / "b.sqlite"), "--train-range", "0:4",
-                 "--dataset", "cifar10"]) == 0
-    proc, lines = _update_run(tmp_path / "b.sqlite", student, "--upload", "raw", "--frame-size", "100")
+    student, buffer = _student_and_buffer(tmp_path, 1, 4)
+    proc, lines = _update_run(buffer, student, "--upload", "raw", "--frame-size", "100")
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "--frame-size 100 must be a multiple of the images' size (32)" in lines[0]
-    proc, lines = _update_run(tmp_path / "b.sqlite", student, "--upload", "jpeg", "--increment", "4", "--steps", "2")
+    proc, lines = _update_run(buffer, student, "--upload", "jpeg", "--increment", "4", "--steps", "2")
     assert proc.returncode == 0 and not lines, proc.stderr
     assert "edge: generation 1 from batch 1 (4 images)" in proc.stdout
     assert "uploaded the increments as jpeg@224q90 frames" in proc.stdout
