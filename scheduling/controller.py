@@ -531,8 +531,8 @@ class ControlledSource:
             pending = self._outstanding > 0
         if pending and self.ctl.comm_first(step, phase):
             began = time.perf_counter()
-            self.ctl.apply(self.ctl.waiting())
             self._go.set()
+            self.ctl.apply(self.ctl.waiting())
             with self._cond:
                 if not self._cond.wait_for(lambda: self._outstanding == 0, self.timeout_s):
                     from runtime.transport import PeerTimeout
@@ -543,11 +543,11 @@ class ControlledSource:
             self._first_in[key] = self._first_in.get(key, 0.0) + time.perf_counter() - began
             pending = False
         alloc = self.ctl.phase(step, phase, not pending)
-        self.ctl.apply(alloc)  # before the receive thread may go: it reads the cores it holds from this
         if alloc is not None and alloc.hold:
             self._go.clear()
         else:
             self._go.set()
+        self.ctl.apply(alloc)
 
     def forward(self, step):
         now = time.perf_counter()
@@ -560,8 +560,6 @@ class ControlledSource:
         with self._cond:
             self._outstanding += 1
             self._queued = step
-        if self._phase is not None:  # the job waits until this phase's allocation is applied (_enter)
-            self._go.clear()
         self._jobs.put((step, sample_idx, images))
         if self._phase is not None:  # communication has work again: the current phase's plan applies
             self._enter(*self._phase)
