@@ -468,8 +468,11 @@ class ControlledSource:
         self._jobs: queue.Queue = queue.Queue()
         self._done: dict[int, tuple] = {}
         self._cond = threading.Condition()
-        self._go = threading.Event()
-        self._go.set()
+        # the cores the next communication task may start on, set by the trainer's thread *after* it applied
+        # the allocation that gives them (None: held, the phase gives computation every core).  The receive
+        # thread reads it under the lock when it starts a task, so a task never starts on a stale count.
+        self._grant: Optional[int] = controller.cores
+        self._closing = False
         self._outstanding = 0  # jobs queued on the receive thread whose CPU part (encode, send) is not done
         self._queued: Optional[int] = None  # the last step handed to the receive thread
         self._first_in: dict = {}  # (step, phase): seconds computation was held while communication ran first
@@ -498,9 +501,14 @@ class ControlledSource:
             if job is _STOP:
                 return
             step, rows, images = job
-            self._go.wait()  # held while computation has every core
+            with self._cond:  # held while computation has every core
+                self._cond.wait_for(lambda: self._grant is not None or self._closing)
+                if self._closing:  # the trainer stopped: a task not yet started never starts
+                    self._outstanding -= 1
+                    self._cond.notify_all()
+                    continue
+                used = self._grant
             began = time.perf_counter()
-            used = self.ctl.comm_threads()
             sent = None
             try:
                 if hasattr(self.inner, "threads"):  # encoder threads: the cores communication holds now
@@ -531,8 +539,7 @@ class ControlledSource:
             pending = self._outstanding > 0
         if pending and self.ctl.comm_first(step, phase):
             began = time.perf_counter()
-            self._go.set()
-            self.ctl.apply(self.ctl.waiting())
+            self._grant_after(self.ctl.waiting())
             with self._cond:
                 if not self._cond.wait_for(lambda: self._outstanding == 0, self.timeout_s):
                     from runtime.transport import PeerTimeout
@@ -542,12 +549,14 @@ class ControlledSource:
             key = (step, phase)
             self._first_in[key] = self._first_in.get(key, 0.0) + time.perf_counter() - began
             pending = False
-        alloc = self.ctl.phase(step, phase, not pending)
-        if alloc is not None and alloc.hold:
-            self._go.clear()
-        else:
-            self._go.set()
+        self._grant_after(self.ctl.phase(step, phase, not pending))
+
+    def _grant_after(self, alloc: Optional[Allocation]) -> None:
+        """Apply ``alloc``, then let a communication task start on the cores it gives (none if it holds)."""
         self.ctl.apply(alloc)
+        with self._cond:
+            self._grant = None if alloc is not None and alloc.hold else self.ctl.comm_threads()
+            self._cond.notify_all()
 
     def forward(self, step):
         now = time.perf_counter()
@@ -560,6 +569,8 @@ class ControlledSource:
         with self._cond:
             self._outstanding += 1
             self._queued = step
+            if self._phase is not None:  # the phase's allocation for pending communication grants it first
+                self._grant = None
         self._jobs.put((step, sample_idx, images))
         if self._phase is not None:  # communication has work again: the current phase's plan applies
             self._enter(*self._phase)
@@ -572,9 +583,11 @@ class ControlledSource:
         mark = self._marks[step]
         mark[1] = time.perf_counter()
         with self._cond:
+            waits = step not in self._done
+        if waits:  # computation is idle: communication gets every core
+            self._grant_after(self.ctl.waiting())
+        with self._cond:
             if step not in self._done:
-                self._go.set()
-                self.ctl.apply(self.ctl.waiting())
                 if not self._cond.wait_for(lambda: step in self._done, self.timeout_s):
                     from runtime.transport import PeerTimeout  # one line from the CLI, not a traceback
 
@@ -603,15 +616,20 @@ class ControlledSource:
 
     def close(self):
         self._finish_batch(max(self._marks, default=-1), time.perf_counter())
+        busy = False
         try:
             if self._thread is not None:
-                self._go.set()
+                with self._cond:  # tasks handed over but not started (an error ended training) never start
+                    self._closing = True
+                    self._cond.notify_all()
                 self._jobs.put(_STOP)
                 self._thread.join(self.timeout_s)  # a thread still blocked in a dead peer's receive is left
-                self._thread = None               # behind (a daemon): closing must not hang on it
+                busy = self._thread.is_alive()     # behind (a daemon): closing must not hang on it
+                self._thread = None
         finally:
             self.ctl.restore()
-            self.inner.close()
+            if not busy:  # never close the wrapped source under a thread still inside one of its calls
+                self.inner.close()
 
 
 def _default_wait_s() -> float:

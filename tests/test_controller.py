@@ -445,3 +445,96 @@ def test_priority_runs_communication_first_and_alone_then_computes():
     firsts = [r["first_s"] for r in ctl.ctl.log]
     assert all(f >= 0.09 for f in firsts[:-1]), firsts   # the hand-over of batch s+1 held computation, counted
     # apart from the backward (no absolute bound on the backward itself: CI's loaded cores make it slow)
+
+
+class Recording(TeacherSource):
+    """Precomputed logits that record, when each task starts on the receive thread, the encoder threads it
+    was given and the CPUs the OS lets that thread run on."""
+
+    def __init__(self, rows, slow_step=None, slow_s=0.0):
+        self.inner = PrecomputedLogits(rows)
+        self.classes, self.weights = self.inner.classes, None
+        self.threads = 0
+        self.started, self.calls = {}, []
+        self.slow_step, self.slow_s = slow_step, slow_s
+        self.busy, self.closed_while_busy = False, None
+
+    def start(self, step, rows, images):
+        self.calls.append(("start", step))
+        self.started[step] = (self.threads, os.sched_getaffinity(0))
+        self.inner.start(step, rows, images)
+
+    def logits(self, step):
+        self.calls.append(("logits", step))
+        self.busy = True
+        if step == self.slow_step:
+            time.sleep(self.slow_s)
+        self.busy = False
+        return self.inner.logits(step)
+
+    def close(self):
+        self.closed_while_busy = self.busy
+
+
+@two_cores
+def test_a_handed_over_batch_starts_on_the_cores_of_the_phase_it_is_handed_over_in():
+    """Regression: the receive thread read the core count while the trainer was still applying the phase's
+    allocation, so under static:1 a batch handed over in a backward encoded on both cores (the waiting
+    allocation's).  A slow apply widens that window; the OS says where the receive thread ran."""
+    rows = np.arange(4)
+    for trial in range(5):
+        ctl = Controller("static:1", 2, steps=2)
+        real_apply = ctl.apply
+
+        def slow_apply(alloc, real_apply=real_apply):
+            time.sleep(0.02)
+            real_apply(alloc)
+
+        ctl.apply = slow_apply
+        rec = Recording(torch.zeros(8, 3))
+        src = ControlledSource(rec, ctl)
+        try:
+            src.start(0, rows, None)
+            time.sleep(0.05)              # batch 0's communication ends before its forward: an idle phase,
+            src.forward(0)                # computation takes every core
+            src.logits(0)
+            src.start(1, rows, None)      # Backward_0: static:1 gives communication one core
+            time.sleep(0.05)              # the backward computes
+            src.forward(1)
+            src.logits(1)
+            threads, cpus = rec.started[1]
+            assert threads == 1 and cpus == {ctl.cpus[1]}, (trial, threads, cpus)
+        finally:
+            src.close()
+        assert [(r["step"], r["comm_used"]) for r in ctl.log] == [(0, 2), (1, 1)]   # the log says the same
+
+
+def test_a_batch_not_started_when_training_stops_never_starts():
+    """Regression: close() after a trainer error released a held batch, which then ran its communication."""
+    ctl = Controller("priority", 1, steps=3)
+    ctl.comm_first = lambda step, phase: False            # hold: computation has the core, communication waits
+    rec = Recording(torch.zeros(8, 3))
+    src = ControlledSource(rec, ctl)
+    src.start(0, np.arange(2), None)
+    src.forward(0)
+    src.logits(0)
+    src.start(1, np.arange(2), None)                       # held through Backward_0; then the trainer raises
+    time.sleep(0.05)
+    src.close()
+    assert ("start", 1) not in rec.calls and rec.closed_while_busy is False
+
+
+def test_close_never_closes_the_source_under_a_thread_still_inside_it():
+    """Regression: close() joined the receive thread for its deadline, then closed the wrapped source while
+    that thread was still in its logits call (two threads on one MPI request)."""
+    rec = Recording(torch.zeros(8, 3), slow_step=1, slow_s=1.5)
+    src = ControlledSource(rec, Controller("none", 1, steps=3))
+    src.timeout_s = 0.3
+    src.start(0, np.arange(2), None)
+    src.forward(0)
+    src.logits(0)
+    src.start(1, np.arange(2), None)
+    time.sleep(0.1)                                        # the receive thread is inside logits(1)
+    src.close()
+    assert rec.busy and rec.closed_while_busy is None      # still inside, and never closed under it
+    time.sleep(1.6)
