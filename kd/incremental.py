@@ -250,7 +250,8 @@ def update_student(config, data, state: dict, images: np.ndarray, logits: np.nda
     result = train_edge(config, batch, np.arange(len(images)), source=source, progress=progress, device=device,
                         student=student)
     last = result.history[-1]
-    info = {"test_acc": result.test_acc, "seconds": round(result.seconds, 2), "final_T": round(last["T"], 4),
+    info = {"test_acc": result.test_acc, "seconds": round(result.seconds, 2), "start_T": round(config.temperature, 4),
+            "final_T": round(last["T"], 4),
             "final_frozen": last["frozen"], "steps": config.steps}
     return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}, info, source
 

@@ -282,8 +282,10 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     student_path = str(out / "student.pt")
     buffer = Buffer(str(out / "buffer.sqlite"), data.x_train.shape[1:])
     if not os.path.exists(student_path):
-        state = read_student(args.student)[0] if args.student else _student(args, data).state_dict()
-        save_student(student_path, state, {})
+        state, meta = read_student(args.student) if args.student else (_student(args, data).state_dict(), None)
+        # a trained student's T is where the first update's T starts (Alg. 2); a fresh one starts at --temperature
+        final_t = ((meta or {}).get("info") or {}).get("final_T")
+        save_student(student_path, state, {"info": {"final_T": final_t}} if final_t is not None else {})
     reconcile(buffer, student_path)
     start_gen = buffer.latest().generation
     config = EdgeConfig("aflkd", args.net, steps=args.steps, lr=args.lr, seed=args.seed)

@@ -528,7 +528,7 @@ def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:
     import torch
 
     from kd.datasets import balanced_subset
-    from kd.incremental import file_sha256
+    from kd.incremental import file_sha256, read_student, save_student
     from kd.trainer import EdgeConfig, train_edge
     from models import cloud_net, load_weights, save_atomic
 
@@ -549,7 +549,8 @@ def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:
         last = result.history[-1]
         initial_state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
         save_atomic(initial_state, os.path.join(out, "initial-student.pt"))  # kept: student.pt moves on
-        save_atomic(initial_state, student_path)
+        # durably, before the buffer records its sha; with its final T, where the first update's T starts
+        save_student(student_path, initial_state, {"generation": 0, "info": {"final_T": round(last["T"], 4)}})
         _write_initial_info(out, {"test_acc": result.test_acc, "seconds": round(result.seconds, 2),
                                   "final_T": round(last["T"], 4), "final_frozen": last["frozen"],
                                   "steps": config.steps, "sha256": file_sha256(student_path)})

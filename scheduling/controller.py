@@ -251,6 +251,7 @@ class Controller:
         self._ready: Optional[tuple] = None  # (first step, phases, plan ms, request number) from it
         self._planner: Optional[threading.Thread] = None
         self._requests = self._taken = 0
+        self._entered: dict = {}  # (step, phase) -> (c, first) of the plan in use when the phase began
         self.plan_from(0)
 
     # -- the plan ---------------------------------------------------------------------------------------------
@@ -328,6 +329,14 @@ class Controller:
             self._take_plan()
         return self._phases[(step, phase)][0] if self.policy != "none" else 0
 
+    def enter(self, step: int, phase: int) -> tuple[int, bool]:
+        """(c, first) of batch ``step``'s ``phase`` as it begins; the phase keeps them (and the log records them)
+        even when a re-plan arrives before it ends."""
+        key = (step, phase)
+        if key not in self._entered:
+            self._entered[key] = (self.comm_cores(step, phase), self.comm_first(step, phase))
+        return self._entered[key]
+
     def comm_first(self, step: int, phase: int) -> bool:
         """Whether communication pending when the phase begins runs alone first (a Comm-alone round)."""
         if self.policy == "none":
@@ -373,7 +382,7 @@ class Controller:
         gets every core whatever the plan says."""
         if self.policy == "none":
             return None
-        return allocation(self.cpus, self.cores if idle else self.comm_cores(step, phase))
+        return allocation(self.cpus, self.cores if idle else self.enter(step, phase)[0])
 
     def waiting(self) -> Optional[Allocation]:
         """Computation waits for logits: the receive thread gets every core."""
@@ -413,7 +422,9 @@ class Controller:
         if self.policy == "none":
             self.log.append(row)
             return False
-        planned = (self.comm_cores(step, 0), self.comm_cores(step, 1))
+        began = [self._entered.pop((step, p), None) or (self.comm_cores(step, p), self.comm_first(step, p))
+                 for p in (0, 1)]
+        planned = (began[0][0], began[1][0])
         taken = tuple(self.cores - t for t in threads) if threads is not None else planned  # cores not computing
         used = comm_used if comm_used else (planned[0] or self.cores)
         f, b, y = self.workloads
@@ -421,7 +432,7 @@ class Controller:
         measured = (forward_s, backward_s, comm_s)
         worst = max(abs(m / p - 1.0) for m, p in zip(measured, pred))
         row.update(comm_cores=planned, taken=taken, comm_used=used,
-                   first=(self.comm_first(step, 0), self.comm_first(step, 1)), drift=worst)
+                   first=(began[0][1], began[1][1]), drift=worst)
         self.log.append(row)
         self._off = self._off + 1 if worst > self.tolerance else 0
         if self.policy != "planner" or self._off < self.patience or step + 1 >= self.steps:
@@ -537,7 +548,7 @@ class ControlledSource:
         self._phase = (step, phase)
         with self._cond:
             pending = self._outstanding > 0
-        if pending and self.ctl.comm_first(step, phase):
+        if pending and self.ctl.enter(step, phase)[1]:
             began = time.perf_counter()
             self._grant_after(self.ctl.waiting())
             with self._cond:

@@ -538,3 +538,20 @@ def test_close_never_closes_the_source_under_a_thread_still_inside_it():
     src.close()
     assert rec.busy and rec.closed_while_busy is None      # still inside, and never closed under it
     time.sleep(1.6)
+
+
+def test_a_replan_arriving_mid_batch_neither_changes_nor_misrecords_the_phase_under_way():
+    """Regression: the log read the plan when the batch was recorded, so a background re-plan that arrived
+    during batch s recorded its forward under the new plan although it ran under the old one."""
+    ctl = Controller("planner", 2, steps=4, background=True)
+    before = {(s, p): ctl._phases[(s, p)] for s in range(4) for p in (0, 1)}
+    c0, first0 = ctl.enter(1, 0)                        # Forward_1 begins under the first plan
+    flipped = {(s, p): (1 - min(c, 1), False) for (s, p), (c, _) in before.items() if s >= 1}
+    with ctl._cv:                                       # a re-plan of batches 1.. lands during Forward_1
+        ctl._ready = (1, flipped, 0.0, ctl._requests)
+    assert ctl.enter(1, 0) == (c0, first0)              # the phase under way keeps its plan
+    c1, _ = ctl.enter(1, 1)                             # Backward_1 begins under the new one
+    assert c1 == flipped[(1, 1)][0]
+    ctl.observe(1, 0.01, 0.01, 0.01)
+    assert ctl.log[-1]["comm_cores"] == (c0, c1) and ctl.log[-1]["first"] == (first0, False)
+    ctl.close()

@@ -171,3 +171,24 @@ def test_update_run_uploads_its_increment_as_frames_and_refuses_a_frame_size_the
     assert proc.returncode == 0 and not lines, proc.stderr
     assert "edge: generation 1 from batch 1 (4 images)" in proc.stdout
     assert "uploaded the increments as jpeg@224q90 frames" in proc.stdout
+
+
+
+@pytest.mark.skipif(not (MPIEXEC.exists() and HAVE_CIFAR10), reason="needs mpiexec and ../shared/data/cifar10")
+def test_the_demo_carries_the_initial_students_temperature_into_its_first_update(tmp_path):
+    """Regression (Alg. 2): the demo wrote its generation-0 student as a plain state dict, so generation 1's
+    learnt T started again at --temperature (4.0) instead of where the initial student's training ended."""
+    import json
+
+    from kd.incremental import read_student
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "update", "demo",
+                           "--dataset", "cifar10", "--initial", "20", "--initial-steps", "4", "--increment", "8",
+                           "--increments", "1", "--steps", "1", "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    initial_t = json.loads((out / "initial.json").read_text())["final_T"]
+    assert initial_t != pytest.approx(4.0, abs=1e-6)        # the initial training moved T off its start
+    _, meta = read_student(str(out / "student.pt"))         # generation 1
+    assert meta["generation"] == 1 and meta["info"]["start_T"] == pytest.approx(initial_t, abs=1e-4)
