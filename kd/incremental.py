@@ -20,13 +20,13 @@ So no acknowledged sample is lost, and no batch ever updates the student twice. 
 student file that is none of these (replaced by hand, another buffer's) is refused.
 
 The cloud is anything with ``logits(images) -> (n, classes) float32``; over MPI it is
-:class:`CloudLink` (edge side) and :func:`serve_cloud` (cloud side), on the buffer
-API of :mod:`runtime.transport`.  Every wait on the peer is bounded (``timeout_s``,
-else :class:`runtime.transport.PeerTimeout`): sizes travel first as a small int64
-header, then the contiguous uint8 images or float32 logits; while the edge trains,
-a thread sends a heartbeat header every ``timeout_s / 4`` s, so the cloud can tell
-"busy" from "dead or stalled"; the cloud does the same to the edge while its teacher
-labels an increment (a CPU teacher on a big increment may take longer than ``timeout_s``).
+:class:`CloudLink` (edge side) and :func:`serve_cloud` (cloud side), on kd's one
+channel (:class:`kd.channel.Channel`).  Every wait on the peer is bounded (``timeout_s``,
+else :class:`runtime.transport.PeerTimeout`): a header announces the sizes, then the
+contiguous uint8 images (or their frames) or float32 logits follow; while the edge
+trains it sends heartbeats, so the cloud can tell "busy" from "dead or stalled"; the
+cloud does the same while its teacher labels an increment (a CPU teacher on a big
+increment may take longer than ``timeout_s``).
 """
 from __future__ import annotations
 
@@ -47,9 +47,8 @@ from runtime.errors import UsageError
 
 from .buffer import Buffer
 
-__all__ = ["Fault", "UpdateRecord", "reconcile", "run_updates", "update_student", "save_student", "read_student", "file_sha256", "HEADER",
-           "TAG_HEADER", "TAG_DATA",
-           "CloudLink", "serve_cloud", "KIND_REQUEST", "KIND_HEARTBEAT", "KIND_BYE", "KIND_REPLY"]
+__all__ = ["Fault", "UpdateRecord", "reconcile", "run_updates", "update_student", "save_student", "read_student",
+           "file_sha256", "AflkdUpdate", "CloudLink", "serve_cloud"]
 
 #: Called at each step boundary with the step's name (tests kill the process there).
 Fault = Callable[[str], None]
@@ -57,10 +56,6 @@ Fault = Callable[[str], None]
 #: -> (new state, info)``; ``temperature`` is the T the previous generation ended with (None when it did not
 #: record one); ``info`` (JSON-able, e.g. the test accuracy, ``final_T``) is recorded with the generation.
 Update = Callable[[dict, np.ndarray, np.ndarray, int, Optional[float]], tuple[dict, dict]]
-
-KIND_REQUEST, KIND_HEARTBEAT, KIND_BYE, KIND_REPLY, KIND_FRAMES = 1, 2, 3, 4, 5
-TAG_HEADER, TAG_DATA = 7001, 7002
-HEADER = 8
 
 
 def _no_fault(_: str) -> None:
@@ -256,83 +251,91 @@ def update_student(config, data, state: dict, images: np.ndarray, logits: np.nda
     return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}, info, source
 
 
-def _wait(requests: list, timeout_s: float, what: str) -> None:
-    from runtime import transport
-
-    transport.wait_or_raise(requests, timeout_s, what)
-
-
-def _send_header(comm, dest: int, timeout_s: float, what: str, *values: int) -> None:
-    from runtime import transport
-
-    header = torch.zeros(HEADER, dtype=torch.int64)
-    header[: len(values)] = torch.tensor(values, dtype=torch.int64)
-    _wait([transport.isend(comm, header, dest, TAG_HEADER)], timeout_s, what)
-
-
-def _heartbeats(send_heartbeat: Callable[[], None], timeout_s: float):
-    """:func:`runtime.transport.heartbeats` (kept under this name for the tests and callers here)."""
-    from runtime import transport
-
-    return transport.heartbeats(send_heartbeat, timeout_s)
-
-
 class CloudLink:
-    """The edge's end of the exchange with the cloud rank: bounded waits, heartbeats while training."""
+    """The edge's end of the exchange with the cloud rank (a :class:`kd.channel.Channel`): bounded waits,
+    heartbeats while training."""
 
     def __init__(self, comm, cloud_rank: int, timeout_s: float, encoder=None):
         """``encoder`` (a :class:`kd.frames.FrameEncoder`): the images travel as frames at its size, raw or
         JPEG (``--upload``), encoded on all its threads; None: as the buffer's uint8 pixels."""
-        self.comm, self.cloud, self.timeout_s, self.encoder = comm, cloud_rank, timeout_s, encoder
+        from .channel import Channel
+
+        self.channel = Channel(comm, cloud_rank, timeout_s, f"the cloud rank {cloud_rank}")
+        self.encoder = encoder
         self.bytes_sent, self.encode_s = 0, 0.0
 
-    def _send_header(self, *values: int) -> None:
-        _send_header(self.comm, self.cloud, self.timeout_s, f"the cloud rank {self.cloud} took no message", *values)
-
     def logits(self, images: np.ndarray) -> np.ndarray:
-        from runtime import transport
+        from .channel import Kind
 
         n, h, w, c = images.shape
         if self.encoder is None:
-            self._send_header(KIND_REQUEST, n, h, w, c)
             payload = torch.from_numpy(np.ascontiguousarray(images))
+            header = (Kind.REQUEST, n, h, w, c)
         else:
             began = time.perf_counter()
             payload = self.encoder.encode_pixels(0, np.ascontiguousarray(images).transpose(0, 3, 1, 2),
                                                  self.encoder.max_threads)
             self.encode_s += time.perf_counter() - began
             fmt = self.encoder.fmt
-            self._send_header(KIND_FRAMES, n, h, w, c, payload.numel(), fmt.size, int(fmt.kind == "jpeg"))
+            header = (Kind.FRAMES, n, h, w, c, payload.numel(), fmt.size, int(fmt.kind == "jpeg"))
+        self.channel.send(*header, payload=payload, what=f"request for {n} images")
         self.bytes_sent += payload.numel()
-        _wait([transport.isend(self.comm, payload, self.cloud, TAG_DATA)], self.timeout_s,
-              f"the cloud rank {self.cloud} took none of {n} images")
-        reply = torch.zeros(HEADER, dtype=torch.int64)
-        while True:  # the cloud sends heartbeats while it labels, then the reply
-            _wait([transport.irecv(self.comm, reply, self.cloud, TAG_HEADER)], self.timeout_s,
-                  f"the cloud rank {self.cloud} sent no logits (nor a heartbeat) for {n} images")
-            if int(reply[0]) != KIND_HEARTBEAT:
-                break
-        kind, count, classes = (int(v) for v in reply[:3])
-        if kind != KIND_REPLY or count != n:
-            raise UsageError(f"the cloud rank {self.cloud} answered {reply.tolist()}, not logits of {n} images")
+        # the cloud sends heartbeats while it labels, then the reply
+        reply = self.channel.recv(f"logits (nor a heartbeat) for {n} images")
+        count, classes = self.channel.expect(reply, Kind.REPLY).values[:2]
+        if count != n:
+            raise UsageError(f"{self.channel.name} answered logits of {count} images, not {n}")
         logits = torch.empty(count, classes, dtype=torch.float32)
-        _wait([transport.irecv(self.comm, logits, self.cloud, TAG_DATA)], self.timeout_s,
-              f"the cloud rank {self.cloud} sent no logits for {n} images")
-        return logits.numpy()
+        return self.channel.recv_payload(logits, f"logits for {n} images").numpy()
 
     def keepalive(self):
-        """While the edge trains: a heartbeat header every ``timeout_s / 4`` s, so the cloud waits on."""
-        return _heartbeats(lambda: self._send_header(KIND_HEARTBEAT), self.timeout_s)
+        """While the edge trains: a heartbeat every ``timeout_s / 4`` s, so the cloud waits on."""
+        return self.channel.keepalive()
 
     def close(self) -> None:
-        self._send_header(KIND_BYE)
+        from .channel import Kind
+
+        self.channel.send(Kind.BYE)
 
 
-def _frames_back(message: np.ndarray, header: torch.Tensor, edge_rank: int) -> np.ndarray:
-    """The uint8 pixels ``(n, h, w, c)`` of an upload of frames (header: kind, n, h, w, c, bytes, size, jpeg)."""
+class AflkdUpdate:
+    """The one incremental update step (:data:`Update`): AFLKD on the cloud-labelled batch, from the current
+    student, optionally under the core-allocation controller.
+
+    The cloud's argmax is the label (the paper takes the cloud's output as the true label) and its logits
+    the soft target (:class:`kd.teacher_source.PrecomputedLogits`); T is learnt from where the last update
+    left it and the first n shared units frozen by Eq. 17, as in the initial training.  ``control``:
+    ``(policy, cores, cost model or None, cpus)`` feeds the logits through
+    :func:`scheduling.controller.controlled` (``aflkd system --control``); the logits of an increment
+    arrive in one exchange before it trains, so the controller's Comm phase is then the per-batch hand-over
+    of those logits, not a network receive.  Used by ``update run``/``demo`` and ``system`` alike.
+    """
+
+    def __init__(self, config, data, device, progress: bool = False, control: Optional[tuple] = None):
+        self.config, self.data, self.device, self.progress, self.control = config, data, device, progress, control
+
+    def __call__(self, state: dict, images, logits, generation: int, temperature=None):
+        wrap = None if self.control is None else self._controlled
+        state, info, source = update_student(self.config, self.data, state, images, logits, generation,
+                                             device=self.device, progress=self.progress, wrap_source=wrap,
+                                             temperature=temperature)
+        if self.control is not None:
+            info.update(replans=len(source.ctl.replans), cores=self.control[1],
+                        comm_cores=[list(r["comm_cores"]) for r in source.ctl.log if "comm_cores" in r])
+        return state, info
+
+    def _controlled(self, source, config):
+        from scheduling.controller import controlled
+
+        policy, cores, cost, cpus = self.control
+        return controlled(source, policy, cores, config.steps, cost, cpus=list(cpus))
+
+
+def _frames_back(message: np.ndarray, values: tuple, edge_rank: int) -> np.ndarray:
+    """The uint8 pixels ``(n, h, w, c)`` of an upload of frames (values: n, h, w, c, bytes, size, jpeg)."""
     from .frames import FrameFormat, decode_message, frames_to_pixels
 
-    n, h, w, c, _, size, jpeg = (int(v) for v in header[1:8])
+    n, h, w, c, _, size, jpeg = values[:7]
     fmt = FrameFormat("jpeg" if jpeg else "raw", size)
     try:
         fmt.check(h)
@@ -347,40 +350,29 @@ def serve_cloud(comm, edge_rank: int, logits_of: Callable[[np.ndarray], np.ndarr
                 log: Callable[[str], None] = lambda s: None) -> int:
     """The cloud rank: answer the edge's requests with ``logits_of(images)`` until it says bye.
 
-    Returns the number of images labelled.  Every wait is bounded: the edge sends a
-    request, a heartbeat or bye at least every ``timeout_s / 4`` s while it lives, and this
-    rank sends the edge heartbeats while ``logits_of`` runs (the reply header ends them).
+    Returns the number of images labelled.  Every wait is bounded (:class:`kd.channel.Channel`): the edge
+    sends a request, a heartbeat or bye at least every ``timeout_s / 4`` s while it lives, and this rank
+    sends the edge heartbeats while ``logits_of`` runs (the reply ends them).
     """
-    from runtime import transport
+    from .channel import Channel, Kind
 
+    edge = Channel(comm, edge_rank, timeout_s, f"the edge rank {edge_rank}")
     served = 0
     while True:
-        header = torch.zeros(HEADER, dtype=torch.int64)
-        _wait([transport.irecv(comm, header, edge_rank, TAG_HEADER)], timeout_s,
-              f"the edge rank {edge_rank} sent no request, heartbeat or goodbye")
-        kind = int(header[0])
-        if kind == KIND_HEARTBEAT:
-            continue
-        if kind == KIND_BYE:
+        header = edge.expect(edge.recv("request, heartbeat or goodbye"), Kind.REQUEST, Kind.FRAMES, Kind.BYE)
+        if header.kind == Kind.BYE:
             return served
-        if kind not in (KIND_REQUEST, KIND_FRAMES):
-            raise UsageError(f"the edge rank {edge_rank} sent an unknown message {header.tolist()}")
-        n, h, w, c = (int(v) for v in header[1:5])
-        if kind == KIND_REQUEST:
+        n, h, w, c = header.values[:4]
+        if header.kind == Kind.REQUEST:
             pixels = torch.empty(n, h, w, c, dtype=torch.uint8)
         else:  # frames (--upload): the bytes announced, decoded and averaged back to the buffer's pixels
-            pixels = torch.empty(int(header[5]), dtype=torch.uint8)
-        _wait([transport.irecv(comm, pixels, edge_rank, TAG_DATA)], timeout_s,
-              f"the edge rank {edge_rank} sent none of the {n} images it announced")
-        if kind == KIND_FRAMES:
-            pixels = torch.from_numpy(_frames_back(pixels.numpy(), header, edge_rank))
-        with _heartbeats(lambda: _send_header(comm, edge_rank, timeout_s, f"the edge rank {edge_rank} took no "
-                                              "heartbeat", KIND_HEARTBEAT), timeout_s):  # a slow teacher is not dead
+            pixels = torch.empty(header.values[4], dtype=torch.uint8)
+        edge.recv_payload(pixels, f"pixels of the {n} images it announced")
+        if header.kind == Kind.FRAMES:
+            pixels = torch.from_numpy(_frames_back(pixels.numpy(), header.values, edge_rank))
+        with edge.keepalive():  # a slow teacher is not a dead cloud
             labels = logits_of(pixels.numpy())
         logits = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
-        reply = torch.zeros(HEADER, dtype=torch.int64)
-        reply[:3] = torch.tensor([KIND_REPLY, n, logits.shape[1]])
-        _wait([transport.isend(comm, reply, edge_rank, TAG_HEADER), transport.isend(comm, logits, edge_rank, TAG_DATA)],
-              timeout_s, f"the edge rank {edge_rank} took no logits")
+        edge.send(Kind.REPLY, n, logits.shape[1], payload=logits, what="logits")
         served += n
         log(f"cloud: labelled {n} images for the edge rank {edge_rank}")

@@ -47,9 +47,8 @@ from .wire import WireFormat, parse_wire
 
 __all__ = ["EdgeJob", "EdgeLost", "open_edge", "open_cloud", "Cloud", "subset_digest"]
 
-HELLO, VERDICT = 10, 11
-LOGITS, CREDIT = StreamedTeacher.LOGITS, StreamedTeacher.CREDIT
-FRAMES = 3  # kd.teacher_source.UploadingTeacher.FRAMES
+from .channel import TAG_CREDIT as CREDIT, TAG_FRAMES as FRAMES, TAG_HELLO as HELLO, TAG_LOGITS as LOGITS  # noqa: E402
+from .channel import TAG_VERDICT as VERDICT  # noqa: E402
 
 
 class EdgeLost(RuntimeError):

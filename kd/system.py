@@ -38,13 +38,13 @@ from runtime import transport as mpi
 from runtime import transport
 from runtime.errors import UsageError
 
-__all__ = ["flatten_state", "load_flat", "Served", "serve_images", "send_weights", "send_done", "alive",
-           "KIND_SERVE", "KIND_SWAP", "KIND_STOP", "KIND_WEIGHTS", "KIND_DONE", "TAG_W_HEAD", "TAG_W_DATA"]
+from .channel import Channel, Kind
+
+__all__ = ["flatten_state", "load_flat", "Served", "serve_images", "send_weights", "send_done",
+           "KIND_SERVE", "KIND_SWAP", "KIND_STOP"]
 
 KIND_SERVE, KIND_SWAP, KIND_STOP = 0, 1, 2  # the inference root's decision before an image
-KIND_WEIGHTS, KIND_DONE, KIND_ALIVE = 11, 12, 13  # trainer -> inference root headers
-TAG_W_HEAD, TAG_W_DATA = 7101, 7102  # distinct from kd.incremental's 7001/7002 on the same communicator
-HEAD = 4
+HEAD = 4  # int64 words of a decision
 
 
 # ---------------------------------------------------------------------- weights as one flat vector
@@ -75,29 +75,14 @@ def _wait(requests: list, timeout_s: float, what: str) -> None:
 
 
 # ---------------------------------------------------------------------- trainer side
-def send_weights(comm, dest: int, generation: int, state: dict, timeout_s: float) -> None:
-    """The trainer: one header ``[KIND_WEIGHTS, generation, n]`` then the flat weights (bounded)."""
+def send_weights(root: Channel, generation: int, state: dict) -> None:
+    """The trainer: a :attr:`Kind.WEIGHTS` header ``[generation, n]`` and the flat weights (bounded)."""
     flat = flatten_state(state).contiguous()
-    head = torch.tensor([KIND_WEIGHTS, generation, flat.numel(), 0], dtype=torch.int64)
-    transport.wait_or_raise([transport.isend(comm, head, dest, TAG_W_HEAD), transport.isend(comm, flat, dest, TAG_W_DATA)],
-                         timeout_s,
-          f"the inference root (rank {dest}) took no weights of generation {generation}")
+    root.send(Kind.WEIGHTS, generation, flat.numel(), payload=flat, what=f"weights of generation {generation}")
 
 
-def send_done(comm, dest: int, generation: int, timeout_s: float) -> None:
-    head = torch.tensor([KIND_DONE, generation, 0, 0], dtype=torch.int64)
-    transport.wait_or_raise([transport.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
-                         f"the inference root (rank {dest}) took no end-of-updates message")
-
-
-def alive(comm, dest: int, timeout_s: float):
-    """While the trainer works (an update can take longer than ``timeout_s``): an ``[ALIVE]`` header to the
-    inference root every ``timeout_s / 4`` s, so the root can tell a busy trainer from a dead or stalled one."""
-    def beat() -> None:
-        head = torch.tensor([KIND_ALIVE, 0, 0, 0], dtype=torch.int64)
-        transport.wait_or_raise([transport.isend(comm, head, dest, TAG_W_HEAD)], timeout_s,
-                             f"the inference root (rank {dest}) took no heartbeat")
-    return transport.heartbeats(beat, timeout_s, name="aflkd-system-alive")
+def send_done(root: Channel, generation: int) -> None:
+    root.send(Kind.DONE, generation, what="end-of-updates message")
 
 
 # ---------------------------------------------------------------------- inference side
@@ -151,6 +136,7 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
 
     build = executor_of or (lambda model: SplitExecutor.build(model, in_shape, infer))
     root = mpi.rank(infer) == 0
+    link = Channel(world, trainer, timeout_s, f"the training rank {trainer}")
     model = make_model().eval()
     flat = None
     executor = None
@@ -169,27 +155,21 @@ def serve_images(world, infer, trainer: int, make_model: Callable[[], torch.nn.M
             kind, new_gen = KIND_SERVE, generation
             first = executor is None
             # between images only: is a message from the trainer waiting? (the first image must have weights)
-            if first or (not done and mpi.iprobe(world, trainer, TAG_W_HEAD)):
-                head = torch.zeros(HEAD, dtype=torch.int64)
-                transport.wait_or_raise([transport.irecv(world, head, trainer, TAG_W_HEAD)], timeout_s,
-                                     f"the training rank {trainer} sent no student")
+            if first or (not done and link.waiting()):
+                head = link.expect(link.recv("student", heartbeats=not first),  # the first image needs one
+                                   Kind.WEIGHTS, Kind.DONE, Kind.HEARTBEAT)
                 arrived = time.monotonic()
                 last_heard = arrived
-                if int(head[0]) == KIND_WEIGHTS:
-                    flat = torch.empty(int(head[2]), dtype=torch.float64)
-                    transport.wait_or_raise([transport.irecv(world, flat, trainer, TAG_W_DATA)], timeout_s,
-                                         f"the training rank {trainer} sent no weights of generation {int(head[1])}")
-                    kind, new_gen = KIND_SWAP, int(head[1])
-                elif int(head[0]) == KIND_ALIVE:
-                    if first:  # the first image needs a student: keep waiting for it
-                        continue
-                elif int(head[0]) == KIND_DONE:
+                if head.kind == Kind.WEIGHTS:
+                    generation_sent, count = head.values[:2]
+                    flat = link.recv_payload(torch.empty(count, dtype=torch.float64),
+                                             f"weights of generation {generation_sent}")
+                    kind, new_gen = KIND_SWAP, generation_sent
+                elif head.kind == Kind.DONE:
                     done = True
                     last_beat = time.monotonic()
                     if first:
                         raise UsageError("the training rank ended before it sent a student")
-                else:
-                    raise UsageError(f"the training rank sent an unknown header {head.tolist()}")
             elif not done and time.monotonic() - last_heard > timeout_s:
                 raise transport.PeerTimeout(f"the training rank {trainer} sent nothing for {timeout_s:g} s (--timeout): "
                                          "it died or stalled")

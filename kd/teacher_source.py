@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .channel import TAG_CREDIT, TAG_FRAMES, TAG_LOGITS
 from .device import autocast
 from .wire import WireFormat
 
@@ -132,7 +133,7 @@ class StreamedTeacher(TeacherSource):
     A wait longer than ``timeout_s`` raises :class:`CloudLost`.
     """
 
-    LOGITS, CREDIT = 1, 2  # tags: messages of one kind between one pair match in posting order
+    LOGITS, CREDIT = TAG_LOGITS, TAG_CREDIT  # messages of one kind between one pair match in posting order
 
     def __init__(self, comm, cloud: int, steps: int, batch: int, classes: int, wire: WireFormat,
                  run_ahead: int = 2, timeout_s: float = 120.0, weights: Optional[dict] = None):
@@ -201,7 +202,7 @@ class UploadingTeacher(TeacherSource):
     ``threads`` is how many encoder threads the next :meth:`start` uses (a controller sets it per phase).
     """
 
-    LOGITS, FRAMES = StreamedTeacher.LOGITS, 3
+    LOGITS, FRAMES = TAG_LOGITS, TAG_FRAMES
 
     def __init__(self, comm, cloud: int, steps: int, batch: int, classes: int, wire: WireFormat, encoder,
                  timeout_s: float = 120.0, weights: Optional[dict] = None):

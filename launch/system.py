@@ -20,8 +20,6 @@ from . import options
 
 __all__ = ["add_parser"]
 
-TAG_REPORT_INFER, TAG_REPORT_CLOUD = 7201, 7202
-
 EPILOG = """\
 examples:
   .venv/bin/mpiexec -n 4 .venv/bin/aflkd system --topology hostfiles/local-system.toml --out out/system
@@ -219,6 +217,7 @@ def _with_peer_errors(comm, work) -> int:
 def _cloud(args, data, device, teacher, link, trainer: int) -> int:
     import torch
 
+    from kd.channel import Channel
     from kd.incremental import serve_cloud
     from kd.teacher import to_tensor
     from kd.teacher_source import run_teacher
@@ -231,24 +230,26 @@ def _cloud(args, data, device, teacher, link, trainer: int) -> int:
     # twice --timeout: the trainer's own waits on the inference root are bounded by --timeout, so when the root
     # stalls the trainer (which knows who stalled) reports it, not the cloud waiting on the trainer
     labelled = serve_cloud(link, trainer, logits_of, 2 * args.timeout)
-    transport.wait_by([transport.send_object(link, {"labelled": labelled}, trainer, TAG_REPORT_CLOUD)],
-                   time.monotonic() + args.timeout)
+    to_trainer = Channel(link, trainer, args.timeout, f"the training rank {trainer}")
+    transport.wait_by([to_trainer.send_object({"labelled": labelled})], time.monotonic() + args.timeout)
     return 0
 
 
 def _infer(args, data, link, infer, trainer: int, root_world: int) -> int:
     import numpy as np
 
+    from kd.channel import Channel
     from kd.system import serve_images
     from kd.teacher import to_tensor
     from runtime import transport as mpi
     from runtime import transport
 
     root = mpi.rank(infer) == 0
+    to_trainer = Channel(link, trainer, args.timeout, f"the training rank {trainer}")
     beats = []  # once the trainer is done it waits for our report: it hears we still serve every --timeout / 4
 
     def serving(k: int) -> None:
-        beats.append(transport.send_object(link, {"serving": k}, trainer, TAG_REPORT_INFER))
+        beats.append(to_trainer.send_object({"serving": k}))
 
     images = to_tensor(data.x_test, data).contiguous() if root else None
     def progress(k: int, generation: int) -> None:
@@ -262,7 +263,7 @@ def _infer(args, data, link, infer, trainer: int, root_world: int) -> int:
     if args.record:
         np.savez(os.path.join(args.record, "served.npz"), inputs=np.concatenate(served.inputs),
                  outputs=np.concatenate(served.outputs), generations=np.asarray(served.generations))
-    request = transport.send_object(link, served.summary(), trainer, TAG_REPORT_INFER)
+    request = to_trainer.send_object(served.summary())
     if not transport.wait_by([*beats, request], time.monotonic() + args.timeout):
         raise transport.PeerTimeout(f"the training rank {trainer} took no report within {args.timeout:g} s")
     return 0
@@ -273,11 +274,11 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     import torch
 
     from kd.buffer import Buffer
-    from kd.incremental import CloudLink, reconcile, read_student, run_updates, save_student
-    from kd.system import alive, send_done, send_weights
+    from kd.incremental import AflkdUpdate, CloudLink, reconcile, read_student, run_updates, save_student
+    from kd.channel import Channel
+    from kd.system import send_done, send_weights
     from kd.config import EdgeConfig
     from runtime import transport as mpi
-    from runtime import transport
 
     student_path = str(out / "student.pt")
     buffer = Buffer(str(out / "buffer.sqlite"), data.x_train.shape[1:])
@@ -289,8 +290,8 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
     reconcile(buffer, student_path)
     start_gen = buffer.latest().generation
     config = EdgeConfig("aflkd", args.net, steps=args.steps, lr=args.lr, seed=args.seed)
-    update = ControlledUpdate(config, data, device, args.control, args.control_cores, args.control_model,
-                              cpus=args.control_cpus)
+    update = AflkdUpdate(config, data, device,
+                         control=(args.control, args.control_cores, args.control_model, args.control_cpus or ()))
     encoder = None
     if args.upload_format is not None:
         from kd.frames import FrameEncoder
@@ -307,8 +308,9 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
 
     state, _ = read_student(student_path)
     record_student(start_gen, state)
-    send_weights(link, root, start_gen, state, args.timeout)
-    with alive(link, root, args.timeout):  # an update may take longer than --timeout: the root hears we live
+    to_root = Channel(link, root, args.timeout, f"the inference root (rank {root})")
+    send_weights(to_root, start_gen, state)
+    with to_root.keepalive():  # an update may take longer than --timeout: the root hears we live
         initial_acc = _test_accuracy(args, data, state)  # while the inference ranks already serve
         rows = []
         for u in range(args.updates):
@@ -327,21 +329,19 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
                 raise UsageError(f"update {u + 1}: the buffer had fewer than --increment {args.increment} new images "
                                  "(the camera stream repeats frames already used); lower --updates or --increment")
             record_student(sent["generation"], sent["state"])
-            send_weights(link, root, sent["generation"], sent["state"], args.timeout)
+            send_weights(to_root, sent["generation"], sent["state"])
             rows.append({"generation": sent["generation"], "images": args.increment, "update_s": round(seconds, 3),
                          "test_acc": sent["info"].get("test_acc"), "train_s": sent["info"].get("seconds"),
                          "replans": sent["info"].get("replans"), "comm_cores": sent["info"].get("comm_cores")})
             if not args.no_progress:
                 print(f"trainer: generation {sent['generation']} sent to the inference ranks ({seconds:.2f} s, test acc "
                       f"{sent['info'].get('test_acc', float('nan')):.2%})", flush=True)
-    send_done(link, root, start_gen + len(rows), args.timeout)
+    send_done(to_root, start_gen + len(rows))
     link_cloud.close()
-    clouded = transport.recv_object_by(link, cloud, TAG_REPORT_CLOUD, time.monotonic() + args.timeout,
-                                    f"the cloud (rank {cloud}) sent no report within {args.timeout:g} s")
+    clouded = Channel(link, cloud, args.timeout, f"the cloud (rank {cloud})").recv_object("report")
     served = {"serving": 0}
     while "serving" in served:  # the root serves until --images: each "serving" message restarts the deadline
-        served = transport.recv_object_by(link, root, TAG_REPORT_INFER, time.monotonic() + args.timeout,
-                                       f"the inference root (rank {root}) sent no report within {args.timeout:g} s")
+        served = to_root.recv_object("report")
     report = {"command": getattr(args, "command_line", ""), "dataset": args.dataset, "net": args.net,
               "inference_ranks": mpi.size(link) - 2, "initial": {"generation": start_gen, "test_acc": initial_acc},
               "updates": rows, "served": served,
@@ -352,32 +352,6 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
         json.dump(report, fh, indent=2)
     _print_report(report, out / "system.json")
     return 0
-
-
-class ControlledUpdate:
-    """One incremental AFLKD update (as :class:`launch.update.AflkdUpdate`) with the cloud's logits fed through the
-    core-allocation controller (:func:`scheduling.controller.controlled`, ``--control``).
-
-    The logits of an increment arrive in one exchange before it trains (:class:`kd.incremental.CloudLink`), so the
-    controller's Comm phase here is the per-batch hand-over of those logits, not a network receive.
-    """
-
-    def __init__(self, config, data, device, policy: str, cores: int, cost=None, cpus=()):
-        self.config, self.data, self.device = config, data, device
-        self.policy, self.cores, self.cost, self.cpus = policy, cores, cost, list(cpus)
-
-    def __call__(self, state: dict, images, logits, generation: int, temperature=None):
-        from kd.incremental import update_student
-        from scheduling.controller import controlled
-
-        def wrap(source, config):
-            return controlled(source, self.policy, self.cores, config.steps, self.cost, cpus=self.cpus)
-
-        state, info, source = update_student(self.config, self.data, state, images, logits, generation,
-                                             device=self.device, wrap_source=wrap, temperature=temperature)
-        info.update(replans=len(source.ctl.replans), cores=self.cores,
-                    comm_cores=[list(r["comm_cores"]) for r in source.ctl.log if "comm_cores" in r])
-        return state, info
 
 
 def _test_accuracy(args, data, state: dict) -> float:

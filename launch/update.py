@@ -352,25 +352,6 @@ def _cloud(setup: _Setup, args):
     return serve
 
 
-class AflkdUpdate:
-    """The update of :func:`kd.incremental.run_updates`: AFLKD on the cloud-labelled batch, from the current student.
-
-    The cloud's argmax is the label (the paper takes the cloud's output as the true
-    label) and its logits the soft target (:class:`kd.teacher_source.PrecomputedLogits`);
-    T is learnt and the first n shared units frozen by Eq. 17, as in the initial training.
-    """
-
-    def __init__(self, config, data, device, progress: bool):
-        self.config, self.data, self.device, self.progress = config, data, device, progress
-
-    def __call__(self, state: dict, images, logits, generation: int, temperature=None):
-        from kd.incremental import update_student
-
-        state, info, _ = update_student(self.config, self.data, state, images, logits, generation,
-                                        device=self.device, progress=self.progress, temperature=temperature)
-        return state, info
-
-
 def _edge_config(args):
     from kd.config import EdgeConfig
 
@@ -431,9 +412,9 @@ def _with_peer_errors(comm, work) -> int:
 
 def _edge_loop(setup: _Setup, args, link, buffer, student_path: str, camera=None, on_update=None) -> list:
     """Rank 1 after set-up: (append camera frames,) run every full increment, say goodbye."""
-    from kd.incremental import run_updates
+    from kd.incremental import AflkdUpdate, run_updates
 
-    update = AflkdUpdate(_edge_config(args), setup.data, setup.device, not args.no_progress)
+    update = AflkdUpdate(_edge_config(args), setup.data, setup.device, progress=not args.no_progress)
     records = []
 
     def log(line: str) -> None:
@@ -528,7 +509,7 @@ def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:
     import torch
 
     from kd.datasets import balanced_subset
-    from kd.incremental import file_sha256, read_student, save_student
+    from kd.incremental import file_sha256, save_student
     from kd.trainer import EdgeConfig, train_edge
     from models import cloud_net, load_weights, save_atomic
 

@@ -276,7 +276,8 @@ def test_keepalive_sends_a_heartbeat_every_quarter_timeout_while_the_edge_trains
 
     Timing-robust on a loaded machine: at least 2 beats, and no silence (start to first beat,
     beat to beat, last beat to the end) longer than timeout/2, half the peer's patience."""
-    from kd.incremental import HEADER, KIND_HEARTBEAT, TAG_HEADER, CloudLink
+    from kd.channel import HEADER, TAG_HEADER, Kind
+    from kd.incremental import CloudLink
     from runtime import transport
 
     headers = [torch.zeros(HEADER, dtype=torch.int64) for _ in range(20)]
@@ -284,8 +285,8 @@ def test_keepalive_sends_a_heartbeat_every_quarter_timeout_while_the_edge_trains
     timeout = 0.4
     link = CloudLink(self_comm, 0, timeout_s=timeout)
     sent_at: list[float] = []
-    send = link._send_header
-    link._send_header = lambda *values: (send(*values), sent_at.append(time.monotonic()))
+    send = link.channel.beat
+    link.channel.beat = lambda: (send(), sent_at.append(time.monotonic()))
     began = time.monotonic()
     with link.keepalive():
         time.sleep(0.55)  # "training" for longer than the timeout
@@ -293,7 +294,7 @@ def test_keepalive_sends_a_heartbeat_every_quarter_timeout_while_the_edge_trains
     got = [h for h, r in zip(headers, requests) if transport.wait_by([r], time.monotonic() + 0.05)]
     transport.cancel([r for h, r in zip(headers, requests) if not any(h is g for g in got)])
     kinds = [int(h[0]) for h in got]
-    assert set(kinds) == {KIND_HEARTBEAT} and len(kinds) >= 2 and len(kinds) == len(sent_at), (kinds, sent_at)
+    assert set(kinds) == {int(Kind.HEARTBEAT)} and len(kinds) >= 2 and len(kinds) == len(sent_at), (kinds, sent_at)
     gaps = np.diff([began, *sent_at, ended])
     assert gaps.max() <= timeout / 2, gaps
 

@@ -23,7 +23,7 @@ def test_aflkd_update_continues_the_given_student_with_eq17_freezing():
     """The update trains the student it is given (not a fresh one), with the cloud's logits as targets:
     the frozen shared prefix keeps the given weights bit for bit, the rest moves."""
     from kd.trainer import EdgeConfig
-    from launch.update import AflkdUpdate
+    from kd.incremental import AflkdUpdate
 
     data = tiny(classes=3, n=40)
     torch.manual_seed(3)
