@@ -1,8 +1,8 @@
 """kd's one channel between two ranks: typed headers, payloads, heartbeats, every wait bounded.
 
-Incremental updates (edge <-> cloud), the whole system (trainer <-> inference root, and
-the reports every rank sends the trainer) and streamed distillation's set-up talk
-through it, so there is one message format, one set of tags and one way to tell a
+Incremental updates (edge <-> cloud, their set-up agreement included), the whole system
+(trainer <-> inference root, and the reports every rank sends the trainer) and
+streamed distillation's set-up (hello, verdict) talk through it, so there is one message format, one set of tags and one way to tell a
 busy peer from a dead one:
 
 * a message is a **header** -- int64[8]: its :class:`Kind`, then up to seven values (a
@@ -33,13 +33,12 @@ import torch
 
 from runtime.errors import UsageError
 
-__all__ = ["Kind", "Header", "Channel", "HEADER", "TAG_HEADER", "TAG_DATA", "TAG_OBJECT", "TAG_HELLO", "TAG_VERDICT",
-           "TAG_LOGITS", "TAG_CREDIT", "TAG_FRAMES"]
+__all__ = ["Kind", "Header", "Channel", "gather_reports", "HEADER", "TAG_HEADER", "TAG_DATA", "TAG_OBJECT", "TAG_LOGITS", "TAG_CREDIT",
+           "TAG_FRAMES"]
 
 HEADER = 8  # int64 words of a header
 TAG_HEADER, TAG_DATA, TAG_OBJECT = 7001, 7002, 7003
-# streamed distillation, on each stream's own communicator: set-up, then the per-batch hot path
-TAG_HELLO, TAG_VERDICT = 10, 11
+# streamed distillation's per-batch hot path, on each stream's own communicator
 TAG_LOGITS, TAG_CREDIT, TAG_FRAMES = 1, 2, 3
 
 
@@ -147,4 +146,24 @@ class Channel:
         from runtime import transport
 
         return transport.recv_object_by(self.comm, self.peer, TAG_OBJECT, time.monotonic() + self.timeout_s,
-                                        f"{self.name} sent no {what} within {self.timeout_s:g} s")
+                                        f"{self.name} sent no {what} within {self.timeout_s:g} s (--timeout): "
+                                        "it died or stalled")
+
+
+def gather_reports(comm, mine, timeout_s: float, root: int = 0, mine_too: bool = True) -> Optional[list]:
+    """Every rank's report (a small object) on ``root``, in rank order (with ``root``'s own when ``mine_too``),
+    each wait bounded by ``timeout_s``; None on the other ranks.  Point to point and polled, not a collective:
+    the root may wait on a rank's last evaluation without spinning on a core."""
+    import time
+
+    from runtime import transport
+
+    me = comm.Get_rank()
+    if me != root:
+        to_root = Channel(comm, root, timeout_s, f"rank {root}")
+        if not transport.wait_by([to_root.send_object(mine)], time.monotonic() + timeout_s):
+            raise transport.PeerTimeout(f"rank {root} took no report from rank {me} within {timeout_s:g} s "
+                                        "(--timeout): it died or stalled")
+        return None
+    return [mine if r == root else Channel(comm, r, timeout_s, f"rank {r}").recv_object("report")
+            for r in range(comm.Get_size()) if mine_too or r != root]

@@ -47,8 +47,7 @@ from .wire import WireFormat, parse_wire
 
 __all__ = ["EdgeJob", "EdgeLost", "open_edge", "open_cloud", "Cloud", "subset_digest"]
 
-from .channel import TAG_CREDIT as CREDIT, TAG_FRAMES as FRAMES, TAG_HELLO as HELLO, TAG_LOGITS as LOGITS  # noqa: E402
-from .channel import TAG_VERDICT as VERDICT  # noqa: E402
+from .channel import TAG_CREDIT as CREDIT, TAG_FRAMES as FRAMES, TAG_LOGITS as LOGITS, Channel  # noqa: E402
 
 
 class EdgeLost(RuntimeError):
@@ -118,10 +117,9 @@ def open_edge(comm, cloud: int, job: EdgeJob, data: ImageArrays, timeout_s: floa
              "frames": None if job.frames is None else asdict(job.frames)}
     private = transport.dup(comm)
     try:
-        request = transport.send_object(private, hello, cloud, HELLO)
-        verdict = transport.recv_object_by(private, cloud, VERDICT, time.monotonic() + timeout_s,
-                                        f"cloud rank {cloud} answered no set-up message within {timeout_s:g} s "
-                                        "(--timeout): it died or stalled")
+        channel = Channel(private, cloud, timeout_s, f"cloud rank {cloud}")
+        request = channel.send_object(hello)
+        verdict = channel.recv_object("set-up answer")
         request.wait()
     except BaseException:
         transport.free(private)
@@ -187,10 +185,8 @@ def open_cloud(comm, cloud: int, teacher: Optional[nn.Module], data: Optional[Im
     private = transport.dup(comm)
     try:
         edges = [r for r in range(comm.Get_size()) if r != cloud]
-        deadline = time.monotonic() + timeout_s
-        hellos = [transport.recv_object_by(private, r, HELLO, deadline,
-                                        f"edge rank {r} sent no set-up message within {timeout_s:g} s "
-                                        "(--timeout): it died or stalled") for r in edges]
+        channels = [Channel(private, r, timeout_s, f"edge rank {r}") for r in edges]
+        hellos = [c.recv_object("set-up message") for c in channels]
         classes = shape = None
         if problem is None and (teacher is None or data is None):
             problem = "the cloud rank has no teacher or no dataset"
@@ -208,12 +204,12 @@ def open_cloud(comm, cloud: int, teacher: Optional[nn.Module], data: Optional[Im
                         break
         weights = {k: v.detach().cpu() for k, v in teacher.state_dict().items()} if problem is None else None
         requests = []
-        for h in hellos:
+        for h, channel in zip(hellos, channels):
             mine = None
             if weights is not None:
                 layers = set(h["layers"])
                 mine = {k: v for k, v in weights.items() if k.split(".")[0] in layers}
-            requests.append(transport.send_object(private, {"problem": problem, "weights": mine}, h["rank"], VERDICT))
+            requests.append(channel.send_object({"problem": problem, "weights": mine}))
         if not transport.wait_by(requests, time.monotonic() + timeout_s):
             raise EdgeLost(f"an edge rank took no set-up answer within {timeout_s:g} s (--timeout): it died or stalled")
     except BaseException:

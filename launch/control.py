@@ -225,10 +225,12 @@ def _run(comm, args) -> int:
             rows[-1].update(edge_rank=comm.Get_rank(), edge_cpus=list(cpus))
             print(f"edge rank {comm.Get_rank()}, repeat {repeat + 1}/{args.repeats} {policy}: "
                   f"{1e3 * rows[-1]['mean_step_s']:.1f} ms/step", file=sys.stderr, flush=True)
-    if comm.Get_rank() != 0:
-        transport.send_object(comm, rows, 0, 78).wait()
+    from kd.channel import gather_reports
+
+    everyone = gather_reports(comm, rows, args.timeout, mine_too=False)
+    if everyone is None:
         return 0
-    rows = [r for edge in range(1, comm.Get_size()) for r in transport.recv_object_by(comm, edge, 78, None, "")]
+    rows = [r for edge_rows in everyone for r in edge_rows]
     summary = summarise(rows)
     _print(summary, args, cores, {r["edge_rank"]: r["edge_cpus"] for r in rows}, block, frames)
     if args.json:

@@ -237,21 +237,18 @@ def _run(comm, args) -> int:
             path = f"{args.out}/student-rank{rank}.pt"
             save_atomic({k: v.cpu() for k, v in result.model.state_dict().items()}, path)
             mine["student"] = path
-    rows = _collect(comm, mine)
+    rows = _collect(comm, mine, args.timeout)
     if rows is not None:
         _report(rows, args)
     return 0
 
 
-def _collect(comm, mine: dict):
-    """Every rank's row on rank 0 (point to point, polled: rank 0 may wait on an edge's evaluation)."""
-    from runtime import transport
+def _collect(comm, mine: dict, timeout_s: float):
+    """Every rank's row on rank 0 (kd's channel, polled: rank 0 may wait on an edge's evaluation; bounded)."""
+    from kd.channel import gather_reports
 
-    if comm.Get_rank() != 0:
-        transport.send_object(comm, mine, 0, 77).wait()
-        return None
-    rows = [mine] + [transport.recv_object_by(comm, r, 77, None, "") for r in range(1, comm.Get_size())]
-    return sorted(rows, key=lambda r: r["rank"])
+    rows = gather_reports(comm, mine, timeout_s)
+    return None if rows is None else sorted(rows, key=lambda r: r["rank"])
 
 
 def _report(rows: list[dict], args) -> None:

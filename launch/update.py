@@ -286,16 +286,17 @@ def _agree(setup: _Setup, args, mine: dict) -> dict:
 
     A peer that sends nothing in time ends the job in one line (exit 3), as a peer lost later does.
     """
+    from kd.channel import Channel
     from runtime import transport
 
     comm = setup.comm
     peer = EDGE if comm.Get_rank() == CLOUD else CLOUD
-    request = transport.send_object(comm, mine, peer, 71)
+    channel = Channel(comm, peer, args.timeout, f"rank {peer}")
+    request = channel.send_object(mine)
     try:
-        theirs = transport.recv_object_by(comm, peer, 71, time.monotonic() + args.timeout,
-                                       f"rank {peer} sent no set-up within {args.timeout:g} s (--timeout)")
+        theirs = channel.recv_object("set-up")
     except transport.PeerTimeout as err:
-        print(f"aflkd: error: rank {comm.Get_rank()}: {err}; it died or stalled", file=sys.stderr, flush=True)
+        print(f"aflkd: error: rank {comm.Get_rank()}: {err}", file=sys.stderr, flush=True)
         transport.abort(comm, 3)
         raise
     transport.wait_by([request], time.monotonic() + args.timeout)
