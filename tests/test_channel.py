@@ -88,3 +88,23 @@ def test_objects_travel_pickled_beside_the_headers(self_comm):
     assert transport.wait_by([request], time.monotonic() + 2)
     sender.join(5)
     assert not failed
+
+
+@pytest.mark.mpi(min_size=2)
+def test_reports_reach_the_root_in_rank_order_and_a_silent_rank_is_one_timeout(world):
+    """Regression: distill's and control's result gathering waited on every rank without a deadline."""
+    from kd.channel import gather_reports
+
+    me = world.Get_rank()
+    rows = gather_reports(world, {"rank": me, "squares": [me * me]}, 10.0)
+    if me == 0:
+        assert rows == [{"rank": r, "squares": [r * r]} for r in range(world.Get_size())]
+    else:
+        assert rows is None
+    transport.idle_barrier(world, "the test's barrier", 30)
+    if me == 0:  # now nobody else reports
+        began = time.monotonic()
+        with pytest.raises(transport.PeerTimeout, match=r"^rank 1 sent no report within 0.3 s \(--timeout\)"):
+            gather_reports(world, {"rank": 0}, 0.3)
+        assert time.monotonic() - began < 5
+    transport.idle_barrier(world, "the test's barrier", 30)
