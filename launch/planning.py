@@ -221,8 +221,9 @@ def _programs(args) -> int:
 
 def pipeline_programs(net: str, size: int, ranks: int, stages: int, cuts=None, weights=None, head: str = "gather"):
     """A pipeline's :class:`runtime.deployment.Deployment` (with each stage's plan digest, as
-    :class:`runtime.pipeline.PipelineExecutor` computes it) and ``{rank: (title, Program)}``, and the pairing
-    check's problems, built without MPI from a skeleton of ``net``."""
+    :class:`runtime.pipeline.PipelineExecutor` computes it) and ``{rank: (title, Program, StreamProgram)}`` (the
+    stage's split program and the rank's per-image transfers), and the pairing checks' problems, built
+    without MPI from a skeleton of ``net``."""
     from models import build_model
     from runtime.deployment import pipeline_deployment, plan_digest
     from runtime.graph import trace_model
@@ -257,6 +258,13 @@ def pipeline_programs(net: str, size: int, ranks: int, stages: int, cuts=None, w
             programs[grid.rank(c, s)] = (f"cluster {c}, stage {s}, layers {first}:{stop}", program)
     deployment = pipeline_deployment(layers, grid.clusters, grid.stages, bounds, shares,
                                      "split" if split_head else "gather", digests)
+    # the transfers between stages and to the root, per image: what PipelineExecutor lowers and runs
+    from runtime.stream_program import check_stream, lower_pipeline
+
+    streams = lower_pipeline(grid.clusters, grid.stages, bounds, [layers.cut_shape(k) for k in range(n + 1)], shares,
+                             split_head, tuple(layers.graph.nodes[-2].shape[1:]) if split_head else ())
+    problems += [f"stream: {p}" for p in check_stream(streams, layers.cut_shape(n)[1])]
+    programs = {rank: (title, program, streams[rank]) for rank, (title, program) in programs.items()}
     return deployment, programs, problems
 
 
@@ -267,8 +275,9 @@ def _pipeline_programs(args) -> int:
     print(deployment.text() + " (every rank agrees on this digest before any image moves)")
     for rank in sorted(programs):
         if args.rank is None or args.rank == rank:
-            title, program = programs[rank]
+            title, program, stream = programs[rank]
             print(f"job rank {rank} ({title}), {program.text()}")
+            print(f"job rank {rank} transfers, {stream.text()}")
     print(f"pairing check of the {deployment.stages} stages' programs: " + (
         "they pair and run to the end" if not problems else "FAILED\n  " + "\n  ".join(problems)))
     return 0 if not problems else 1

@@ -45,6 +45,7 @@ from .graph import trace_model
 from .plan import check_weights, plan_split
 from .split import SplitExecutor, check_image
 from .stages import Layers, split_layers
+from .stream_program import Collect, Keep, RecvBand, ScatterIn, SendBand, StreamProgram, lower_pipeline
 
 __all__ = ["Grid", "PipelineExecutor", "StreamResult", "stage_module", "head_module", "distribute_pipeline"]
 
@@ -217,6 +218,14 @@ class PipelineExecutor:
                 self.executor = SplitExecutor(plan, self.module, self.stage_comm, root=0, head=False, agree=False)
         except UsageError as err:
             problem = f"stage {self.stage} (layers {first}:{stop}): {err}"
+        self.out_features = tuple(layers.graph.nodes[-2].shape[1:]) if self.split_head else ()
+        #: every rank's per-image transfers (runtime.stream_program), the same on every rank; this rank runs its own
+        self.programs = lower_pipeline(grid.clusters, grid.stages, bounds,
+                                       [layers.cut_shape(k) for k in range(n + 1)], self.shares, self.split_head,
+                                       self.out_features)
+        self.program = self.programs[self.rank]
+        if problem is None:
+            problem = _program_fits_plan(self.program, plan, last and self.split_head)
         # one collective: every rank's problem, its stage's plan and its view of the whole deployment
         shape = pipeline_deployment(layers, grid.clusters, grid.stages, bounds, self.shares, head)
         stage_digest = plan_digest(plan) if problem is None else ""
@@ -240,7 +249,6 @@ class PipelineExecutor:
             self.out_value = plan.graph.nodes[-1].inputs[0]
             self.out_rows = plan.values[self.out_value].owned[self.cluster]
         self.final_rows = split_rows(layers.cut_shape(n)[1], self.shares)
-        self.out_features = tuple(layers.graph.nodes[-2].shape[1:]) if self.split_head else None
         self.head = head_module(model, layers).eval() if self.is_root and not self.split_head else None
         self.model_params = list(model.parameters())  # what this rank built (meta where it holds nothing)
         self.model_in_shape = layers.graph.in_shape
@@ -251,23 +259,25 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------ one image through this rank's stage
     def _band_in(self, t: int, image: Optional[torch.Tensor], batch: int, count: int) -> torch.Tensor:
-        """Image ``t``'s input rows of this stage.  A later stage waits for the band it posted a receive
-        for one image earlier, then posts the receive of image ``t + 1`` into the other of its two
-        buffers before computing: the previous stage's send finds its receive already posted."""
-        if self.stage == 0:
+        """Image ``t``'s input rows of this stage (the program's :class:`ScatterIn` or :class:`RecvBand`).  A later
+        stage waits for the band it posted a receive for one image earlier, then posts the receive of image
+        ``t + 1`` into the other of its two buffers before computing: the previous stage's send finds its
+        receive already posted."""
+        source = self.program.find(ScatterIn) or self.program.find(RecvBand)
+        if isinstance(source, ScatterIn):
             return mpi.scatter_rows(self.stage_comm, image, self.executor.plan.input_rows, self.in_shape, batch)
         if t == 0:
-            channels, _, width = self.in_shape
-            self._in_bands = [mpi.rows_major(len(self.in_rows), batch, channels, width) for _ in range(2)]
-            self._in_posted = self._post_band_in(0)
+            channels, width = source.shape
+            self._in_bands = [mpi.rows_major(len(source.rows), batch, channels, width) for _ in range(2)]
+            self._in_posted = self._post_band_in(0, source)
         band, posted = self._in_bands[t % 2], self._in_posted
         mpi.wait(posted, "the band of rows from the previous stage")
-        self._in_posted = self._post_band_in(t + 1) if t + 1 < count else None
+        self._in_posted = self._post_band_in(t + 1, source) if t + 1 < count else None
         return band.permute(1, 3, 0, 2)
 
-    def _post_band_in(self, t: int):
-        return mpi.irecv_rows(self.cluster_comm, self._in_bands[t % 2], self.stage - 1, t % _TAG_LIMIT,
-                              "the band of rows from the previous stage")
+    def _post_band_in(self, t: int, source: RecvBand):
+        return mpi.irecv_rows(self.cluster_comm, self._in_bands[t % 2], self.grid.position(source.src)[1],
+                              t % _TAG_LIMIT, "the band of rows from the previous stage")
 
     def _run_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
@@ -313,14 +323,13 @@ class PipelineExecutor:
 
     def _stream(self, images, count, batch) -> StreamResult:
         count, batch = self._check_stream(images)
-        grid, result = self.grid, StreamResult()
-        last = grid.stages - 1
-        split_tail = self.split_head and self.stage == last
-        if split_tail:  # the last stage's root sends the model's output, the others nothing
-            slots = [torch.empty(batch, *self.out_features) for _ in range(SEND_SLOTS)]
-        else:
-            out_channels, _, out_width = self.out_shape
-            slots = [mpi.rows_major(len(self.out_rows), batch, out_channels, out_width) for _ in range(SEND_SLOTS)]
+        result = StreamResult()
+        out_step = self.program.find(SendBand) or self.program.find(Keep)  # None: this rank's output goes nowhere
+        collect = self.program.find(Collect)
+        slots: list = []
+        if isinstance(out_step, SendBand):
+            slots = [torch.empty(batch, *out_step.shape) if out_step.rows is None else
+                     mpi.rows_major(len(out_step.rows), batch, *out_step.shape) for _ in range(SEND_SLOTS)]
         in_flight: list = [None] * SEND_SLOTS
         pending: deque = deque()  # root: (t, full map or output, requests, start time)
         busy, spent_each = 0.0, []
@@ -329,37 +338,33 @@ class PipelineExecutor:
         for t in range(count):
             tag = t % _TAG_LIMIT
             started = time.perf_counter()
-            if self.is_root:
-                pending.append(self._post_final(t, batch, started))
+            if collect is not None:
+                pending.append(self._post_collect(t, batch, started, collect))
             x = self._band_in(t, images[t] if self.is_root and self.stage == 0 else None, batch, count)
             out, spent = self._run_stage(x)
             busy += spent
             spent_each.append(spent)
-            slot = t % SEND_SLOTS
-            if in_flight[slot] is not None:
-                mpi.wait([in_flight[slot]])
-                in_flight[slot] = None
-            band = slots[slot]
-            if split_tail:
-                if out is not None:  # this rank is the last stage's root: it holds the output
-                    if self.is_root:
-                        pending[-1][1].copy_(out)
-                    else:
-                        band.copy_(out)
-                        in_flight[slot] = mpi.isend_rows(self.comm, band, 0, tag)
-            else:
-                band.copy_(out.permute(2, 0, 3, 1))
-                if self.stage < last:
-                    in_flight[slot] = mpi.isend_rows(self.cluster_comm, band, self.stage + 1, tag)
-                elif self.is_root:
-                    rows = self.final_rows[0]
-                    pending[-1][1][rows.start:rows.stop].copy_(band)
-                elif len(self.out_rows):  # the root posts no receive for a cluster without rows
-                    in_flight[slot] = mpi.isend_rows(self.comm, band, 0, tag)
-            if self.is_root:
-                while pending and pending[0][0] <= t - last:
+            if isinstance(out_step, Keep):  # the root's own rows of the last map, or the output itself
+                target = pending[-1][1]
+                if out_step.rows is None:
+                    target.copy_(out)
+                else:
+                    target[out_step.rows.start:out_step.rows.stop].copy_(out.permute(2, 0, 3, 1))
+            elif isinstance(out_step, SendBand):
+                slot = t % SEND_SLOTS
+                if in_flight[slot] is not None:
+                    mpi.wait([in_flight[slot]])
+                band = slots[slot]
+                band.copy_(out if out_step.rows is None else out.permute(2, 0, 3, 1))
+                if out_step.final:
+                    in_flight[slot] = mpi.isend_rows(self.comm, band, out_step.dst, tag)
+                else:
+                    in_flight[slot] = mpi.isend_rows(self.cluster_comm, band, self.grid.position(out_step.dst)[1],
+                                                     tag)
+            if collect is not None:
+                while pending and pending[0][0] <= t - (self.grid.stages - 1):
                     self._finish(pending.popleft(), result)
-        while self.is_root and pending:
+        while pending:
             self._finish(pending.popleft(), result)
         mpi.wait([r for r in in_flight if r is not None])
         if self.is_root:
@@ -370,20 +375,16 @@ class PipelineExecutor:
             result.busy_images = [each for _, each in busy_all]
         return result
 
-    def _post_final(self, t: int, batch: int, started: float):
-        if self.split_head:  # the output itself, from the last stage's root (or computed here when S = 1)
-            output = torch.empty(batch, *self.out_features)
-            source = self.grid.rank(0, self.grid.stages - 1)
-            requests = [] if source == 0 else [mpi.irecv_rows(self.comm, output, source, t % _TAG_LIMIT)]
-            return t, output, requests, started
-        channels, height, width = self.layers.cut_shape(len(self.layers))
-        full = mpi.rows_major(height, batch, channels, width)
-        requests = []
-        for c, rows in enumerate(self.final_rows):
-            source = self.grid.rank(c, self.grid.stages - 1)
-            if source != 0 and len(rows):
-                requests.append(mpi.irecv_rows(self.comm, full[rows.start:rows.stop], source, t % _TAG_LIMIT))
-        return t, full, requests, started
+    def _post_collect(self, t: int, batch: int, started: float, collect: Collect):
+        """The root, as image ``t`` starts: the map (or output) it ends in, and the receives of what others send."""
+        if self.split_head:
+            into = torch.empty(batch, *self.out_features)
+        else:
+            channels, height, width = self.layers.cut_shape(len(self.layers))
+            into = mpi.rows_major(height, batch, channels, width)
+        requests = [mpi.irecv_rows(self.comm, into if rows is None else into[rows.start:rows.stop], src,
+                                   t % _TAG_LIMIT) for src, rows in collect.sources]
+        return t, into, requests, started
 
     def _finish(self, item, result: StreamResult) -> None:
         t, full, requests, started = item
@@ -397,6 +398,22 @@ class PipelineExecutor:
         result.head_seconds += time.perf_counter() - start
         result.outputs.append(output)
         result.latencies.append(time.perf_counter() - started)
+
+
+def _program_fits_plan(program: StreamProgram, plan, split_tail: bool) -> Optional[str]:
+    """None if the rows this rank's stream program moves are the rows its stage plan computes, else the
+    problem (every rank refuses together, before any image moves)."""
+    source = next(i for i in program.instructions if isinstance(i, (ScatterIn, RecvBand)))
+    if source.rows != plan.input_rows[program.cluster]:
+        return (f"rank {program.rank}: its stream program takes input rows {source.rows} but its stage plan "
+                f"computes from {plan.input_rows[program.cluster]}")
+    out = next((i for i in program.instructions if isinstance(i, (SendBand, Keep))), None)
+    if out is not None and out.rows is not None and not split_tail:
+        owned = plan.values[plan.graph.nodes[-1].inputs[0]].owned[program.cluster]
+        if out.rows != owned:
+            return (f"rank {program.rank}: its stream program moves output rows {out.rows} but its stage plan "
+                    f"owns {owned}")
+    return None
 
 
 def _stage_targets(layers: Layers, first: int, stop: int) -> set[str]:

@@ -145,8 +145,8 @@ def test_plan_program_prints_a_pipelines_deployment_and_its_stages(capsys):
     out = capsys.readouterr().out
     assert out.startswith("deployment ") and "2 cluster(s) x 2 stage(s), stage cuts [0, 12, 33]" in out
     assert "head split" in out and "SplitLinear" in out
-    assert [line.split(" (")[0] for line in out.splitlines() if line.startswith("job rank")] == \
-        [f"job rank {r}" for r in range(4)]
+    assert [line.split(" (")[0].split(" transfers")[0] for line in out.splitlines() if line.startswith("job rank")] \
+        == [f"job rank {r}" for r in range(4) for _ in range(2)]  # its stage's program, then its transfers
     assert out.rstrip().endswith("pairing check of the 2 stages' programs: they pair and run to the end")
     assert main(["plan", "--program", "--ranks", "4", "--stages", "2", "--cuts", "40"]) == 2
     assert "--cuts: need 1 layer indices" in capsys.readouterr().err
