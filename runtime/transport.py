@@ -872,11 +872,20 @@ def abort(comm: MPI.Comm, code: int) -> None:
     comm.Abort(code)
 
 
+def require_threads(what: str) -> None:
+    """One :class:`UsageError` unless MPI lets several threads call it at once (``MPI_THREAD_MULTIPLE``): every
+    place that makes MPI calls from a second thread asks first, instead of crashing or corrupting MPI."""
+    if MPI.Is_initialized() and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise UsageError(f"{what} needs MPI_THREAD_MULTIPLE; this MPI gives less (use a build of MPI with thread "
+                         "support, e.g. the mpich wheel: pip install mpich)")
+
+
 @contextmanager
 def heartbeats(send_beat: Callable[[], None], timeout_s: float, name: str = "aflkd-heartbeat"):
     """While the body runs: ``send_beat()`` every ``timeout_s / 4`` s from a thread, so a peer whose
     every wait is bounded by ``timeout_s`` can tell "busy" from "dead".  A failed send is raised here
-    once the body ends.  (The beats' MPI calls come from a second thread: MPI_THREAD_MULTIPLE.)"""
+    once the body ends.  (The beats' MPI calls come from a second thread: MPI_THREAD_MULTIPLE, checked.)"""
+    require_threads("sending heartbeats from a thread while this rank works")
     stop = threading.Event()
     failed: list[BaseException] = []
 

@@ -490,11 +490,9 @@ class ControlledSource:
         self._phase: Optional[tuple[int, int]] = None  # the phase the trainer is in
         self._marks: dict = {}
         self.comm_tid: Optional[int] = None
-        from mpi4py import MPI
+        from runtime.transport import require_threads
 
-        if MPI.Is_initialized() and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-            raise UsageError("the controller's receive thread needs MPI_THREAD_MULTIPLE; this MPI gives less "
-                             "(use a build of MPI with thread support)")
+        require_threads("the controller's receive thread")
         ready = threading.Event()
         self._thread: Optional[threading.Thread] = threading.Thread(target=self._receive, args=(ready,),
                                                                     name="aflkd-receive", daemon=True)

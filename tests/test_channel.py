@@ -108,3 +108,19 @@ def test_reports_reach_the_root_in_rank_order_and_a_silent_rank_is_one_timeout(w
             gather_reports(world, {"rank": 0}, 0.3)
         assert time.monotonic() - began < 5
     transport.idle_barrier(world, "the test's barrier", 30)
+
+
+def test_heartbeats_and_the_receive_thread_need_thread_multiple_one_line(monkeypatch):
+    """Regression: heartbeat threads called MPI from a second thread without asking whether MPI allows it."""
+    from mpi4py import MPI
+
+    from kd.teacher_source import PrecomputedLogits
+    from scheduling.controller import Controller, ControlledSource
+
+    monkeypatch.setattr(MPI, "Query_thread", lambda: MPI.THREAD_SERIALIZED)
+    with pytest.raises(UsageError, match=r"^sending heartbeats from a thread while this rank works needs "
+                                         r"MPI_THREAD_MULTIPLE"):
+        with transport.heartbeats(lambda: None, 1.0):
+            pass
+    with pytest.raises(UsageError, match=r"^the controller's receive thread needs MPI_THREAD_MULTIPLE"):
+        ControlledSource(PrecomputedLogits(torch.zeros(4, 3)), Controller("none", 1, steps=2))
