@@ -71,7 +71,8 @@ def add_parser(what) -> None:
     distill.add_argument("--out", default=None, metavar="FOLDER",
                          help="save each edge's student as FOLDER/student-rankR.pt (default: not saved)")
     distill.add_argument("--json", default=None, metavar="FILE",
-                         help="write the per-edge results as JSON (default: not written; folders are created)")
+                         help="write the per-edge results as JSON, on the cloud rank (default: not written; "
+                              "folders are created)")
     distill.add_argument("--no-progress", action="store_true", help="hide the cloud's progress bar")
     frame_options(distill)
     control_options(distill)
@@ -175,7 +176,7 @@ def _run(comm, args) -> int:
     from runtime import transport
     from scheduling.controller import check_cores, controlled
 
-    from .ranks import controlled_cpus, default_threads, on_root_then_bcast, set_threads
+    from .ranks import controlled_cpus, default_threads, set_threads
 
     rank, cloud = comm.Get_rank(), args.cloud_rank
     _check_ranks(comm, cloud)
@@ -183,8 +184,11 @@ def _run(comm, args) -> int:
     nets = _per_edge(args.nets, len(edges), "--nets")
     seeds = _per_edge(args.seeds, len(edges), "--seeds")
     wires = _per_edge(args.wire, len(edges), "--wire")
-    on_root_then_bcast(comm, lambda: (options.prepare_output(args.json, "--json"),
-                                      args.out and options.prepare_folder(args.out, "--out")))
+    # the cloud rank writes the report: it serves until every edge has all its batches, so when it gathers
+    # the edges' rows each has at most its last step and its evaluation left (an edge that finished early
+    # would wait on a slower, live edge for longer than --timeout)
+    transport.share_from_root(comm, lambda: (options.prepare_output(args.json, "--json"),
+                                             args.out and options.prepare_folder(args.out, "--out")), cloud, UsageError)
     set_threads(args.threads or default_threads(comm))
     cores = check_cores(args.control_cores or default_threads(comm))  # every rank, before any work
     cpus = controlled_cpus(comm, cores)  # each edge its own block of its host's CPUs (collective: every rank)
@@ -237,17 +241,18 @@ def _run(comm, args) -> int:
             path = f"{args.out}/student-rank{rank}.pt"
             save_atomic({k: v.cpu() for k, v in result.model.state_dict().items()}, path)
             mine["student"] = path
-    rows = _collect(comm, mine, args.timeout)
+    rows = _collect(comm, mine, args.timeout, cloud)
     if rows is not None:
         _report(rows, args)
     return 0
 
 
-def _collect(comm, mine: dict, timeout_s: float):
-    """Every rank's row on rank 0 (kd's channel, polled: rank 0 may wait on an edge's evaluation; bounded)."""
+def _collect(comm, mine: dict, timeout_s: float, root: int):
+    """Every rank's row on the cloud rank ``root`` (kd's channel, polled: it may wait on an edge's evaluation;
+    bounded)."""
     from kd.channel import gather_reports
 
-    rows = gather_reports(comm, mine, timeout_s)
+    rows = gather_reports(comm, mine, timeout_s, root=root)
     return None if rows is None else sorted(rows, key=lambda r: r["rank"])
 
 

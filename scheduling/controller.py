@@ -382,7 +382,8 @@ class Controller:
         gets every core whatever the plan says."""
         if self.policy == "none":
             return None
-        return allocation(self.cpus, self.cores if idle else self.enter(step, phase)[0])
+        c = self.enter(step, phase)[0]  # the phase keeps (and the log records) the plan it began under, idle too
+        return allocation(self.cpus, self.cores if idle else c)
 
     def waiting(self) -> Optional[Allocation]:
         """Computation waits for logits: the receive thread gets every core."""

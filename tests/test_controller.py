@@ -554,4 +554,13 @@ def test_a_replan_arriving_mid_batch_neither_changes_nor_misrecords_the_phase_un
     assert c1 == flipped[(1, 1)][0]
     ctl.observe(1, 0.01, 0.01, 0.01)
     assert ctl.log[-1]["comm_cores"] == (c0, c1) and ctl.log[-1]["first"] == (first0, False)
+    # a phase entered idle (nothing to communicate) keeps its plan in the log just the same
+    before = {(s, p): ctl._phases[(s, p)] for s in range(4) for p in (0, 1)}
+    ctl.phase(2, 0, idle=True)
+    with ctl._cv:
+        ctl._ready = (2, {(s, p): (1 - min(c, 1), not f) for (s, p), (c, f) in before.items() if s >= 2}, 0.0,
+                      ctl._requests)
+    ctl.enter(2, 1)
+    ctl.observe(2, 0.01, 0.01, 0.01)
+    assert ctl.log[-1]["comm_cores"][0] == before[(2, 0)][0] and ctl.log[-1]["first"][0] == before[(2, 0)][1]
     ctl.close()

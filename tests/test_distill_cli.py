@@ -20,6 +20,15 @@ kd.datasets.load_dataset = lambda name, root, download=False: tiny(n=60)
 if sys.argv[1] == "stall":
     import kd.streaming
     kd.streaming.Cloud.serve = lambda self, progress=False: time.sleep(600)
+if sys.argv[1] == "slow-rank-1":  # a slower board: each batch of rank 1 takes 1.2 s more (it stays in touch)
+    from mpi4py import MPI
+    import kd.teacher_source
+    logits = kd.teacher_source.StreamedTeacher.logits
+    def slow(self, step):
+        if MPI.COMM_WORLD.Get_rank() == 1:
+            time.sleep(1.2)
+        return logits(self, step)
+    kd.teacher_source.StreamedTeacher.logits = slow
 from launch.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -98,3 +107,15 @@ def test_a_stalled_cloud_ends_the_job_with_one_line_within_the_timeout(teacher):
     (line,) = errors(proc)
     assert "rank 1: cloud rank 0 sent no logits for step 0 within 3 s (--timeout): it died or stalled" in line
     assert "Traceback" not in proc.stderr and took < 60
+
+
+def test_an_edge_done_early_never_calls_a_slower_live_edge_dead(tmp_path, teacher):
+    """Regression: the results were gathered on rank 0, here an edge (--cloud-rank 2) that finishes at once; its
+    wait for rank 1 (alive, 4 x 1.2 s slower) was bounded by --timeout 3 s from when it arrived, so it called
+    rank 1 dead.  The cloud gathers now: it serves until every edge has all its batches."""
+    out = tmp_path / "r.json"
+    proc = distill(3, "--cloud-rank", "2", "--timeout", "3", "--teacher", str(teacher), "--json", str(out),
+                   mode="slow-rank-1")
+    assert proc.returncode == 0 and not errors(proc), proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["cloud"]["rank"] == 2 and sorted(e["rank"] for e in report["edges"]) == [0, 1]
