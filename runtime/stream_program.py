@@ -214,7 +214,8 @@ def check_stream(programs: Sequence[StreamProgram], final_height: Optional[int] 
     for src, send in finals.items():
         problems.append(f"rank {src} sends {'the output' if send.rows is None else _span(send.rows)} to rank 0, "
                         "which never receives it")
-    if final_height is not None and not (root.find(Head).split if root.find(Head) else False):
+    head = root.find(Head)
+    if final_height is not None and not (head is not None and head.split):
         kept = root.find(Keep)
         spans = sorted([r for _, r in collect.sources if r is not None] +
                        ([kept.rows] if kept is not None and kept.rows is not None else []),
