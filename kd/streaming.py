@@ -21,6 +21,10 @@ The cloud answers credits round-robin over its edges, one batch per credit,
 so it never runs more than ``run_ahead`` batches ahead of any edge.  Every wait
 has a deadline: an edge whose cloud falls silent raises
 :class:`kd.teacher_source.CloudLost`, a cloud whose edge does, :class:`EdgeLost`.
+From its set-up to its goodbye, each edge sends the cloud a heartbeat every
+``timeout / 4`` s from a thread (kd's channel), so a board slower than the
+timeout (a long set-up, a long step) is waited for and only a silent one,
+hung or dead, is given up on.
 Set-up problems (another class count, input shape or training subset, a
 teacher file that does not load) become one :class:`UsageError` with the same
 text on every rank, before any logits move.
@@ -47,11 +51,11 @@ from .wire import WireFormat, parse_wire
 
 __all__ = ["EdgeJob", "EdgeLost", "open_edge", "open_cloud", "Cloud", "subset_digest"]
 
-from .channel import TAG_CREDIT as CREDIT, TAG_FRAMES as FRAMES, TAG_LOGITS as LOGITS, Channel  # noqa: E402
+from .channel import TAG_CREDIT as CREDIT, TAG_FRAMES as FRAMES, TAG_LOGITS as LOGITS, Channel, Kind  # noqa: E402
 
 
 class EdgeLost(RuntimeError):
-    """An edge rank asked for no batch within the timeout: it died or stalled."""
+    """An edge rank sent nothing (no request, no heartbeat) within the timeout: it died or stalled."""
 
 
 @dataclass
@@ -141,6 +145,7 @@ def open_edge(comm, cloud: int, job: EdgeJob, data: ImageArrays, timeout_s: floa
         source = StreamedTeacher(private, cloud, config.steps, batch, data.classes, job.wire, job.run_ahead,
                                  timeout_s, verdict["weights"])
     source.owns_comm = True
+    source.keep_in_touch(channel)  # heartbeats until close: a slow set-up or step is not a dead edge
     return source
 
 
@@ -247,6 +252,8 @@ class _Edge:
         self.served = 0
         self.bytes_sent = 0
         self.bytes_received = 0  # uploaded frames
+        self.heard = 0.0  # time.monotonic() of the last message (request, frames, heartbeat) from the edge
+        self.channel = None  # the cloud's kd channel to it (heartbeats, goodbye)
 
 
 class Cloud:
@@ -256,6 +263,8 @@ class Cloud:
                  timeout_s: float):
         self.comm, self.rank, self.teacher, self.timeout_s = comm, rank, teacher, timeout_s
         self.edges = [_Edge(h, data) for h in hellos]
+        for e in self.edges:
+            e.channel = Channel(comm, e.rank, timeout_s, f"edge rank {e.rank}")
         self.teacher_s = self.decode_s = 0.0
         self.channels, self.mean, self.std = data.channels, data.mean, data.std
         self.image_size = _input_shape(data)[1]
@@ -270,11 +279,16 @@ class Cloud:
             if e.frames is None:
                 e.credit_request = transport.irecv(self.comm, e.credit, e.rank, CREDIT)
         bar = progress_bar(total=sum(e.steps for e in self.edges), desc=f"cloud rank {self.rank}", unit="batch",
-                   disable=not progress)
-        deadline = time.monotonic() + self.timeout_s
+                           disable=not progress)
+        for e in self.edges:
+            e.heard = time.monotonic()
+        talking = list(self.edges)  # edges that have not said goodbye: each sends a heartbeat every timeout/4
         try:
-            while active:
+            while active or talking:
                 progressed = False
+                for e in list(talking):
+                    if self._listen(e):
+                        talking.remove(e)
                 for e in list(active):
                     if e.frames is not None:
                         probed = transport.probe_bytes(self.comm, e.rank, FRAMES)
@@ -285,6 +299,7 @@ class Cloud:
                         if not e.credit_request.Test():
                             continue
                         self._answer(e, int(e.credit[0]))
+                    e.heard = time.monotonic()
                     if e.served >= e.steps:
                         e.credit_request = None
                         active.remove(e)
@@ -292,13 +307,12 @@ class Cloud:
                         e.credit_request = transport.irecv(self.comm, e.credit, e.rank, CREDIT)
                     progressed = True
                     bar.update()
-                if progressed:
-                    deadline = time.monotonic() + self.timeout_s
-                elif time.monotonic() > deadline:
-                    ranks = ", ".join(str(e.rank) for e in active)
-                    raise EdgeLost(f"edge rank(s) {ranks} asked for no batch within {self.timeout_s:g} s "
-                                   "(--timeout): died or stalled")
-                else:
+                silent = [e for e in talking if time.monotonic() - e.heard > self.timeout_s]
+                if silent:
+                    ranks = ", ".join(str(e.rank) for e in silent)
+                    raise EdgeLost(f"edge rank(s) {ranks} sent nothing (no request, no heartbeat) within "
+                                   f"{self.timeout_s:g} s (--timeout): died or stalled")
+                if not progressed:
                     time.sleep(transport.POLL_S)
             pending = [r for e in self.edges for r in e.sends if r is not None]
             if not transport.wait_by(pending, time.monotonic() + self.timeout_s):
@@ -309,6 +323,18 @@ class Cloud:
         return [{"rank": e.rank, "steps": e.served, "wire": str(e.wire), "bytes_per_batch": e.nbytes,
                  "bytes_sent": e.bytes_sent, "frames": str(e.frames) if e.frames else None,
                  "frame_bytes_received": e.bytes_received} for e in self.edges]
+
+    def _listen(self, edge: _Edge) -> bool:
+        """Read ``edge``'s heartbeats (each says it lives); whether it said goodbye (it asks for nothing more)."""
+        while edge.channel.waiting():
+            header = edge.channel.expect(edge.channel.recv("heartbeat or goodbye", heartbeats=True),
+                                         Kind.HEARTBEAT, Kind.BYE)
+            edge.heard = time.monotonic()
+            if header.kind == Kind.BYE:
+                if edge.served < edge.steps:
+                    raise EdgeLost(f"edge rank {edge.rank} stopped after {edge.served} of its {edge.steps} batches")
+                return True
+        return False
 
     def _answer(self, edge: _Edge, step: int) -> None:
         """Rebuild ``edge``'s batch ``step``, run the teacher, send the encoded logits."""

@@ -78,6 +78,31 @@ class TeacherSource:
     def close(self) -> None:
         """Release what the source holds (posted receives, buffers)."""
 
+    # -- liveness, for sources fed by another rank ----------------------------------------------------------
+    _touch = None  # (ExitStack of the heartbeat thread, the channel to the cloud) while keeping in touch
+    _lost = False  # a wait on the cloud failed: no goodbye (the cloud is gone)
+
+    def keep_in_touch(self, channel) -> None:
+        """From now until :meth:`close`: a heartbeat to the cloud every ``timeout_s / 4`` s (from a thread), so
+        a cloud whose every wait is bounded tells a slow edge (a long step, a slow set-up) from a dead one."""
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        stack.enter_context(channel.keepalive())
+        self._touch = (stack, channel)
+
+    def _stop_touch(self, goodbye: bool) -> None:
+        """End the heartbeats; with ``goodbye``, tell the cloud this edge asks for nothing more."""
+        if self._touch is None:
+            return
+        stack, channel = self._touch
+        self._touch = None
+        stack.close()  # joins the thread: every heartbeat is sent before the goodbye (one tag: in order)
+        if goodbye:
+            from .channel import Kind
+
+            channel.send(Kind.BYE, what="goodbye")
+
 
 class LocalTeacher(TeacherSource):
     """A teacher module in this process, in eval mode, under ``no_grad`` (on whatever device it is)."""
@@ -181,7 +206,11 @@ class StreamedTeacher(TeacherSource):
     def _wait(self, requests: list, what: str) -> None:
         from runtime import transport
 
-        transport.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
+        try:
+            transport.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
+        except CloudLost:
+            self._lost = True
+            raise
 
     def close(self):
         from runtime import transport
@@ -189,6 +218,7 @@ class StreamedTeacher(TeacherSource):
         transport.cancel(list(self._recv.values()))
         transport.cancel([r for r in self._credit_req if r is not None])
         self._recv.clear()
+        self._stop_touch(goodbye=not self._lost)
         if self.owns_comm:
             self.owns_comm = False
             transport.free(self.comm, clean=self._taken >= self.steps)
@@ -250,7 +280,11 @@ class UploadingTeacher(TeacherSource):
     def _wait(self, requests: list, what: str) -> None:
         from runtime import transport
 
-        transport.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
+        try:
+            transport.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
+        except CloudLost:
+            self._lost = True
+            raise
 
     def close(self):
         from runtime import transport
@@ -258,6 +292,7 @@ class UploadingTeacher(TeacherSource):
         transport.cancel([r for r in (self._recv, self._send) if r is not None])
         self._recv = self._send = None
         self.encoder.close()
+        self._stop_touch(goodbye=not self._lost)
         if self.owns_comm:
             self.owns_comm = False
             transport.free(self.comm, clean=self._taken >= self.steps)
