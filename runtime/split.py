@@ -578,11 +578,12 @@ class SplitExecutor:
         return step
 
     # ------------------------------------------------------------------ execution
-    def forward_local(self, x: torch.Tensor, clock: NoClock = NO_CLOCK) -> dict:
+    def forward_local(self, x: torch.Tensor, clock: NoClock = NO_CLOCK, poll=None) -> dict:
         """This rank's input rows -> the split part of the graph (no gather, no head).
 
         ``x`` holds rows ``plan.input_rows[rank]`` of every image in the batch.
         Returns the rank's environment (values by node name); used for timing.
+        ``poll``: called after every instruction (a pipeline stage lets its bands move meanwhile).
         """
         with torch.no_grad():
             batch = x.shape[0]
@@ -592,8 +593,13 @@ class SplitExecutor:
             self._pending: dict[str, list] = {}
             self._all_requests: list = []
             env = {self.graph.input.name: x}
-            for step in self._split_steps:
-                step(env, clock)
+            if poll is None:
+                for step in self._split_steps:
+                    step(env, clock)
+            else:
+                for step in self._split_steps:
+                    step(env, clock)
+                    poll()
             return env
 
     def __call__(self, image: Optional[torch.Tensor], batch: int = 1, clock: NoClock = NO_CLOCK):
@@ -620,14 +626,14 @@ class SplitExecutor:
             x = self._t.scatter_rows(self.comm, image, self.plan.input_rows, self.plan.in_shape, batch, root=self.root)
             return self.forward_band(x, clock)
 
-    def forward_band(self, x: torch.Tensor, clock: NoClock = NO_CLOCK):
+    def forward_band(self, x: torch.Tensor, clock: NoClock = NO_CLOCK, poll=None):
         """This rank's input rows -> the model's output on the root (None elsewhere): split part, then head.
 
         What :meth:`__call__` runs after its scatter; a pipeline's last stage
         calls it with the band the previous stage sent.
         """
         with torch.no_grad():
-            env = self.forward_local(x, clock)
+            env = self.forward_local(x, clock, poll)
             clock.split_done()
             for step in self._head_steps:
                 step(env, clock)

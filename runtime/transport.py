@@ -695,6 +695,21 @@ def bcast_tensor(comm: MPI.Comm, t: torch.Tensor, root: int = 0, what: str = "a 
     return t
 
 
+#: a tag no message carries: :func:`progress` probes for it only to run MPI's progress engine
+PROGRESS_TAG = 32000
+
+
+def progress(comm: MPI.Comm) -> None:
+    """Let MPI move the messages in flight (one non-blocking probe for a tag nothing uses).
+
+    Without an asynchronous progress thread a large message between two ranks on
+    one host moves only while both are inside MPI calls: a pipeline stage that
+    calls this between its layers lets the previous stage's band arrive while it
+    computes, instead of at its next wait.  Completes no request (their statuses
+    stay for :func:`wait`'s size checks)."""
+    comm.Iprobe(source=MPI.ANY_SOURCE, tag=PROGRESS_TAG)
+
+
 def iprobe(comm: MPI.Comm, source: int, tag: int) -> bool:
     """Whether a message from ``source`` with ``tag`` is waiting (never blocks)."""
     return bool(comm.Iprobe(source=source, tag=tag))
