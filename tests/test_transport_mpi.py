@@ -36,6 +36,27 @@ def test_a_message_of_another_size_is_an_error_naming_both_ranks(comm, sent, pla
     transport.idle_barrier(comm)
 
 
+def test_progress_between_layers_completes_no_request(comm):
+    """:func:`transport.progress` (a pipeline stage calls it between instructions) must not complete a receive
+    behind wait's back (its status, which wait's size check reads, would be lost: a right-sized message would
+    then look empty)."""
+    from runtime import transport
+
+    if comm.Get_size() < 2 or comm.Get_rank() > 1:
+        transport.idle_barrier(comm)
+        return
+    if comm.Get_rank() == 1:
+        transport.wait(transport.isend_rows(comm, torch.arange(8, dtype=torch.float32), 0, transport.TAG_SIZE_CHECK))
+    else:
+        band = torch.full((8,), -1.0)
+        pending = transport.irecv_rows(comm, band, 1, transport.TAG_SIZE_CHECK)
+        for _ in range(2000):
+            transport.progress(comm)
+        transport.wait(pending)
+        assert band.tolist() == list(range(8))
+    transport.idle_barrier(comm)
+
+
 def test_a_silent_peer_is_a_timeout_naming_it(comm):
     from runtime import transport
 
