@@ -146,13 +146,14 @@ def mpi_test_files() -> list[str]:
 
 def serial_workers() -> list[str]:
     """pytest-xdist's options for the serial run: one worker more than cores (many tests wait on a
-    subprocess), none where xdist is missing or there is one core."""
+    subprocess), work stealing (a few end-to-end tests take 20-50 s: an idle worker takes queued tests from a
+    busy one, so the run does not end on one worker's tail), none where xdist is missing or there is one core."""
     try:
         import xdist  # noqa: F401
     except ImportError:
         return []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return ["-n", str(cores + 1)] if cores > 1 else []
+    return ["-n", str(cores + 1), "--dist", "worksteal"] if cores > 1 else []
 
 
 def run_suite(sizes: Sequence[int], pytest_args: Sequence[str], logs: str, timeout: int,
