@@ -44,8 +44,10 @@ def add_bench_parser(what) -> None:
             "(height split across clusters, layer split within each) and prints, in one run: images/s of the "
             "pipeline and of one rank running the whole net, single-image latency, each stage's busy time, the "
             "planned stage balance (slowest / mean stage time) and the measured one, for the planned cut "
-            "(dynamic program over a per-layer profile and the ranks' speeds) and for an equal-layer-count "
-            "cut on the same ranks.  " + SPEED_NOTE + "."
+            "(dynamic program over a per-layer profile and the ranks' speeds), for an equal-layer-count "
+            "cut on the same ranks and, when it differs, for the cut re-planned from the speeds the ranks "
+            "showed in the planned run (the profile, taken on one rank alone, misses what the stream adds: "
+            "both ranks computing at once, the bands).  " + SPEED_NOTE + "."
         ),
     )
     _net_options(p)
@@ -217,6 +219,14 @@ def format_report(r: dict) -> str:
         f"row shares per cluster: {','.join(f'{s:.3g}' for s in r['runs'][0]['shares'])}",
         f"max abs error vs the unsplit model, every image: {r['max_abs_error']:.2g}",
     ]
+    if r.get("replanned_bounds") is not None:
+        if r.get("replanned_images_per_s") is None:
+            lines.insert(-1, "re-planned from the measured busy times: the same cut")
+        else:
+            ideal = r["one_rank_images_per_s"] * r["ideal_ratio"]
+            lines.insert(-1, f"re-planned from the measured busy times: cut {r['replanned_bounds']}, "
+                             f"{r['replanned_images_per_s'] / ideal:.2f} of the ideal, measured balance "
+                             f"{r['replanned_balance_measured']:.3f}")
     return "\n".join(lines)
 
 
