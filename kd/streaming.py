@@ -312,8 +312,8 @@ class Cloud:
                     ranks = ", ".join(str(e.rank) for e in silent)
                     raise EdgeLost(f"edge rank(s) {ranks} sent nothing (no request, no heartbeat) within "
                                    f"{self.timeout_s:g} s (--timeout): died or stalled")
-                if not progressed:
-                    time.sleep(transport.POLL_S)
+                if not progressed:  # only goodbyes left (SSLF edges train for long on the weights alone): rest
+                    time.sleep(transport.POLL_S if active else 0.05)
             pending = [r for e in self.edges for r in e.sends if r is not None]
             if not transport.wait_by(pending, time.monotonic() + self.timeout_s):
                 raise EdgeLost(f"an edge rank took no logits within {self.timeout_s:g} s (--timeout): "
