@@ -65,6 +65,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from runtime.errors import UsageError
 
     options.whole_lines()
+    from runtime.allocator import keep_freed_maps
+
+    keep_freed_maps()  # every image reuses its maps' memory instead of faulting in fresh pages
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
