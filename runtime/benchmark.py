@@ -159,6 +159,15 @@ def _timed(work: Callable[[], object]) -> float:
     return perf_counter() - start
 
 
+def _warm_timed(work: Callable[[], object], timed: Optional[Callable[[], object]] = None) -> float:
+    """One untimed pass, then the timed one: every figure is a pass that follows a pass of the same work
+    (its weights and maps in cache, as image after image in a stream), not one that follows another
+    measurement's (which left the two-thread run warm from the one-thread run of the same executor, and
+    the split cold)."""
+    work()
+    return _timed(timed or work)
+
+
 def _bound_executor(build, model, in_shape, rows: int, full_split: set) -> tuple[Optional[SplitExecutor], str]:
     """The split part on ``rows`` rows as a whole image, on COMM_SELF; None and why when it does not fit."""
     channels, _, width = in_shape
@@ -263,12 +272,12 @@ def bench_layers(
             if rank == 0:  # unsplit, the root alone; the others sleep in an idle barrier
                 clock = unsplit_clock[k] if keep else NO_CLOCK
                 x = full.clone(memory_format=torch.channels_last)
-                t_unsplit = _timed(lambda: single.forward_local(x, clock))
-                t_torch = _timed(lambda: model(full))
+                t_unsplit = _warm_timed(lambda: single.forward_local(x), lambda: single.forward_local(x, clock))
+                t_torch = _warm_timed(lambda: model(full))
                 torch.set_num_threads(all_cores)
                 x = full.clone(memory_format=torch.channels_last)
-                t_unsplit_all = _timed(lambda: single.forward_local(x))
-                t_torch_all = _timed(lambda: model(full))
+                t_unsplit_all = _warm_timed(lambda: single.forward_local(x))
+                t_torch_all = _warm_timed(lambda: model(full))
                 torch.set_num_threads(threads)
                 if keep:
                     times["unsplit"].append(t_unsplit)
@@ -278,11 +287,13 @@ def bench_layers(
             mpi.idle_barrier(comm, "the unsplit timing on rank 0", timeout_s=mpi.long_wait_s())
             for phase in ("split", "bound") if step % 2 == 0 else ("bound", "split"):
                 x = local.clone(memory_format=torch.channels_last)
-                mpi.barrier(comm)
                 if phase == "split":
+                    executor.forward_local(x)  # untimed: every rank, so the timed pass follows one of its own
+                    mpi.barrier(comm)
                     elapsed = _timed(lambda: executor.forward_local(x, split_clock[k] if keep else NO_CLOCK))
                 else:
-                    bound = _timed(lambda: bounded.forward_local(x)) if bounded is not None else float("nan")
+                    mpi.barrier(comm)
+                    bound = _warm_timed(lambda: bounded.forward_local(x)) if bounded is not None else float("nan")
             mpi.barrier(comm)
             e2e = _timed(lambda: executor(image if rank == 0 else None, batch))
             if keep:
