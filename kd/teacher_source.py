@@ -78,31 +78,6 @@ class TeacherSource:
     def close(self) -> None:
         """Release what the source holds (posted receives, buffers)."""
 
-    # -- liveness, for sources fed by another rank ----------------------------------------------------------
-    _touch = None  # (ExitStack of the heartbeat thread, the channel to the cloud) while keeping in touch
-    _lost = False  # a wait on the cloud failed: no goodbye (the cloud is gone)
-
-    def keep_in_touch(self, channel) -> None:
-        """From now until :meth:`close`: a heartbeat to the cloud every ``timeout_s / 4`` s (from a thread), so
-        a cloud whose every wait is bounded tells a slow edge (a long step, a slow set-up) from a dead one."""
-        from contextlib import ExitStack
-
-        stack = ExitStack()
-        stack.enter_context(channel.keepalive())
-        self._touch = (stack, channel)
-
-    def _stop_touch(self, goodbye: bool) -> None:
-        """End the heartbeats; with ``goodbye``, tell the cloud this edge asks for nothing more."""
-        if self._touch is None:
-            return
-        stack, channel = self._touch
-        self._touch = None
-        stack.close()  # joins the thread: every heartbeat is sent before the goodbye (one tag: in order)
-        if goodbye:
-            from .channel import Kind
-
-            channel.send(Kind.BYE, what="goodbye")
-
 
 class LocalTeacher(TeacherSource):
     """A teacher module in this process, in eval mode, under ``no_grad`` (on whatever device it is)."""
@@ -147,7 +122,47 @@ class PrecomputedLogits(TeacherSource):
         self._ready.clear()
 
 
-class StreamedTeacher(TeacherSource):
+class _CloudFed(TeacherSource):
+    """A source fed by a cloud rank: every wait bounded (:class:`CloudLost`), and heartbeats to the cloud
+    from set-up to close (:meth:`keep_in_touch`)."""
+
+    cloud: int
+    timeout_s: float
+    _touch = None  # (ExitStack of the heartbeat thread, the channel to the cloud) while keeping in touch
+    _lost = False  # a wait on the cloud failed: no goodbye (the cloud is gone)
+
+    def keep_in_touch(self, channel) -> None:
+        """From now until :meth:`close`: a heartbeat to the cloud every ``timeout_s / 4`` s (from a thread), so
+        a cloud whose every wait is bounded tells a slow edge (a long step, a slow set-up) from a dead one."""
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        stack.enter_context(channel.keepalive())
+        self._touch = (stack, channel)
+
+    def _stop_touch(self, goodbye: bool) -> None:
+        """End the heartbeats; with ``goodbye``, tell the cloud this edge asks for nothing more."""
+        if self._touch is None:
+            return
+        stack, channel = self._touch
+        self._touch = None
+        stack.close()  # joins the thread: every heartbeat is sent before the goodbye (one tag: in order)
+        if goodbye:
+            from .channel import Kind
+
+            channel.send(Kind.BYE, what="goodbye")
+
+    def _wait(self, requests: list, what: str) -> None:
+        from runtime import transport
+
+        try:
+            transport.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
+        except CloudLost:
+            self._lost = True
+            raise
+
+
+class StreamedTeacher(_CloudFed):
     """Logits streamed from a cloud rank, at most ``run_ahead`` batches requested ahead of the loss.
 
     Flow control by credits: for every batch it wants, the edge posts the
@@ -203,15 +218,6 @@ class StreamedTeacher(TeacherSource):
         # which it does before batch s's loss (the transfer overlaps the backward pass)
         return self.wire.decode(self._slots[step % self.run_ahead], self.batch, self.classes).clone()
 
-    def _wait(self, requests: list, what: str) -> None:
-        from runtime import transport
-
-        try:
-            transport.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
-        except CloudLost:
-            self._lost = True
-            raise
-
     def close(self):
         from runtime import transport
 
@@ -224,7 +230,7 @@ class StreamedTeacher(TeacherSource):
             transport.free(self.comm, clean=self._taken >= self.steps)
 
 
-class UploadingTeacher(TeacherSource):
+class UploadingTeacher(_CloudFed):
     """Logits of frames this edge uploads: ``start(s)`` encodes batch s's images and sends them, the cloud
     labels them, ``logits(s)`` waits for the answer.  One batch in flight: the frames of step s+1 exist only
     once the trainer hands them over (it does so as batch s's backward pass begins).
@@ -276,15 +282,6 @@ class UploadingTeacher(TeacherSource):
         self._taken += 1
         self.bytes_received += self.nbytes
         return self.wire.decode(self._slot, self.batch, self.classes).clone()  # the slot is reused at start(s+1)
-
-    def _wait(self, requests: list, what: str) -> None:
-        from runtime import transport
-
-        try:
-            transport.wait_or_raise(requests, self.timeout_s, f"cloud rank {self.cloud} {what}", CloudLost)
-        except CloudLost:
-            self._lost = True
-            raise
 
     def close(self):
         from runtime import transport

@@ -52,10 +52,10 @@ def measured_replan(costs: Sequence[float], out_bytes: Sequence[float], grid: Gr
     """The cut for the speeds the ranks showed (a pure decision): rank r's effective speed is the profile's
     seconds for its layers and rows at speed 1 over ``compute_s[r]``, its measured compute seconds per image
     (rank 0's without the head, whose measured ``head_s`` it keeps as fixed work).  Row shares stay."""
-    ones = [[1.0] * grid.stages for _ in range(grid.clusters)]
-    unit = stage_times(costs, out_bytes, ones, bounds, shares)
-    speeds = [[max(unit[c][k], 1e-12) / max(float(compute_s[grid.rank(c, k)]), 1e-9) for k in range(grid.stages)]
-              for c in range(grid.clusters)]
+    from .rebalance import CutModel  # the serving rebalancer's speeds from busy times, the same rule
+
+    speeds = CutModel(tuple(costs), tuple(out_bytes), grid.clusters, grid.stages, tuple(shares)).speeds(bounds,
+                                                                                                         compute_s)
     extra = [[0.0] * grid.stages for _ in range(grid.clusters)]
     extra[0][0] = head_s * speeds[0][0]  # stage_times divides fixed work by the speed too
     return partition_stages(costs, out_bytes, speeds, bandwidth, extra, shares=shares, min_share=min_share)
@@ -196,13 +196,18 @@ def bench_pipeline(comm: mpi.Comm, build: Callable[[], nn.Module], in_shape: tup
         runs.append(_run_cut(name, build, model, in_shape, grid, bounds, planned.shares, comm,
                              speeds[rank] if emulate else 1.0,
                              stream, latency_repeat, seconds, head))
-    replanned = None
+    replanned, problem = None, None
     if rank == 0 and head_split is None:  # with a split head the last stage's time holds the head: not modelled
         first = runs[0]
-        replanned = measured_replan(costs, prof.out_bytes, grid, planned.bounds, planned.shares,
-                                    [t / 1e3 for t in first["compute_ms_per_image"]], first["head_ms_per_image"] / 1e3,
-                                    bandwidth, min_share(layers, grid.clusters))
-    replanned = mpi.bcast_object(comm, replanned)
+        try:
+            replanned = measured_replan(costs, prof.out_bytes, grid, planned.bounds, planned.shares,
+                                        [t / 1e3 for t in first["compute_ms_per_image"]],
+                                        first["head_ms_per_image"] / 1e3, bandwidth, min_share(layers, grid.clusters))
+        except UsageError as err:  # agreed below: every rank ends with the same line
+            problem = f"re-planning from the measured busy times: {err}"
+    replanned, problem = mpi.bcast_object(comm, (replanned, problem))
+    if problem is not None:
+        raise mpi.AgreedError(problem)
     if replanned is not None and tuple(replanned.bounds) != tuple(planned.bounds):
         note(f"re-planned cut {list(replanned.bounds)} (from the measured busy times)")
         runs.append(_run_cut("re-planned", build, model, in_shape, grid, replanned.bounds, planned.shares, comm,
