@@ -19,8 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .transport import (AgreedError, MessageSizeError, PeerTimeout, deadline_s, judge_problems,  # noqa: F401
-                        judge_values, tag_for)
+from .transport import (CHANNELS_LAST_ORDER, AgreedError, MessageSizeError, PeerTimeout, deadline_s,  # noqa: F401
+                        judge_problems, judge_values, tag_for)
 
 __all__ = ["InProcessComm", "run_ranks", "AgreedError", "tag_for", "message", "post_messages", "wait",
            "scatter_rows", "gather_rows", "allreduce_", "reduce_", "bcast_ints", "bcast_object", "agree", "agree_on"]
@@ -99,9 +99,9 @@ class _Recv:
         self.done = False  # (waiting again on a finished receive returns at once, as MPI_Wait does)
 
 
-def message(t: torch.Tensor) -> torch.Tensor:
-    """What is sent or received: the tensor (a view) itself."""
-    return t
+def message(t: torch.Tensor, order=None) -> torch.Tensor:
+    """What is sent or received: the tensor (a view) itself, its dimensions in ``order`` when given."""
+    return t if order is None else t.permute(order)
 
 
 def post_messages(comm: InProcessComm, sends: Sequence[tuple[torch.Tensor, int]],

@@ -373,7 +373,7 @@ class SplitExecutor:
             write = _writer(f, self._modules.get(member), self._folded.get(member))
             prev = ins.chain[k - 1] if k else None
             rows_args = {a.name for a in f.all_input_nodes if self.graph[a.name].placement == "rows"}
-            members.append((idx, f, write, prev, rows_args))
+            members.append((idx, write, _arg_reader(f, prev, rows_args)))
         parts = list(ins.parts)
 
         def step(env, clock):
@@ -381,16 +381,10 @@ class SplitExecutor:
             for p in parts:
                 a, b = p.start - own.start, p.stop - own.start
                 dst = buf[:, :, p.start - first: p.stop - first]
-                for idx, f, write, prev, rows_args in members:
+                for idx, write, read in members:
                     since = clock.now()
-
-                    def look(n, prev=prev, rows_args=rows_args):
-                        if n.name == prev:
-                            return dst
-                        if n.name in rows_args:
-                            return env[n.name][:, :, a:b]
-                        return env[n.name]
-                    write(map_arg(f.args, look), map_arg(f.kwargs, look), dst)
+                    args, kwargs = read(env, dst, a, b)
+                    write(args, kwargs, dst)
                     clock.spent(idx, since)
             env[name] = buf[:, :, own.start - first: own.stop - first]
         return step
@@ -462,7 +456,8 @@ class SplitExecutor:
         first = value.buffers[r].first if buf is not None else None
         sends = [(source[:, :, t.rows.start - own.start: t.rows.stop - own.start], t.dst) for t in ins.sends]
         recvs = [(buf[:, :, t.rows.start - first: t.rows.stop - first], t.src) for t in ins.recvs]
-        made = ([(self._t.message(t), d) for t, d in sends], [(self._t.message(t), s) for t, s in recvs],
+        wire = self._t.CHANNELS_LAST_ORDER  # both ends: a channels-last band moves as one block
+        made = ([(self._t.message(t, wire), d) for t, d in sends], [(self._t.message(t, wire), s) for t, s in recvs],
                 sum(t.numel() * t.element_size() for t, _ in sends), [t for t, _ in sends])
         if buf is not None:
             self._message_cache[ins.value] = made
@@ -474,12 +469,15 @@ class SplitExecutor:
 
         def step(env, clock):
             since = clock.now()
-            source = self._own_view(ins.value) if ins.value in self._buffers else env[ins.value]
-            sends, recvs, nbytes, keep = self._messages(ins, source)
+            made = self._message_cache.get(ins.value)  # a buffered value's messages: built on the first pass
+            if made is None:
+                made = self._messages(ins, self._own_view(ins.value) if ins.value in self._buffers else env[ins.value])
+            sends, recvs, nbytes, keep = made
             tag = self._t.tag_for(self._pass, index, len(self._fx))
-            requests = self._t.post_messages(self.comm, sends, recvs, tag)
-            self._pending[ins.value] = requests
-            self._all_requests.append((requests, keep))  # keep the sent tensors alive until the sends complete
+            # the receives are awaited by the value's first reader; the sends only at the end of the pass
+            # (their rows are not written again before it), so a rank never waits for its own sends to land
+            self._pending[ins.value] = self._t.post_messages(self.comm, (), recvs, tag)
+            self._all_requests.append((self._t.post_messages(self.comm, sends, (), tag), keep))
             clock.sent(node, nbytes)
             clock.waited(node, since)
         return step
@@ -499,7 +497,9 @@ class SplitExecutor:
         def step(env, clock):
             for requests, _ in self._all_requests:
                 self._t.wait(requests)
-            self._all_requests = []
+            for requests in self._pending.values():  # received rows no instruction read (none in a checked program)
+                self._t.wait(requests)
+            self._all_requests, self._pending = [], {}
         return step
 
     def _partial_step(self, ins):
@@ -638,6 +638,37 @@ class SplitExecutor:
             for step in self._head_steps:
                 step(env, clock)
             return env.get("#output") if self.is_root else None
+
+
+def _arg_reader(fx_node, prev: Optional[str], rows_args: set):
+    """``read(env, dst, a, b) -> (args, kwargs)``: a chain member's arguments for rows ``a:b`` of its own
+    rows -- the previous member's output is ``dst`` (written in place), another split input its rows
+    ``a:b``, anything else as it is.  Flat positional args without kwargs (element-wise modules and
+    operators) are read without ``map_arg``: this runs per part, per member, per image."""
+    def nested(env, dst, a, b):
+        def look(n):
+            if n.name == prev:
+                return dst
+            return env[n.name][:, :, a:b] if n.name in rows_args else env[n.name]
+        return map_arg(fx_node.args, look), map_arg(fx_node.kwargs, look)
+
+    if fx_node.kwargs or any(isinstance(arg, (list, tuple, dict, slice)) for arg in fx_node.args):
+        return nested
+
+    def kind(arg):
+        if not isinstance(arg, torch.fx.Node):
+            return 0, arg
+        if arg.name == prev:
+            return 1, None
+        return (2 if arg.name in rows_args else 3), arg.name
+
+    kinds = tuple(kind(arg) for arg in fx_node.args)
+    no_kwargs: dict = {}
+
+    def flat(env, dst, a, b):
+        return tuple(value if k == 0 else dst if k == 1 else env[value][:, :, a:b] if k == 2 else env[value]
+                     for k, value in kinds), no_kwargs
+    return flat
 
 
 def transport_for(comm):

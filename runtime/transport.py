@@ -199,9 +199,20 @@ def _strided_type(sizes: tuple[int, ...], strides: tuple[int, ...], numpy_dtype:
     return dtype, 1
 
 
-def message(t: torch.Tensor) -> list:
-    """A buffer-API message over ``t``'s own memory (any strides, no copy): ``[array, count, datatype]``."""
+#: the wire order of a map's halo rows: (N, H, W, C), the memory order of a channels-last map, so that a
+#: channels-last band is one contiguous block (no pack, no unpack) and any other layout still agrees with it
+CHANNELS_LAST_ORDER = (0, 2, 3, 1)
+
+
+def message(t: torch.Tensor, order: Optional[tuple[int, ...]] = None) -> list:
+    """A buffer-API message over ``t``'s own memory (any strides, no copy): ``[array, count, datatype]``.
+
+    The elements travel in ``t``'s logical order, or in the dimension order ``order`` (both ends must use
+    the same one): a channels-last band in logical (NCHW) order is a nested strided type that MPI packs
+    element by element, while in :data:`CHANNELS_LAST_ORDER` it is one contiguous block."""
     t = t.detach()
+    if order is not None:
+        t = t.permute(order)
     if t.numel() == 0:
         return [np.empty(0, dtype=np.float32), 0, MPI.FLOAT]
     span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))

@@ -20,6 +20,28 @@ def test_band_of_a_channels_last_batch_travels_in_place(self_comm, batch, dtype)
     assert torch.count_nonzero(dst[:, :, :6]) == 0
 
 
+@pytest.mark.parametrize("layouts", [("cl", "cl"), ("nchw", "cl"), ("cl", "nchw"), ("nchw", "nchw")])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_halo_wire_order_agrees_across_layouts(self_comm, layouts, batch):
+    """Both ends in CHANNELS_LAST_ORDER: any pair of layouts gets the right rows (checked element by element
+    against the source), and a channels-last band at batch 1 is one plain contiguous block (no derived type:
+    MPI would pack it element by element)."""
+    fmt = {"cl": torch.channels_last, "nchw": torch.contiguous_format}
+    src = torch.randn(batch, 5, 9, 7).contiguous(memory_format=fmt[layouts[0]])
+    dst = torch.zeros(batch, 5, 9, 7).contiguous(memory_format=fmt[layouts[1]])
+    wire = mpi.CHANNELS_LAST_ORDER
+    pending = mpi.post_messages(self_comm, [(mpi.message(src[:, :, 2:5], wire), 0)],
+                                [(mpi.message(dst[:, :, 4:7], wire), 0)], tag=9)
+    mpi.wait(pending)
+    assert torch.equal(dst[:, :, 4:7], src[:, :, 2:5])
+    assert torch.count_nonzero(dst[:, :, :4]) == 0 and torch.count_nonzero(dst[:, :, 7:]) == 0
+    band = torch.zeros(1, 5, 9, 7).contiguous(memory_format=torch.channels_last)[:, :, 3:6]
+    _, count, datatype = mpi.message(band, wire)
+    assert (count, datatype) == (band.numel(), mpi.MPI.FLOAT)
+    _, count, datatype = mpi.message(band)  # its logical order is strided: a derived type
+    assert count == 1 and datatype != mpi.MPI.FLOAT
+
+
 def test_posted_messages_arrive_in_order(self_comm):
     src = torch.randn(2, 3, 8, 4).contiguous(memory_format=torch.channels_last)
     dst = torch.zeros_like(src)
