@@ -27,7 +27,7 @@ import sys
 from runtime.errors import UsageError
 
 from . import options
-from .distill import control_cost, frame_format, frame_options
+from .distill import control_cost, frame_format, frame_options, run_kd_job
 
 __all__ = ["add_parser", "expand_policies", "summarise"]
 
@@ -98,21 +98,7 @@ def add_parser(sub) -> None:
 
 
 def _control(args) -> int:
-    from mpi4py import MPI
-
-    from kd.streaming import EdgeLost
-    from kd.teacher_source import CloudLost
-    from runtime import transport
-    from runtime.transport import abort_on_uncaught_exception
-
-    comm = MPI.COMM_WORLD
-    abort_on_uncaught_exception(comm)
-    try:
-        return _run(comm, args)
-    except (CloudLost, EdgeLost, transport.TransportError) as err:
-        print(f"aflkd: error: rank {comm.Get_rank()}: {err}", file=sys.stderr, flush=True)
-        transport.abort(comm, 3)
-        return 3
+    return run_kd_job(_run, args)
 
 
 def run_row(policy: str, repeat: int, ctl, result, source) -> dict:

@@ -148,6 +148,13 @@ def _per_edge(values: list, edges: int, option: str) -> list:
 
 
 def _distill(args) -> int:
+    return run_kd_job(_run, args)
+
+
+def run_kd_job(run, args) -> int:
+    """``run(COMM_WORLD, args)`` for a cloud/edge job: a lost peer (a cloud or edge that stopped answering, a
+    transport deadline) is one line on this rank and ends the whole job (exit 3), since the stalled peer
+    never sees an error itself."""
     from mpi4py import MPI
 
     from kd.streaming import EdgeLost
@@ -158,10 +165,10 @@ def _distill(args) -> int:
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exception(comm)
     try:
-        return _run(comm, args)
+        return run(comm, args)
     except (CloudLost, EdgeLost, transport.TransportError) as err:
         print(f"aflkd: error: rank {comm.Get_rank()}: {err}", file=sys.stderr, flush=True)
-        transport.abort(comm, 3)  # the stalled peer never sees an error: end the whole job
+        transport.abort(comm, 3)
         return 3
 
 
