@@ -24,8 +24,9 @@ the graph in order:
   gives the root the product (no gather; the root adds the bias and runs the rest).
 
 A value's halo exchange is posted (``Isend``/``Irecv``) as soon as its own rows
-are written, and waited for only by the first window node that reads halo
-rows.  When the value is made by a chain of element-wise nodes (conv -> BN ->
+are written; its receives are waited for only by the first window node that
+reads halo rows, its sends at the end of the pass (``Drain``).  The rows travel
+in channels-last order, one contiguous block per message.  When the value is made by a chain of element-wise nodes (conv -> BN ->
 ReLU -> buffer), the chain writes straight into the buffer, the rows other ranks
 need first: their sends are posted while the rest of the rows are computed.
 
