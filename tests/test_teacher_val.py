@@ -1,6 +1,7 @@
 """The teacher's validation slice (``train cloud --val N``), choosing on it (``train select``), and the
 CUDA path's batches (images kept on the device, cropped there) checked against the CPU's on tiny data."""
 import csv
+import os
 import re
 
 import numpy as np
@@ -113,8 +114,6 @@ def _independent_accuracy(path, data, idx) -> float:
 
 @pytest.mark.parametrize("batch,swa_epochs", [(4, 0), (8, 1)])
 def test_val_acc_is_the_saved_weights_accuracy_on_the_slice(tmp_path, monkeypatch, batch, swa_epochs):
-    from kd.datasets import balanced_subset
-
     data = unique_tiny()
     _, val_idx = split_training(data, VAL)
     calls = []
@@ -131,9 +130,10 @@ def test_val_acc_is_the_saved_weights_accuracy_on_the_slice(tmp_path, monkeypatc
     last = summary["history"][-1]
     assert summary["val_acc"] == last["val_acc"]
     assert last["val_acc"] == pytest.approx(_independent_accuracy(out, data, val_idx), abs=1e-12)
-    # the check can fail: other class-balanced 9-image slices of the same net score otherwise
-    others = [_independent_accuracy(out, data, balanced_subset(data.y_train, VAL, 3, seed=s, exclude=val_idx))
-              for s in range(3)]
+    # the check can fail: 9 training images of one class each score otherwise (a net that predicts one class
+    # everywhere, as these briefly trained ones may, scores 1/3 on every class-balanced slice but 1 or 0 here)
+    rest = np.setdiff1d(np.arange(len(data.y_train)), val_idx)
+    others = [_independent_accuracy(out, data, rest[data.y_train[rest] == c][:VAL]) for c in range(data.classes)]
     assert any(o != pytest.approx(last["val_acc"]) for o in others), others
     if swa_epochs:  # the slice's accuracy of the average (the saved weights) and of the last iterate beside it
         assert "sgd_val_acc" in last
@@ -229,11 +229,10 @@ def test_train_cloud_val_prints_and_records_it(tiny_cli, tmp_path, capsys):
                      capsys.readouterr().out)
 
 
-def _candidates(data, tmp_path, count=3):
-    """Briefly trained nets (with the slice held out), whose accuracies on the slice differ: seeds 1, 0, 2
-    score 2/9, 3/9, 3/9, so the best is neither the first candidate nor the last of the equals."""
+def _candidates(data, tmp_path, seeds=(1,)):
+    """Briefly trained nets (with the slice held out), one per seed."""
     paths = []
-    for seed in (1, 0, 2)[:count]:
+    for seed in seeds:
         paths.append(str(tmp_path / f"cand{seed}.pt"))
         train_teacher(data, paths[-1], TeacherConfig(epochs=1, batch=4, max_lr=0.01, seed=seed, val=VAL), progress=False)
     return paths
@@ -242,11 +241,17 @@ def _candidates(data, tmp_path, count=3):
 def test_select_copies_the_best_on_the_slice_and_reads_test_once(tiny_cli, tmp_path, monkeypatch, capsys):
     from launch.cli import main
 
-    paths = _candidates(tiny_cli, tmp_path)
+    # which seed scores best on 9 images depends on the CPU's rounding: order the candidates by their scores,
+    # computed independently, so that the best is neither the first candidate nor (given a tie) the last
+    pool = _candidates(tiny_cli, tmp_path, seeds=range(6))
     _, val_idx = split_training(tiny_cli, VAL)
-    scores = [_independent_accuracy(p, tiny_cli, val_idx) for p in paths]
-    assert len(set(scores)) > 1 and scores.index(max(scores)) == 1, scores  # a choice to make
-    best = paths[int(np.argmax(scores))]  # argmax: the first of equals, as the command
+    score = {p: _independent_accuracy(p, tiny_cli, val_idx) for p in pool}
+    top = max(score.values())
+    lows, bests = [p for p in pool if score[p] < top], [p for p in pool if score[p] == top]
+    assert lows, score  # six nets scoring alike: no choice to make
+    paths = [lows[0], bests[0], bests[1] if len(bests) > 1 else lows[1]]
+    scores = [score[p] for p in paths]
+    best = paths[1]  # the first of the best, as the command chooses
     splits = []
     real = kd.teacher.evaluate_weights
 
@@ -261,8 +266,9 @@ def test_select_copies_the_best_on_the_slice_and_reads_test_once(tiny_cli, tmp_p
     assert out.read_bytes() == open(best, "rb").read()
     assert [s for _, s in splits] == ["val"] * 3 + ["test"] and splits[-1][0] == str(out)
     (row,) = csv.DictReader(open(results))
-    assert row["selected_by"].startswith("validation slice of 9, best of 3 candidates: cand1.pt 0.2222, cand0.pt 0.3333, "
-                                         "cand2.pt 0.3333; chose cand0.pt")
+    listed = ", ".join(f"{os.path.basename(p)} {score[p]:.4f}" for p in paths)
+    assert row["selected_by"].startswith(f"validation slice of 9, best of 3 candidates: {listed}; "
+                                         f"chose {os.path.basename(best)}"), row["selected_by"]
     assert float(row["val_acc"]) == pytest.approx(max(scores), abs=1e-4)
     text = capsys.readouterr().out
     assert f"chose {best}" in text and text.count("<- chosen") == 1
@@ -273,7 +279,7 @@ def test_select_refuses_a_candidate_trained_on_the_slice(tiny_cli, tmp_path, cap
 
     on_all = str(tmp_path / "all.pt")
     train_teacher(tiny_cli, on_all, TeacherConfig(epochs=1, batch=16), progress=False, limit_batches=1)
-    paths = _candidates(tiny_cli, tmp_path, 1) + [on_all]
+    paths = _candidates(tiny_cli, tmp_path) + [on_all]
     assert main(["train", "select", "--dataset", "cifar10", "--val", str(VAL), *paths,
                  "--save", str(tmp_path / "t.pt"), "--results", str(tmp_path / "r.csv")]) == 2
     assert "was trained with --val 0, not 9" in capsys.readouterr().err
