@@ -252,28 +252,42 @@ def _run_on(args, topology: Topology, flavour: str, mpiexec: str, inner: list) -
 def _run(argv: list[str]) -> int:
     """Run mpiexec in our process group (a terminal's Ctrl-C reaches it too); forward its exit status.
 
-    A Ctrl-C while Popen is still starting mpiexec is held until ``proc``
-    exists (else mpiexec would outlive us, unended).  The child gets SIGINT's
-    default action back at exec (a Python handler does not survive it).
+    From before Popen until mpiexec has ended, SIGINT only sets a flag (a
+    KeyboardInterrupt raised between two statements could otherwise leave
+    mpiexec running, unended, holding the terminal); the wait polls the flag
+    and ends mpiexec itself.  The child gets SIGINT's default action back at
+    exec (a Python handler does not survive it).
     """
     held: list[int] = []
     previous = signal.getsignal(signal.SIGINT)
     if previous is not signal.SIG_IGN:  # an ignored SIGINT stays ignored, for mpiexec too
         signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
-        proc = subprocess.Popen(argv)
-    except OSError as err:
-        raise UsageError(f"cannot start {argv[0]} ({err.strerror})") from None
+        try:
+            proc = subprocess.Popen(argv)
+        except OSError as err:
+            raise UsageError(f"cannot start {argv[0]} ({err.strerror})") from None
+        code = _wait_or_stop(proc, held)
     finally:
         signal.signal(signal.SIGINT, previous)
-    try:
-        if held:
-            raise KeyboardInterrupt
-        code = proc.wait()
-    except KeyboardInterrupt:
-        _stop(proc)
-        raise
+    if held:
+        raise KeyboardInterrupt
     return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+
+#: seconds between looks at the Ctrl-C flag while mpiexec runs
+_POLL_S = 0.1
+
+
+def _wait_or_stop(proc: subprocess.Popen, held: list[int]) -> int:
+    """mpiexec's exit status; once ``held`` is non-empty (a Ctrl-C came), end it first."""
+    while not held:
+        try:
+            return proc.wait(timeout=_POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+    _stop(proc)
+    return proc.returncode
 
 
 def _stop(proc: subprocess.Popen) -> None:

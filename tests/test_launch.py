@@ -213,6 +213,39 @@ def test_ranks_with_the_wrong_world_size_fails_in_one_line():
         "which picks -n for you"]
 
 
+def test_ctrl_c_in_any_gap_after_popen_still_ends_mpiexec_first(tmp_path, monkeypatch):
+    """A Ctrl-C that lands just as launch puts its usual SIGINT handler back (the moment the last CI run hit:
+    mpiexec was left running, holding the pipes) surfaces only once mpiexec has ended."""
+    import launch.launcher as launcher
+    fake = _script(tmp_path / "mpiexec", "sleep 1\n")
+    started: list[subprocess.Popen] = []
+    real_popen, real_signal = subprocess.Popen, signal.signal
+
+    def popen(argv):
+        started.append(real_popen(argv))
+        return started[-1]
+
+    def signal_then_ctrl_c(signum, handler):  # put the handler back, then a Ctrl-C arrives at once
+        previous = real_signal(signum, handler)
+        if handler is signal.default_int_handler:
+            os.kill(os.getpid(), signal.SIGINT)
+        return previous
+
+    before = real_signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal, even if CI ignores it
+    try:
+        monkeypatch.setattr(launcher.subprocess, "Popen", popen)
+        monkeypatch.setattr(launcher.signal, "signal", signal_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            launcher._run([fake])
+        assert started and started[0].poll() is not None  # mpiexec had ended before the interrupt surfaced
+    finally:
+        monkeypatch.undo()
+        real_signal(signal.SIGINT, before)
+        for proc in started:
+            proc.kill()
+            proc.wait()
+
+
 def test_ctrl_c_ends_mpiexec_and_exits_130(tmp_path):
     """Ctrl-C sent to launch alone (not its group): it passes SIGINT on to mpiexec and waits for it."""
     marker = tmp_path / "got-int"
