@@ -117,7 +117,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(x), batch):
-        with autocast(device):
+        with torch.inference_mode(), autocast(device):
             out = model(x[i : i + batch].to(device, non_blocking=True))
         correct += (out.argmax(1).cpu() == y[i : i + batch]).sum().item()
     return correct / len(x)

@@ -95,6 +95,9 @@ def add_parser(sub) -> None:
     demo.add_argument("--increments", type=options.positive_int, default=5, help="increments streamed")
     demo.add_argument("--out", required=True, metavar="FOLDER",
                       help="buffer, student, CSV and plot go here (an existing folder resumes)")
+    demo.add_argument("--test-images", type=options.positive_int, default=None, metavar="N",
+                      help="measure each generation on N class-balanced test images (default: the whole test split; "
+                           "fewer is a quick look on a slow board, and the CSV says how many)")
     demo.add_argument("--no-plot", action="store_true", help="skip the PNG")
     _common(demo)
     demo.set_defaults(func=_demo, sets_own_threads=True)
@@ -480,6 +483,7 @@ def _demo(args) -> int:
         if need > len(setup.data.x_train):
             raise UsageError(f"--initial + --increments x --increment = {need} images, more than the "
                              f"{len(setup.data.x_train)} training images of {args.dataset}")
+        setup.data = _measured_on(setup.data, args.test_images)
     except UsageError as err:
         facts["problem"] = str(err)
     if facts["problem"] is None:
@@ -488,11 +492,26 @@ def _demo(args) -> int:
     return _with_peer_errors(comm, lambda: _demo_edge(setup, args, buffer, student_path))
 
 
+def _measured_on(data, test_images: Optional[int]):
+    """``data`` whose test split is ``test_images`` class-balanced test images (all of them when None)."""
+    if test_images is None:
+        return data
+    import numpy as np
+
+    from kd.datasets import balanced_subset
+
+    if not data.classes <= test_images <= len(data.y_test):
+        raise UsageError(f"--test-images must be between {data.classes} (one per class) and {len(data.y_test)} "
+                         f"(the test split of {data.name}), got {test_images}")
+    idx = np.sort(balanced_subset(data.y_test, test_images, data.classes, seed=0))
+    return replace(data, x_test=data.x_test[idx], y_test=data.y_test[idx])
+
+
 def _check_demo_settings(out: str, args) -> None:
     """An --out folder resumes only the same demo: other settings are refused, not mixed into its CSV."""
     path = os.path.join(out, "settings.json")
     keys = ("dataset", "net", "initial", "initial_steps", "increment", "increments", "steps", "lr", "t_rule", "unit",
-            "seed", "teacher")
+            "seed", "teacher", "test_images")
     mine = {k: getattr(args, k) for k in keys}
     mine["teacher"] = options.teacher_path(args)
     if os.path.exists(path):
@@ -585,7 +604,8 @@ def _write_demo_results(out: str, buffer, args) -> list[dict]:
         info = initial if g.generation == 0 else buffer.info(g.generation)
         rows.append({"increments": g.generation, "images": args.initial + g.generation * args.increment,
                      "new_images": 0 if g.generation == 0 else args.increment,
-                     "test_acc": f"{info.get('test_acc', float('nan')):.4f}", "steps": info.get("steps", ""),
+                     "test_acc": f"{info.get('test_acc', float('nan')):.4f}",
+                     "test_images": args.test_images or "all", "steps": info.get("steps", ""),
                      "final_T": info.get("final_T", ""), "final_frozen": info.get("final_frozen", ""),
                      "seconds": info.get("seconds", ""), "sha256": g.sha256[:16]})
     if not rows:

@@ -12,6 +12,7 @@ import torch
 
 from launch.cli import main
 from launch.options import DATA_ROOT
+from runtime.errors import UsageError
 from models import edge_net
 from tests.test_teacher import tiny
 
@@ -185,10 +186,50 @@ def test_the_demo_carries_the_initial_students_temperature_into_its_first_update
     out = tmp_path / "demo"
     proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "update", "demo",
                            "--dataset", "cifar10", "--initial", "20", "--initial-steps", "4", "--increment", "8",
-                           "--increments", "1", "--steps", "1", "--out", str(out), "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+                           "--increments", "1", "--steps", "1", "--test-images", "200", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     initial_t = json.loads((out / "initial.json").read_text())["final_T"]
     assert initial_t != pytest.approx(4.0, abs=1e-6)        # the initial training moved T off its start
     _, meta = read_student(str(out / "student.pt"))         # generation 1
     assert meta["generation"] == 1 and meta["info"]["start_T"] == pytest.approx(initial_t, abs=1e-4)
+    _measured_on_200_balanced_test_images(out)
+
+
+def _measured_on_200_balanced_test_images(out) -> None:
+    """--test-images 200: generation 0's accuracy is the saved initial student's on 20 test images of each class,
+    counted here with plain torch."""
+    import csv
+
+    import numpy as np
+    import torch
+
+    from kd.datasets import balanced_subset, load_dataset
+    from kd.teacher import to_tensor
+    from models import edge_net, load_weights
+
+    data = load_dataset("cifar10", str(DATA_ROOT))
+    idx = balanced_subset(data.y_test, 200, 10, seed=0)
+    assert np.bincount(data.y_test[idx], minlength=10).tolist() == [20] * 10
+    student = load_weights(edge_net(3, 3, 32, 10), str(out / "initial-student.pt")).eval()
+    with torch.no_grad():
+        predicted = student(to_tensor(data.x_test[idx], data)).argmax(1).numpy()
+    rows = list(csv.DictReader(open(out / "incremental-cifar10.csv")))
+    assert [r["test_images"] for r in rows] == ["200", "200"]
+    assert float(rows[0]["test_acc"]) == pytest.approx(float(np.mean(predicted == data.y_test[idx])), abs=6e-5)
+
+
+@pytest.mark.parametrize("n", [1, 9, 31])
+def test_too_few_or_too_many_test_images_is_one_usage_error(n):
+    import numpy as np
+
+    from kd.datasets import ImageArrays
+    from launch.update import _measured_on
+
+    labels = np.arange(30) % 10
+    data = ImageArrays("toy", np.zeros((30, 2, 2, 3), np.uint8), labels, np.zeros((30, 2, 2, 3), np.uint8), labels,
+                       10, (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(UsageError, match=f"--test-images must be between 10 .* and 30 .*got {n}$"):
+        _measured_on(data, n)
+    kept = _measured_on(data, 20)
+    assert np.bincount(kept.y_test, minlength=10).tolist() == [2] * 10 and _measured_on(data, None) is data
