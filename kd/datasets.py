@@ -20,6 +20,7 @@ import gzip
 import lzma
 import os
 import shutil
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -199,3 +200,14 @@ def validation_indices(labels: np.ndarray, classes: int, size: int) -> np.ndarra
     if size == 0:
         return np.empty(0, dtype=np.int64)
     return balanced_subset(labels, size, classes, seed=VALIDATION_SEED)
+
+
+def with_test_subset(data: ImageArrays, test_images: Optional[int]) -> ImageArrays:
+    """``data`` whose test split is ``test_images`` class-balanced test images (in their order; all when None)."""
+    if test_images is None:
+        return data
+    if not data.classes <= test_images <= len(data.y_test):
+        raise UsageError(f"--test-images must be between {data.classes} (one per class) and {len(data.y_test)} "
+                         f"(the test split of {data.name}), got {test_images}")
+    idx = np.sort(balanced_subset(data.y_test, test_images, data.classes, seed=0))
+    return dataclasses.replace(data, x_test=data.x_test[idx], y_test=data.y_test[idx])

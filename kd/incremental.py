@@ -247,7 +247,7 @@ def update_student(config, data, state: dict, images: np.ndarray, logits: np.nda
     last = result.history[-1]
     info = {"test_acc": result.test_acc, "seconds": round(result.seconds, 2), "start_T": round(config.temperature, 4),
             "final_T": round(last["T"], 4),
-            "final_frozen": last["frozen"], "steps": config.steps}
+            "final_frozen": last["frozen"], "steps": config.steps, "test_images": len(data.y_test)}
     return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}, info, source
 
 

@@ -292,6 +292,13 @@ def data_options(parser: argparse.ArgumentParser, teacher: bool = False) -> None
                             help="cloud net weights (default: the shipped checkpoints/cloud-DATASET.pt)")
 
 
+def test_images_option(parser: argparse.ArgumentParser) -> None:
+    """--test-images N, shared by the commands that measure each student generation on the test split."""
+    parser.add_argument("--test-images", type=positive_int, default=None, metavar="N",
+                        help="measure each generation on N class-balanced test images (default: the whole test split; "
+                             "fewer is a quick look on a slow board, and results say how many)")
+
+
 def device_option(parser: argparse.ArgumentParser, what: str = "nets run") -> None:
     """--device auto|cpu|cuda, shared by every command that trains or runs a teacher (see kd/device.py)."""
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

@@ -76,6 +76,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=options.threads, default=None,
                    help="torch threads per rank (default: this host's cores / ranks on this host)")
     p.add_argument("--no-progress", action="store_true", help="hide progress lines")
+    options.test_images_option(p)
     p.set_defaults(func=_run, sets_own_threads=True)
 
 
@@ -98,13 +99,12 @@ def _roles(topology, train_cluster: str) -> tuple[int, list[int], int]:
 
 
 def _data(args):
+    from kd.datasets import load_dataset, with_test_subset
     from kd.system import synthetic_dataset
 
     if args.dataset == "synthetic":
-        return synthetic_dataset(args.seed)
-    from kd.datasets import load_dataset
-
-    return load_dataset(args.dataset, args.data_root)
+        return with_test_subset(synthetic_dataset(args.seed), args.test_images)
+    return with_test_subset(load_dataset(args.dataset, args.data_root), args.test_images)
 
 
 def _teacher(args, data, device):
@@ -344,6 +344,7 @@ def _train(args, data, device, link, trainer: int, root: int, cloud: int, out) -
         served = to_root.recv_object("report")
     report = {"command": getattr(args, "command_line", ""), "dataset": args.dataset, "net": args.net,
               "inference_ranks": mpi.size(link) - 2, "initial": {"generation": start_gen, "test_acc": initial_acc},
+              "test_images": len(data.y_test),
               "updates": rows, "served": served,
               "cloud_labelled": clouded["labelled"], "control": args.control, "control_cores": args.control_cores,
               "upload": str(args.upload_format) if args.upload_format else None,

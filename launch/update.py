@@ -95,9 +95,6 @@ def add_parser(sub) -> None:
     demo.add_argument("--increments", type=options.positive_int, default=5, help="increments streamed")
     demo.add_argument("--out", required=True, metavar="FOLDER",
                       help="buffer, student, CSV and plot go here (an existing folder resumes)")
-    demo.add_argument("--test-images", type=options.positive_int, default=None, metavar="N",
-                      help="measure each generation on N class-balanced test images (default: the whole test split; "
-                           "fewer is a quick look on a slow board, and the CSV says how many)")
     demo.add_argument("--no-plot", action="store_true", help="skip the PNG")
     _common(demo)
     demo.set_defaults(func=_demo, sets_own_threads=True)
@@ -145,6 +142,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=options.threads, default=None,
                         help="torch threads per rank (default: this host's cores / ranks on this host)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    options.test_images_option(parser)
     from .distill import frame_options
 
     frame_options(parser)
@@ -239,7 +237,7 @@ def _start(args, need_edge_data: bool = True) -> _Setup:
     """
     from mpi4py import MPI
 
-    from kd.datasets import load_dataset
+    from kd.datasets import load_dataset, with_test_subset
     from kd.device import pick_device
     from runtime.transport import abort_on_uncaught_exception
 
@@ -253,7 +251,7 @@ def _start(args, need_edge_data: bool = True) -> _Setup:
     set_threads(args.threads or default_threads(comm))
     try:
         device = pick_device(args.device)
-        data = load_dataset(args.dataset, args.data_root)
+        data = with_test_subset(load_dataset(args.dataset, args.data_root), args.test_images)
         _upload_format(args, data)  # a frame size the images do not divide: refused on both ranks
     except UsageError as err:
         role = "the cloud" if comm.Get_rank() == CLOUD else "the edge"
@@ -434,7 +432,8 @@ def _edge_loop(setup: _Setup, args, link, buffer, student_path: str, camera=None
 
 
 def _print_record(record, info: dict) -> None:
-    acc = f"test acc {info['test_acc']:.2%}, " if "test_acc" in info else ""
+    on = f" on {info['test_images']} test images" if "test_images" in info else ""
+    acc = f"test acc {info['test_acc']:.2%}{on}, " if "test_acc" in info else ""
     again = " (batch labelled by an interrupted run)" if record.resumed else ""
     print(f"edge: generation {record.generation} from batch {record.batch} ({record.samples} images){again}: "
           f"{acc}T {info.get('final_T', float('nan')):.2f}, frozen {info.get('final_frozen')}, "
@@ -483,28 +482,12 @@ def _demo(args) -> int:
         if need > len(setup.data.x_train):
             raise UsageError(f"--initial + --increments x --increment = {need} images, more than the "
                              f"{len(setup.data.x_train)} training images of {args.dataset}")
-        setup.data = _measured_on(setup.data, args.test_images)
     except UsageError as err:
         facts["problem"] = str(err)
     if facts["problem"] is None:
         buffer, facts = _edge_facts(setup, args, buffer_path, student_path, student_check=False)
     _agree(setup, args, facts)
     return _with_peer_errors(comm, lambda: _demo_edge(setup, args, buffer, student_path))
-
-
-def _measured_on(data, test_images: Optional[int]):
-    """``data`` whose test split is ``test_images`` class-balanced test images (all of them when None)."""
-    if test_images is None:
-        return data
-    import numpy as np
-
-    from kd.datasets import balanced_subset
-
-    if not data.classes <= test_images <= len(data.y_test):
-        raise UsageError(f"--test-images must be between {data.classes} (one per class) and {len(data.y_test)} "
-                         f"(the test split of {data.name}), got {test_images}")
-    idx = np.sort(balanced_subset(data.y_test, test_images, data.classes, seed=0))
-    return replace(data, x_test=data.x_test[idx], y_test=data.y_test[idx])
 
 
 def _check_demo_settings(out: str, args) -> None:

@@ -40,7 +40,7 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
     proc = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--record", str(rec), "--net", str(net),
                  "--images", "40", "--updates", "2", "--increment", "32", "--steps", "2", "--threads", "1",
                  "--timeout", "60", "--seed", str(net), "--control", control, "--control-cores", "2",
-                 "--upload", upload, "--no-progress")
+                 "--upload", upload, "--test-images", "50", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = np.load(rec / "served.npz")
     inputs, outputs, gens = served["inputs"], served["outputs"], served["generations"]
@@ -55,6 +55,8 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
     assert [r["generation"] for r in report["updates"]] == [1, 2]
     assert all(r["update_s"] > 0 and 0 <= r["test_acc"] <= 1 for r in report["updates"])
     assert report["initial"]["generation"] == 0 and 0 <= report["initial"]["test_acc"] <= 1
+    assert report["test_images"] == 50 and all(abs(r["test_acc"] * 50 - round(r["test_acc"] * 50)) < 1e-6
+                                                for r in [report["initial"], *report["updates"]])
     assert report["control"] == control and all(isinstance(r["replans"], int) for r in report["updates"])
     # the controller's log: under the planner some phase really split the 2 cores (comm 1, compute 1); under
     # "none" nothing is allocated

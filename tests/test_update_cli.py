@@ -66,7 +66,7 @@ def _update_run(buffer, student, *extra):
     """``mpiexec -n 2 aflkd update run`` with edge net 1 on CIFAR-10: the process and its 'aflkd: error:' lines."""
     cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "launch.cli", "update", "run", "--buffer", str(buffer),
            "--student", str(student), "--net", "1", "--dataset", "cifar10", "--device", "cpu", "--timeout", "30",
-           *extra]
+           "--test-images", "100", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent)
     return proc, [line for line in proc.stderr.splitlines() if line.startswith("aflkd: error:")]
 
@@ -170,7 +170,8 @@ def test_update_run_uploads_its_increment_as_frames_and_refuses_a_frame_size_the
     assert "--frame-size 100 must be a multiple of the images' size (32)" in lines[0]
     proc, lines = _update_run(buffer, student, "--upload", "jpeg", "--increment", "4", "--steps", "2")
     assert proc.returncode == 0 and not lines, proc.stderr
-    assert "edge: generation 1 from batch 1 (4 images)" in proc.stdout
+    assert "edge: generation 1 from batch 1 (4 images): test acc " in proc.stdout
+    assert " on 100 test images, " in proc.stdout
     assert "uploaded the increments as jpeg@224q90 frames" in proc.stdout
 
 
@@ -223,13 +224,12 @@ def _measured_on_200_balanced_test_images(out) -> None:
 def test_too_few_or_too_many_test_images_is_one_usage_error(n):
     import numpy as np
 
-    from kd.datasets import ImageArrays
-    from launch.update import _measured_on
+    from kd.datasets import ImageArrays, with_test_subset
 
     labels = np.arange(30) % 10
     data = ImageArrays("toy", np.zeros((30, 2, 2, 3), np.uint8), labels, np.zeros((30, 2, 2, 3), np.uint8), labels,
                        10, (0.5,) * 3, (0.5,) * 3)
     with pytest.raises(UsageError, match=f"--test-images must be between 10 .* and 30 .*got {n}$"):
-        _measured_on(data, n)
-    kept = _measured_on(data, 20)
-    assert np.bincount(kept.y_test, minlength=10).tolist() == [2] * 10 and _measured_on(data, None) is data
+        with_test_subset(data, n)
+    kept = with_test_subset(data, 20)
+    assert np.bincount(kept.y_test, minlength=10).tolist() == [2] * 10 and with_test_subset(data, None) is data
