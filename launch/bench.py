@@ -20,8 +20,10 @@ def add_parser(sub) -> None:
         description=(
             "Per-layer timing of height-split inference.  Run under 'mpiexec -n P'.  Prints, "
             "measured in the same run: the conv stack unsplit on one rank, split over P ranks, "
-            "and the bound (P ranks each running only their own rows at once, no exchange); "
-            "efficiency = bound / split.  Times are medians after warm-up."
+            "the bound (P ranks each running only their own rows at once, as a whole image); "
+            "efficiency = bound / split; and the split's own program with its messages left out, whose "
+            "ratio to the split (exchange efficiency) is what the halo exchanges cost.  Times are medians "
+            "after warm-up."
         ),
     )
     layers.add_argument("--net", type=options.net_name, default="edge3",

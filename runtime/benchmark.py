@@ -13,7 +13,13 @@ after warm-up passes:
 * **bound** -- every rank, at the same time, runs the split part on only its
   own input rows as if they were a whole image, with no exchange, through the
   same executor code on ``COMM_SELF``: what P processes sharing this machine's
-  cores, caches and memory bandwidth can do at best.
+  cores, caches and memory bandwidth can do at best.  It does a little less work
+  than the split must: a convolution's taps on the zero padding at a band's cut
+  are skipped (oneDNN), taps the split computes on its neighbour's halo rows;
+* **no messages** -- every rank, at the same time, runs the split's own program
+  with its messages left out (``forward_local(exchange=False)``): the same
+  compute on the same buffers, so ``exchange_efficiency`` (its time / split)
+  is what the halo exchanges and the waits for them cost, and nothing else.
 
 ``efficiency`` is the median over repetitions of ``bound / split`` taken within
 the same repetition (paired, so slow drifts cancel).  The "split part" is
@@ -159,6 +165,11 @@ def _timed(work: Callable[[], object]) -> float:
     return perf_counter() - start
 
 
+#: the order of the three timed split-part passes, rotated repetition by repetition so that none always
+#: follows the same one
+_PHASES = (("split", "bound", "free"), ("bound", "free", "split"), ("free", "split", "bound"))
+
+
 def _warm_timed(work: Callable[[], object], timed: Optional[Callable[[], object]] = None) -> float:
     """One untimed pass, then the timed one: every figure is a pass that follows a pass of the same work
     (its weights and maps in cache, as image after image in a stream), not one that follows another
@@ -262,7 +273,8 @@ def bench_layers(
 
     unsplit_clock = [NodeClock(nodes) for _ in range(repeat)]
     split_clock = [NodeClock(nodes) for _ in range(repeat)]
-    times: dict[str, list] = {k: [] for k in ("unsplit", "torch", "unsplit_all", "torch_all", "split", "bound", "e2e")}
+    times: dict[str, list] = {k: [] for k in ("unsplit", "torch", "unsplit_all", "torch_all", "split", "bound", "free",
+                                               "e2e")}
     bar = progress_bar(range(warmup + repeat), desc=f"bench {net} x{size} ranks", disable=not progress or rank != 0,
                leave=False)
     with torch.no_grad():
@@ -285,12 +297,15 @@ def bench_layers(
                     times["unsplit_all"].append(t_unsplit_all)
                     times["torch_all"].append(t_torch_all)
             mpi.idle_barrier(comm, "the unsplit timing on rank 0", timeout_s=mpi.long_wait_s())
-            for phase in ("split", "bound") if step % 2 == 0 else ("bound", "split"):
+            for phase in _PHASES[step % len(_PHASES)]:
                 x = local.clone(memory_format=torch.channels_last)
                 if phase == "split":
                     executor.forward_local(x)  # untimed: every rank, so the timed pass follows one of its own
                     mpi.barrier(comm)
                     elapsed = _timed(lambda: executor.forward_local(x, split_clock[k] if keep else NO_CLOCK))
+                elif phase == "free":
+                    mpi.barrier(comm)
+                    free = _warm_timed(lambda: executor.forward_local(x, exchange=False))
                 else:
                     mpi.barrier(comm)
                     bound = _warm_timed(lambda: bounded.forward_local(x)) if bounded is not None else float("nan")
@@ -299,6 +314,7 @@ def bench_layers(
             if keep:
                 times["split"].append(elapsed)
                 times["bound"].append(bound)
+                times["free"].append(free)
                 times["e2e"].append(e2e)
 
         output = executor(image if rank == 0 else None, batch)
@@ -307,7 +323,7 @@ def bench_layers(
     per_rank = mpi.gather_objects(
         comm,
         {
-            "split": times["split"], "bound": times["bound"], "e2e": times["e2e"],
+            "split": times["split"], "bound": times["bound"], "free": times["free"], "e2e": times["e2e"],
             "compute": np.stack([c.compute for c in split_clock]), "halo": np.stack([c.halo for c in split_clock]),
             "bytes": split_clock[0].bytes, "rss": peak_rss_mb(),
         },
@@ -345,6 +361,8 @@ def bench_layers(
     if alone:
         bound_runs = np.max([r["bound"] for r in per_rank], axis=0)
         bound_ms, efficiency = 1e3 * median(bound_runs), float(median(bound_runs / split_runs))
+    free_runs = np.max([r["free"] for r in per_rank], axis=0)
+    exchange_free_ms, exchange_efficiency = 1e3 * median(free_runs), float(median(free_runs / split_runs))
     unsplit_ms, unsplit_all_ms = 1e3 * median(times["unsplit"]), 1e3 * median(times["unsplit_all"])
     # one end-to-end figure: with both placements timed side by side, the gather's is the paired one
     end_to_end_ms = headline["end_to_end_ms"] if headline else heads[0]["end_to_end_ms"]
@@ -375,7 +393,8 @@ def bench_layers(
         repeat=repeat, unsplit_ms=unsplit_ms, unsplit_torch_ms=1e3 * median(times["torch"]),
         all_cores_threads=all_cores, unsplit_all_cores_ms=unsplit_all_ms,
         torch_all_cores_ms=1e3 * median(times["torch_all"]), split_ms=split_ms, bound_ms=bound_ms,
-        efficiency=efficiency, speedup=unsplit_ms / split_ms, speedup_all_cores=unsplit_all_ms / split_ms,
+        efficiency=efficiency, exchange_free_ms=exchange_free_ms, exchange_efficiency=exchange_efficiency,
+        speedup=unsplit_ms / split_ms, speedup_all_cores=unsplit_all_ms / split_ms,
         # the headline is the placement asked for: --head split's own figures, not the gather's
         end_to_end_ms=end_to_end_ms,
         max_abs_error=headline["max_abs_error"] if headline else max_abs_error,

@@ -72,6 +72,8 @@ class Report:
     heads: list = field(default_factory=list)  # per timed head placement: head, end_to_end_ms, peak_rss_mb, ...
     max_relative_error: Optional[float] = None  # max_abs_error / max |unsplit output| (random nets: huge outputs)
     baseline_rss_mb: Optional[list] = None  # per rank, before any model: the interpreter, torch, the runtime
+    exchange_free_ms: Optional[float] = None  # the split's own program with no message sent (every rank at once)
+    exchange_efficiency: Optional[float] = None  # exchange_free / split, paired median: what the messages cost
 
     def table(self) -> str:
         head = (f"{'node':<28} {'op':<18} {'unsplit ms':>10} {'split ms':>9} {'halo ms':>8} {'bytes':>10} "
@@ -101,6 +103,9 @@ class Report:
             f"split part, split over {self.ranks} ranks         : {_ms(self.split_ms)}"
             f"   speedup {self.speedup:.2f}x vs 1 thread, {self.speedup_all_cores:.2f}x vs all cores",
             f"bound: own rows only, no exchange     : {bound}",
+            f"the split's program, no messages      : "
+            + (f"{_ms(self.exchange_free_ms)}   exchange efficiency (no messages / split) {self.exchange_efficiency:.3f}"
+               if self.exchange_free_ms is not None else "n/a"),
             f"end to end (scatter+split+gather+head): {self.end_to_end_ms:.3f} ms",
             f"max |split - unsplit| of the net's output: {self.max_abs_error:.3g}"
             + (f" ({self.max_relative_error:.3g} of max |output|)" if self.max_relative_error is not None else ""),

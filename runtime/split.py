@@ -259,6 +259,7 @@ class SplitExecutor:
             self._buffers[name] = buf
         self._message_cache: dict[str, tuple] = {}
         self._split_steps = [self._step(ins) for ins in self.program.split]
+        self._exchange_free_steps = None  # built when first asked for (benchmarks only)
         self._head_steps = [self._step(ins) for ins in self.program.head]
         self._batch = batch
 
@@ -521,7 +522,15 @@ class SplitExecutor:
             clock.spent(i, since)
         return step
 
-    def _finish_step(self, ins):
+    def _exchange_free_step(self, ins):
+        """The step of ``ins`` with no message: a reduction over ranks keeps this rank's own part."""
+        if type(ins) in (P.AllReduce, P.Reduce):
+            return self._finish_step(ins, local=True)
+        if type(ins) in (P.Gather, P.SplitLinear):
+            raise ValueError(f"{type(ins).__name__} is not part of the split pass")
+        return self._step(ins)
+
+    def _finish_step(self, ins, local: bool = False):
         name, i = ins.node, self._index[ins.node]
         g = self.graph[name]
         source = self.graph[g.inputs[0]]
@@ -531,8 +540,11 @@ class SplitExecutor:
         def step(env, clock):
             since = clock.now()
             part = env.pop(name + "#partial")
-            total = (self._t.allreduce_(self.comm, part, ins.op) if everywhere
-                     else self._t.reduce_(self.comm, part, ins.op, ins.root))
+            if local:
+                total = part
+            else:
+                total = (self._t.allreduce_(self.comm, part, ins.op) if everywhere
+                         else self._t.reduce_(self.comm, part, ins.op, ins.root))
             if total is not None:
                 if g.reduce == "mean":
                     total = total / count
@@ -579,12 +591,15 @@ class SplitExecutor:
         return step
 
     # ------------------------------------------------------------------ execution
-    def forward_local(self, x: torch.Tensor, clock: NoClock = NO_CLOCK, poll=None) -> dict:
+    def forward_local(self, x: torch.Tensor, clock: NoClock = NO_CLOCK, poll=None, exchange: bool = True) -> dict:
         """This rank's input rows -> the split part of the graph (no gather, no head).
 
         ``x`` holds rows ``plan.input_rows[rank]`` of every image in the batch.
         Returns the rank's environment (values by node name); used for timing.
         ``poll``: called after every instruction (a pipeline stage lets its bands move meanwhile).
+        ``exchange=False`` runs the same program without its messages (no halo rows move, an
+        all-reduce keeps this rank's part): the same compute on the same buffers, so its time is
+        what the split would take if exchanges were free.  Its output is not the model's.
         """
         with torch.no_grad():
             batch = x.shape[0]
@@ -594,7 +609,13 @@ class SplitExecutor:
             self._pending: dict[str, list] = {}
             self._all_requests: list = []
             env = {self.graph.input.name: x}
-            if poll is None:
+            if not exchange:
+                if self._exchange_free_steps is None:
+                    self._exchange_free_steps = [self._exchange_free_step(ins) for ins in self.program.split
+                                                 if type(ins) not in (P.PostHalo, P.AwaitHalo, P.Drain)]
+                for step in self._exchange_free_steps:
+                    step(env, clock)
+            elif poll is None:
                 for step in self._split_steps:
                     step(env, clock)
             else:

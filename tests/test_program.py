@@ -17,7 +17,7 @@ from models import build_model
 from runtime.graph import trace_model
 from runtime.inprocess import run_ranks
 from runtime.plan import plan_split
-from runtime.program import AwaitHalo, Gather, PostHalo, Reduce, check_programs, lower_all
+from runtime.program import AllReduce, AwaitHalo, Gather, PostHalo, Reduce, check_programs, lower_all
 from runtime.split import SplitExecutor
 from runtime.transport import PeerTimeout
 from tests.randomgraphs import random_graph
@@ -152,3 +152,46 @@ def test_plan_program_prints_a_pipelines_deployment_and_its_stages(capsys):
     assert "--cuts: need 1 layer indices" in capsys.readouterr().err
     assert main(["plan", "--program", "--ranks", "3", "--stages", "2"]) == 2
     assert "--stages 2 does not divide --ranks 3" in capsys.readouterr().err
+
+
+def _local_rows(x, plan, rank):
+    rows = plan.input_rows[rank]
+    return x[:, :, rows.start:rows.stop].clone(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name,size,weights", [("edge3", 32, [1.0, 2.0, 1.5]), ("tv:resnet18", 64, [1.0, 1.0])])
+def test_a_pass_without_messages_after_a_real_one_computes_the_same_values(name, size, weights):
+    """``forward_local(exchange=False)`` (the benchmark's no-message pass) runs the same compute on the same
+    buffers: after a real pass of the same input, whose halo rows it finds in place, every value equals."""
+    torch.manual_seed(0)
+    model = build_model(name, 3, size, 10).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    plan = plan_split(trace_model(model, (3, size, size)), weights)
+
+    def rank(comm):
+        executor = SplitExecutor(plan, model, comm)
+        local = _local_rows(x, plan, comm.Get_rank())
+        real = {k: v.clone() for k, v in executor.forward_local(local).items() if isinstance(v, torch.Tensor)}
+        free = executor.forward_local(local, exchange=False)
+        return [k for k, v in real.items() if not torch.equal(v, free[k])], len(real)
+
+    for differ, values in run_ranks(len(weights), rank, timeout_s=20.0):
+        assert differ == [] and values > 5
+
+
+def test_a_pass_without_messages_waits_for_no_peer():
+    """Rank 0 alone runs it (its peer has left) through halo exchanges and a squeeze-excite's all-reduce."""
+    torch.manual_seed(0)
+    model = build_model("tv:mobilenet_v3_small", 3, 64, 10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    plan = plan_split(trace_model(model, (3, 64, 64)), [1.0, 1.0])
+    assert any(isinstance(ins, AllReduce) for ins in lower_all(plan, model)[0].split)
+
+    def rank(comm):
+        executor = SplitExecutor(plan, model, comm)
+        if comm.Get_rank() == 0:
+            return executor.forward_local(_local_rows(x, plan, 0), exchange=False)
+        return None
+
+    env = run_ranks(2, rank, timeout_s=2.0)[0]
+    assert all(torch.isfinite(v).all() for v in env.values() if isinstance(v, torch.Tensor))
