@@ -56,6 +56,10 @@ def add_parser(sub) -> None:
                         help="write the full report as JSON (default: not written; folders are created)")
     layers.add_argument("--plot", default=None, metavar="PNG",
                         help="draw per-layer bars, split vs unsplit (default: not drawn; folders are created)")
+    layers.add_argument("--instructions", action="store_true",
+                        help="also print, per rank, the time per pass of each kind of instruction (Window, Fused, "
+                        "PostHalo, AwaitHalo, ...) in the split, in its program without messages and in the bound "
+                        "(the JSON always has it)")
     layers.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     options.deadline_option(layers)
     layers.set_defaults(func=_layers, sets_own_threads=True)
@@ -219,6 +223,8 @@ def _layers(args) -> int:
             shutil.rmtree(os.path.dirname(temporary), ignore_errors=True)
     if report is not None:
         print(report.table(), flush=True)
+        if args.instructions:
+            print("\n" + report.instruction_table(), flush=True)
         for option, path in outputs:
             if path:
                 {"--csv": report.to_csv, "--json": report.to_json, "--plot": report.plot}[option](path)

@@ -170,6 +170,25 @@ def _timed(work: Callable[[], object]) -> float:
 _PHASES = (("split", "bound", "free"), ("bound", "free", "split"), ("free", "split", "bound"))
 
 
+def _per_kind(program, clocks) -> dict[str, float]:
+    """Milliseconds per pass by kind of instruction: per pass, the kind's instructions summed; then the median
+    over passes."""
+    kinds = sorted({type(ins).__name__ for ins in program})
+    per_pass = np.stack([c.steps for c in clocks])  # (passes, instructions)
+    return {kind: 1e3 * float(np.median(per_pass[:, [type(ins).__name__ == kind for ins in program]].sum(axis=1)))
+            for kind in kinds}
+
+
+def _instruction_rows(per_rank: list[dict]) -> list[dict]:
+    """One row per rank and kind of instruction: its milliseconds per pass in the split, the split's program
+    without messages, and the whole-image bound (None where that pass has no such instruction)."""
+    rows = []
+    for rank, phases in enumerate(per_rank):
+        for kind in sorted(set().union(*phases.values())):
+            rows.append({"rank": rank, "kind": kind, **{f"{phase}_ms": phases[phase].get(kind) for phase in phases}})
+    return rows
+
+
 def _warm_timed(work: Callable[[], object], timed: Optional[Callable[[], object]] = None) -> float:
     """One untimed pass, then the timed one: every figure is a pass that follows a pass of the same work
     (its weights and maps in cache, as image after image in a stream), not one that follows another
@@ -272,7 +291,11 @@ def bench_layers(
     all_cores = threads * size
 
     unsplit_clock = [NodeClock(nodes) for _ in range(repeat)]
-    split_clock = [NodeClock(nodes) for _ in range(repeat)]
+    split_clock = [NodeClock(nodes, len(executor.program.split)) for _ in range(repeat)]
+    free_program = executor.exchange_free_program()
+    free_clock = [NodeClock(nodes, len(free_program)) for _ in range(repeat)]
+    bound_clock = ([NodeClock(len(bounded.graph.nodes), len(bounded.program.split)) for _ in range(repeat)]
+                   if bounded is not None else None)
     times: dict[str, list] = {k: [] for k in ("unsplit", "torch", "unsplit_all", "torch_all", "split", "bound", "free",
                                                "e2e")}
     bar = progress_bar(range(warmup + repeat), desc=f"bench {net} x{size} ranks", disable=not progress or rank != 0,
@@ -305,10 +328,14 @@ def bench_layers(
                     elapsed = _timed(lambda: executor.forward_local(x, split_clock[k] if keep else NO_CLOCK))
                 elif phase == "free":
                     mpi.barrier(comm)
-                    free = _warm_timed(lambda: executor.forward_local(x, exchange=False))
+                    free = _warm_timed(lambda: executor.forward_local(x, exchange=False),
+                                       lambda: executor.forward_local(x, free_clock[k] if keep else NO_CLOCK,
+                                                                      exchange=False))
                 else:
                     mpi.barrier(comm)
-                    bound = _warm_timed(lambda: bounded.forward_local(x)) if bounded is not None else float("nan")
+                    bound = (_warm_timed(lambda: bounded.forward_local(x),
+                                         lambda: bounded.forward_local(x, bound_clock[k] if keep else NO_CLOCK))
+                             if bounded is not None else float("nan"))
             mpi.barrier(comm)
             e2e = _timed(lambda: executor(image if rank == 0 else None, batch))
             if keep:
@@ -326,6 +353,9 @@ def bench_layers(
             "split": times["split"], "bound": times["bound"], "free": times["free"], "e2e": times["e2e"],
             "compute": np.stack([c.compute for c in split_clock]), "halo": np.stack([c.halo for c in split_clock]),
             "bytes": split_clock[0].bytes, "rss": peak_rss_mb(),
+            "instructions": {"split": _per_kind(executor.program.split, split_clock),
+                             "no_messages": _per_kind(free_program, free_clock),
+                             "bound": _per_kind(bounded.program.split, bound_clock) if bounded is not None else {}},
         },
         root=0,
     )
@@ -402,5 +432,6 @@ def bench_layers(
         if headline else max_relative_error,
         peak_rss_mb=headline["peak_rss_mb"] if headline else [r["rss"] for r in per_rank],
         unsplit_peak_rss_mb=unsplit_memory() if unsplit_memory is not None else None,
-        notes=notes + head_notes, layers=rows, head_note=head_note, heads=heads, baseline_rss_mb=baseline,
+        notes=notes + head_notes, layers=rows,
+        instructions=_instruction_rows([r["instructions"] for r in per_rank]), head_note=head_note, heads=heads, baseline_rss_mb=baseline,
     )

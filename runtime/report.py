@@ -74,6 +74,7 @@ class Report:
     baseline_rss_mb: Optional[list] = None  # per rank, before any model: the interpreter, torch, the runtime
     exchange_free_ms: Optional[float] = None  # the split's own program with no message sent (every rank at once)
     exchange_efficiency: Optional[float] = None  # exchange_free / split, paired median: what the messages cost
+    instructions: list = field(default_factory=list)  # per rank and kind: split_ms, no_messages_ms, bound_ms
 
     def table(self) -> str:
         head = (f"{'node':<28} {'op':<18} {'unsplit ms':>10} {'split ms':>9} {'halo ms':>8} {'bytes':>10} "
@@ -132,6 +133,23 @@ class Report:
                 lines.append(f"(of each peak, the interpreter with torch and the runtime before any model: "
                              f"{', '.join(f'{m:.0f}' for m in self.baseline_rss_mb)} MB per rank)")
         lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def instruction_table(self) -> str:
+        """Per rank, milliseconds per pass by kind of instruction in the three split-part passes, and what the
+        split spends beyond each: where its time goes that the bounds do not spend."""
+        def ms(v):
+            return f"{v:9.3f}" if v is not None else f"{'-':>9}"
+
+        head = (f"{'rank':>4} {'instruction':<11} {'split':>9} {'no msgs':>9} {'bound':>9} "
+                f"{'split-no msgs':>13} {'split-bound':>11}")
+        lines = [head, "-" * len(head)]
+        for r in self.instructions:
+            split, free, bound = r["split_ms"], r["no_messages_ms"], r["bound_ms"]
+            lines.append(f"{r['rank']:>4} {r['kind']:<11} {ms(split)} {ms(free)} {ms(bound)} "
+                         f"{ms((split or 0.0) - (free or 0.0)):>13} {ms((split or 0.0) - (bound or 0.0)):>11}")
+        lines.append("(ms per pass: each kind's instructions summed in a pass, median over passes; 'no msgs' is the "
+                     "split's program with its messages left out, 'bound' each rank's rows as a whole image)")
         return "\n".join(lines)
 
     def to_json(self, path: str) -> None:

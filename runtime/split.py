@@ -609,20 +609,23 @@ class SplitExecutor:
             self._pending: dict[str, list] = {}
             self._all_requests: list = []
             env = {self.graph.input.name: x}
+            steps = self._split_steps
             if not exchange:
                 if self._exchange_free_steps is None:
-                    self._exchange_free_steps = [self._exchange_free_step(ins) for ins in self.program.split
-                                                 if type(ins) not in (P.PostHalo, P.AwaitHalo, P.Drain)]
-                for step in self._exchange_free_steps:
-                    step(env, clock)
-            elif poll is None:
-                for step in self._split_steps:
-                    step(env, clock)
-            else:
-                for step in self._split_steps:
-                    step(env, clock)
+                    self._exchange_free_steps = [self._exchange_free_step(ins) for ins in self.exchange_free_program()]
+                steps = self._exchange_free_steps
+            for k, step in enumerate(steps):
+                since = clock.now()
+                step(env, clock)
+                clock.step(k, since)
+                if poll is not None:
                     poll()
             return env
+
+    def exchange_free_program(self) -> list:
+        """The split part's instructions that ``forward_local(exchange=False)`` runs, in order (its clock's
+        step indices)."""
+        return [ins for ins in self.program.split if type(ins) not in (P.PostHalo, P.AwaitHalo, P.Drain)]
 
     def __call__(self, image: Optional[torch.Tensor], batch: int = 1, clock: NoClock = NO_CLOCK):
         """Scatter the root's image batch, run split, gather, run the head on the root.

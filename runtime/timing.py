@@ -28,6 +28,9 @@ class NoClock:
     def sent(self, node: int, nbytes: int) -> None:
         pass
 
+    def step(self, index: int, since: float) -> None:
+        """Instruction ``index`` of the pass's program ran from ``since`` until now."""
+
     def split_done(self) -> None:
         """The split part of the pass is over (the head follows on the root)."""
 
@@ -36,12 +39,14 @@ NO_CLOCK = NoClock()
 
 
 class NodeClock(NoClock):
-    """Seconds of compute and of halo exchange, and bytes sent, per graph node, summed over passes."""
+    """Seconds of compute and of halo exchange, and bytes sent, per graph node, summed over passes; and
+    seconds per instruction of the program run (``steps`` of them; 0: not recorded)."""
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, steps: int = 0) -> None:
         self.compute = np.zeros(nodes)
         self.halo = np.zeros(nodes)
         self.bytes = np.zeros(nodes, dtype=np.int64)
+        self.steps = np.zeros(steps)
 
     def now(self) -> float:
         return perf_counter()
@@ -54,3 +59,7 @@ class NodeClock(NoClock):
 
     def sent(self, node: int, nbytes: int) -> None:
         self.bytes[node] += nbytes
+
+    def step(self, index: int, since: float) -> None:
+        if len(self.steps):
+            self.steps[index] += perf_counter() - since

@@ -86,10 +86,20 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path):
     out = tmp_path
     proc = aflkd(2, "bench", "layers", "--net", "edge2", "--size", "32", "--repeat", "2", "--warmup", "1",
                  "--weights", "2,1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
-                 "--plot", str(out / "r.png"), "--no-progress")
+                 "--plot", str(out / "r.png"), "--instructions", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "efficiency (bound / split" in proc.stdout and "conv1_1" in proc.stdout
     report = json.loads((out / "r.json").read_text())
+    assert 0 < report["exchange_free_ms"] and 0 < report["exchange_efficiency"]
+    # per rank and kind: messages only in the split; the no-message pass and the bound run every compute kind
+    kinds = {(r["rank"], r["kind"]): r for r in report["instructions"]}
+    assert {rank for rank, _ in kinds} == {0, 1} and "instruction" in proc.stdout and "no msgs" in proc.stdout
+    for rank in (0, 1):
+        for kind in ("PostHalo", "AwaitHalo"):
+            assert kinds[rank, kind]["split_ms"] > 0 and kinds[rank, kind]["no_messages_ms"] is None
+            assert kinds[rank, kind]["bound_ms"] is None
+        window = kinds[rank, "Window"]
+        assert all(window[f"{phase}_ms"] > 0 for phase in ("split", "no_messages", "bound"))
     for key in ("net", "size", "ranks", "unsplit_ms", "split_ms", "bound_ms", "efficiency", "max_abs_error", "layers"):
         assert key in report
     assert report["ranks"] == 2 and report["weights"] == [2.0, 1.0]
