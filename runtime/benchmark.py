@@ -432,6 +432,6 @@ def bench_layers(
         if headline else max_relative_error,
         peak_rss_mb=headline["peak_rss_mb"] if headline else [r["rss"] for r in per_rank],
         unsplit_peak_rss_mb=unsplit_memory() if unsplit_memory is not None else None,
-        notes=notes + head_notes, layers=rows,
-        instructions=_instruction_rows([r["instructions"] for r in per_rank]), head_note=head_note, heads=heads, baseline_rss_mb=baseline,
+        notes=notes + head_notes, layers=rows, head_note=head_note, heads=heads, baseline_rss_mb=baseline,
+        instructions=_instruction_rows([r["instructions"] for r in per_rank]),
     )

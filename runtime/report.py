@@ -105,8 +105,8 @@ class Report:
             f"   speedup {self.speedup:.2f}x vs 1 thread, {self.speedup_all_cores:.2f}x vs all cores",
             f"bound: own rows only, no exchange     : {bound}",
             f"the split's program, no messages      : "
-            + (f"{_ms(self.exchange_free_ms)}   exchange efficiency (no messages / split) {self.exchange_efficiency:.3f}"
-               if self.exchange_free_ms is not None else "n/a"),
+            + (f"{_ms(self.exchange_free_ms)}   exchange efficiency (no messages / split) "
+               f"{self.exchange_efficiency:.3f}" if self.exchange_free_ms is not None else "n/a"),
             f"end to end (scatter+split+gather+head): {self.end_to_end_ms:.3f} ms",
             f"max |split - unsplit| of the net's output: {self.max_abs_error:.3g}"
             + (f" ({self.max_relative_error:.3g} of max |output|)" if self.max_relative_error is not None else ""),
