@@ -187,6 +187,8 @@ class Report:
         ax.set_xticks(x, [r.name for r in rows], rotation=70, fontsize=7 if len(rows) > 30 else 8)
         ax.set_ylabel("time per node (ms, median)")
         bound = f"bound {self.bound_ms:.1f} ms (efficiency {self.efficiency:.2f})" if self.bound_ms else "no bound"
+        if self.exchange_free_ms is not None:
+            bound += f", no messages {self.exchange_free_ms:.1f} ms ({self.exchange_efficiency:.2f})"
         ax.set_title(f"{self.net} {self.size}x{self.size}: unsplit {self.unsplit_ms:.1f} ms, split "
                      f"{self.split_ms:.1f} ms, {bound}", fontsize=10)
         ax.legend()
