@@ -16,11 +16,11 @@ on the full official test split.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import lzma
 import os
 import shutil
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
