@@ -291,49 +291,66 @@ def _row(ctx: _Context, net, size, method, seed, config, result, train_images) -
             "device": ctx.device_name}
 
 
-def _run_task(ctx: _Context, task):
-    """Train one task; returns its rows (a chain returns one row per size not yet done)."""
+def _units(ctx: _Context, task):
+    """What the workers run for one task, in order: the cell itself, or (a chain) one link per size.
+
+    A link trains one size of a chain from the student its previous size saved, so each size's row is
+    written (and can be committed) as soon as that size is done, not when its whole chain is."""
     kind, spec = task
+    if kind == "cell":
+        yield task
+        return
+    key, wanted = spec
+    previous = None
+    for size in [s for s in sorted(set(wanted) | set(ctx.sizes)) if s <= max(wanted)]:
+        yield ("link", (key, size, previous, size in wanted))
+        previous = size
+
+
+def _run_task(ctx: _Context, unit) -> list[dict]:
+    """Train one unit of :func:`_units`; returns its rows (none for a link whose size the grid does not ask)."""
+    kind, spec = unit
     if kind == "cell":
         net, size, method, seed = spec
         idx = ctx.subset(size, seed)
         config, result = _train(ctx, method, net, seed, idx)
         return [_row(ctx, net, size, method, seed, config, result, len(idx))]
-    return _run_chain(ctx, spec)
+    row = _run_link(ctx, *spec)
+    return [row] if row is not None else []
 
 
-def _run_chain(ctx: _Context, spec) -> list[dict]:
-    """Sizes in order, each from the previous size's student (and T); checkpoints let a rerun resume mid-chain."""
+def _saved_link(ctx: _Context, key, size: int) -> Path:
+    net, method, seed = key
+    return ctx.chain_dir / f"{ctx.data.name}-{ctx.options.mode}-net{net}-{method}-seed{seed}-{size}.pt"
+
+
+def _run_link(ctx: _Context, key, size: int, previous: Optional[int], wanted: bool) -> Optional[dict]:
+    """One size of a chain, from the student (and T) the previous size saved; the student is saved in turn, so
+    a rerun resumes after the last size done (its row too, if it was cut off before the row reached the CSV)."""
     import torch
 
     from models import edge_net
     from models.checkpoint import save_atomic
 
-    (net, method, seed), wanted = spec
-    all_sizes = [s for s in sorted(set(wanted) | set(ctx.sizes)) if s <= max(wanted)]
-    rows, student, temperature, previous = [], None, None, np.empty(0, dtype=np.int64)
-    for size in all_sizes:
-        idx = ctx.subset(size, seed)
-        saved = ctx.chain_dir / f"{ctx.data.name}-{ctx.options.mode}-net{net}-{method}-seed{seed}-{size}.pt"
-        if saved.exists():  # trained in an earlier run (perhaps cut off before its row reached the CSV): go on from it
-            state = torch.load(saved, map_location="cpu", weights_only=True)
-            student = edge_net(net, ctx.data.channels, 32, ctx.data.classes)
-            student.load_state_dict(state["model"])
-            temperature, previous = state["T"], idx
-            if size in wanted:
-                rows.append(json.loads(state["row"]))
-            continue
-        train_idx = np.setdiff1d(idx, previous) if ctx.options.mode == "incremental-new" and len(previous) else idx
-        config, result = _train(ctx, method, net, seed, train_idx, student=student, temperature=temperature)
-        student = result.model.cpu()
-        temperature = result.history[-1]["T"] if method in ("aflkd", "ctkd") and result.history else None
-        row = _row(ctx, net, size, method, seed, config, result, len(train_idx))
-        ctx.chain_dir.mkdir(parents=True, exist_ok=True)
-        save_atomic({"model": student.state_dict(), "T": temperature, "row": json.dumps(row)}, str(saved))
-        if size in wanted:
-            rows.append(row)
-        previous = idx
-    return rows
+    net, method, seed = key
+    saved = _saved_link(ctx, key, size)
+    if saved.exists():  # trained in an earlier run
+        state = torch.load(saved, map_location="cpu", weights_only=True)
+        return json.loads(state["row"]) if wanted else None
+    student, temperature, before = None, None, np.empty(0, dtype=np.int64)
+    if previous is not None:
+        state = torch.load(_saved_link(ctx, key, previous), map_location="cpu", weights_only=True)
+        student = edge_net(net, ctx.data.channels, 32, ctx.data.classes)
+        student.load_state_dict(state["model"])
+        temperature, before = state["T"], ctx.subset(previous, seed)
+    idx = ctx.subset(size, seed)
+    train_idx = np.setdiff1d(idx, before) if ctx.options.mode == "incremental-new" and len(before) else idx
+    config, result = _train(ctx, method, net, seed, train_idx, student=student, temperature=temperature)
+    temperature = result.history[-1]["T"] if method in ("aflkd", "ctkd") and result.history else None
+    row = _row(ctx, net, size, method, seed, config, result, len(train_idx))
+    ctx.chain_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic({"model": result.model.cpu().state_dict(), "T": temperature, "row": json.dumps(row)}, str(saved))
+    return row if wanted else None
 
 
 _WORKER: Optional[_Context] = None
@@ -447,9 +464,10 @@ def run_grid(
         with progress_bar(total=len(cells), desc=f"{data.name} grid", unit="cell", disable=not progress) as bar:
             if options.workers <= 1:
                 for task in tasks:
-                    for row in _run_task(ctx, task):
-                        writer.write(row)
-                        bar.update()
+                    for unit in _units(ctx, task):
+                        for row in _run_task(ctx, unit):
+                            writer.write(row)
+                            bar.update()
             else:
                 _run_parallel(ctx, tasks, options, writer, bar)
     finally:
@@ -458,21 +476,42 @@ def run_grid(
 
 
 def _run_parallel(ctx, tasks, options, writer, bar) -> None:
-    """Tasks in ``options.workers`` spawned processes (fresh interpreters: no OpenMP state shared over fork)."""
+    """Tasks in ``options.workers`` spawned processes (fresh interpreters: no OpenMP state shared over fork).
+
+    Each worker takes one task at a time and, for a chain, its links in order: the parent submits a chain's
+    next link when the last one returns (writing its row first), so chains finish one after another, as
+    with one worker, rather than all advancing together."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
+    waiting = deque(_units(ctx, task) for task in tasks)
     with ProcessPoolExecutor(options.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(ctx, threads)) as pool:
-        futures = [pool.submit(_worker_task, task) for task in tasks]
+        running: dict = {}  # future -> the units of its task still to run
+
+        def submit_next(units) -> bool:
+            unit = next(units, None)
+            if unit is not None:
+                running[pool.submit(_worker_task, unit)] = units
+            return unit is not None
+
         try:
-            for future in as_completed(futures):
-                for row in future.result():
-                    writer.write(row)
-                    bar.update()
+            while running or waiting:
+                while waiting and len(running) < options.workers:
+                    submit_next(waiting.popleft())
+                if not running:
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    units = running.pop(future)
+                    for row in future.result():
+                        writer.write(row)
+                        bar.update()
+                    submit_next(units)
         except BaseException:
-            for f in futures:
+            for f in running:
                 f.cancel()
             raise
 
