@@ -20,10 +20,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .transport import (CHANNELS_LAST_ORDER, AgreedError, MessageSizeError, PeerTimeout, deadline_s,  # noqa: F401
-                        judge_problems, judge_values, tag_for)
+                        judge_problems, judge_values, halo_tag)
 
-__all__ = ["InProcessComm", "run_ranks", "AgreedError", "tag_for", "message", "post_messages", "wait",
-           "scatter_rows", "gather_rows", "allreduce_", "reduce_", "bcast_ints", "bcast_object", "agree", "agree_on"]
+__all__ = ["InProcessComm", "run_ranks", "AgreedError", "halo_tag", "message", "post_messages", "prepare_messages",
+           "wait", "scatter_rows", "gather_rows", "allreduce_", "reduce_", "bcast_ints", "bcast_object", "agree",
+           "agree_on"]
 
 
 class _World:
@@ -112,8 +113,31 @@ def post_messages(comm: InProcessComm, sends: Sequence[tuple[torch.Tensor, int]]
     return [_Recv(comm, t, src, tag) for t, src in recvs]
 
 
+class _Prepared:
+    """:func:`post_messages` again at every start (in process nothing is gained by making requests once)."""
+
+    def __init__(self, comm: InProcessComm, sends, recvs, tag: int) -> None:
+        self.comm, self.sends, self.recvs, self.tag = comm, list(sends), list(recvs), tag
+
+    def start(self) -> tuple[list, list]:
+        return post_messages(self.comm, (), self.recvs, self.tag), post_messages(self.comm, self.sends, (), self.tag)
+
+    def free(self) -> None:
+        pass
+
+
+def prepare_messages(comm: InProcessComm, sends: Sequence[tuple[torch.Tensor, int]],
+                     recvs: Sequence[tuple[torch.Tensor, int]], tag: int, what: str = "a halo exchange") -> _Prepared:
+    """As :func:`runtime.transport.prepare_messages`: ``start()`` posts the messages, (receives, sends)."""
+    return _Prepared(comm, sends, recvs, tag)
+
+
 def wait(requests: Sequence, what: Optional[str] = None, timeout_s: Optional[float] = None) -> None:
+    """Wait for receives (a list of them, or a list of such lists, as MPI's wait takes a list of Pendings)."""
     for r in requests:
+        if isinstance(r, (list, tuple)):
+            wait(r, what, timeout_s)
+            continue
         if not isinstance(r, _Recv) or r.done:
             continue
         try:

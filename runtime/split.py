@@ -203,7 +203,6 @@ class SplitExecutor:
         #: what this rank runs, decided once from the plan (printable: ``aflkd plan --program``)
         self.program = P.lower(plan, self.rank, root=root, head=head, module_of=lambda f: self._modules.get(f.name))
         self._batch: Optional[int] = None
-        self._pass = 0
 
     def _head_slice(self, model: nn.Module, columns: Optional[torch.Tensor]):
         """This rank's columns of the split Linear's weight (given, or cut from the model's); the root's bias."""
@@ -257,7 +256,9 @@ class SplitExecutor:
             buf[:, :, : spec.pad_top].fill_(spec.fill)
             buf[:, :, spec.length - spec.pad_bottom:].fill_(spec.fill)
             self._buffers[name] = buf
-        self._message_cache: dict[str, tuple] = {}
+        for prepared in getattr(self, "_prepared", ()):  # the previous batch size's buffers
+            prepared.free()
+        self._prepared: list = []  # the halo exchanges of buffered values, made once (freed with the buffers)
         self._split_steps = [self._step(ins) for ins in self.program.split]
         self._exchange_free_steps = None  # built when first asked for (benchmarks only)
         self._head_steps = [self._step(ins) for ins in self.program.head]
@@ -446,11 +447,7 @@ class SplitExecutor:
         return step
 
     def _messages(self, ins, source: torch.Tensor):
-        """(sends, recvs, bytes sent, tensors to keep) of a halo exchange as ready MPI messages; cached for a
-        buffered value (its rows are the same memory every pass)."""
-        cached = self._message_cache.get(ins.value)
-        if cached is not None:
-            return cached
+        """(sends, recvs, bytes sent, tensors to keep) of a halo exchange as ready MPI messages."""
         r = self.rank
         value = self.plan.values[ins.value]
         own = value.owned[r]
@@ -459,28 +456,34 @@ class SplitExecutor:
         sends = [(source[:, :, t.rows.start - own.start: t.rows.stop - own.start], t.dst) for t in ins.sends]
         recvs = [(buf[:, :, t.rows.start - first: t.rows.stop - first], t.src) for t in ins.recvs]
         wire = self._t.CHANNELS_LAST_ORDER  # both ends: a channels-last band moves as one block
-        made = ([(self._t.message(t, wire), d) for t, d in sends], [(self._t.message(t, wire), s) for t, s in recvs],
+        return ([(self._t.message(t, wire), d) for t, d in sends], [(self._t.message(t, wire), s) for t, s in recvs],
                 sum(t.numel() * t.element_size() for t, _ in sends), [t for t, _ in sends])
-        if buf is not None:
-            self._message_cache[ins.value] = made
-        return made
 
     def _post_step(self, ins):
         value = self.plan.values[ins.value]
         node, index = self._index[value.exchange.node], self._index[ins.value]
+        # one tag per value, the same every pass (see transport.Prepared: every pass posts the same messages in
+        # the same order, so a pass's receive only matches that pass's message) and whichever end buffers it
+        tag = self._t.halo_tag(index, len(self._fx))
+        buffered = ins.value in self._buffers
+        if buffered:  # its rows are the same memory every pass: its messages are made once, started each pass
+            sends, recvs, nbytes, keep = self._messages(ins, self._own_view(ins.value))
+            prepared = self._t.prepare_messages(self.comm, sends, recvs, tag)
+            self._prepared.append(prepared)
 
         def step(env, clock):
             since = clock.now()
-            made = self._message_cache.get(ins.value)  # a buffered value's messages: built on the first pass
-            if made is None:
-                made = self._messages(ins, self._own_view(ins.value) if ins.value in self._buffers else env[ins.value])
-            sends, recvs, nbytes, keep = made
-            tag = self._t.tag_for(self._pass, index, len(self._fx))
             # the receives are awaited by the value's first reader; the sends only at the end of the pass
             # (their rows are not written again before it), so a rank never waits for its own sends to land
-            self._pending[ins.value] = self._t.post_messages(self.comm, (), recvs, tag)
-            self._all_requests.append((self._t.post_messages(self.comm, sends, (), tag), keep))
-            clock.sent(node, nbytes)
+            if buffered:
+                self._pending[ins.value], sent = prepared.start()
+                self._all_requests.append((sent, keep))
+                clock.sent(node, nbytes)
+            else:
+                sends_, recvs_, nbytes_, keep_ = self._messages(ins, env[ins.value])
+                self._pending[ins.value] = self._t.post_messages(self.comm, (), recvs_, tag)
+                self._all_requests.append((self._t.post_messages(self.comm, sends_, (), tag), keep_))
+                clock.sent(node, nbytes_)
             clock.waited(node, since)
         return step
 
@@ -497,10 +500,8 @@ class SplitExecutor:
 
     def _drain_step(self, ins):
         def step(env, clock):
-            for requests, _ in self._all_requests:
-                self._t.wait(requests)
-            for requests in self._pending.values():  # received rows no instruction read (none in a checked program)
-                self._t.wait(requests)
+            # every send of the pass, and received rows no instruction read (none in a checked program): one wait
+            self._t.wait([requests for requests, _ in self._all_requests] + list(self._pending.values()))
             self._all_requests, self._pending = [], {}
         return step
 
@@ -605,7 +606,6 @@ class SplitExecutor:
             batch = x.shape[0]
             if batch != self._batch:
                 self._prepare(batch)
-            self._pass += 1
             self._pending: dict[str, list] = {}
             self._all_requests: list = []
             env = {self.graph.input.name: x}

@@ -62,14 +62,15 @@ def test_scatter_gather_and_reduce_on_one_rank(self_comm):
     assert torch.equal(mpi.allreduce_(self_comm, t), torch.ones(4))
 
 
-def test_tags_are_unique_per_pass_and_node():
-    window = mpi.TAG_PASSES // 50
-    tags = {mpi.tag_for(p, n, 50) for p in range(2 * window) for n in range(50)}
-    assert len(tags) == 50 * window and max(tags) < mpi.TAG_PASSES
+def test_halo_tags_are_unique_per_node_and_below_the_fixed_tags():
+    tags = {mpi.halo_tag(n, 50) for n in range(50)}
+    assert len(tags) == 50 and max(tags) < mpi.TAG_PASSES
     fixed = {mpi.TAG_COLUMNS, mpi.TAG_LINK, mpi.TAG_SIZE_CHECK}
     assert min(fixed) >= mpi.TAG_PASSES and max(fixed) + 100 <= mpi.TAG_LIMIT  # the two kinds never meet
     with pytest.raises(ValueError):
-        mpi.tag_for(0, 50, 50)
+        mpi.halo_tag(50, 50)
+    with pytest.raises(ValueError):
+        mpi.halo_tag(mpi.TAG_PASSES, mpi.TAG_PASSES + 1)
 
 
 def test_peak_memory_of_a_child_is_its_own():

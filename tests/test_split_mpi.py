@@ -114,6 +114,48 @@ def test_non_root_ranks_hold_no_head(world, agree, same_output):
     agree(world, problems)
 
 
+class _LaggingClock:
+    """Sleeps after some instructions (random, seeded): its rank falls behind within a pass, so the others finish
+    the pass and post the next one's halo messages (same tags, same requests made once) while it still
+    receives this one's."""
+
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self.random = random.Random(seed)
+
+    def now(self) -> float:
+        return 0.0
+
+    def __getattr__(self, name):  # spent, waited, sent, split_done: nothing
+        return lambda *args: None
+
+    def step(self, index: int, since: float) -> None:
+        import time
+
+        if self.random.random() < 0.3:
+            time.sleep(self.random.uniform(0.0, 0.003))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_passes_in_flight_together_and_new_batch_sizes_match_unsplit(world, agree, same_output):
+    """One executor, 12 passes of batch sizes 1, 2, 3 (a new size rebuilds the buffers and their prepared
+    messages): the last rank lags inside every pass, so the others run ahead into the next with the same tags;
+    every output equals plain torch."""
+    torch.manual_seed(2)  # every rank the same weights
+    model = randomize_batchnorm(build_net("edge1", 3, 32, 10), torch.Generator().manual_seed(2)).eval()
+    executor = SplitExecutor.build(model, (3, 32, 32), world, weights=[1.0 + r for r in range(world.size)])
+    lag = _LaggingClock(world.rank) if world.rank == world.size - 1 else None
+    problems = []
+    for k, batch in enumerate((1, 1, 2, 2, 3, 1, 3, 2, 1, 1, 2, 3)):
+        image = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(k))
+        got = executor(image if world.rank == 0 else None, batch=batch, **({"clock": lag} if lag else {}))
+        if world.rank == 0:
+            with torch.no_grad():
+                problems += same_output(got, model(image), 1e-5, f"pass {k} batch {batch}")
+    agree(world, problems)
+
+
 @pytest.mark.mpi(min_size=2)
 def test_non_image_input_fails_on_every_rank(world):
     executor = SplitExecutor.build(build_net("edge1", 3, 32, 10).eval(), (3, 32, 32), world)
