@@ -256,6 +256,9 @@ class SplitExecutor:
             buf[:, :, : spec.pad_top].fill_(spec.fill)
             buf[:, :, spec.length - spec.pad_bottom:].fill_(spec.fill)
             self._buffers[name] = buf
+        self._own_views = {name: self._buffers[name][:, :, v.owned[r].start - v.buffers[r].first:
+                                                     v.owned[r].stop - v.buffers[r].first]
+                           for name, v in self.plan.values.items() if name in self._buffers}
         for prepared in getattr(self, "_prepared", ()):  # the previous batch size's buffers
             prepared.free()
         self._prepared: list = []  # the halo exchanges of buffered values, made once (freed with the buffers)
@@ -281,21 +284,16 @@ class SplitExecutor:
     # ------------------------------------------------------------------ steps, one per kind of instruction
     def _store(self, name: str, env: dict, t: torch.Tensor) -> None:
         """Value ``name``'s own rows are ``t``: into its buffer when it has one (env then holds the buffer's view)."""
-        buf = self._buffers.get(name)
-        if buf is None:
+        view = self._own_views.get(name)
+        if view is None:
             env[name] = t
             return
-        value = self.plan.values[name]
-        own, first = value.owned[self.rank], value.buffers[self.rank].first
-        view = buf[:, :, own.start - first: own.stop - first]
-        if len(own) and t is not view:
+        if t is not view and view.shape[2]:
             view.copy_(t)
         env[name] = view
 
     def _own_view(self, name: str) -> torch.Tensor:
-        value = self.plan.values[name]
-        own, first = value.owned[self.rank], value.buffers[self.rank].first
-        return self._buffers[name][:, :, own.start - first: own.stop - first]
+        return self._own_views[name]
 
     def _input_step(self, ins):
         name = ins.value
@@ -330,10 +328,12 @@ class SplitExecutor:
             lo, hi = read.rows.start, read.rows.stop
         fill = self.graph[name].window.fill
 
+        window = self._buffers[source][:, :, lo - buf_spec.first: hi - buf_spec.first] if read.from_buffer else None
+
         def step(env, clock):
             since = clock.now()
-            if read.from_buffer:
-                x = self._buffers[source][:, :, lo - buf_spec.first: hi - buf_spec.first]
+            if window is not None:
+                x = window
             else:
                 x = env[source][:, :, lo - own.start: hi - own.start]
             if read.repad:
@@ -379,17 +379,18 @@ class SplitExecutor:
             members.append((idx, write, _arg_reader(f, prev, rows_args)))
         parts = list(ins.parts)
 
+        buf = self._buffers[name]  # (steps are built with the buffers: their views are made once)
+        views = [(p.start - own.start, p.stop - own.start, buf[:, :, p.start - first: p.stop - first]) for p in parts]
+        own_view = self._own_views[name]
+
         def step(env, clock):
-            buf = self._buffers[name]
-            for p in parts:
-                a, b = p.start - own.start, p.stop - own.start
-                dst = buf[:, :, p.start - first: p.stop - first]
+            for a, b, dst in views:
                 for idx, write, read in members:
                     since = clock.now()
                     args, kwargs = read(env, dst, a, b)
                     write(args, kwargs, dst)
                     clock.spent(idx, since)
-            env[name] = buf[:, :, own.start - first: own.stop - first]
+            env[name] = own_view
         return step
 
     def _compute_step(self, ins):
