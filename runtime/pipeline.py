@@ -254,6 +254,8 @@ class PipelineExecutor:
         self.model_in_shape = layers.graph.in_shape
 
     def close(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.close()  # its prepared exchanges are on stage_comm
         mpi.free_comm(self.stage_comm)
         mpi.free_comm(self.cluster_comm)
 

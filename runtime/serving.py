@@ -150,6 +150,7 @@ def serve_stream(comm, build: Callable[[Sequence[float]], object], weights: Sequ
         mpi.bcast_tensor(comm, decision, 0, "the root's decision before the next image")
         if int(decision[0]) == KIND_REPLAN:
             weights = _new_plan(comm, proposal, size, torch.float64, "the root's new row weights")
+            executor.close()
             executor = build(weights)
             epoch = int(decision[2])
             if root:

@@ -137,6 +137,10 @@ def _writer(fx_node, module, folded):
     return lambda args, kwargs, out: out.copy_(_call(fx_node, module, args, kwargs))
 
 
+#: The requests and buffers of passes that failed with messages possibly in flight: kept until the process ends.
+_IN_FLIGHT: list = []
+
+
 class SplitExecutor:
     """Runs a planned model split by height over ``comm``; rank ``root`` gets the output.
 
@@ -203,6 +207,8 @@ class SplitExecutor:
         #: what this rank runs, decided once from the plan (printable: ``aflkd plan --program``)
         self.program = P.lower(plan, self.rank, root=root, head=head, module_of=lambda f: self._modules.get(f.name))
         self._batch: Optional[int] = None
+        self._prepared: list = []  # the halo exchanges of buffered values, made once per batch size
+        self._failed: Optional[str] = None  # why a pass failed: its messages may be in flight, no pass follows
 
     def _head_slice(self, model: nn.Module, columns: Optional[torch.Tensor]):
         """This rank's columns of the split Linear's weight (given, or cut from the model's); the root's bias."""
@@ -259,9 +265,7 @@ class SplitExecutor:
         self._own_views = {name: self._buffers[name][:, :, v.owned[r].start - v.buffers[r].first:
                                                      v.owned[r].stop - v.buffers[r].first]
                            for name, v in self.plan.values.items() if name in self._buffers}
-        for prepared in getattr(self, "_prepared", ()):  # the previous batch size's buffers
-            prepared.free()
-        self._prepared: list = []  # the halo exchanges of buffered values, made once (freed with the buffers)
+        self.close()  # the previous batch size's exchanges (made on its buffers)
         self._split_steps = [self._step(ins) for ins in self.program.split]
         self._exchange_free_steps = None  # built when first asked for (benchmarks only)
         self._head_steps = [self._step(ins) for ins in self.program.head]
@@ -603,6 +607,9 @@ class SplitExecutor:
         all-reduce keeps this rank's part): the same compute on the same buffers, so its time is
         what the split would take if exchanges were free.  Its output is not the model's.
         """
+        if self._failed is not None:
+            raise RuntimeError(f"this executor's earlier pass failed ({self._failed}); its messages may still be "
+                               "in flight: build a new executor")
         with torch.no_grad():
             batch = x.shape[0]
             if batch != self._batch:
@@ -615,13 +622,27 @@ class SplitExecutor:
                 if self._exchange_free_steps is None:
                     self._exchange_free_steps = [self._exchange_free_step(ins) for ins in self.exchange_free_program()]
                 steps = self._exchange_free_steps
-            for k, step in enumerate(steps):
-                since = clock.now()
-                step(env, clock)
-                clock.step(k, since)
-                if poll is not None:
-                    poll()
+            try:
+                for k, step in enumerate(steps):
+                    since = clock.now()
+                    step(env, clock)
+                    clock.step(k, since)
+                    if poll is not None:
+                        poll()
+            except BaseException as err:
+                self._failed = f"{type(err).__name__}: {err}".splitlines()[0]
+                _IN_FLIGHT.append((self._prepared, self._buffers))  # never freed: a late message may land there
+                raise
             return env
+
+    def close(self) -> None:
+        """Release this executor's prepared halo exchanges (MPI persistent requests) now rather than when the
+        collector gets to it; a later pass makes them again.  After a failed pass they stay: a receive may
+        still land in their buffers."""
+        if self._failed is None:
+            for prepared in self._prepared:
+                prepared.free()
+            self._prepared, self._batch = [], None
 
     def exchange_free_program(self) -> list:
         """The split part's instructions that ``forward_local(exchange=False)`` runs, in order (its clock's

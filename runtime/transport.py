@@ -368,21 +368,23 @@ def post_messages(comm: MPI.Comm, sends: Iterable[tuple[list, int]], recvs: Iter
 
 class Prepared:
     """The same messages on the same buffers pass after pass (a buffered halo exchange): MPI persistent
-    requests, made once and started with one ``Startall`` per pass.
+    requests, made once and started (in order) each pass.
 
     Why: posting with ``Irecv``/``Isend`` parses every message and builds every request again, each pass
     (about 6 us per post measured on edge net 3); starting requests made once costs one call.  Their tag is
     fixed, which is safe because every pass posts the same messages in the same order: MPI matches
     messages of one sender and tag in the order they were sent, so a pass's receive can only take that
     pass's message.  A rank that finished a pass may start the next while its peer is still in the first:
-    its new messages queue behind the old ones."""
+    its new messages queue behind the old ones.  The requests are started one by one, in the order given:
+    ``Startall`` may start them in any order, and one value can send two same-sized bands to one peer (a
+    strided or dilated read leaves a gap between them), which must not swap."""
 
     __slots__ = ("comm", "what", "recvs", "sends", "all", "expect_recvs", "expect_sends")
 
     def __init__(self, comm: MPI.Comm, sends: Iterable[tuple[list, int]], recvs: Iterable[tuple[list, int]],
                  tag: int, what: str = "a halo exchange"):
         recvs, sends = list(recvs), list(sends)
-        self.comm, self.what = comm, what
+        self.comm, self.what, self.all, self.recvs, self.sends = comm, what, [], [], []
         self.recvs = [comm.Recv_init(m, source=src, tag=tag) for m, src in recvs]
         self.sends = [comm.Send_init(m, dest=dst, tag=tag) for m, dst in sends]
         self.all = self.recvs + self.sends  # receives first, as post_messages
@@ -391,8 +393,8 @@ class Prepared:
 
     def start(self) -> tuple[Pending, Pending]:
         """Start every message: (the receives, the sends), each to :func:`wait` for."""
-        if self.all:
-            MPI.Prequest.Startall(self.all)
+        for request in self.all:
+            request.Start()
         received, sent = Pending(self.comm, self.what), Pending(self.comm, self.what)
         received.requests, received.expect = list(self.recvs), list(self.expect_recvs)
         sent.requests, sent.expect = list(self.sends), list(self.expect_sends)
@@ -400,7 +402,8 @@ class Prepared:
 
     def free(self) -> None:
         """Release the requests (MPI's own objects: Python's collector does not; MPICH names every one left at
-        the job's end).  One still active after a failed pass is released once it completes or is cancelled."""
+        the job's end).  Only after a finished pass: an executor whose pass failed is never run or freed again
+        (:class:`runtime.split.SplitExecutor`), so no receive can land in a buffer already released."""
         if not MPI.Is_finalized():
             for request in self.all:
                 if request != MPI.REQUEST_NULL:
@@ -408,7 +411,10 @@ class Prepared:
         self.all, self.recvs, self.sends = [], [], []
 
     def __del__(self) -> None:
-        self.free()
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001 -- at interpreter teardown MPI or this module may be gone already
+            pass
 
 
 def prepare_messages(comm: MPI.Comm, sends: Iterable[tuple[list, int]], recvs: Iterable[tuple[list, int]],

@@ -195,3 +195,24 @@ def test_a_pass_without_messages_waits_for_no_peer():
 
     env = run_ranks(2, rank, timeout_s=2.0)[0]
     assert all(torch.isfinite(v).all() for v in env.values() if isinstance(v, torch.Tensor))
+
+
+def test_an_executor_whose_pass_failed_runs_no_further_pass():
+    """Its peer left mid-pass: rank 0's pass ends in PeerTimeout with its receives posted, and the next pass
+    (which would start the same requests, with the same tags, on the same buffers) is refused with the reason."""
+    torch.manual_seed(0)
+    model = build_model("edge1", 3, 32, 10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    plan = plan_split(trace_model(model, (3, 32, 32)), [1.0, 1.0])
+
+    def rank(comm):
+        executor = SplitExecutor(plan, model, comm)
+        if comm.Get_rank() != 0:
+            return None
+        with pytest.raises(PeerTimeout):
+            executor.forward_local(_local_rows(x, plan, 0))
+        with pytest.raises(RuntimeError, match=r"earlier pass failed \(PeerTimeout: .*build a new executor"):
+            executor.forward_local(_local_rows(x, plan, 0))
+        return "refused"
+
+    assert run_ranks(2, rank, timeout_s=1.0)[0] == "refused"
