@@ -537,6 +537,7 @@ class SplitExecutor:
         return self._step(ins)
 
     def _finish_step(self, ins, local: bool = False):
+        local = local or self.comm.Get_size() == 1  # one rank (the bound, the unsplit reference): nothing to reduce
         name, i = ins.node, self._index[ins.node]
         g = self.graph[name]
         source = self.graph[g.inputs[0]]

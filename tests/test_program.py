@@ -216,3 +216,27 @@ def test_an_executor_whose_pass_failed_runs_no_further_pass():
         return "refused"
 
     assert run_ranks(2, rank, timeout_s=1.0)[0] == "refused"
+
+
+def test_one_rank_reduces_nothing_and_equals_torch(monkeypatch):
+    """On one rank (the benchmark's bound and unsplit reference run on COMM_SELF) a global pool's all-reduce and
+    the head's reduce are the rank's own part: no MPI collective is started (each cost ~30 us, charged to the
+    bound), and the output still equals plain torch."""
+    from mpi4py import MPI
+
+    import runtime.transport as transport
+
+    torch.manual_seed(0)
+    model = build_model("tv:mobilenet_v3_small", 3, 64, 10).eval()
+    plan = plan_split(trace_model(model, (3, 64, 64)), [1.0])
+    assert any(isinstance(ins, AllReduce) for ins in lower_all(plan, model)[0].split)
+    executor = SplitExecutor(plan, model, MPI.COMM_SELF)
+
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective on one rank")
+
+    monkeypatch.setattr(transport, "allreduce_", collective)
+    monkeypatch.setattr(transport, "reduce_", collective)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(executor(x, batch=2), model(x), atol=1e-5, rtol=0)
