@@ -296,9 +296,6 @@ class SplitExecutor:
             view.copy_(t)
         env[name] = view
 
-    def _own_view(self, name: str) -> torch.Tensor:
-        return self._own_views[name]
-
     def _input_step(self, ins):
         name = ins.value
 
@@ -364,7 +361,7 @@ class SplitExecutor:
             for p, rows in parts:
                 buf[:, :, p.start - first: p.stop - first].copy_(
                     op(src[:, :, rows.start - src_first: rows.stop - src_first]))
-            env[name] = self._own_view(name)
+            env[name] = self._own_views[name]
             clock.spent(i, since)
         return step
 
@@ -470,25 +467,28 @@ class SplitExecutor:
         # one tag per value, the same every pass (see transport.Prepared: every pass posts the same messages in
         # the same order, so a pass's receive only matches that pass's message) and whichever end buffers it
         tag = self._t.halo_tag(index, len(self._fx))
-        buffered = ins.value in self._buffers
-        if buffered:  # its rows are the same memory every pass: its messages are made once, started each pass
-            sends, recvs, nbytes, keep = self._messages(ins, self._own_view(ins.value))
+        if ins.value in self._buffers:  # its rows are the same memory every pass: messages made once, started each
+            sends, recvs, nbytes, keep = self._messages(ins, self._own_views[ins.value])
             prepared = self._t.prepare_messages(self.comm, sends, recvs, tag)
             self._prepared.append(prepared)
 
-        def step(env, clock):
-            since = clock.now()
-            # the receives are awaited by the value's first reader; the sends only at the end of the pass
-            # (their rows are not written again before it), so a rank never waits for its own sends to land
-            if buffered:
+            def step(env, clock):
+                since = clock.now()
+                # the receives are awaited by the value's first reader; the sends only at the end of the pass
+                # (their rows are not written again before it), so a rank never waits for its own sends to land
                 self._pending[ins.value], sent = prepared.start()
                 self._all_requests.append((sent, keep))
                 clock.sent(node, nbytes)
-            else:
-                sends_, recvs_, nbytes_, keep_ = self._messages(ins, env[ins.value])
-                self._pending[ins.value] = self._t.post_messages(self.comm, (), recvs_, tag)
-                self._all_requests.append((self._t.post_messages(self.comm, sends_, (), tag), keep_))
-                clock.sent(node, nbytes_)
+                clock.waited(node, since)
+            return step
+        if ins.recvs:
+            raise AssertionError(f"'{ins.value}' receives halo rows but has no buffer on rank {self.rank}")
+
+        def step(env, clock):  # sends only, from a tensor made this pass (a value with no halo of its own here)
+            since = clock.now()
+            sends, _, nbytes, keep = self._messages(ins, env[ins.value])
+            self._all_requests.append((self._t.post_messages(self.comm, sends, (), tag), keep))
+            clock.sent(node, nbytes)
             clock.waited(node, since)
         return step
 
@@ -537,7 +537,6 @@ class SplitExecutor:
         return self._step(ins)
 
     def _finish_step(self, ins, local: bool = False):
-        local = local or self.comm.Get_size() == 1  # one rank (the bound, the unsplit reference): nothing to reduce
         name, i = ins.node, self._index[ins.node]
         g = self.graph[name]
         source = self.graph[g.inputs[0]]

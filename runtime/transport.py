@@ -379,7 +379,7 @@ class Prepared:
     ``Startall`` may start them in any order, and one value can send two same-sized bands to one peer (a
     strided or dilated read leaves a gap between them), which must not swap."""
 
-    __slots__ = ("comm", "what", "recvs", "sends", "all", "expect_recvs", "expect_sends")
+    __slots__ = ("comm", "what", "recvs", "sends", "all", "expect_recvs", "expect_sends", "received", "sent")
 
     def __init__(self, comm: MPI.Comm, sends: Iterable[tuple[list, int]], recvs: Iterable[tuple[list, int]],
                  tag: int, what: str = "a halo exchange"):
@@ -390,15 +390,16 @@ class Prepared:
         self.all = self.recvs + self.sends  # receives first, as post_messages
         self.expect_recvs = [(comm, src, m[1], m[2]) for m, src in recvs]
         self.expect_sends = [(comm, dst, None, None) for _, dst in sends]
+        self.received, self.sent = Pending(comm, what), Pending(comm, what)
 
     def start(self) -> tuple[Pending, Pending]:
-        """Start every message: (the receives, the sends), each to :func:`wait` for."""
+        """Start every message: (the receives, the sends), each to :func:`wait` for.  The same two
+        :class:`Pending` every pass (a wait empties them by rebinding their lists, never by changing these)."""
         for request in self.all:
             request.Start()
-        received, sent = Pending(self.comm, self.what), Pending(self.comm, self.what)
-        received.requests, received.expect = list(self.recvs), list(self.expect_recvs)
-        sent.requests, sent.expect = list(self.sends), list(self.expect_sends)
-        return received, sent
+        self.received.requests, self.received.expect = self.recvs, self.expect_recvs
+        self.sent.requests, self.sent.expect = self.sends, self.expect_sends
+        return self.received, self.sent
 
     def free(self) -> None:
         """Release the requests (MPI's own objects: Python's collector does not; MPICH names every one left at
@@ -501,13 +502,18 @@ _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
 
 def allreduce_(comm: MPI.Comm, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Reduce a contiguous tensor over all ranks, in place; every rank gets the result."""
+    """Reduce a contiguous tensor over all ranks, in place; every rank gets the result.  One rank: ``t``, with no
+    collective started (the bound and the unsplit reference run on ``COMM_SELF`` beside the split's ranks)."""
+    if comm.Get_size() == 1:
+        return t
     _collective(comm, comm.Iallreduce(MPI.IN_PLACE, message(t), op=_OPS[op]), "an all-reduce")
     return t
 
 
 def reduce_(comm: MPI.Comm, t: torch.Tensor, op: str = "sum", root: int = 0) -> Optional[torch.Tensor]:
-    """Reduce a contiguous tensor onto ``root`` (in place there); None on the other ranks."""
+    """Reduce a contiguous tensor onto ``root`` (in place there); None on the other ranks.  One rank: ``t``."""
+    if comm.Get_size() == 1:
+        return t
     if comm.Get_rank() == root:
         _collective(comm, comm.Ireduce(MPI.IN_PLACE, message(t), op=_OPS[op], root=root), "a reduce")
         return t
