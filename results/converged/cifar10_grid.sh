@@ -32,3 +32,6 @@ nice -n 19 $A experiment accuracy --dataset cifar10 --teacher $T/selected.pt --n
   --seeds 0,1,2 --mode incremental $C30 --out results/converged/cifar10-val/epochs-30
 nice -n 19 $A experiment accuracy --dataset cifar10 --teacher $T/selected.pt --nets 3,2,1 --sizes $S --methods baseline \
   --seeds 0,1,2 --mode incremental $C60 --out results/converged/cifar10-val/epochs-60
+# 3. the baseline's convergence check, 60 epochs against 120 (static cells: each size from scratch), seed 0
+nice -n 19 $A experiment converge --dataset cifar10 --teacher $T/selected.pt --nets 3,1 --sizes 500,2000 \
+  --methods baseline --seeds 0 --mode static $C60 --out results/converged/cifar10-val/converge-60
