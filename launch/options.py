@@ -269,10 +269,31 @@ def prepare_folder(folder: str, option: str, value: Optional[str] = None) -> Pat
     return path
 
 
+def plot_formats() -> list[str]:
+    """The file extensions matplotlib's image writer takes (png, pdf, svg, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
+def check_plot_file(file: str, option: str = "--plot") -> None:
+    """Refuse, before any work, a plot file matplotlib would not write as named: an extension it has no
+    writer for (it raised only after the whole run), or none at all (it silently wrote FILE.png)."""
+    suffix = Path(file).suffix.lower().lstrip(".")
+    formats = plot_formats()
+    if suffix not in formats:
+        what = "has no extension" if not suffix else f"ends in .{suffix}, not an image format"
+        raise UsageError(f"{option} {file} {what}: name it .png, .pdf or .svg (matplotlib writes "
+                         f"{', '.join(formats)})")
+
+
 def prepare_output(file: Optional[str], option: str) -> None:
-    """Make sure ``file`` can be written: create its folder (as users expect for ``out/...``) or refuse."""
+    """Make sure ``file`` can be written: create its folder (as users expect for ``out/...``) or refuse.
+    A ``--plot`` file must also end in an image format (:func:`check_plot_file`)."""
     if not file:
         return
+    if option == "--plot":
+        check_plot_file(file, option)
     path = Path(file)
     if path.is_dir():
         raise UsageError(f"{option} {file} is a folder; give a file name, e.g. {path / 'report'}")

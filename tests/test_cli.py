@@ -39,6 +39,7 @@ def error_lines(proc) -> list[str]:
         (2, ["--json", "/dev/null/r.json"], "--json /dev/null/r.json: cannot create the folder /dev/null: /dev/null is a file, not a folder"),
         (2, ["--checkpoint", "/nonexistent/model.pt"], "checkpoint '/nonexistent/model.pt' does not exist"),
         (2, ["--repeat", "0"], "argument --repeat: must be >= 1, got 0"),
+        (2, ["--plot", "out/x.txt"], r"--plot out/x.txt ends in .txt, not an image format: name it .png"),
         (2, ["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )

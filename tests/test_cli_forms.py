@@ -37,6 +37,23 @@ def _aflkd(*argv, env=None, timeout=120):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.parametrize("name, why", [("fig.txt", "ends in .txt, not an image format"), ("fig", "has no extension")])
+def test_a_plot_file_matplotlib_would_not_write_as_named_is_refused_before_any_work(tmp_path, name, why):
+    """matplotlib raised on an unknown extension only after the whole run, and wrote FILE.png for FILE."""
+    plot = tmp_path / "sub" / name
+    proc = _aflkd("schedule", "simulate", "--c-totals", "6", "--plot", str(plot), "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"aflkd: error: --plot {plot} {why}: name it .png, .pdf or .svg "
+                                                f"(matplotlib writes {', '.join(_plot_formats())})"]
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "sub").exists()  # refused before any work
+
+
+def _plot_formats():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
 def test_an_unknown_option_points_to_the_subcommands_help():
     proc = _aflkd("train", "edge", "--dataset", "cifar10", "--epochs", "3")
     assert proc.returncode == 2
