@@ -302,6 +302,26 @@ def prepare_output(file: Optional[str], option: str) -> None:
         raise UsageError(f"{option} {file}: the file is not writable")
 
 
+def check_out_settings(out: str, mine: dict, what: str) -> None:
+    """An --out folder resumes only the run that made it: its settings are written there on the first run
+    (``settings.json``) and a later run with others is refused in one line, not mixed into its files (a
+    student of another net, generations of another dataset in one buffer)."""
+    import json
+
+    path = os.path.join(out, "settings.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            theirs = json.load(fh)
+        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        if diff:
+            raise UsageError(f"--out {out} holds {what} made with other settings ({', '.join(diff)}); give another "
+                             "--out, or the same settings to resume it")
+        return
+    from models.checkpoint import write_atomic
+
+    write_atomic(path, lambda fh: fh.write(json.dumps(mine, indent=1).encode()))
+
+
 def data_options(parser: argparse.ArgumentParser, teacher: bool = False) -> None:
     """--dataset and --data-root (and --teacher), shared by the training commands."""
     parser.add_argument("--dataset", required=True, help="cifar10, cifar100 or fashion-mnist")

@@ -128,6 +128,22 @@ def _student(args, data):
     return edge_net(args.net, data.channels, 32, data.classes)
 
 
+def _check_out(args, data, out: str) -> None:
+    """--out resumes only a run of the same dataset, net and teacher; a student left there must load into
+    this net (a folder from before settings were recorded has none to compare)."""
+    teacher = args.teacher or ("untrained, seeded" if args.dataset == "synthetic" else options.teacher_path(args))
+    options.check_out_settings(out, {"dataset": args.dataset, "net": args.net, "teacher": teacher}, "a system run")
+    left = os.path.join(out, "student.pt")
+    if os.path.exists(left):
+        from kd.incremental import read_student
+
+        try:
+            _student(args, data).load_state_dict(read_student(left)[0])
+        except RuntimeError:
+            raise UsageError(f"--out {out} holds a student that is not edge net {args.net} for {args.dataset} "
+                             "(student.pt); give another --out") from None
+
+
 def _run(args) -> int:
     from runtime import transport as mpi
     from runtime import transport
@@ -178,6 +194,8 @@ def _run(args) -> int:
             device = pick_device(args.device)
         if rank == cloud:
             teacher = _teacher(args, data, device)
+        if rank == trainer:
+            _check_out(args, data, str(out))
         if rank == trainer and args.student and not os.path.exists(os.path.join(str(out), "student.pt")):
             from kd.incremental import read_student
 

@@ -492,20 +492,11 @@ def _demo(args) -> int:
 
 def _check_demo_settings(out: str, args) -> None:
     """An --out folder resumes only the same demo: other settings are refused, not mixed into its CSV."""
-    path = os.path.join(out, "settings.json")
     keys = ("dataset", "net", "initial", "initial_steps", "increment", "increments", "steps", "lr", "t_rule", "unit",
             "seed", "teacher", "test_images")
     mine = {k: getattr(args, k) for k in keys}
     mine["teacher"] = options.teacher_path(args)
-    if os.path.exists(path):
-        with open(path) as fh:
-            theirs = json.load(fh)
-        diff = sorted(k for k in keys if theirs.get(k) != mine[k])
-        if diff:
-            raise UsageError(f"--out {out} holds a demo made with other settings ({', '.join(diff)}); give another "
-                             "--out, or the same settings to resume it")
-        return
-    _write_text(path, json.dumps(mine, indent=1))
+    options.check_out_settings(out, mine, "a demo")
 
 
 def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:

@@ -86,6 +86,30 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
             other = students[(g + 1) % 3](torch.from_numpy(inputs[mask])).numpy()
             assert np.abs(other - outputs[mask]).max() > 1e-3
     assert worst <= 1e-5, worst
+    if net == 1:  # rerun into the same --out with another net: one line on every rank, before any work
+        assert json.loads((out / "settings.json").read_text())["net"] == 1
+        again = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--net", "2", "--updates", "1",
+                      "--increment", "16", "--steps", "1", "--threads", "1", "--no-progress")
+        assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
+        assert error_lines(again) == [f"aflkd: error: rank 0: --out {out} holds a system run made with other "
+                                      "settings (net); give another --out, or the same settings to resume it"]
+        (out / "settings.json").unlink()  # a folder from before settings were recorded: its student is checked
+        again = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--net", "2", "--updates", "1",
+                      "--increment", "16", "--steps", "1", "--threads", "1", "--no-progress")
+        assert error_lines(again) == [f"aflkd: error: rank 0: --out {out} holds a student that is not edge net 2 "
+                                      "for synthetic (student.pt); give another --out"], again.stderr[-2000:]
+
+
+def test_an_out_folder_records_its_settings_and_refuses_others(tmp_path):
+    from launch import options
+    from runtime.errors import UsageError
+
+    mine = {"dataset": "synthetic", "net": 1, "teacher": "untrained, seeded"}
+    options.check_out_settings(str(tmp_path), mine, "a system run")
+    assert json.loads((tmp_path / "settings.json").read_text()) == mine
+    options.check_out_settings(str(tmp_path), dict(mine), "a system run")  # the same settings resume
+    with pytest.raises(UsageError, match=r"holds a system run made with other settings \(dataset, teacher\)"):
+        options.check_out_settings(str(tmp_path), {**mine, "dataset": "cifar10", "teacher": "c.pt"}, "a system run")
 
 
 @needs_mpiexec
