@@ -30,7 +30,7 @@ examples:
   .venv/bin/mpiexec -n 3 .venv/bin/aflkd bench layers --net edge3 --weights 2,1,1 --json out/bench.json --plot out/fig10.png
   .venv/bin/aflkd train edge --dataset cifar10 --net 3 --size 500 --steps 200    # an AFLKD student
   .venv/bin/aflkd bench train-step --threads 2    # teacher training images/s before a long run
-  .venv/bin/aflkd test                    # serial tests, then MPI tests at 2, 3 and 4 ranks
+  .venv/bin/aflkd test                    # serial tests, then MPI tests at 2, 3 and 4 ranks (and 8 for the wide ones)
 """
 
 

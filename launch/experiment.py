@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     conv.add_argument("--sizes", type=options.int_list, default="500,2000", help="training-subset sizes (images)")
     conv.add_argument("--methods", type=_methods, default="baseline,sslf,aflkd", help="methods")
     conv.add_argument("--seeds", type=options.int_list, default="0", help="seeds")
-    _budget_options(conv)
+    _budget_options(conv, double=True)
     conv.add_argument("--out", required=True, metavar="FOLDER", help="folder for both grids and the table (required)")
     _run_options(conv)
     conv.set_defaults(func=_converge, one_process=True)
@@ -70,7 +70,7 @@ def add_parser(sub) -> None:
         description="Reads FOLDER/accuracy-DATASET.csv of each --grid FOLDER:METHODS, keeps those methods' cells "
         "(a cell found in two grids is refused) and writes OUT/accuracy-DATASET.csv (with a source column), .md "
         "(mean ± sd beside the paper's figure, the orderings, where each method came from with its settings, and "
-        "the paper's cells still short of --seeds) and .png (±1 sd bands). Trains nothing.",
+        "the paper's cells still short of --min-seeds) and .png (±1 sd bands). Trains nothing.",
     )
     tab.add_argument("--dataset", required=True, choices=["cifar10", "cifar100", "fashion-mnist"])
     tab.add_argument("--grid", required=True, action="append", type=_grid_source, metavar="FOLDER:METHODS",
@@ -109,12 +109,19 @@ def _grid_source(text: str) -> tuple[str, list[str]]:
     return folder, _methods(methods)
 
 
-def _budget_options(parser) -> None:
-    """Student settings, the training budget and how cells run: shared by ``accuracy`` and ``converge``."""
+def _budget_options(parser, double: bool = False) -> None:
+    """Student settings, the training budget and how cells run: shared by ``accuracy`` and ``converge``
+    (``double``: the budget is the one the check doubles, so --epochs is required)."""
     options.student_options(parser)
-    parser.add_argument("--epochs", type=options.positive_float, default=None,
-                        help="train each cell this many epochs over its images instead of a fixed --steps "
-                        "(a cell of N images runs max(--min-steps, epochs * N // 64) steps) (default: none, --steps per cell)")
+    per_cell = "(a cell of N images runs max(--min-steps, epochs * N // 64) steps)"
+    if double:
+        parser.add_argument("--epochs", type=options.positive_float, required=True,
+                            help=f"the budget to double: each cell trains this many epochs over its images, then "
+                            f"twice that {per_cell} (required; --steps is not used)")
+    else:
+        parser.add_argument("--epochs", type=options.positive_float, default=None,
+                            help=f"train each cell this many epochs over its images instead of a fixed --steps "
+                            f"{per_cell} (default: none, --steps per cell)")
     parser.add_argument("--min-steps", type=options.non_negative_int, default=0,
                         help="with --epochs: the fewest steps any cell runs (tiny subsets)")
     parser.add_argument("--views", type=options.non_negative_int, default=0,
@@ -211,8 +218,6 @@ def _converge(args) -> int:
 
     from kd.grid_report import budget_comparison
 
-    if args.epochs is None:
-        raise UsageError("experiment converge needs --epochs (the budget to double)")
     folder = options.prepare_folder(args.out, "--out")
     grid_options = _grid_options(args)
     doubled = replace(grid_options, epochs=2 * grid_options.epochs, min_steps=2 * grid_options.min_steps)

@@ -31,7 +31,7 @@ examples:
   .venv/bin/aflkd schedule simulate --c-totals 6,8,10,12 --ratio 1:1,2:1 --json out/fig5.json --plot out/fig5.png
   .venv/bin/aflkd schedule verify --json out/verify.json
   .venv/bin/aflkd schedule profile --json out/constants.json
-  .venv/bin/aflkd schedule simulate --constants out/constants.json --cores 2 --ratio 1:1
+  .venv/bin/aflkd schedule simulate --constants out/constants.json --c-totals 2 --ratio 1:1
 """
 
 

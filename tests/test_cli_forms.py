@@ -110,3 +110,38 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(after_s):
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err[-3000:]
     assert proc.returncode in (130, -signal.SIGINT) and (proc.returncode != 130 or "aflkd: interrupted" in err)
+
+
+def _help_examples():
+    """Every ``.venv/bin/aflkd ...`` example in a command's --help (continuation lines joined, comments cut)."""
+    import argparse
+    import re
+
+    def parsers(parser, path=()):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from parsers(sub, (*path, name))
+
+    found = []
+    for path, parser in parsers(build_parser()):
+        text = re.sub(r"\\\n\s*", " ", f"{parser.epilog or ''}\n{parser.description or ''}")
+        for line in text.splitlines():
+            match = re.search(r"\.venv/bin/aflkd\s+(.*)", line)
+            if match:
+                found.append((" ".join(path), match.group(1).split(" #")[0].strip()))
+    return found
+
+
+def test_every_example_in_the_help_parses():
+    """A help example that names an option the command does not have (it once showed --cores for --c-totals)."""
+    import shlex
+
+    examples = _help_examples()
+    assert len(examples) >= 40
+    for where, example in examples:
+        try:
+            build_parser().parse_args(shlex.split(example))
+        except (SystemExit, Exception) as err:  # noqa: BLE001 -- argparse exits, our parser raises UsageError
+            raise AssertionError(f"'aflkd {where} --help' shows '{example}', which does not parse: {err!r}")
