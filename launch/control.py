@@ -59,7 +59,9 @@ def expand_policies(text: str, cores: int) -> list[str]:
             raise UsageError(f"--policies {text!r}: give a comma list of {', '.join(POLICIES)}, static (every "
                              "fixed split) or static:C") from None
         if c is not None and not 1 <= c < cores:
-            raise UsageError(f"--policies: {item} needs 1 <= C < {cores} (the cores divided)")
+            from scheduling.controller import static_split_problem
+
+            raise UsageError(static_split_problem(f"--policies {item}", cores))
         out.append(item)
     if not out:
         raise UsageError(f"--policies {text!r}: no policy to run (static alone has no split on {cores} core)")

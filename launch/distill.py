@@ -205,6 +205,13 @@ def _run(comm, args) -> int:
     frames = frame_format(args)
     data, problem = None, None
     try:  # a dataset missing on one board only: agreed, so every rank ends with the same line, exit 2
+        if rank != cloud:  # the controller runs on the edges: a split of their cores, before the cloud serves
+            from scheduling.controller import static_split_problem
+            from scheduling.policies import parse_policy
+
+            static = parse_policy(args.control)
+            if static is not None and not 1 <= static < cores:
+                raise UsageError(static_split_problem(f"--control {args.control}", cores))
         data = load_dataset(args.dataset, args.data_root)
         options.check_student_options([args.size], data, "--size")
     except UsageError as err:

@@ -151,6 +151,13 @@ def ideal_cost(cores: int) -> CostModel:
                      CommModel(b1=0.05, b2=0.05, b3=math.exp(19.0)), source="ideal (not profiled)")
 
 
+def static_split_problem(what: str, cores: int) -> str:
+    """Why a static split C of ``cores`` cores (communication C, computation the rest) is refused."""
+    if cores < 2:
+        return f"{what}: no static split exists on {cores} core (it needs 2 or more: at least one each)"
+    return f"{what}: a static split gives communication 1 to {cores - 1} of the {cores} cores"
+
+
 @dataclass(frozen=True)
 class Allocation:
     """Torch threads and the CPUs of the computing threads and of the receive thread; ``hold``: comm waits."""
@@ -241,8 +248,7 @@ class Controller:
         self.cost.check(self.cores)
         self._saved = (torch.get_num_threads(), set(machine))
         if self.static is not None and not 1 <= self.static < self.cores:
-            raise UsageError(f"--control {self.policy}: a static split gives communication 1..{self.cores - 1} of "
-                             f"the {self.cores} cores")
+            raise UsageError(static_split_problem(f"--control {self.policy}", self.cores))
         self._comm_tids: set = set()
         self._current: Optional[Allocation] = None
         self._off = 0  # consecutive drifting batches

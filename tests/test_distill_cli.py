@@ -85,6 +85,7 @@ def test_the_output_says_which_controller_allocated_the_cores(tmp_path, teacher)
     (["--wire", "topk:3"], "--wire topk:3 must keep between 1 and 2 of the 3 classes"),
     (["--seeds", "1,2,3"], "--seeds has 3 values for 2 edge rank(s)"),
     (["--cloud-rank", "3"], "--cloud-rank must be between 0 and 2 for 3 ranks, got 3"),
+    (["--control", "static:9", "--control-cores", "1"], "--control static:9: no static split exists on 1 core"),
 ])
 def test_set_up_errors_are_one_line_on_every_rank(tmp_path, teacher, args, message):
     from models import cloud_net, save_atomic
