@@ -93,11 +93,29 @@ def rank_pids_of(launcher_pid: int) -> dict:
     return found
 
 
+def check_chaos_topology(path: str, kills: list[int]) -> None:
+    """Refuse, before the job starts, what the kills cannot do: a rank the job will not have, or a host other
+    than this one (ranks are found and killed by their process ids here)."""
+    from .rankcheck import is_this_host
+    from .topology import load_topology
+
+    topology = load_topology(path)
+    away = [h.name for h in topology.hosts if h.role != "cloud" and is_this_host(h.address) is not True]
+    if away:
+        raise UsageError(f"--topology {path}: chaos serve kills ranks by process id on this host, but "
+                         f"{', '.join(away)} {'is' if len(away) == 1 else 'are'} not this host")
+    beyond = [k for k in kills if not 0 <= k < topology.size]
+    if beyond:
+        raise UsageError(f"--kills: rank {beyond[0]} is not a rank of the {topology.size}-rank serve job of {path} "
+                         f"(ranks 0-{topology.size - 1})")
+
+
 def _chaos_serve(args) -> int:
     kills = args.kills
     if len(args.gap) != 2 or args.gap[0] > args.gap[1]:
         raise UsageError(f"--gap must be two numbers A,B with A <= B, got {','.join(map(str, args.gap))}")
     low, high = args.gap
+    check_chaos_topology(args.topology, kills)
     workdir = options.prepare_folder(args.workdir, "--workdir")
     log = Path(args.log) if args.log else workdir / "chaos.db"
     if not args.log:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from runtime.errors import UsageError
 
@@ -212,6 +212,10 @@ def _launch(args) -> int:
         started = time.monotonic()
         code = _run_on(args, topology, flavour, mpiexec, inner)
         if not should_restart(code, restarts_done, args.restart):
+            if code == LAUNCH_FAILED:
+                from .rankcheck import is_this_host
+
+                print(launch_failed_line(topology, is_this_host), file=sys.stderr, flush=True)
             return code
         restarts_done += 1
         local = set(LOCAL_ADDRESSES) | {socket.gethostname()}
@@ -222,6 +226,25 @@ def _launch(args) -> int:
               f"{restarts_done} of {args.restart} on {topology.world_size(args.with_cloud)} rank(s)"
               + (f", without {', '.join(lost)}" if lost else "") + "".join(f"; {n}" for n in notes),
               file=sys.stderr, flush=True)
+
+
+#: mpiexec's status when it could not start its proxies on every host (Hydra; a rank's own exit is its status)
+LAUNCH_FAILED = 255
+
+
+def launch_failed_line(topology: Topology, resolves: Callable[[str], Optional[bool]]) -> str:
+    """The one line after mpiexec could not start the job: what to check, and any host address that does not
+    resolve on this machine (``resolves``: :func:`launch.rankcheck.is_this_host`; None: it does not)."""
+    names: dict[str, list[str]] = {}
+    for h in topology.hosts:
+        if resolves(h.address) is None:
+            names.setdefault(h.address, []).append(h.name)
+    unknown = [f"'{a}' ({', '.join(n)})" for a, n in sorted(names.items())]
+    hint = (f"; the address {unknown[0]} does not resolve on this machine" if len(unknown) == 1 else
+            f"; the addresses {', '.join(unknown)} do not resolve on this machine" if unknown else "")
+    return (f"aflkd: error: mpiexec could not start the job on every host of {topology.path} (status "
+            f"{LAUNCH_FAILED}){hint}: check that each host answers 'ssh ADDRESS true' without a password and has "
+            "this checkout and venv at the same path")
 
 
 def _run_on(args, topology: Topology, flavour: str, mpiexec: str, inner: list) -> int:

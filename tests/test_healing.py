@@ -112,3 +112,17 @@ def test_kill_9_of_ranks_mid_stream_loses_and_duplicates_nothing(tmp_path):
     for i, logits in zip(sample, plain_torch_logits("edge3", 64, 0, sample)):
         assert [c for c, _ in json.loads(served[i][1])] == torch.topk(logits, 5).indices.tolist(), i
     print(proc.stdout)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kills", "5"], "--kills: rank 5 is not a rank of the 3-rank serve job of"),
+    (["--kills", "1", "--topology", "hostfiles/testbed.toml"],
+     "chaos serve kills ranks by process id on this host, but jetson-0, pi-0"),
+])
+def test_chaos_refuses_kills_it_cannot_do_before_the_job_starts(tmp_path, argv, message):
+    """It started the job, then said 'rank 5 is not running ... is the stream too short?'."""
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "chaos", "serve", "--images", "20",
+                           "--workdir", str(tmp_path / "w"), *argv], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2 and "$ " not in proc.stdout  # the launch line is never printed
+    assert proc.stderr.strip().splitlines()[-1].startswith("aflkd: error: ") and message in proc.stderr

@@ -264,3 +264,21 @@ def test_ctrl_c_ends_mpiexec_and_exits_130(tmp_path):
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert marker.exists()  # mpiexec got the SIGINT (it ends its ranks)
+
+
+def test_a_launch_that_mpiexec_could_not_start_says_what_to_check(tmp_path):
+    """mpiexec's status 255 (no proxy started on some host) came with Hydra's lines only: now one aflkd line,
+    naming each address that does not resolve here (asked of the OS, as the real resolver would answer)."""
+    from launch.launcher import launch_failed_line
+    from launch.rankcheck import is_this_host
+
+    path = tmp_path / "t.toml"
+    path.write_text('[[host]]\nname = "left"\naddress = "nosuchhost.invalid"\nrole = "master"\ncluster = 0\n'
+                    '[[host]]\nname = "right"\naddress = "nosuchhost.invalid"\nrole = "master"\ncluster = 1\n'
+                    '[[host]]\nname = "me"\naddress = "localhost"\nrole = "master"\ncluster = 2\n')
+    line = launch_failed_line(load_topology(path), is_this_host)
+    assert line == (f"aflkd: error: mpiexec could not start the job on every host of {path} (status 255); the "
+                    "address 'nosuchhost.invalid' (left, right) does not resolve on this machine: check that each "
+                    "host answers 'ssh ADDRESS true' without a password and has this checkout and venv at the same "
+                    "path")
+    assert "resolve" not in launch_failed_line(load_topology(REPO / "hostfiles" / "local-2x1.toml"), is_this_host)
