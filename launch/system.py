@@ -399,6 +399,7 @@ def _print_report(report: dict, path) -> None:
         acc = f"{r['test_acc']:.2%}" if r.get("test_acc") is not None else "-"
         print(f"{g:>4} {upd:>9} {acc:>9} {s.get('image', '-'):>17} "
               f"{s.get('swap_s', 0):>8.3f} {p.get('images', 0):>14} {p.get('served_acc', 0):>11.2%}")
+    print(f"(test acc: on {report['test_images']} test images)")
     print(f"served {served['images']} images in {served['seconds']:.2f} s: {served['images_per_s']:.1f} images/s on "
           f"{report['inference_ranks']} inference ranks; {len(report['updates'])} update(s), cloud labelled "
           f"{report['cloud_labelled']} images; JSON in {path}", flush=True)

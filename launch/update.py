@@ -529,7 +529,8 @@ def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:
         _write_initial_info(out, {"test_acc": result.test_acc, "seconds": round(result.seconds, 2),
                                   "final_T": round(last["T"], 4), "final_frozen": last["frozen"],
                                   "steps": config.steps, "sha256": file_sha256(student_path)})
-        print(f"edge: generation 0 (initial student): test acc {result.test_acc:.2%}, T {last['T']:.2f}, "
+        on = f" on {args.test_images} test images" if args.test_images else ""
+        print(f"edge: generation 0 (initial student): test acc {result.test_acc:.2%}{on}, T {last['T']:.2f}, "
               f"frozen {last['frozen']}, {result.seconds:.0f} s", flush=True)
     elif buffer.latest() is None and not os.path.exists(os.path.join(out, "initial.json")):
         # killed between writing the initial student and its record: measure it again (generation 0 is still it)
