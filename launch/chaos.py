@@ -37,12 +37,12 @@ def add_parser(sub) -> None:
                          formatter_class=options.ExamplesFormatter)
     s.add_argument("--topology", default=str(options.REPO / "hostfiles" / "local-3x1.toml"),
                    help="a topology whose hosts are all this host")
-    s.add_argument("--kills", type=options.int_list, default=[1, 2, 0], help="MPI ranks to kill, one after the other (0 is the root)")
+    s.add_argument("--kills", type=options.int_list, default="1,2,0", help="MPI ranks to kill, one after the other (0 is the root)")
     s.add_argument("--images", type=options.positive_int, default=300, help="images the stream serves")
     s.add_argument("--signal", choices=("KILL", "STOP"), default="KILL",
                    help="KILL: the rank dies (kill -9); STOP: it stalls (kill -STOP), and the others' --deadline "
                    "must end the job before the restart")
-    s.add_argument("--gap", type=options.positive_int_list, default=[5, 20], help="between kills, wait a random number of new images in A,B")
+    s.add_argument("--gap", type=options.positive_int_list, default="5,20", help="between kills, wait a random number of new images in A,B")
     s.add_argument("--seed", type=int, default=0, help="seed of the random moments")
     s.add_argument("--log", default=None, metavar="FILE", help="the serve results log (default: a fresh file in --workdir)")
     s.add_argument("--workdir", default="out/chaos", help="folder for the log and the JSON")

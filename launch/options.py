@@ -223,7 +223,7 @@ def _weights(text: str) -> list[float]:
         raise UsageError(f"must be comma-separated numbers like 2,1,1, got '{text}'") from None
     bad = [v for v in values if not (math.isfinite(v) and v > 0)]
     if bad:
-        raise UsageError(f"every rank's weight must be a finite number > 0, got '{text}'")
+        raise UsageError(f"every value must be a finite number > 0, got '{text}'")
     return values
 
 

@@ -95,14 +95,19 @@ def simulate_cases(cost, cores: list[int], ratios: list[str], cycles: int, draws
     return rows
 
 
+def _percent(fraction: float) -> str:
+    """One decimal, never '-0.0%' (a gain of zero computed as a tiny negative)."""
+    return f"{round(100 * fraction, 1) + 0.0:.1f}%"
+
+
 def format_table(rows: list[dict]) -> str:
     head = ("cores", "ratio", "planner", "priority", "rnd mean", "rnd best", "rnd worst",
             "gain/prio", "gain/mean", "gain/best", "plan ms")
     lines = ["  ".join(f"{h:>9}" for h in head)]
     for r in rows:
         vals = (r["cores"], r["ratio"], f"{r['planner']:.3f}", f"{r['priority']:.3f}", f"{r['random_mean']:.3f}",
-                f"{r['random_best']:.3f}", f"{r['random_worst']:.3f}", f"{100 * r['gain_vs_priority']:.1f}%",
-                f"{100 * r['gain_vs_random_mean']:.1f}%", f"{100 * r['gain_vs_random_best']:.1f}%",
+                f"{r['random_best']:.3f}", f"{r['random_worst']:.3f}", _percent(r['gain_vs_priority']),
+                _percent(r['gain_vs_random_mean']), _percent(r['gain_vs_random_best']),
                 f"{r['plan_ms']:.1f}")
         lines.append("  ".join(f"{str(v):>9}" for v in vals))
     return "\n".join(lines)
@@ -423,9 +428,9 @@ def add_parser(sub) -> None:
                           "planning time, gains. Constants: the built-in ones (the paper prints none) or "
                           "--constants from 'aflkd schedule profile'.", epilog=EPILOG,
                           formatter_class=options.ExamplesFormatter)
-    sim.add_argument("--c-totals", type=options.positive_int_list, default=[6, 8, 10, 12],
+    sim.add_argument("--c-totals", type=options.positive_int_list, default="6,8,10,12",
                      help="c_total values, comma-separated (default 6,8,10,12)")
-    sim.add_argument("--ratio", type=options.as_type("ratio", _ratios), default=["1:1", "2:1"],
+    sim.add_argument("--ratio", type=options.as_type("ratio", _ratios), default="1:1,2:1",
                      help="x (Comp, each of Forward and Backward) : y (Comm) per cycle, comma-separated "
                      "(default 1:1,2:1)")
     sim.add_argument("--cycles", type=options.positive_int, default=20, help="N cycles (default 20)")

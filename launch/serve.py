@@ -101,9 +101,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rebalance-gain", type=float, default=rule.min_gain,
                    help="... and the re-planned image time is predicted at least this fraction faster, both for "
                    "half a window of images in a row")
-    p.add_argument("--slow", type=parse_slowdown, action="append", default=[], metavar="RANK:SPEED@IMAGE",
+    p.add_argument("--slow", type=parse_slowdown, action="append", default=None, metavar="RANK:SPEED@IMAGE",
                    help="emulate a slower board: RANK computes at SPEED (0-1] from the IMAGE-th image of this "
-                   "run on (repeatable)")
+                   "run on; give it once per rank to slow (default: none)")
     p.add_argument("--topk", type=options.positive_int, default=5, help="classes kept per result")
     p.add_argument("--threads", type=options.threads, default=None, help="torch threads per rank (default: the host's cores over its ranks)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the run's report (figures, switches, "
@@ -142,6 +142,7 @@ def _build_model(args, shape):
 
 
 def _serve(args) -> int:
+    args.slow = args.slow or []  # (None in the parser, so its help shows no Python list)
     from runtime import transport
     from runtime.image_sources import ImageSource, parse_source
     from runtime.rebalance import RebalanceRule

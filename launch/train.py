@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
         description="Train the cloud net on a dataset's training split with a one-cycle schedule. "
         "Checkpoints every epoch (OUT.state, written atomically) and resumes from it when run again "
         "with the same options; reports test accuracy on the full test split and records it in "
-        "results/teachers.csv.",
+        "--results.",
     )
     options.data_options(cloud)
     cloud.add_argument("--download", action="store_true", help="let torchvision download missing files")
@@ -51,8 +51,9 @@ def add_parser(sub) -> None:
                        "'experiment accuracy --val N' holds out): train on the rest and report accuracy there (val_acc) "
                        "every epoch, for choosing checkpoints without the test split (0: train on the whole split)")
     cloud.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
-    cloud.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
-                       help="where to record the test accuracy")
+    cloud.add_argument("--results", default="out/teachers.csv",
+                       help="where to record the test accuracy (the shipped teachers' rows are in the checkout's "
+                       "results/teachers.csv)")
     cloud.add_argument("--force", action="store_true",
                        help="start over even if OUT exists without OUT.state (overwrites OUT)")
     options.device_option(cloud, "teacher trains")
@@ -64,7 +65,7 @@ def add_parser(sub) -> None:
         help="average saved cloud nets' weights (SWA over the ends of warm restarts); no training",
         description="Average the weights and BatchNorm statistics of saved cloud nets with equal weight "
         "(stochastic weight averaging over the ends of a chain of 'train cloud --init' restarts), "
-        "report the test accuracy of the average and record it in results/teachers.csv. The files "
+        "report the test accuracy of the average and record it in --results. The files "
         "must come from one chain: nets trained from different random starts are not expected to average "
         "into a working net.",
     )
@@ -82,7 +83,7 @@ def add_parser(sub) -> None:
         help="copy the best of saved cloud nets on the validation slice to OUT; the test split read once",
         description="Evaluate each candidate cloud net on the validation slice of N training images (and on "
         "nothing else), copy the best (the first of equals) to OUT, evaluate OUT once on the test split and record "
-        "it in results/teachers.csv with how it was selected. The candidates must not have trained on the slice: "
+        "it in --results with how it was selected. The candidates must not have trained on the slice: "
         "train them with 'train cloud --val N' (a candidate whose .state says another --val is refused).",
     )
     options.data_options(select)
@@ -121,8 +122,9 @@ def add_parser(sub) -> None:
 def _saved_teacher_options(parser: argparse.ArgumentParser, tested: str) -> None:
     """--threads, --results, --force and --device of the commands that test saved teachers (average, select)."""
     parser.add_argument("--threads", type=options.threads, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--results", default=str(options.REPO / "results" / "teachers.csv"),
-                        help="where to record the test accuracy")
+    parser.add_argument("--results", default="out/teachers.csv",
+                        help="where to record the test accuracy (the shipped teachers' rows are in the checkout's "
+                        "results/teachers.csv)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     options.device_option(parser, tested)
 

@@ -209,12 +209,15 @@ def _status(args) -> int:
 
     with Buffer(args.buffer, create=False) as buffer:
         counts, generations, problems = buffer.counts(), buffer.generations(), buffer.check()
+        batch = buffer.open_batch()
         print(f"{args.buffer}: images {'x'.join(map(str, buffer.shape))}, pending {counts['pending']}, "
-              f"labelled {counts['labelled']} (open batch: {buffer.open_batch()}), consumed {counts['consumed']}")
+              f"labelled {counts['labelled']} ({'no open batch' if batch is None else f'open batch: {batch}'}), "
+              f"consumed {counts['consumed']}")
         for g in generations:
             info = buffer.info(g.generation)
             acc = f", test acc {info['test_acc']:.2%}" if "test_acc" in info else ""
-            print(f"  generation {g.generation}: batch {g.batch}, sha256 {g.sha256[:16]}{acc}")
+            source = "the initial student" if g.batch is None else f"batch {g.batch}"
+            print(f"  generation {g.generation}: {source}, sha256 {g.sha256[:16]}{acc}")
     for p in problems:
         print(f"  invariant broken: {p}")
     return 1 if problems else 0

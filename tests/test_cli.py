@@ -35,7 +35,7 @@ def error_lines(proc) -> list[str]:
         (3, ["--net", "edge1", "--size", "2"], r"3 ranks with weights .* leave rank\(s\) \[0\] without rows of the 2-row input"),
         (2, ["--weights", "1,2,3"], "got 3 rank weights for 2 ranks"),
         (2, ["--weights", "1,x"], "--weights: must be comma-separated numbers"),
-        (2, ["--weights=-1,1"], "--weights: every rank's weight must be a finite number > 0, got '-1,1'"),
+        (2, ["--weights=-1,1"], "--weights: every value must be a finite number > 0, got '-1,1'"),
         (2, ["--json", "/dev/null/r.json"], "--json /dev/null/r.json: cannot create the folder /dev/null: /dev/null is a file, not a folder"),
         (2, ["--checkpoint", "/nonexistent/model.pt"], "checkpoint '/nonexistent/model.pt' does not exist"),
         (2, ["--repeat", "0"], "argument --repeat: must be >= 1, got 0"),

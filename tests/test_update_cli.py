@@ -53,7 +53,10 @@ def test_add_is_idempotent_per_frame_and_status_reports(tmp_path, capsys):
     np.save(tmp_path / "frames.npy", images)
     buffer = str(tmp_path / "b.sqlite")
     assert main(["update", "add", "--buffer", buffer, "--frames", str(tmp_path / "frames.npy")]) == 0
+    capsys.readouterr()
     assert main(["update", "status", "--buffer", buffer]) == 0
+    status = capsys.readouterr().out
+    assert "pending 6, labelled 0 (no open batch), consumed 0" in status and "None" not in status
     assert main(["update", "add", "--buffer", buffer, "--frames", str(tmp_path / "frames.npy")]) == 0  # again
     assert "0 of 6 images added (pending 6" in capsys.readouterr().out
     assert main(["update", "add", "--buffer", buffer]) == 2  # no frames named
