@@ -54,6 +54,16 @@ class RowRange:
     def clip(self, height: int) -> "RowRange":
         return self.intersect(RowRange(0, height))
 
+    def __str__(self) -> str:
+        """First to last row, both included, as ``aflkd plan`` prints shares ("10-12", "10", "none")."""
+        if self.stop <= self.start:
+            return "none"
+        return f"{self.start}" if len(self) == 1 else f"{self.start}-{self.stop - 1}"
+
+    def described(self) -> str:
+        """"row 9", "rows 9-10" or "no rows": :meth:`__str__` with its noun."""
+        return "no rows" if not len(self) else f"row{'s' * (len(self) > 1)} {self}"
+
 
 @dataclass(frozen=True)
 class Window:

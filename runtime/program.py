@@ -30,7 +30,7 @@ __all__ = ["Input", "Window", "Fused", "Compute", "PostHalo", "AwaitHalo", "Part
 
 
 def _rows(spans: Sequence[RowRange]) -> str:
-    return ",".join(f"{r.start}-{r.stop}" for r in spans) or "none"
+    return ",".join(str(r) for r in spans) or "none"  # first to last row, both included
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ class PostHalo:
     recvs: tuple[Transfer, ...]
 
     def text(self) -> str:
-        sends = "; ".join(f"rows {t.rows.start}-{t.rows.stop} -> {t.dst}" for t in self.sends) or "nothing"
-        recvs = "; ".join(f"rows {t.rows.start}-{t.rows.stop} <- {t.src}" for t in self.recvs) or "nothing"
+        sends = "; ".join(f"{t.rows.described()} -> {t.dst}" for t in self.sends) or "nothing"
+        recvs = "; ".join(f"{t.rows.described()} <- {t.src}" for t in self.recvs) or "nothing"
         return f"PostHalo   {self.value}: send {sends}; receive {recvs}"
 
 
@@ -421,12 +421,12 @@ def check_programs(programs: Sequence[Program]) -> list[str]:
         for t in ins.sends:
             other = posts.get((t.dst, value))
             if other is None or Transfer(rank, t.dst, t.rows) not in other.recvs:
-                problems.append(f"rank {rank} sends rows {t.rows.start}-{t.rows.stop} of {value} to rank {t.dst}, "
+                problems.append(f"rank {rank} sends {t.rows.described()} of {value} to rank {t.dst}, "
                                 f"which never receives them")
         for t in ins.recvs:
             other = posts.get((t.src, value))
             if other is None or Transfer(t.src, rank, t.rows) not in other.sends:
-                problems.append(f"rank {rank} receives rows {t.rows.start}-{t.rows.stop} of {value} from rank "
+                problems.append(f"rank {rank} receives {t.rows.described()} of {value} from rank "
                                 f"{t.src}, which never sends them")
         awaited = any(isinstance(i, AwaitHalo) and i.value == value for i in programs[rank].instructions)
         if ins.recvs and not awaited:

@@ -28,7 +28,7 @@ __all__ = ["ScatterIn", "RecvBand", "RunStage", "SendBand", "Keep", "Collect", "
 
 
 def _span(rows: RowRange) -> str:
-    return f"rows {rows.start}-{rows.stop}"
+    return rows.described()  # first to last row, both included
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,11 @@ def test_one_by_one_kernel_needs_no_halo():
 def test_window_rejects_nonsense():
     with pytest.raises(ValueError, match="kernel, stride and dilation must be >= 1"):
         Window(0)
+
+
+@pytest.mark.parametrize("start, stop, text, described", [
+    (9, 10, "9", "row 9"), (9, 11, "9-10", "rows 9-10"), (0, 224, "0-223", "rows 0-223"), (5, 5, "none", "no rows")])
+def test_rows_print_first_to_last_both_included_as_aflkd_plan_does(start, stop, text, described):
+    """`aflkd plan` printed shares inclusive (0-62) and `--program` half-open (111-112, one row): now both as the
+    first and last row."""
+    assert str(RowRange(start, stop)) == text and RowRange(start, stop).described() == described

@@ -81,7 +81,7 @@ def test_a_removed_receive_is_found_by_the_pairing_check_and_by_the_transport():
     lost = post.recvs[0]
     broken = _replace(programs, 1, i, dataclasses.replace(post, recvs=post.recvs[1:]))
     problems = check_programs(broken)
-    assert (f"rank {lost.src} sends rows {lost.rows.start}-{lost.rows.stop} of {post.value} to rank 1, which never "
+    assert (f"rank {lost.src} sends {lost.rows.described()} of {post.value} to rank 1, which never "
             f"receives them") in problems
     # and run anyway: the receive that is posted nowhere leaves rank 1 with stale rows, the unmatched send
     # is harmless in process, so the output is wrong rather than late -- which is why the check exists

@@ -61,9 +61,9 @@ def test_a_missing_receive_send_or_collect_is_found():
     programs = lower_pipeline(2, 2, [0, 3, 6], [(4, 16 - k, 4) for k in range(7)], [1, 1], False)
     assert check_stream(programs, 10) == []
     problems = check_stream(_without(programs, 1, RecvBand), 10)
-    assert problems == ["rank 0 sends rows 0-6 x (4, 4) to rank 1, which never receives them"]
+    assert problems == ["rank 0 sends rows 0-5 x (4, 4) to rank 1, which never receives them"]
     problems = check_stream(_without(programs, 3, SendBand), 10)
-    assert "rank 0 waits for rows 5-10 from rank 3, which never sends it" in problems
+    assert "rank 0 waits for rows 5-9 from rank 3, which never sends it" in problems
     problems = check_stream(_without(programs, 0, Collect), 10)
     assert problems == ["rank 0 collects nothing: no image would finish"]
     wrong = list(programs)
@@ -71,7 +71,7 @@ def test_a_missing_receive_send_or_collect_is_found():
     wrong[2] = dataclasses.replace(wrong[2], instructions=tuple(
         dataclasses.replace(i, rows=type(i.rows)(i.rows.start, i.rows.stop - 1)) if i is send else i
         for i in wrong[2].instructions))
-    assert any("rank 2 sends rows 6-12 x (4, 4) to rank 3, which never receives them" in p
+    assert any("rank 2 sends rows 6-11 x (4, 4) to rank 3, which never receives them" in p
                for p in check_stream(wrong, 10))
 
 
