@@ -447,8 +447,8 @@ def add_parser(sub) -> None:
                           "Prints the runtime and the planner's time on N = 100, c_total = 12. "
                           "Exit 1 if any relative gap exceeds 1e-9.",
                           epilog=EPILOG, formatter_class=options.ExamplesFormatter)
-    ver.add_argument("--max-cycles", type=options.positive_int, default=6, help="largest N (6)")
-    ver.add_argument("--max-cores", type=options.positive_int, default=6, help="largest c_total (6)")
+    ver.add_argument("--max-cycles", type=options.positive_int, default=6, help="largest N")
+    ver.add_argument("--max-cores", type=options.positive_int, default=6, help="largest c_total")
     ver.add_argument("--per-case", type=options.positive_int, default=4, help="random workloads per (N, c) (4)")
     ver.add_argument("--budget", type=options.positive_int, default=None,
                      help="skip (N, c) with (c+1)^N above this, listed as skipped (default: skip none; "

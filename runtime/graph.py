@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -622,6 +623,7 @@ def trace_model(model: nn.Module, in_shape: tuple[int, int, int], split_part_onl
         while err.__cause__ is not None:  # ShapeProp wraps the layer's own error
             err = err.__cause__
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = re.sub(r"Proxy\([^)]*\)", "another value", first)  # a message formatted while tracing
         raise UsageError(f"{type(model).__name__} does not run on a {in_shape} input: {first}") from None
     entries = _Classifier(gm, in_shape).run()
     entries = _place(entries)

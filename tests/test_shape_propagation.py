@@ -66,3 +66,20 @@ def test_a_non_head_rank_traces_and_materialises_without_importing_dynamo_or_sym
             "print([name for name in ('torch._dynamo', 'sympy') if name in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr[-800:]
+
+
+def test_a_check_formatted_while_tracing_names_no_proxy():
+    """torchvision's ViT asserts its input height with a message formatted while torch.fx traces it, so the
+    refusal read '... Expected 224 but got Proxy(getitem_2)!'."""
+    from runtime.errors import UsageError
+
+    class FixedSize(torch.nn.Module):
+        def forward(self, x):
+            h = x.shape[2]
+            torch._assert(h == 224, f"Wrong image height! Expected 224 but got {h}!")
+            return x
+
+    with pytest.raises(UsageError) as err:
+        G.trace_model(FixedSize().eval(), (3, 32, 32))
+    assert str(err.value) == ("FixedSize does not run on a (3, 32, 32) input: Wrong image height! Expected 224 but "
+                              "got another value!")
