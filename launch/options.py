@@ -296,7 +296,7 @@ def prepare_output(file: Optional[str], option: str) -> None:
         check_plot_file(file, option)
     path = Path(file)
     if path.is_dir():
-        raise UsageError(f"{option} {file} is a folder; give a file name, e.g. {path / 'report'}")
+        raise UsageError(f"{option} {file} is a folder; give a file in it, e.g. {path / 'NAME'}")
     prepare_folder(str(path.parent), option, file)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {file}: the file is not writable")
