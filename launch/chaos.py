@@ -96,7 +96,7 @@ def rank_pids_of(launcher_pid: int) -> dict:
 def check_chaos_topology(path: str, kills: list[int]) -> None:
     """Refuse, before the job starts, what the kills cannot do: a rank the job will not have, or a host other
     than this one (ranks are found and killed by their process ids here)."""
-    from .rankcheck import is_this_host
+    from .healing import is_this_host
     from .topology import load_topology
 
     topology = load_topology(path)

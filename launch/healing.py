@@ -17,6 +17,7 @@ measured comparison of the two is still to be made.
 """
 from __future__ import annotations
 
+import socket
 import subprocess
 from dataclasses import replace
 from typing import Callable, Iterable, Optional
@@ -25,7 +26,7 @@ from runtime.errors import UsageError
 
 from .topology import Topology, _build
 
-__all__ = ["surviving", "answering", "should_restart", "NO_RESTART_CODES"]
+__all__ = ["surviving", "answering", "should_restart", "is_this_host", "NO_RESTART_CODES"]
 
 #: exit statuses that a restart cannot mend: success, bad input (2), Ctrl-C (130)
 NO_RESTART_CODES = (0, 2, 130)
@@ -93,3 +94,24 @@ def answering(topology: Topology, is_local: Callable[[str], bool], timeout_s: fl
     """Names of the hosts that answer: a local address always does; another must run ``ssh HOST true``."""
     probe = probe or _ssh_answers
     return [h.name for h in topology.hosts if is_local(h.address) or probe(h.address, timeout_s)]
+
+
+def is_this_host(address: str) -> bool | None:
+    """Whether ``address`` names this host (True), another (False) or cannot be told here (None: it does not
+    resolve on this host).  Asked of the OS: the host's own names, else whether this host can bind a socket to
+    an IP address ``address`` resolves to (only a local interface's address binds)."""
+    names = {socket.gethostname(), socket.getfqdn(), "localhost"}
+    if address in names or address == socket.gethostname().split(".")[0]:
+        return True
+    try:
+        infos = socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return None
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((sockaddr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False

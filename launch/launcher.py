@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 from runtime.errors import UsageError
 
 from . import options
-from .healing import answering, should_restart, surviving
+from .healing import answering, is_this_host, should_restart, surviving
 from .hostfile import FLAVOURS, write_hostfile
 from .topology import TOPOLOGY_ENV, Topology, load_topology
 
@@ -213,8 +213,6 @@ def _launch(args) -> int:
         code = _run_on(args, topology, flavour, mpiexec, inner)
         if not should_restart(code, restarts_done, args.restart):
             if code == LAUNCH_FAILED:
-                from .rankcheck import is_this_host
-
                 print(launch_failed_line(topology, is_this_host), file=sys.stderr, flush=True)
             return code
         restarts_done += 1

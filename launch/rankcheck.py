@@ -20,6 +20,7 @@ import socket
 
 from runtime.errors import UsageError
 
+from .healing import is_this_host
 from .planning import format_table, rank_table
 from .topology import TOPOLOGY_ENV, check_world_size, load_topology, topology_path_from_env
 
@@ -39,27 +40,6 @@ def add_parser(sub) -> None:
     p.add_argument("--topology", default=None,
                    help=f"topology file (default: ${TOPOLOGY_ENV}, which 'aflkd launch' sets)")
     p.set_defaults(func=_ranks)
-
-
-def is_this_host(address: str) -> bool | None:
-    """Whether ``address`` names this host (True), another (False) or cannot be told here (None: it does not
-    resolve on this host).  Asked of the OS: the host's own names, else whether this host can bind a socket to
-    an IP address ``address`` resolves to (only a local interface's address binds)."""
-    names = {socket.gethostname(), socket.getfqdn(), "localhost"}
-    if address in names or address == socket.gethostname().split(".")[0]:
-        return True
-    try:
-        infos = socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError):
-        return None
-    for family, _, _, _, sockaddr in infos:
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.bind((sockaddr[0], 0))
-            return True
-        except OSError:
-            continue
-    return False
 
 
 def placement_problems(expected: list[str], landed: list[tuple]) -> list[str]:
