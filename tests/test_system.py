@@ -93,11 +93,24 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
         assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
         assert error_lines(again) == [f"aflkd: error: rank 0: --out {out} holds a system run made with other "
                                       "settings (net); give another --out, or the same settings to resume it"]
-        (out / "settings.json").unlink()  # a folder from before settings were recorded: its student is checked
-        again = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--net", "2", "--updates", "1",
-                      "--increment", "16", "--steps", "1", "--threads", "1", "--no-progress")
-        assert error_lines(again) == [f"aflkd: error: rank 0: --out {out} holds a student that is not edge net 2 "
-                                      "for synthetic (student.pt); give another --out"], again.stderr[-2000:]
+
+
+def test_a_student_left_in_out_must_load_into_the_net(tmp_path):
+    """A folder from before settings were recorded: its student.pt is loaded into the net asked for (a net-1
+    student under --net 2 was a load_state_dict traceback on the training rank)."""
+    from types import SimpleNamespace
+
+    from launch.system import _check_out
+    from models import save_atomic
+    from runtime.errors import UsageError
+
+    save_atomic(edge_net(1, 3, 32, 10).state_dict(), str(tmp_path / "student.pt"))
+    data = SimpleNamespace(channels=3, classes=10)
+    args = SimpleNamespace(dataset="synthetic", net=2, teacher=None, seed=0)
+    with pytest.raises(UsageError, match=r"holds a student that is not edge net 2 for synthetic \(student.pt\)"):
+        _check_out(args, data, str(tmp_path))
+    (tmp_path / "settings.json").unlink()
+    _check_out(SimpleNamespace(**{**vars(args), "net": 1}), data, str(tmp_path))  # its own net resumes
 
 
 def test_an_out_folder_records_its_settings_and_refuses_others(tmp_path):
