@@ -76,6 +76,25 @@ POLL_S = 0.0005
 HOT_SPIN_S = 1.0
 
 
+def _oversubscribed() -> bool:
+    """Whether this job has more ranks on this host than this process has cores (the launcher's count of local
+    ranks: MPICH's ``MPI_LOCALNRANKS``, Open MPI's ``OMPI_COMM_WORLD_LOCAL_SIZE``); ``AFLKD_YIELD`` = 1 or 0
+    overrides.  Then a spinning wait would hold the core the peer it waits for needs, so it yields instead."""
+    forced = os.environ.get("AFLKD_YIELD", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        ranks = int(os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or 1)
+    except ValueError:
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ranks > cores
+
+
+#: a spinning wait yields its core between two tests (see :func:`_oversubscribed`)
+YIELD_WHILE_SPINNING = _oversubscribed()
+
+
 def _deadline_from_env() -> float:
     text = os.environ.get("AFLKD_DEADLINE", "")
     try:
@@ -277,6 +296,8 @@ def _poll(requests: list, statuses: Optional[list], timeout_s: float, on_timeout
             raise PeerTimeout(on_timeout())
         if now > spin_end and pause > 0:
             time.sleep(pause)
+        elif YIELD_WHILE_SPINNING:
+            os.sched_yield()
 
 
 def _cancel_open(requests: list) -> None:
