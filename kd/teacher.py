@@ -444,7 +444,8 @@ def selected_by_val(val: int) -> str:
 
 def record_teacher(csv_path: str, dataset: str, test_acc: float, epochs: Optional[int], command: str,
                    device: str = "", selected_by: str = SELECTED_BY_NONE, val_acc: Optional[float] = None) -> None:
-    """Add or replace the row for ``dataset`` in ``results/teachers.csv`` (``epochs`` None: left blank).
+    """Add or replace the row for ``dataset`` in the teachers CSV ``csv_path`` (``--results``; the shipped
+    teachers' rows are in ``results/teachers.csv``); ``epochs`` None: left blank.
 
     ``device`` says what made the row (rows from before the column existed keep it blank);
     ``selected_by`` how the checkpoint was chosen (a command's own output involves no choice);

@@ -213,7 +213,7 @@ def _launch(args) -> int:
         code = _run_on(args, topology, flavour, mpiexec, inner)
         if not should_restart(code, restarts_done, args.restart):
             if code == LAUNCH_FAILED:
-                print(launch_failed_line(topology, is_this_host), file=sys.stderr, flush=True)
+                print(launch_failed_line(topology, is_this_host, args.with_cloud), file=sys.stderr, flush=True)
             return code
         restarts_done += 1
         local = set(LOCAL_ADDRESSES) | {socket.gethostname()}
@@ -230,12 +230,13 @@ def _launch(args) -> int:
 LAUNCH_FAILED = 255
 
 
-def launch_failed_line(topology: Topology, resolves: Callable[[str], Optional[bool]]) -> str:
-    """The one line after mpiexec could not start the job: what to check, and any host address that does not
-    resolve on this machine (``resolves``: :func:`launch.rankcheck.is_this_host`; None: it does not)."""
+def launch_failed_line(topology: Topology, resolves: Callable[[str], Optional[bool]], with_cloud: bool = False) -> str:
+    """The one line after mpiexec could not start the job: what to check, and any address of a host the job runs
+    on (the cloud only ``with_cloud``) that does not resolve on this machine (``resolves``:
+    :func:`launch.healing.is_this_host`; None: it does not)."""
     names: dict[str, list[str]] = {}
     for h in topology.hosts:
-        if resolves(h.address) is None:
+        if (h.role != "cloud" or with_cloud) and resolves(h.address) is None:
             names.setdefault(h.address, []).append(h.name)
     unknown = [f"'{a}' ({', '.join(n)})" for a, n in sorted(names.items())]
     hint = (f"; the address {unknown[0]} does not resolve on this machine" if len(unknown) == 1 else

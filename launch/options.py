@@ -270,10 +270,11 @@ def prepare_folder(folder: str, option: str, value: Optional[str] = None) -> Pat
 
 
 def plot_formats() -> list[str]:
-    """The file extensions matplotlib's image writer takes (png, pdf, svg, ...)."""
+    """The file extensions matplotlib's image writer takes (png, pdf, svg, ...), less those that are no image
+    file to look at (raw, rgba: bare pixels) or need LaTeX to write (pgf)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    return sorted(FigureCanvasAgg.get_supported_filetypes())
+    return sorted(set(FigureCanvasAgg.get_supported_filetypes()) - {"pgf", "raw", "rgba"})
 
 
 def check_plot_file(file: str, option: str = "--plot") -> None:
@@ -292,30 +293,47 @@ def prepare_output(file: Optional[str], option: str) -> None:
     A ``--plot`` file must also end in an image format (:func:`check_plot_file`)."""
     if not file:
         return
-    if option == "--plot":
-        check_plot_file(file, option)
     path = Path(file)
     if path.is_dir():
         raise UsageError(f"{option} {file} is a folder; give a file in it, e.g. {path / 'NAME'}")
+    if option == "--plot":
+        check_plot_file(file, option)
     prepare_folder(str(path.parent), option, file)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {file}: the file is not writable")
 
 
 def check_out_settings(out: str, mine: dict, what: str) -> None:
-    """An --out folder resumes only the run that made it: its settings are written there on the first run
-    (``settings.json``) and a later run with others is refused in one line, not mixed into its files (a
-    student of another net, generations of another dataset in one buffer)."""
+    """An --out folder resumes only the run that made it: refuse, in one line, settings other than those it
+    recorded (``settings.json``, see :func:`record_out_settings`), rather than mix them into its files (a
+    student of another net, generations of another dataset in one buffer).  A folder without the file
+    passes."""
+    import json
+
+    path = os.path.join(out, "settings.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            theirs = json.load(fh)
+        if not isinstance(theirs, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"--out {out}: {path} is not the settings file aflkd writes ({err}); move it away, or "
+                         "give another --out") from None
+    diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+    if diff:
+        raise UsageError(f"--out {out} holds {what} made with other settings ({', '.join(diff)}); give another "
+                         "--out, or the same settings to resume it")
+
+
+def record_out_settings(out: str, mine: dict) -> None:
+    """Write the settings of a run into its --out folder, once every rank has agreed its set-up is sound (a run
+    refused at set-up must not record settings the folder never held)."""
     import json
 
     path = os.path.join(out, "settings.json")
     if os.path.exists(path):
-        with open(path) as fh:
-            theirs = json.load(fh)
-        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
-        if diff:
-            raise UsageError(f"--out {out} holds {what} made with other settings ({', '.join(diff)}); give another "
-                             "--out, or the same settings to resume it")
         return
     from models.checkpoint import write_atomic
 

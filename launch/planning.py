@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from runtime.errors import UsageError
+from runtime.geometry import RowRange
 
 from . import options
 from .hostfile import FLAVOURS, write_hostfile
@@ -57,7 +58,7 @@ def layer_columns(topology: Topology, stages: Optional[dict] = None) -> list[Col
         if r.cluster is None:
             return None
         first, stop, height = stages["input_rows"][r.stage][r.cluster]
-        return f"{first}-{stop - 1} of {height}" if stop > first else f"none of {height}"
+        return f"{RowRange(first, stop)} of {height}"  # first to last row, both included ("none" when empty)
 
     def layers(r: RankSlot):
         if r.stage is None:

@@ -128,11 +128,19 @@ def _student(args, data):
     return edge_net(args.net, data.channels, 32, data.classes)
 
 
+def _out_settings(args) -> dict:
+    """What an --out folder may only be resumed with: dataset, net and teacher (and, for the synthetic data set,
+    whose images and untrained teacher come from it, the seed)."""
+    synthetic = args.dataset == "synthetic"
+    settings = {"dataset": args.dataset, "net": args.net,
+                "teacher": args.teacher or ("untrained, seeded" if synthetic else options.teacher_path(args))}
+    return {**settings, "seed": args.seed} if synthetic else settings
+
+
 def _check_out(args, data, out: str) -> None:
-    """--out resumes only a run of the same dataset, net and teacher; a student left there must load into
-    this net (a folder from before settings were recorded has none to compare)."""
-    teacher = args.teacher or ("untrained, seeded" if args.dataset == "synthetic" else options.teacher_path(args))
-    options.check_out_settings(out, {"dataset": args.dataset, "net": args.net, "teacher": teacher}, "a system run")
+    """--out resumes only a run of the same settings (:func:`_out_settings`); a student left there must load
+    into this net (a folder from before settings were recorded has none to compare)."""
+    options.check_out_settings(out, _out_settings(args), "a system run")
     left = os.path.join(out, "student.pt")
     if os.path.exists(left):
         from kd.incremental import read_student
@@ -206,6 +214,8 @@ def _run(args) -> int:
     problems = [p for p in mpi.allgather_objects(world, problem) if p]
     if problems:
         raise mpi.AgreedError(problems[0])
+    if rank == trainer:  # every rank's set-up is sound: the folder now holds this run
+        options.record_out_settings(str(out), _out_settings(args))
     args.control_cpus = controlled_cpus(world, args.control_cores)  # the trainer's own block of its host
     link = transport.dup(world)
     infer = mpi.split_comm(world, 1 if rank in infer_ranks else 0, rank)

@@ -490,16 +490,21 @@ def _demo(args) -> int:
     if facts["problem"] is None:
         buffer, facts = _edge_facts(setup, args, buffer_path, student_path, student_check=False)
     _agree(setup, args, facts)
+    options.record_out_settings(out, _demo_settings(args))  # both ranks' set-up is sound: the folder holds this demo
     return _with_peer_errors(comm, lambda: _demo_edge(setup, args, buffer, student_path))
 
 
-def _check_demo_settings(out: str, args) -> None:
-    """An --out folder resumes only the same demo: other settings are refused, not mixed into its CSV."""
+def _demo_settings(args) -> dict:
     keys = ("dataset", "net", "initial", "initial_steps", "increment", "increments", "steps", "lr", "t_rule", "unit",
             "seed", "teacher", "test_images")
     mine = {k: getattr(args, k) for k in keys}
     mine["teacher"] = options.teacher_path(args)
-    options.check_out_settings(out, mine, "a demo")
+    return mine
+
+
+def _check_demo_settings(out: str, args) -> None:
+    """An --out folder resumes only the same demo: other settings are refused, not mixed into its CSV."""
+    options.check_out_settings(out, _demo_settings(args), "a demo")
 
 
 def _demo_edge(setup: _Setup, args, buffer, student_path: str) -> int:

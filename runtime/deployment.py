@@ -57,7 +57,7 @@ class Deployment:
         return _digest(self)
 
     def text(self) -> str:
-        rows = ", ".join(f"{r.start}-{r.stop}" for r in self.rows)
+        rows = ", ".join(str(r) for r in self.rows)  # first to last row, both included
         return (f"deployment {self.digest()}: {self.clusters} cluster(s) x {self.stages} stage(s), stage cuts "
                 f"{list(self.bounds)} of {self.bounds[-1]} layers, output rows per cluster {rows}, head "
                 f"{self.head}, stage plans {', '.join(self.stage_plans)}")

@@ -30,7 +30,10 @@ __all__ = ["Input", "Window", "Fused", "Compute", "PostHalo", "AwaitHalo", "Part
 
 
 def _rows(spans: Sequence[RowRange]) -> str:
-    return ",".join(str(r) for r in spans) or "none"  # first to last row, both included
+    """"row 9", "rows 10-20" or "rows 2-3,6-7" (first to last row, both included), "no rows"."""
+    if len(spans) == 1:
+        return spans[0].described()
+    return f"rows {','.join(str(r) for r in spans)}" if spans else "no rows"
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Window:
     empty: bool = False
 
     def text(self) -> str:
-        how = "no rows" if self.empty else ("own rows" if self.parts is None else f"rows {_rows(self.parts)}")
+        how = "no rows" if self.empty else ("own rows" if self.parts is None else _rows(self.parts))
         return f"Window     {self.node} <- {self.source} ({self.kind}, {how})"
 
 
@@ -75,7 +78,7 @@ class Fused:
         return self.chain[-1]
 
     def text(self) -> str:
-        return f"Fused      {' -> '.join(self.chain)} (rows {_rows(self.parts)})"
+        return f"Fused      {' -> '.join(self.chain)} ({_rows(self.parts)})"
 
 
 @dataclass(frozen=True)

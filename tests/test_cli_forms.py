@@ -43,15 +43,11 @@ def test_a_plot_file_matplotlib_would_not_write_as_named_is_refused_before_any_w
     plot = tmp_path / "sub" / name
     proc = _aflkd("schedule", "simulate", "--c-totals", "6", "--plot", str(plot), "--json", str(tmp_path / "r.json"))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"aflkd: error: --plot {plot} {why}: name it .png, .pdf or .svg "
-                                                f"(matplotlib writes {', '.join(_plot_formats())})"]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"aflkd: error: --plot {plot} {why}: name it .png, .pdf or .svg (matplotlib writes ")
+    listed = line.split("matplotlib writes ")[1].rstrip(")").split(", ")
+    assert {"pdf", "png", "svg"} <= set(listed) and not {"pgf", "raw", "rgba"} & set(listed)  # files to look at
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "sub").exists()  # refused before any work
-
-
-def _plot_formats():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    return sorted(FigureCanvasAgg.get_supported_filetypes())
 
 
 def test_an_unknown_option_points_to_the_subcommands_help():

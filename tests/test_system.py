@@ -109,20 +109,25 @@ def test_a_student_left_in_out_must_load_into_the_net(tmp_path):
     args = SimpleNamespace(dataset="synthetic", net=2, teacher=None, seed=0)
     with pytest.raises(UsageError, match=r"holds a student that is not edge net 2 for synthetic \(student.pt\)"):
         _check_out(args, data, str(tmp_path))
-    (tmp_path / "settings.json").unlink()
-    _check_out(SimpleNamespace(**{**vars(args), "net": 1}), data, str(tmp_path))  # its own net resumes
+    assert not (tmp_path / "settings.json").exists()  # a refused run records nothing: the right net still resumes
+    _check_out(SimpleNamespace(**{**vars(args), "net": 1}), data, str(tmp_path))
 
 
 def test_an_out_folder_records_its_settings_and_refuses_others(tmp_path):
     from launch import options
     from runtime.errors import UsageError
 
-    mine = {"dataset": "synthetic", "net": 1, "teacher": "untrained, seeded"}
-    options.check_out_settings(str(tmp_path), mine, "a system run")
+    mine = {"dataset": "synthetic", "net": 1, "teacher": "untrained, seeded", "seed": 0}
+    options.check_out_settings(str(tmp_path), mine, "a system run")  # nothing recorded yet: passes, writes nothing
+    assert not (tmp_path / "settings.json").exists()
+    options.record_out_settings(str(tmp_path), mine)
     assert json.loads((tmp_path / "settings.json").read_text()) == mine
     options.check_out_settings(str(tmp_path), dict(mine), "a system run")  # the same settings resume
     with pytest.raises(UsageError, match=r"holds a system run made with other settings \(dataset, teacher\)"):
         options.check_out_settings(str(tmp_path), {**mine, "dataset": "cifar10", "teacher": "c.pt"}, "a system run")
+    (tmp_path / "settings.json").write_text("[1, 2]")  # not ours: one line, not an AttributeError
+    with pytest.raises(UsageError, match="is not the settings file aflkd writes"):
+        options.check_out_settings(str(tmp_path), mine, "a system run")
 
 
 @needs_mpiexec
