@@ -88,8 +88,8 @@ def test_system_serves_swaps_between_images_and_matches_unsplit_students(tmp_pat
     assert worst <= 1e-5, worst
     if net == 1:  # rerun into the same --out with another net: one line on every rank, before any work
         assert json.loads((out / "settings.json").read_text())["net"] == 1
-        again = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--net", "2", "--updates", "1",
-                      "--increment", "16", "--steps", "1", "--threads", "1", "--no-progress")
+        again = aflkd(4, "system", "--topology", TOPOLOGY, "--out", str(out), "--net", "2", "--seed", "1",
+                      "--updates", "1", "--increment", "16", "--steps", "1", "--threads", "1", "--no-progress")
         assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
         assert error_lines(again) == [f"aflkd: error: rank 0: --out {out} holds a system run made with other "
                                       "settings (net); give another --out, or the same settings to resume it"]
